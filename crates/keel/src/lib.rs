@@ -1,0 +1,44 @@
+//! Keel: replicate your own state machine with Raft.
+//!
+//! Implement [`StateMachine`] (apply a batch of commands, write a snapshot, restore one) over the
+//! redb database Keel hands you, build a [`Node`] from a [`Config`], and Keel provides the durable
+//! log, snapshots, membership changes and linearizable reads, on openraft.
+//!
+//! # Layout
+//!
+//! - [`types`]: the openraft type configuration and Raft vocabulary (`NodeId`, `LogIndex`, …).
+//! - [`config`]: TOML-loadable, validated node configuration.
+//! - [`state_machine`]: the trait users implement.
+//! - [`node`]: `Node<SM>` — start, propose, read, membership, metrics, shutdown.
+//! - [`storage`]: the durable Raft log (raft-log WAL), the state machine adapter (redb), snapshot
+//!   files, and an in-memory log for tests.
+//! - [`network`]: the peer transport seam ([`network::RaftService`]) and the in-process transport.
+//! - [`error`]: one error enum per operation family.
+//! - [`codec`]: the byte encodings on disk.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod network;
+pub mod node;
+pub mod state_machine;
+pub mod storage;
+pub mod types;
+
+pub use config::Config;
+pub use error::AdminError;
+pub use error::NotLeader;
+pub use error::ProposeError;
+pub use error::ReadError;
+pub use error::StartError;
+pub use network::in_process::InProcessRouter;
+pub use node::Node;
+pub use state_machine::StateMachine;
+pub use state_machine::StateMachineError;
+pub use types::LogIndex;
+pub use types::NodeId;
+pub use types::NodeInfo;
+pub use types::Term;
+/// The embedded database state machines keep their state in.
+pub use redb;
+pub use openraft;

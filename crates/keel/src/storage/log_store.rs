@@ -1,0 +1,264 @@
+//! The durable Raft log: openraft's `RaftLogStorage` on the `raft-log` WAL.
+//!
+//! # Durability contract
+//!
+//! - `save_vote` returns only after the vote record is fsync'ed: a vote reply never leaves the node
+//!   for a vote that a crash could forget.
+//! - `append` returns once entries are readable in memory and calls the flush callback only after
+//!   they are fsync'ed. Appends that arrive while an fsync runs are written and synced together by
+//!   the WAL's flush worker (group commit: many entries, one fsync).
+//! - `truncate_after` returns after the truncation is fsync'ed.
+//! - `save_committed` is best-effort (no fsync of its own; it rides on the next append's fsync). A
+//!   lost committed index only means the state machine re-learns it from the leader.
+//! - Every WAL record carries a CRC32. On open, a torn last record (short or zero-filled) is cut off;
+//!   a damaged record anywhere else fails the open with the chunk file and offset.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::IOFlushed;
+use openraft::storage::RaftLogStorage;
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use raft_log::api::raft_log_writer::RaftLogWriter;
+use raft_log::codeq::Decode;
+use raft_log::codeq::Encode;
+use raft_log::RaftLog;
+
+use crate::codec;
+use crate::config::LogConfig;
+use crate::types::Entry;
+use crate::types::EntryPayload;
+use crate::types::KeelTypes;
+use crate::types::LogId;
+use crate::types::Vote;
+
+/// The raft-log type binding: what Keel stores in each WAL record.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WalTypes;
+
+/// A log id as stored in a WAL record.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WalLogId(pub LogId);
+/// An entry payload as stored in a WAL record.
+#[derive(Debug, Clone)]
+pub struct WalPayload(pub EntryPayload);
+/// A vote as stored in a WAL record.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd)]
+pub struct WalVote(pub Vote);
+
+macro_rules! framed_codec {
+    ($t:ident) => {
+        impl Encode for $t {
+            fn encode<W: io::Write>(&self, w: W) -> Result<usize, io::Error> {
+                codec::write_framed(&self.0, w)
+            }
+        }
+        impl Decode for $t {
+            fn decode<R: io::Read>(r: R) -> Result<Self, io::Error> {
+                codec::read_framed(r).map($t)
+            }
+        }
+    };
+}
+framed_codec!(WalLogId);
+framed_codec!(WalPayload);
+framed_codec!(WalVote);
+
+impl raft_log::Types for WalTypes {
+    type LogId = WalLogId;
+    type LogPayload = WalPayload;
+    type Vote = WalVote;
+    type Callback = FlushCallback;
+    type UserData = String;
+
+    fn log_index(log_id: &WalLogId) -> u64 {
+        log_id.0.index
+    }
+
+    fn payload_size(payload: &WalPayload) -> u64 {
+        match &payload.0 {
+            EntryPayload::Normal(cmd) => cmd.0.len() as u64 + 16,
+            _ => 128,
+        }
+    }
+}
+
+/// Who is told when a WAL flush completes.
+pub enum FlushCallback {
+    /// openraft's notification that appended entries are durable.
+    Raft(IOFlushed<KeelTypes>),
+    /// A caller of this module waiting for its own write (vote, truncation) to be durable.
+    Wait(tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+impl raft_log::Callback for FlushCallback {
+    fn send(self, res: Result<(), io::Error>) {
+        match self {
+            FlushCallback::Raft(flushed) => flushed.io_completed(res),
+            FlushCallback::Wait(tx) => {
+                // The waiter may have gone away (its task was cancelled); nothing to tell then.
+                let _ = tx.send(res);
+            }
+        }
+    }
+}
+
+/// The log failed to open; the message names the directory and, for damage, the chunk and offset.
+#[derive(Debug, thiserror::Error)]
+#[error("raft log in {dir}: {source}")]
+pub struct LogOpenError {
+    pub dir: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Durable Raft log storage. Cloning shares the same log (the clone serves as the log reader).
+#[derive(Clone)]
+pub struct LogStore {
+    log: Arc<Mutex<RaftLog<WalTypes>>>,
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the log in `dir`, replaying and verifying every record.
+    pub fn open(dir: &Path, config: &LogConfig) -> Result<Self, LogOpenError> {
+        let open_error = |source| LogOpenError { dir: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(open_error)?;
+        let mut wal = raft_log::chunked_wal::Config::new(dir.display());
+        wal.chunk_max_size = Some(config.chunk_max_bytes as usize);
+        wal.truncate_incomplete_record = Some(true);
+        wal.flush_batch_wait = Some(Duration::from_micros(config.flush_batch_wait_us));
+        let raft_config = raft_log::Config {
+            wal,
+            log_cache_max_items: None,
+            log_cache_capacity: Some(config.cache_max_bytes as usize),
+        };
+        let log = RaftLog::open(Arc::new(raft_config)).map_err(open_error)?;
+        Ok(Self { log: Arc::new(Mutex::new(log)) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RaftLog<WalTypes>> {
+        // A poisoned lock means a panic mid-write; the in-memory view may be half updated, and
+        // continuing could ack entries that are not in the WAL. Stopping is the only safe answer.
+        self.log.lock().expect("raft log mutex poisoned by an earlier panic")
+    }
+
+    /// Queues a sync flush and waits until it completes.
+    async fn flush_and_wait(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock().flush(true, Some(FlushCallback::Wait(tx)))?;
+        rx.await.map_err(|_| io::Error::other("raft log flush worker stopped before reporting"))?
+    }
+
+    /// Log boundaries as recorded in the WAL: (vote, purged, last, committed).
+    pub fn state(&self) -> (Option<Vote>, Option<LogId>, Option<LogId>, Option<LogId>) {
+        let log = self.lock();
+        let st = log.log_state();
+        (
+            st.vote().map(|v| v.0),
+            st.purged().map(|l| l.0),
+            st.last().map(|l| l.0),
+            st.committed().map(|l| l.0),
+        )
+    }
+
+    /// Bytes the WAL occupies on disk.
+    pub fn on_disk_bytes(&self) -> u64 {
+        self.lock().on_disk_size()
+    }
+}
+
+fn index_range<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e + 1,
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<KeelTypes> for LogStore {
+    async fn try_get_log_entries<RB>(&mut self, range: RB) -> Result<Vec<Entry>, io::Error>
+    where RB: RangeBounds<u64> + Clone + Debug + OptionalSend {
+        let (start, end) = index_range(&range);
+        let log = self.lock();
+        log.read(start, end).map(|res| res.map(|(id, payload)| Entry::new(id.0, payload.0))).collect()
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.lock().log_state().vote().map(|v| v.0))
+    }
+}
+
+impl RaftLogStorage<KeelTypes> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<KeelTypes>, io::Error> {
+        let log = self.lock();
+        let st = log.log_state();
+        let last_purged_log_id = st.purged().map(|l| l.0);
+        let last_log_id = st.last().map(|l| l.0).or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.lock().save_vote(WalVote(*vote))?;
+        self.flush_and_wait().await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        if let Some(committed) = committed {
+            let mut log = self.lock();
+            log.commit(WalLogId(committed))?;
+            // No fsync of its own: it reaches disk with the next synced write.
+            log.flush(false, None)?;
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.lock().log_state().committed().map(|l| l.0))
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<KeelTypes>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut log = self.lock();
+        log.append(entries.into_iter().map(|e| (WalLogId(e.log_id), WalPayload(e.payload))))?;
+        log.flush(true, Some(FlushCallback::Raft(callback)))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let first_removed = last_log_id.map_or(0, |l| l.index + 1);
+        self.lock().truncate(first_removed)?;
+        self.flush_and_wait().await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let mut log = self.lock();
+        log.purge(WalLogId(log_id))?;
+        // A sync flush is what lets the WAL delete chunk files the purge made obsolete.
+        log.flush(true, None)
+    }
+}

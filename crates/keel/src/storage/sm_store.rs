@@ -1,0 +1,336 @@
+//! openraft's `RaftStateMachine` over a user [`StateMachine`] kept in redb, with file snapshots.
+//!
+//! # Durability contract
+//!
+//! - Each applied batch commits in one redb transaction (fsync'ed) that also records
+//!   `last_applied` and the membership: state and position are durable together, and a restart
+//!   resumes from there without re-applying anything already applied.
+//! - Responses to proposers are sent only after that commit.
+//! - A snapshot reads one redb read transaction: a point-in-time view while applies continue.
+//! - Installing a snapshot publishes the file first (rename + dir fsync) and then loads it in one
+//!   transaction. A crash between the two leaves `last_applied` behind the snapshot, and openraft
+//!   restores from the snapshot file on restart.
+
+use std::io;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use futures_util::TryStreamExt;
+use openraft::storage::ApplyResponder;
+use openraft::storage::EntryResponder;
+use openraft::storage::RaftStateMachine;
+use openraft::OptionalSend;
+use openraft::RaftSnapshotBuilder;
+use redb::ReadableDatabase;
+use redb::ReadableTable;
+use redb::TableDefinition;
+use redb::MultimapTableHandle;
+use redb::TableHandle;
+
+use crate::codec;
+use crate::config::StateMachineConfig;
+use crate::state_machine::StateMachine;
+use crate::state_machine::StateMachineError;
+use crate::storage::snapshot::SnapshotDir;
+use crate::storage::snapshot::SnapshotFile;
+use crate::storage::snapshot::SnapshotFileError;
+use crate::storage::snapshot::SnapshotReader;
+use crate::storage::snapshot::SnapshotWriter;
+use crate::types::Command;
+use crate::types::EntryPayload;
+use crate::types::KeelTypes;
+use crate::types::LogId;
+use crate::types::NodeId;
+use crate::types::Reply;
+use crate::types::SnapshotMeta;
+use crate::types::StoredMembership;
+
+/// Keel's own bookkeeping table inside the state machine database.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("keel.meta");
+const KEY_LAST_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "membership";
+const KEY_NODE_ID: &str = "node_id";
+
+/// The state machine database failed to open or does not belong to this node.
+#[derive(Debug, thiserror::Error)]
+pub enum SmOpenError {
+    #[error("state machine database {path}: {source}")]
+    Database { path: PathBuf, source: redb::Error },
+    #[error("state machine database {path} belongs to node {found}, but this node is configured as {configured}")]
+    WrongNode { path: PathBuf, found: NodeId, configured: NodeId },
+    #[error("state machine database {path}: record `{key}` does not decode: {source}")]
+    BadMeta { path: PathBuf, key: &'static str, source: io::Error },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotFileError),
+}
+
+/// What the adapter shares between openraft's state machine worker, snapshot builders and readers.
+pub(crate) struct SmShared<SM> {
+    pub db: redb::Database,
+    pub sm: SM,
+    pub snapshots: SnapshotDir,
+}
+
+/// The applied position recorded in a state machine database.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &'static str,
+) -> io::Result<Option<T>> {
+    match table.get(key).map_err(io::Error::other)? {
+        Some(v) => codec::from_bytes(v.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads Keel's bookkeeping from any read transaction.
+pub(crate) fn applied_state_in(txn: &redb::ReadTransaction) -> io::Result<AppliedState> {
+    let table = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(AppliedState::default()),
+        Err(e) => return Err(io::Error::other(e)),
+    };
+    Ok(AppliedState {
+        last_applied: read_meta(&table, KEY_LAST_APPLIED)?.flatten(),
+        membership: read_meta(&table, KEY_MEMBERSHIP)?.unwrap_or_default(),
+    })
+}
+
+fn write_meta(txn: &redb::WriteTransaction, state: &AppliedState) -> Result<(), StateMachineError> {
+    let mut table = txn.open_table(META)?;
+    table.insert(KEY_LAST_APPLIED, codec::to_bytes(&state.last_applied)?.as_slice())?;
+    table.insert(KEY_MEMBERSHIP, codec::to_bytes(&state.membership)?.as_slice())?;
+    Ok(())
+}
+
+impl<SM: StateMachine> SmShared<SM> {
+    /// Opens (creating) the database and the snapshot directory under `data_dir`.
+    pub fn open(data_dir: &Path, node_id: NodeId, config: &StateMachineConfig, sm: SM) -> Result<Self, SmOpenError> {
+        let path = data_dir.join("state.redb");
+        let db_err = |e: redb::Error| SmOpenError::Database { path: path.clone(), source: e };
+        let db = redb::Database::builder()
+            .set_cache_size(config.cache_bytes as usize)
+            .set_check_integrity_on_open(config.verify_on_start)
+            .create(&path)
+            .map_err(|e| db_err(e.into()))?;
+
+        // Bind the database to this node id on first open; refuse another id afterwards.
+        let txn = db.begin_write().map_err(|e| db_err(e.into()))?;
+        {
+            let mut table = txn.open_table(META).map_err(|e| db_err(e.into()))?;
+            let found = read_meta::<NodeId>(&table, KEY_NODE_ID)
+                .map_err(|source| SmOpenError::BadMeta { path: path.clone(), key: KEY_NODE_ID, source })?;
+            match found {
+                Some(found) if found != node_id => {
+                    return Err(SmOpenError::WrongNode { path: path.clone(), found, configured: node_id })
+                }
+                Some(_) => {}
+                None => {
+                    let id = codec::to_bytes(&node_id).map_err(|e| db_err(redb::Error::Io(e)))?;
+                    table.insert(KEY_NODE_ID, id.as_slice()).map_err(|e| db_err(e.into()))?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| db_err(e.into()))?;
+
+        let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
+        Ok(Self { db, sm, snapshots })
+    }
+
+    pub fn applied_state(&self) -> io::Result<AppliedState> {
+        let txn = self.db.begin_read().map_err(io::Error::other)?;
+        applied_state_in(&txn)
+    }
+
+    /// Applies one batch of committed entries in one transaction; returns the replies in order.
+    fn apply_batch(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<Reply>, StateMachineError> {
+        let txn = self.db.begin_write()?;
+        let mut state = applied_state_in_write(&txn)?;
+        let mut commands = Vec::new();
+        // For each entry, whether its reply comes from the user's responses.
+        let mut is_command = Vec::with_capacity(entries.len());
+        for entry in entries {
+            state.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => is_command.push(false),
+                EntryPayload::Normal(Command(bytes)) => {
+                    let cmd = codec::from_bytes(&bytes).map_err(|e| {
+                        StateMachineError::other(format!(
+                            "log entry {} holds a command this state machine cannot decode: {e}",
+                            entry.log_id
+                        ))
+                    })?;
+                    commands.push(cmd);
+                    is_command.push(true);
+                }
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), m);
+                    is_command.push(false);
+                }
+            }
+        }
+        let n_commands = commands.len();
+        let responses = if commands.is_empty() { Vec::new() } else { self.sm.apply(&txn, commands)? };
+        if responses.len() != n_commands {
+            return Err(StateMachineError::other(format!(
+                "StateMachine::apply returned {} responses for {} commands",
+                responses.len(),
+                n_commands
+            )));
+        }
+        write_meta(&txn, &state)?;
+        txn.commit()?;
+
+        let mut responses = responses.into_iter();
+        is_command
+            .into_iter()
+            .map(|cmd| match cmd {
+                true => {
+                    let r = responses.next().expect("counted: one response per command");
+                    Ok(Reply(codec::to_bytes(&r)?))
+                }
+                false => Ok(Reply::default()),
+            })
+            .collect()
+    }
+
+    /// Replaces the whole state with a snapshot file's contents, in one transaction.
+    fn restore_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
+        let (_, mut reader) = SnapshotReader::open(path).map_err(io::Error::from)?;
+        let txn = self.db.begin_write()?;
+        let user_tables: Vec<String> =
+            txn.list_tables()?.map(|t| t.name().to_string()).filter(|n| n != META.name()).collect();
+        for name in user_tables {
+            txn.delete_table(redb::TableDefinition::<&[u8], &[u8]>::new(&name))?;
+        }
+        let multimaps: Vec<String> = txn.list_multimap_tables()?.map(|t| t.name().to_string()).collect();
+        for name in multimaps {
+            txn.delete_multimap_table(redb::MultimapTableDefinition::<&[u8], &[u8]>::new(&name))?;
+        }
+        self.sm.restore(&txn, &mut reader)?;
+        // The user may stop reading early; the rest must still verify before we trust the file.
+        io::copy(&mut reader, &mut io::sink())?;
+        write_meta(&txn, &AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() })?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn applied_state_in_write(txn: &redb::WriteTransaction) -> Result<AppliedState, StateMachineError> {
+    let table = txn.open_table(META)?;
+    Ok(AppliedState {
+        last_applied: read_meta(&table, KEY_LAST_APPLIED)?.flatten(),
+        membership: read_meta(&table, KEY_MEMBERSHIP)?.unwrap_or_default(),
+    })
+}
+
+/// openraft's view of the state machine.
+pub struct SmStore<SM> {
+    pub(crate) shared: Arc<SmShared<SM>>,
+}
+
+impl<SM> Clone for SmStore<SM> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
+}
+
+impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder<SM>;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let st = self.shared.applied_state()?;
+        Ok((st.last_applied, st.membership))
+    }
+
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
+    where Strm: Stream<Item = Result<EntryResponder<KeelTypes>, io::Error>> + Unpin + OptionalSend {
+        let items: Vec<EntryResponder<KeelTypes>> = entries.try_collect().await?;
+        let (entries, responders): (Vec<_>, Vec<Option<ApplyResponder<KeelTypes>>>) = items.into_iter().unzip();
+        let shared = self.shared.clone();
+        let replies = blocking(move || Ok(shared.apply_batch(entries)?)).await?;
+        for (responder, reply) in responders.into_iter().zip(replies) {
+            if let Some(r) = responder {
+                r.send(reply);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // The read transaction is taken here, in the state machine worker, between two applies:
+        // the snapshot is exactly the state after the last applied batch.
+        let txn = self.shared.db.begin_read().map_err(io::Error::other);
+        SnapshotBuilder { shared: self.shared.clone(), txn: Some(txn) }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        blocking(move || {
+            let SnapshotFile { path, file } = snapshot;
+            drop(file);
+            let path = match shared.snapshots.current() {
+                Some((_, current)) if current == path => path,
+                _ => shared.snapshots.publish(&path, &meta)?,
+            };
+            shared.restore_from(&path, &meta)?;
+            tracing::info!(last = ?meta.last_log_id, "installed snapshot");
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>>, io::Error> {
+        match self.shared.snapshots.current() {
+            None => Ok(None),
+            Some((meta, path)) => Ok(Some(openraft::Snapshot { meta, snapshot: SnapshotFile::open(&path)? })),
+        }
+    }
+}
+
+/// Builds a snapshot from the read transaction taken when openraft asked for it.
+pub struct SnapshotBuilder<SM> {
+    shared: Arc<SmShared<SM>>,
+    txn: Option<io::Result<redb::ReadTransaction>>,
+}
+
+impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>, io::Error> {
+        let txn = self.txn.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))??;
+        let shared = self.shared.clone();
+        blocking(move || {
+            let state = applied_state_in(&txn)?;
+            let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership };
+            let temp = shared.snapshots.temp_path();
+            let result = (|| {
+                let mut writer = SnapshotWriter::create(&temp, &meta)?;
+                shared.sm.snapshot(&txn, &mut writer)?;
+                writer.finish()?;
+                Ok::<_, StateMachineError>(())
+            })();
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&temp);
+                return Err(e.into());
+            }
+            let path = shared.snapshots.publish(&temp, &meta)?;
+            tracing::info!(last = ?meta.last_log_id, "built snapshot");
+            Ok(openraft::Snapshot { meta, snapshot: SnapshotFile::open(&path)? })
+        })
+        .await
+    }
+}
