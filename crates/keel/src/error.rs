@@ -111,3 +111,8 @@ impl ReadError {
         matches!(self, Self::NotLeader(_) | Self::QuorumUnavailable(_))
     }
 }
+
+/// A condition waited for did not come true in time.
+#[derive(Debug, thiserror::Error)]
+#[error("timed out waiting: {0}")]
+pub struct WaitTimeout(pub String);

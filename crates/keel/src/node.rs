@@ -22,6 +22,7 @@ use crate::error::NotLeader;
 use crate::error::ProposeError;
 use crate::error::ReadError;
 use crate::error::StartError;
+use crate::error::WaitTimeout;
 use crate::network::LocalService;
 use crate::network::RaftService;
 use crate::state_machine::StateMachine;
@@ -128,7 +129,15 @@ impl<SM: StateMachine> Node<SM> {
     /// Only the leader accepts proposals; others answer [`ProposeError::NotLeader`].
     pub async fn propose(&self, cmd: SM::Command) -> Result<SM::Response, ProposeError> {
         let bytes = codec::to_bytes(&cmd).map_err(|e| ProposeError::InvalidCommand(e.to_string()))?;
-        let resp = self.raft.client_write(Command(bytes)).await.map_err(|e| match e {
+        let mut attempt = self.raft.client_write(Command(bytes.clone())).await;
+        if let Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) = &attempt {
+            // A newly elected leader refuses writes until a quorum has acknowledged it (its lease).
+            // That is this node's own transient state, not a reason to send the client elsewhere.
+            if f.leader_id.is_none() && self.await_leader_lease().await {
+                attempt = self.raft.client_write(Command(bytes)).await;
+            }
+        }
+        let resp = attempt.map_err(|e| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader(f.into()),
             RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_)) => ProposeError::Discarded(e.to_string()),
             RaftError::APIError(e) => ProposeError::Stopped(format!("unexpected write error: {e}")),
@@ -136,6 +145,17 @@ impl<SM: StateMachine> Node<SM> {
         })?;
         codec::from_bytes(&resp.data.0)
             .map_err(|e| ProposeError::Stopped(format!("state machine response does not decode: {e}")))
+    }
+
+    /// If this node is leader, waits (up to an election timeout) until a quorum has acknowledged
+    /// its leadership; true if it is then a leader with a valid lease.
+    async fn await_leader_lease(&self) -> bool {
+        let timeout = Duration::from_millis(self.config.raft.election_timeout_max_ms);
+        let ready = |m: &RaftMetrics| m.state != openraft::ServerState::Leader || m.last_quorum_acked.is_some();
+        match self.wait_for(timeout, "leader lease", ready).await {
+            Ok(m) => m.state == openraft::ServerState::Leader,
+            Err(_) => false,
+        }
     }
 
     /// A linearizable read: confirms leadership (per `raft.read_policy`), waits until this node has
@@ -188,6 +208,28 @@ impl<SM: StateMachine> Node<SM> {
             .await
             .map(|_| ())
             .map_err(|e| ReadError::QuorumUnavailable(e.to_string()))
+    }
+
+    /// Waits until `pred` holds for this node's metrics; `what` names the condition in the error.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&RaftMetrics) -> bool + Send,
+    ) -> Result<RaftMetrics, WaitTimeout> {
+        self.raft.wait(Some(timeout)).metrics(pred, what).await.map_err(|e| WaitTimeout(e.to_string()))
+    }
+
+    /// Waits until this node knows a leader other than `not` (e.g. the node just stopped).
+    pub async fn wait_for_leader(&self, timeout: Duration, not: Option<NodeId>) -> Result<NodeId, WaitTimeout> {
+        let m = self
+            .wait_for(timeout, "a leader is known", |m| {
+                // A leader counts once a quorum acknowledged it: before that it refuses writes.
+                m.current_leader.is_some_and(|l| Some(l) != not)
+                    && (m.current_leader != Some(m.id) || m.last_quorum_acked.is_some())
+            })
+            .await?;
+        m.current_leader.ok_or_else(|| WaitTimeout("leader vanished".into()))
     }
 
     /// The current leader's id, if this node is not it.

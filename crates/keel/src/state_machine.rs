@@ -89,3 +89,61 @@ impl From<StateMachineError> for io::Error {
         }
     }
 }
+
+/// Writes every row of `table` to `out` (a helper for [`StateMachine::snapshot`]).
+///
+/// Format: row count (u64 LE), then per row `key_len u32 | key | value_len u32 | value`, each part in
+/// redb's own byte form for its type. Several tables can be written one after another and read back
+/// in the same order with [`load_table`].
+pub fn dump_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    table: redb::TableDefinition<K, V>,
+    out: &mut dyn io::Write,
+) -> Result<(), StateMachineError> {
+    use redb::ReadableTable;
+    use redb::ReadableTableMetadata;
+    let table = match txn.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            out.write_all(&0u64.to_le_bytes())?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    out.write_all(&table.len()?.to_le_bytes())?;
+    for row in table.iter()? {
+        let (k, v) = row?;
+        for bytes in [K::as_bytes(&k.value()).as_ref(), V::as_bytes(&v.value()).as_ref()] {
+            out.write_all(&(bytes.len() as u32).to_le_bytes())?;
+            out.write_all(bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads rows written by [`dump_table`] into `table` (a helper for [`StateMachine::restore`]).
+pub fn load_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &WriteTransaction,
+    table: redb::TableDefinition<K, V>,
+    input: &mut dyn io::Read,
+) -> Result<(), StateMachineError> {
+    fn read_u32(input: &mut dyn io::Read) -> io::Result<usize> {
+        let mut b = [0u8; 4];
+        input.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b) as usize)
+    }
+    fn read_part(input: &mut dyn io::Read) -> io::Result<Vec<u8>> {
+        let len = read_u32(input)?;
+        let mut buf = vec![0u8; len];
+        input.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+    let mut count = [0u8; 8];
+    input.read_exact(&mut count)?;
+    let mut table = txn.open_table(table)?;
+    for _ in 0..u64::from_le_bytes(count) {
+        let (k, v) = (read_part(input)?, read_part(input)?);
+        table.insert(K::from_bytes(&k), V::from_bytes(&v))?;
+    }
+    Ok(())
+}

@@ -236,6 +236,25 @@ pub struct SmStore<SM> {
     pub(crate) shared: Arc<SmShared<SM>>,
 }
 
+impl<SM: StateMachine> SmStore<SM> {
+    /// Opens the state machine database and snapshot directory under `data_dir` on their own,
+    /// without a Raft node (for storage tests, benchmarks and offline tools).
+    pub fn open(data_dir: &Path, node_id: NodeId, config: &StateMachineConfig, sm: SM) -> Result<Self, SmOpenError> {
+        Ok(Self { shared: Arc::new(SmShared::open(data_dir, node_id, config, sm)?) })
+    }
+
+    /// The applied position recorded in the database.
+    pub fn applied(&self) -> io::Result<AppliedState> {
+        self.shared.applied_state()
+    }
+
+    /// Runs `f` on a read transaction of the current state.
+    pub fn read<R>(&self, f: impl FnOnce(&SM, &redb::ReadTransaction) -> R) -> io::Result<R> {
+        let txn = self.shared.db.begin_read().map_err(io::Error::other)?;
+        Ok(f(&self.shared.sm, &txn))
+    }
+}
+
 impl<SM> Clone for SmStore<SM> {
     fn clone(&self) -> Self {
         Self { shared: self.shared.clone() }
