@@ -251,7 +251,14 @@ impl RaftLogStorage<KeelTypes> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let first_removed = last_log_id.map_or(0, |l| l.index + 1);
-        self.lock().truncate(first_removed)?;
+        {
+            let mut log = self.lock();
+            let next = log.log_state().last().map_or(0, |l| l.0.index + 1);
+            if first_removed >= next {
+                return Ok(()); // nothing after `last_log_id`
+            }
+            log.truncate(first_removed)?;
+        }
         self.flush_and_wait().await
     }
 

@@ -1,0 +1,150 @@
+//! Three-node in-process clusters: election, replication, leader loss, snapshot catch-up.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use keel::InProcessRouter;
+use keel::Node;
+use keel::NodeInfo;
+use keel::ProposeError;
+use support::check_ledger;
+use support::read_ledger;
+use support::test_config;
+use support::Append;
+use support::Ledger;
+use support::WAIT;
+
+struct Cluster {
+    router: InProcessRouter,
+    nodes: BTreeMap<u64, Node<Ledger>>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(n: u64, tune: impl Fn(&mut keel::Config)) -> Cluster {
+        support::init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let router = InProcessRouter::new();
+        let mut nodes = BTreeMap::new();
+        for id in 1..=n {
+            let node = start_node(&router, id, dir.path(), &tune).await;
+            nodes.insert(id, node);
+        }
+        let members = (1..=n).map(|id| (id, NodeInfo::default())).collect();
+        nodes[&1].initialize(members).await.expect("initialize");
+        Cluster { router, nodes, dir }
+    }
+
+    async fn leader(&self, not: Option<u64>) -> u64 {
+        let any = self.nodes.values().find(|n| Some(n.id()) != not).expect("a live node");
+        any.wait_for_leader(WAIT, not).await.expect("leader elected")
+    }
+
+    async fn stop(&mut self, id: u64) {
+        self.router.unregister(id);
+        self.nodes.remove(&id).expect("running").shutdown().await.expect("clean shutdown");
+    }
+
+    /// Waits until every running node applied the leader's last applied index, then returns
+    /// each node's ledger.
+    async fn converge(&self, leader: u64) -> BTreeMap<u64, Vec<u64>> {
+        let index = self.nodes[&leader].metrics().last_applied.map_or(0, |l| l.index);
+        let mut out = BTreeMap::new();
+        for (id, node) in &self.nodes {
+            node.wait_applied(index, WAIT).await.expect("caught up");
+            let (rows, count, sum) = node.read_local(|_, t| read_ledger(t)).expect("read");
+            check_ledger(&rows, count, sum);
+            out.insert(*id, rows);
+        }
+        out
+    }
+}
+
+async fn start_node(router: &InProcessRouter, id: u64, dir: &Path, tune: &impl Fn(&mut keel::Config)) -> Node<Ledger> {
+    let mut config = test_config(id, &dir.join(format!("n{id}")));
+    tune(&mut config);
+    let node = Node::start(config, Ledger, router.network(id)).await.expect("node starts");
+    router.register(id, node.service());
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_replicate_and_answer_linearizable_reads() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader(None).await;
+    for i in 0..100 {
+        let seq = c.nodes[&leader].propose(Append(i)).await.expect("propose");
+        assert_eq!(i, seq, "each command lands at the next ledger slot");
+    }
+    let (rows, _, _) = c.nodes[&leader].read(|_, t| read_ledger(t)).await.expect("linearizable read");
+    assert_eq!((0..100).collect::<Vec<_>>(), rows);
+
+    let all = c.converge(leader).await;
+    assert!(all.values().all(|r| r == &rows), "replicas diverge: {all:?}");
+
+    // A follower refuses writes and names the leader.
+    let follower = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
+    match c.nodes[&follower].propose(Append(1000)).await {
+        Err(ProposeError::NotLeader(nl)) => assert_eq!(Some(leader), nl.leader_id),
+        other => panic!("follower propose should be NotLeader, got {other:?}"),
+    }
+    // A follower's linearizable read is refused as well (forwarding belongs to the transport).
+    assert!(c.nodes[&follower].read(|_, t| read_ledger(t)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_loss_elects_a_new_leader_and_the_old_one_catches_up() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let first = c.leader(None).await;
+    for i in 0..50 {
+        c.nodes[&first].propose(Append(i)).await.expect("propose");
+    }
+    c.stop(first).await;
+
+    let second = c.leader(Some(first)).await;
+    assert_ne!(first, second);
+    for i in 50..100 {
+        c.nodes[&second].propose(Append(i)).await.expect("propose on new leader");
+    }
+
+    // The old leader restarts from its data dir and catches up.
+    let node = start_node(&c.router, first, c.dir.path(), &|_| {}).await;
+    c.nodes.insert(first, node);
+    let all = c.converge(second).await;
+    for rows in all.values() {
+        assert_eq!(&(0..100).collect::<Vec<_>>(), rows);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_node_catches_up_by_snapshot() {
+    let tune = |c: &mut keel::Config| {
+        c.raft.snapshot_every = 50;
+        c.raft.logs_to_keep_after_snapshot = 10;
+    };
+    let c = Cluster::start(3, tune).await;
+    let leader = c.leader(None).await;
+    let lagging = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
+    c.router.isolate(lagging);
+
+    for i in 0..400 {
+        c.nodes[&leader].propose(Append(i)).await.expect("propose with one node cut off");
+    }
+    // The leader has snapshotted and purged past everything the lagging node has.
+    let lag_last = c.nodes[&lagging].metrics().last_log_index.unwrap_or(0);
+    let m = c.nodes[&leader]
+        .wait_for(WAIT, "leader purged past the lagging node", |m| {
+            m.purged.is_some_and(|p| p.index > lag_last + 1)
+        })
+        .await
+        .expect("snapshot and purge on the leader");
+    assert!(m.snapshot.is_some());
+
+    c.router.heal(lagging);
+    let all = c.converge(leader).await;
+    assert_eq!(all[&lagging], (0..400).collect::<Vec<_>>());
+    let snap = c.nodes[&lagging].metrics().snapshot.expect("lagging node installed a snapshot");
+    assert!(snap.index > lag_last, "caught up by a snapshot beyond its own log");
+}
