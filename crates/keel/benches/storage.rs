@@ -59,6 +59,8 @@ const BATCH: usize = 64;
 /// State machine key and value sizes.
 const SM_KEY_BYTES: usize = 16;
 const SM_VALUE_BYTES: usize = 256;
+/// The log benchmarks run interleaved, in this many rounds.
+const ROUNDS: usize = 5;
 
 // ---------------------------------------------------------------------------------------------
 // Parameters
@@ -131,7 +133,15 @@ impl Row {
     ) -> Self {
         lat.sort_unstable();
         let elapsed = lat.iter().sum();
-        Self { key, name: name.into(), units: lat.len() * per_sync, per_sync, unit, elapsed, lat }
+        Self {
+            key,
+            name: name.into(),
+            units: lat.len() * per_sync,
+            per_sync,
+            unit,
+            elapsed,
+            lat,
+        }
     }
 
     fn rate(&self) -> f64 {
@@ -198,7 +208,8 @@ fn fs_of(path: &Path) -> Option<(String, String)> {
             let mut f = line.split_whitespace();
             let (dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
             let mnt = mnt.replace("\\040", " ");
-            path.starts_with(&mnt).then(|| (mnt.len(), fstype.to_string(), dev.to_string()))
+            path.starts_with(&mnt)
+                .then(|| (mnt.len(), fstype.to_string(), dev.to_string()))
         })
         .max_by_key(|(len, _, _)| *len)
         .map(|(_, fstype, dev)| (fstype, dev))
@@ -220,36 +231,50 @@ fn bench_base_dir() -> io::Result<PathBuf> {
 // Raw baseline
 // ---------------------------------------------------------------------------------------------
 
-/// Appends `records_per_sync` records of `record_len` bytes to a fresh file and `fdatasync`s it,
-/// `syncs` times (after unmeasured warm-up). With `one_write`, the records of a sync go out in one
-/// `write` call (as a WAL writes its pending buffer); otherwise one `write` per record.
-fn raw_loop(
-    path: &Path,
-    record_len: usize,
+/// A fresh file that gets `records_per_sync` records of `record_len` bytes appended and then is
+/// `fdatasync`ed, over and over. With `one_write`, the records of one sync go out in one `write`
+/// call (as a WAL writes its pending buffer); otherwise one `write` per record.
+struct RawLoop {
+    file: File,
+    record: Vec<u8>,
+    batch: Vec<u8>,
     records_per_sync: usize,
-    syncs: usize,
     one_write: bool,
-) -> io::Result<Vec<Duration>> {
-    let mut file: File = OpenOptions::new().create(true).append(true).open(path)?;
-    let record = vec![0xA5u8; record_len];
-    let batch = record.repeat(records_per_sync);
-    let warmup = Params::warmup(syncs);
-    let mut lat = Vec::with_capacity(syncs);
-    for i in 0..warmup + syncs {
-        let start = Instant::now();
-        if one_write {
-            file.write_all(&batch)?;
-        } else {
-            for _ in 0..records_per_sync {
-                file.write_all(&record)?;
+}
+
+impl RawLoop {
+    fn open(path: &Path, record_len: usize, records_per_sync: usize, one_write: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let record = vec![0xA5u8; record_len];
+        let batch = record.repeat(records_per_sync);
+        Ok(Self {
+            file,
+            record,
+            batch,
+            records_per_sync,
+            one_write,
+        })
+    }
+
+    /// `warmup` unmeasured then `syncs` measured rounds; returns each measured round's latency.
+    fn run(&mut self, warmup: usize, syncs: usize) -> io::Result<Vec<Duration>> {
+        let mut lat = Vec::with_capacity(syncs);
+        for i in 0..warmup + syncs {
+            let start = Instant::now();
+            if self.one_write {
+                self.file.write_all(&self.batch)?;
+            } else {
+                for _ in 0..self.records_per_sync {
+                    self.file.write_all(&self.record)?;
+                }
+            }
+            self.file.sync_data()?;
+            if i >= warmup {
+                lat.push(start.elapsed());
             }
         }
-        file.sync_data()?;
-        if i >= warmup {
-            lat.push(start.elapsed());
-        }
+        Ok(lat)
     }
-    Ok(lat)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,25 +299,41 @@ fn make_entries(next_index: &mut u64, n: usize) -> Vec<Entry> {
 async fn append_and_wait(store: &mut LogStore, entries: Vec<Entry>) -> io::Result<()> {
     let (tx, rx) = KeelTypes::oneshot();
     store.append(entries, IOFlushed::signal(tx)).await?;
-    rx.await.map_err(|_| io::Error::other("flush callback dropped without reporting"))?
+    rx.await
+        .map_err(|_| io::Error::other("flush callback dropped without reporting"))?
 }
 
-/// `flushes` rounds of: append `per_flush` entries in one call, await the flush callback. The
-/// latency is from the `append` call to the callback; entries are built before the clock starts.
-async fn keel_loop(dir: &Path, per_flush: usize, flushes: usize) -> BoxResult<Vec<Duration>> {
-    let mut store = LogStore::open(dir, &LogConfig::default())?;
-    let mut next_index = 1u64;
-    let warmup = Params::warmup(flushes);
-    let mut lat = Vec::with_capacity(flushes);
-    for i in 0..warmup + flushes {
-        let entries = make_entries(&mut next_index, per_flush);
-        let start = Instant::now();
-        append_and_wait(&mut store, entries).await?;
-        if i >= warmup {
-            lat.push(start.elapsed());
-        }
+/// A fresh Keel log that gets `per_flush` entries appended in one `append` call, then waits for
+/// the flush callback, over and over.
+struct KeelLoop {
+    store: LogStore,
+    next_index: u64,
+    per_flush: usize,
+}
+
+impl KeelLoop {
+    fn open(dir: &Path, config: &LogConfig, per_flush: usize) -> BoxResult<Self> {
+        Ok(Self {
+            store: LogStore::open(dir, config)?,
+            next_index: 1,
+            per_flush,
+        })
     }
-    Ok(lat)
+
+    /// `warmup` unmeasured then `flushes` measured rounds. The latency is from the `append` call
+    /// to the flush callback; entries are built before the clock starts.
+    async fn run(&mut self, warmup: usize, flushes: usize) -> BoxResult<Vec<Duration>> {
+        let mut lat = Vec::with_capacity(flushes);
+        for i in 0..warmup + flushes {
+            let entries = make_entries(&mut self.next_index, self.per_flush);
+            let start = Instant::now();
+            append_and_wait(&mut self.store, entries).await?;
+            if i >= warmup {
+                lat.push(start.elapsed());
+            }
+        }
+        Ok(lat)
+    }
 }
 
 /// The WAL bytes one log entry with a `PAYLOAD_BYTES` command takes, so the raw loop writes the
@@ -378,7 +419,12 @@ struct SmResult {
 /// Applies `keys` puts through `RaftStateMachine::apply`, `batch` entries per call. Only the
 /// `apply` calls are timed (entry building and command encoding are not).
 async fn sm_apply(dir: &Path, keys: usize, batch: usize) -> BoxResult<SmResult> {
-    let config = StateMachineConfig { verify_on_start: false, ..Default::default() };
+    let config = StateMachineConfig {
+        verify_on_start: false,
+        ..Default::default()
+    };
+    // Unlike `LogStore::open`, `SmStore::open` does not create its directory.
+    std::fs::create_dir_all(dir)?;
     let mut store = SmStore::open(dir, 1, &config, Kv)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b65_656c);
     let mut batches = Vec::with_capacity(keys.div_ceil(batch));
@@ -390,7 +436,10 @@ async fn sm_apply(dir: &Path, keys: usize, batch: usize) -> BoxResult<SmResult> 
         for k in i..i + n {
             let mut value = vec![0u8; SM_VALUE_BYTES];
             rng.fill_bytes(&mut value);
-            let cmd = keel::codec::to_bytes(&Put { key: sm_key(k as u64), value })?;
+            let cmd = keel::codec::to_bytes(&Put {
+                key: sm_key(k as u64),
+                value,
+            })?;
             entries.push(Entry::new_normal(log_id(k as u64 + 1), Command(cmd)));
         }
         let stream = futures_util::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
@@ -410,8 +459,16 @@ async fn sm_apply(dir: &Path, keys: usize, batch: usize) -> BoxResult<SmResult> 
     if last != Some(keys as u64) {
         return Err(format!("last_applied is {last:?} after {keys} entries").into());
     }
-    let db_bytes = std::fs::metadata(dir.join("state.redb")).map(|m| m.len()).unwrap_or(0);
-    Ok(SmResult { batches, per_batch: batch, keys, wall, db_bytes })
+    let db_bytes = std::fs::metadata(dir.join("state.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(SmResult {
+        batches,
+        per_batch: batch,
+        keys,
+        wall,
+        db_bytes,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,53 +487,100 @@ fn main() -> BoxResult<()> {
 
     let record_len = rt.block_on(calibrate_record_len(&dir.join("calibrate")))?;
 
-    println!("Keel storage benchmark{}", if params.quick { " (quick: counts / 10)" } else { "" });
+    println!(
+        "Keel storage benchmark{}",
+        if params.quick { " (quick: counts / 10)" } else { "" }
+    );
     println!("  dir:      {} ({fstype} on {dev})", dir.display());
     if fstype == "tmpfs" || fstype == "ramfs" {
-        println!("  WARNING:  {fstype} never reaches a disk; set KEEL_BENCH_DIR to a directory on a real disk");
+        println!(
+            "  WARNING:  {fstype} never reaches a disk; set KEEL_BENCH_DIR to a directory on a real disk"
+        );
     }
     println!(
         "  log:      {PAYLOAD_BYTES}-byte commands = {record_len} WAL bytes per entry (measured); raw records \
          are {record_len} bytes"
     );
     println!(
-        "  counts:   {} x 1/sync, {} x {BATCH}/sync (+warm-up), {} state machine puts in batches of {}",
+        "  log cfg:  LogConfig::default() (flush_batch_wait_us = {}) unless the row says otherwise",
+        LogConfig::default().flush_batch_wait_us
+    );
+    println!(
+        "  counts:   {} x 1/sync, {} x {BATCH}/sync (+warm-up; interleaved in {ROUNDS} rounds), {} state \
+         machine puts in batches of {}",
         params.sync_ops, params.batches, params.sm_keys, params.sm_batch
     );
     println!();
 
     let mut rows = Vec::new();
 
-    // 1. Raw baseline.
-    let lat = raw_loop(&dir.join("raw-1.dat"), record_len, 1, params.sync_ops, true)?;
-    rows.push(Row::new("raw_1_per_fdatasync", "raw: write + fdatasync", 1, "records", lat));
-    let lat = raw_loop(&dir.join("raw-64w.dat"), record_len, BATCH, params.batches, false)?;
+    // 1 and 2: the raw baseline and the Keel log, interleaved in rounds so that drift in the disk's
+    // speed during the run hits all of them alike. Each loop keeps appending to its own file or log.
+    let no_wait = LogConfig {
+        flush_batch_wait_us: 0,
+        ..LogConfig::default()
+    };
+    let mut raw1 = RawLoop::open(&dir.join("raw-1.dat"), record_len, 1, true)?;
+    let mut raw64w = RawLoop::open(&dir.join("raw-64w.dat"), record_len, BATCH, false)?;
+    let mut raw64 = RawLoop::open(&dir.join("raw-64.dat"), record_len, BATCH, true)?;
+    let mut keel1 = KeelLoop::open(&dir.join("log-1"), &LogConfig::default(), 1)?;
+    let mut keel1_no_wait = KeelLoop::open(&dir.join("log-1-no-wait"), &no_wait, 1)?;
+    let mut keel64 = KeelLoop::open(&dir.join("log-64"), &LogConfig::default(), BATCH)?;
+    let mut lat: [Vec<Duration>; 6] = Default::default();
+    for round in 0..ROUNDS {
+        let share = |n: usize| n * (round + 1) / ROUNDS - n * round / ROUNDS;
+        let warm = |n: usize| if round == 0 { Params::warmup(n) } else { 0 };
+        let (ops, batches) = (params.sync_ops, params.batches);
+        lat[0].extend(raw1.run(warm(ops), share(ops))?);
+        lat[1].extend(raw64w.run(warm(batches), share(batches))?);
+        lat[2].extend(raw64.run(warm(batches), share(batches))?);
+        lat[3].extend(rt.block_on(keel1.run(warm(ops), share(ops)))?);
+        lat[4].extend(rt.block_on(keel1_no_wait.run(warm(ops), share(ops)))?);
+        lat[5].extend(rt.block_on(keel64.run(warm(batches), share(batches)))?);
+    }
+    drop((raw1, raw64w, raw64, keel1, keel1_no_wait, keel64));
+    let [l0, l1, l2, l3, l4, l5] = lat;
+    rows.push(Row::new(
+        "raw_1_per_fdatasync",
+        "raw: write + fdatasync",
+        1,
+        "records",
+        l0,
+    ));
     rows.push(Row::new(
         "raw_64_writes_per_fdatasync",
         format!("raw: {BATCH} writes + fdatasync"),
         BATCH,
         "records",
-        lat,
+        l1,
     ));
-    let lat = raw_loop(&dir.join("raw-64.dat"), record_len, BATCH, params.batches, true)?;
     rows.push(Row::new(
         "raw_64_per_fdatasync",
         format!("raw: 1 write of {BATCH} + fdatasync"),
         BATCH,
         "records",
-        lat,
+        l2,
     ));
-
-    // 2. Keel durable log.
-    let lat = rt.block_on(keel_loop(&dir.join("log-1"), 1, params.sync_ops))?;
-    rows.push(Row::new("keel_log_1_per_flush", "keel log: 1 entry/flush", 1, "entries", lat));
-    let lat = rt.block_on(keel_loop(&dir.join("log-64"), BATCH, params.batches))?;
+    rows.push(Row::new(
+        "keel_log_1_per_flush",
+        "keel log: 1 entry/flush",
+        1,
+        "entries",
+        l3,
+    ));
+    rows.push(Row::new(
+        "keel_log_1_per_flush_no_batch_wait",
+        "keel log: 1 entry/flush, batch wait 0",
+        1,
+        "entries",
+        l4,
+    ));
     rows.push(Row::new(
         "keel_log_64_per_flush",
         format!("keel log: {BATCH} entries/flush"),
         BATCH,
         "entries",
-        lat,
+        l5,
     ));
 
     // 3. State machine apply.
@@ -489,13 +593,24 @@ fn main() -> BoxResult<()> {
         sm.batches,
     );
     // The last batch may be short: count keys, not batches.
-    let sm_row = Row { units: sm.keys, ..sm_row };
+    let sm_row = Row {
+        units: sm.keys,
+        ..sm_row
+    };
     rows.push(sm_row);
 
-    let find = |key: &str| rows.iter().find(|r| r.key == key).expect("every row is pushed above");
+    let find = |key: &str| {
+        rows.iter()
+            .find(|r| r.key == key)
+            .expect("every row is pushed above")
+    };
     let (raw1, raw64) = (find("raw_1_per_fdatasync"), find("raw_64_per_fdatasync"));
-    let (raw64w, keel1, keel64) =
-        (find("raw_64_writes_per_fdatasync"), find("keel_log_1_per_flush"), find("keel_log_64_per_flush"));
+    let (raw64w, keel1, keel64) = (
+        find("raw_64_writes_per_fdatasync"),
+        find("keel_log_1_per_flush"),
+        find("keel_log_64_per_flush"),
+    );
+    let keel1_no_wait = find("keel_log_1_per_flush_no_batch_wait");
     let bars = [
         Bar {
             key: "keel64_rate_pct_of_raw64",
@@ -515,9 +630,30 @@ fn main() -> BoxResult<()> {
         },
     ];
     let info = [
-        ("keel64_rate_pct_of_raw64_writes", "  (same, against raw 64 writes + fdatasync)", 100.0 * keel64.rate() / raw64w.rate(), "%"),
-        ("keel1_rate_pct_of_raw1", "keel 1/flush entries/s as % of raw 1-per-fdatasync", 100.0 * keel1.rate() / raw1.rate(), "%"),
-        ("keel1_p99_over_raw1_p99", "keel 1/flush p99 latency / raw fdatasync p99", keel1.pct_us(99.0) / raw1.pct_us(99.0), "x"),
+        (
+            "keel64_rate_pct_of_raw64_writes",
+            "  (same, against raw 64 writes + fdatasync)",
+            100.0 * keel64.rate() / raw64w.rate(),
+            "%",
+        ),
+        (
+            "keel1_rate_pct_of_raw1",
+            "keel 1/flush entries/s as % of raw 1-per-fdatasync",
+            100.0 * keel1.rate() / raw1.rate(),
+            "%",
+        ),
+        (
+            "keel1_p99_over_raw1_p99",
+            "keel 1/flush p99 latency / raw fdatasync p99",
+            keel1.pct_us(99.0) / raw1.pct_us(99.0),
+            "x",
+        ),
+        (
+            "keel1_no_wait_p50_over_raw1_p50",
+            "keel 1/flush p50 with flush_batch_wait_us = 0 / raw fdatasync p50",
+            keel1_no_wait.pct_us(50.0) / raw1.pct_us(50.0),
+            "x",
+        ),
     ];
 
     // The table.
@@ -526,7 +662,10 @@ fn main() -> BoxResult<()> {
         "| {:<w$} | {:>9} | {:>8} | {:>20} | {:>9} | {:>9} |",
         "benchmark", "count", "per sync", "throughput", "p50 us", "p99 us"
     );
-    println!("|-{:-<w$}-|-{:->9}-|-{:->8}-|-{:->20}-|-{:->9}-|-{:->9}-|", "", "", "", "", "", "");
+    println!(
+        "|-{:-<w$}-|-{:->9}-|-{:->8}-|-{:->20}-|-{:->9}-|-{:->9}-|",
+        "", "", "", "", "", ""
+    );
     for r in &rows {
         println!(
             "| {:<w$} | {:>9} | {:>8} | {:>20} | {:>9.1} | {:>9.1} |",
@@ -598,7 +737,12 @@ fn main() -> BoxResult<()> {
         );
     }
     for (key, name, value, _) in &info {
-        println!("{{\"info\":{},\"name\":{},\"value\":{:.3}}}", json_str(key), json_str(name.trim()), value);
+        println!(
+            "{{\"info\":{},\"name\":{},\"value\":{:.3}}}",
+            json_str(key),
+            json_str(name.trim()),
+            value
+        );
     }
 
     drop(rt);

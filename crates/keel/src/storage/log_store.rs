@@ -5,8 +5,8 @@
 //! - `save_vote` returns only after the vote record is fsync'ed: a vote reply never leaves the node
 //!   for a vote that a crash could forget.
 //! - `append` returns once entries are readable in memory and calls the flush callback only after
-//!   they are fsync'ed. Appends that arrive while an fsync runs are written and synced together by
-//!   the WAL's flush worker (group commit: many entries, one fsync).
+//!   they are fsync'ed. Appends that arrive while an fsync runs are synced together by the next
+//!   one (group commit: many entries, one fsync), see [`LogStore`].
 //! - `truncate_after` returns after the truncation is fsync'ed.
 //! - `save_committed` is best-effort (no fsync of its own; it rides on the next append's fsync). A
 //!   lost committed index only means the state machine re-learns it from the leader.
@@ -96,8 +96,8 @@ impl raft_log::Types for WalTypes {
 
 /// Who is told when a WAL flush completes.
 pub enum FlushCallback {
-    /// openraft's notification that appended entries are durable.
-    Raft(IOFlushed<KeelTypes>),
+    /// openraft's notifications that appended entries are durable: one group commit.
+    Group(Vec<IOFlushed<KeelTypes>>, std::sync::mpsc::Sender<()>),
     /// A caller of this module waiting for its own write (vote, truncation) to be durable.
     Wait(tokio::sync::oneshot::Sender<io::Result<()>>),
 }
@@ -105,7 +105,17 @@ pub enum FlushCallback {
 impl raft_log::Callback for FlushCallback {
     fn send(self, res: Result<(), io::Error>) {
         match self {
-            FlushCallback::Raft(flushed) => flushed.io_completed(res),
+            FlushCallback::Group(waiters, next) => {
+                for w in waiters {
+                    w.io_completed(match &res {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    });
+                }
+                // Runs on the WAL's flush worker thread: the next group flush is issued from the
+                // committer thread, never from here (a flush may block on the worker's queue).
+                let _ = next.send(());
+            }
             FlushCallback::Wait(tx) => {
                 // The waiter may have gone away (its task was cancelled); nothing to tell then.
                 let _ = tx.send(res);
@@ -123,10 +133,25 @@ pub struct LogOpenError {
     pub source: io::Error,
 }
 
+/// The WAL plus the group-commit state that must change atomically with it.
+struct Wal {
+    log: RaftLog<WalTypes>,
+    /// Invariant: true while a synced flush carrying a `Group` callback is queued or running.
+    group_in_flight: bool,
+    /// Appends made while a group flush was in flight; the next group flush covers them.
+    waiting: Vec<IOFlushed<KeelTypes>>,
+    /// Tells the committer thread a group flush finished.
+    group_done: std::sync::mpsc::Sender<()>,
+}
+
 /// Durable Raft log storage. Cloning shares the same log (the clone serves as the log reader).
+///
+/// Group commit: at most one synced flush of appended entries is in flight. Appends that arrive
+/// meanwhile are written to the WAL buffer and wait; when the flush completes, one more flush
+/// covers all of them. A lone append is flushed at once, with no batching delay.
 #[derive(Clone)]
 pub struct LogStore {
-    log: Arc<Mutex<RaftLog<WalTypes>>>,
+    log: Arc<Mutex<Wal>>,
 }
 
 impl LogStore {
@@ -144,10 +169,38 @@ impl LogStore {
             log_cache_capacity: Some(config.cache_max_bytes as usize),
         };
         let log = RaftLog::open(Arc::new(raft_config)).map_err(open_error)?;
-        Ok(Self { log: Arc::new(Mutex::new(log)) })
+        let (group_done, done_rx) = std::sync::mpsc::channel();
+        let wal = Arc::new(Mutex::new(Wal { log, group_in_flight: false, waiting: Vec::new(), group_done }));
+        let weak = Arc::downgrade(&wal);
+        std::thread::Builder::new()
+            .name("keel-log-committer".into())
+            .spawn(move || Self::run_committer(weak, done_rx))
+            .map_err(open_error)?;
+        Ok(Self { log: wal })
     }
 
-    fn lock(&self) -> MutexGuard<'_, RaftLog<WalTypes>> {
+    /// Issues the next group flush each time one completes; exits when the log is dropped.
+    fn run_committer(wal: std::sync::Weak<Mutex<Wal>>, done: std::sync::mpsc::Receiver<()>) {
+        while done.recv().is_ok() {
+            let Some(wal) = wal.upgrade() else { return };
+            let mut w = wal.lock().expect("raft log mutex poisoned by an earlier panic");
+            if w.waiting.is_empty() {
+                w.group_in_flight = false;
+                continue;
+            }
+            let waiters = std::mem::take(&mut w.waiting);
+            let cb = FlushCallback::Group(waiters, w.group_done.clone());
+            if let Err(e) = w.log.flush(true, Some(cb)) {
+                // The callback was dropped with the failed request; nobody will be told. Stopping
+                // here is what makes openraft see the append as never flushed: it halts.
+                tracing::error!("raft log flush failed: {e}");
+                w.group_in_flight = false;
+                return;
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Wal> {
         // A poisoned lock means a panic mid-write; the in-memory view may be half updated, and
         // continuing could ack entries that are not in the WAL. Stopping is the only safe answer.
         self.log.lock().expect("raft log mutex poisoned by an earlier panic")
@@ -156,14 +209,14 @@ impl LogStore {
     /// Queues a sync flush and waits until it completes.
     async fn flush_and_wait(&self) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.lock().flush(true, Some(FlushCallback::Wait(tx)))?;
+        self.lock().log.flush(true, Some(FlushCallback::Wait(tx)))?;
         rx.await.map_err(|_| io::Error::other("raft log flush worker stopped before reporting"))?
     }
 
     /// Log boundaries as recorded in the WAL: (vote, purged, last, committed).
     pub fn state(&self) -> (Option<Vote>, Option<LogId>, Option<LogId>, Option<LogId>) {
-        let log = self.lock();
-        let st = log.log_state();
+        let w = self.lock();
+        let st = w.log.log_state();
         (
             st.vote().map(|v| v.0),
             st.purged().map(|l| l.0),
@@ -174,7 +227,7 @@ impl LogStore {
 
     /// Bytes the WAL occupies on disk.
     pub fn on_disk_bytes(&self) -> u64 {
-        self.lock().on_disk_size()
+        self.lock().log.on_disk_size()
     }
 }
 
@@ -196,12 +249,12 @@ impl RaftLogReader<KeelTypes> for LogStore {
     async fn try_get_log_entries<RB>(&mut self, range: RB) -> Result<Vec<Entry>, io::Error>
     where RB: RangeBounds<u64> + Clone + Debug + OptionalSend {
         let (start, end) = index_range(&range);
-        let log = self.lock();
-        log.read(start, end).map(|res| res.map(|(id, payload)| Entry::new(id.0, payload.0))).collect()
+        let w = self.lock();
+        w.log.read(start, end).map(|res| res.map(|(id, payload)| Entry::new(id.0, payload.0))).collect()
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.lock().log_state().vote().map(|v| v.0))
+        Ok(self.lock().log.log_state().vote().map(|v| v.0))
     }
 }
 
@@ -209,8 +262,8 @@ impl RaftLogStorage<KeelTypes> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<KeelTypes>, io::Error> {
-        let log = self.lock();
-        let st = log.log_state();
+        let w = self.lock();
+        let st = w.log.log_state();
         let last_purged_log_id = st.purged().map(|l| l.0);
         let last_log_id = st.last().map(|l| l.0).or(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
@@ -221,22 +274,22 @@ impl RaftLogStorage<KeelTypes> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.lock().save_vote(WalVote(*vote))?;
+        self.lock().log.save_vote(WalVote(*vote))?;
         self.flush_and_wait().await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         if let Some(committed) = committed {
-            let mut log = self.lock();
-            log.commit(WalLogId(committed))?;
+            let mut w = self.lock();
+            w.log.commit(WalLogId(committed))?;
             // No fsync of its own: it reaches disk with the next synced write.
-            log.flush(false, None)?;
+            w.log.flush(false, None)?;
         }
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.lock().log_state().committed().map(|l| l.0))
+        Ok(self.lock().log.log_state().committed().map(|l| l.0))
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<KeelTypes>) -> Result<(), io::Error>
@@ -244,28 +297,34 @@ impl RaftLogStorage<KeelTypes> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut log = self.lock();
-        log.append(entries.into_iter().map(|e| (WalLogId(e.log_id), WalPayload(e.payload))))?;
-        log.flush(true, Some(FlushCallback::Raft(callback)))
+        let mut w = self.lock();
+        w.log.append(entries.into_iter().map(|e| (WalLogId(e.log_id), WalPayload(e.payload))))?;
+        if w.group_in_flight {
+            w.waiting.push(callback);
+            return Ok(());
+        }
+        w.group_in_flight = true;
+        let cb = FlushCallback::Group(vec![callback], w.group_done.clone());
+        w.log.flush(true, Some(cb)).inspect_err(|_| w.group_in_flight = false)
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let first_removed = last_log_id.map_or(0, |l| l.index + 1);
         {
-            let mut log = self.lock();
-            let next = log.log_state().last().map_or(0, |l| l.0.index + 1);
+            let mut w = self.lock();
+            let next = w.log.log_state().last().map_or(0, |l| l.0.index + 1);
             if first_removed >= next {
                 return Ok(()); // nothing after `last_log_id`
             }
-            log.truncate(first_removed)?;
+            w.log.truncate(first_removed)?;
         }
         self.flush_and_wait().await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let mut log = self.lock();
-        log.purge(WalLogId(log_id))?;
+        let mut w = self.lock();
+        w.log.purge(WalLogId(log_id))?;
         // A sync flush is what lets the WAL delete chunk files the purge made obsolete.
-        log.flush(true, None)
+        w.log.flush(true, None)
     }
 }

@@ -113,6 +113,10 @@ fn write_meta(txn: &redb::WriteTransaction, state: &AppliedState) -> Result<(), 
 impl<SM: StateMachine> SmShared<SM> {
     /// Opens (creating) the database and the snapshot directory under `data_dir`.
     pub fn open(data_dir: &Path, node_id: NodeId, config: &StateMachineConfig, sm: SM) -> Result<Self, SmOpenError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| SmOpenError::Database {
+            path: data_dir.to_path_buf(),
+            source: redb::Error::Io(e),
+        })?;
         let path = data_dir.join("state.redb");
         let db_err = |e: redb::Error| SmOpenError::Database { path: path.clone(), source: e };
         let db = redb::Database::builder()
