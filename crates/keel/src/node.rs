@@ -99,7 +99,7 @@ impl<SM: StateMachine> Node<SM> {
 
     /// What this node serves to its peers; register it with the transport.
     pub fn service(&self) -> Arc<dyn RaftService> {
-        Arc::new(LocalService { raft: self.raft.clone(), shared: self.shared.clone() })
+        Arc::new(LocalService { raft: self.raft.clone(), shared: Arc::downgrade(&self.shared) })
     }
 
     /// The user's state machine value (configuration and handles; state lives in the database).

@@ -111,9 +111,12 @@ pub fn snapshot_chunks(file: SnapshotFile) -> SnapshotChunks {
 }
 
 /// The [`RaftService`] of a local node.
+///
+/// It holds the storage weakly: a transport that still has it registered after `Node::shutdown`
+/// gets `Stopped` answers, and does not keep the database open.
 pub(crate) struct LocalService<SM: StateMachine> {
     pub raft: Raft<SmStore<SM>>,
-    pub shared: std::sync::Arc<SmShared<SM>>,
+    pub shared: std::sync::Weak<SmShared<SM>>,
 }
 
 fn stopped(e: impl std::fmt::Display) -> ServiceError {
@@ -123,7 +126,9 @@ fn stopped(e: impl std::fmt::Display) -> ServiceError {
 impl<SM: StateMachine> LocalService<SM> {
     /// Writes incoming chunks to a temp file in the snapshot dir, fsyncs and verifies it.
     async fn receive_snapshot(&self, meta: &SnapshotMeta, mut chunks: SnapshotChunks) -> Result<PathBuf, ServiceError> {
-        let temp = self.shared.snapshots.temp_path();
+        let shared = self.shared.upgrade().ok_or_else(|| stopped("storage closed"))?;
+        let temp = shared.snapshots.temp_path();
+        drop(shared);
         let result = async {
             let mut file = tokio::fs::File::create(&temp).await?;
             while let Some(chunk) = chunks.next().await {
