@@ -34,14 +34,14 @@ pub use error::StartError;
 pub use error::WaitTimeout;
 pub use network::in_process::InProcessRouter;
 pub use node::Node;
-pub use state_machine::StateMachine;
-pub use state_machine::StateMachineError;
+pub use openraft;
+/// The embedded database state machines keep their state in.
+pub use redb;
 pub use state_machine::dump_table;
 pub use state_machine::load_table;
+pub use state_machine::StateMachine;
+pub use state_machine::StateMachineError;
 pub use types::LogIndex;
 pub use types::NodeId;
 pub use types::NodeInfo;
 pub use types::Term;
-/// The embedded database state machines keep their state in.
-pub use redb;
-pub use openraft;

@@ -68,7 +68,10 @@ impl<SM: StateMachine> Node<SM> {
         config.validate()?;
         let raft_config = Arc::new(config.to_openraft()?);
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+        std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
 
         let log = LogStore::open(&data_dir.join("log"), &config.log)?;
         let (id, sm_config) = (config.id, config.state_machine.clone());
@@ -77,11 +80,25 @@ impl<SM: StateMachine> Node<SM> {
             .map_err(|e| StartError::Raft(format!("storage open task failed: {e}")))??;
         let shared = Arc::new(shared);
 
-        let raft = openraft::Raft::new(config.id, raft_config, network, log.clone(), SmStore { shared: shared.clone() })
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = openraft::Raft::new(
+            config.id,
+            raft_config,
+            network,
+            log.clone(),
+            SmStore {
+                shared: shared.clone(),
+            },
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
         tracing::info!(id = config.id, data_dir = %config.data_dir.display(), "node started");
-        Ok(Self { id: config.id, config, raft, shared, log })
+        Ok(Self {
+            id: config.id,
+            config,
+            raft,
+            shared,
+            log,
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -99,7 +116,10 @@ impl<SM: StateMachine> Node<SM> {
 
     /// What this node serves to its peers; register it with the transport.
     pub fn service(&self) -> Arc<dyn RaftService> {
-        Arc::new(LocalService { raft: self.raft.clone(), shared: Arc::downgrade(&self.shared) })
+        Arc::new(LocalService {
+            raft: self.raft.clone(),
+            shared: Arc::downgrade(&self.shared),
+        })
     }
 
     /// The user's state machine value (configuration and handles; state lives in the database).
@@ -116,13 +136,26 @@ impl<SM: StateMachine> Node<SM> {
     }
 
     /// Adds a non-voting member and, with `wait_caught_up`, returns once it has caught up.
-    pub async fn add_learner(&self, id: NodeId, info: NodeInfo, wait_caught_up: bool) -> Result<(), AdminError> {
-        self.raft.add_learner(id, info, wait_caught_up).await.map(|_| ()).map_err(write_error)
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        info: NodeInfo,
+        wait_caught_up: bool,
+    ) -> Result<(), AdminError> {
+        self.raft
+            .add_learner(id, info, wait_caught_up)
+            .await
+            .map(|_| ())
+            .map_err(write_error)
     }
 
     /// Makes `voters` the voting members (joint consensus). Non-voters are kept as learners.
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), AdminError> {
-        self.raft.change_membership(voters, true).await.map(|_| ()).map_err(write_error)
+        self.raft
+            .change_membership(voters, true)
+            .await
+            .map(|_| ())
+            .map_err(write_error)
     }
 
     /// Replicates `cmd`, applies it once it is committed, and returns the state machine's response.
@@ -139,7 +172,9 @@ impl<SM: StateMachine> Node<SM> {
         }
         let resp = attempt.map_err(|e| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader(f.into()),
-            RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_)) => ProposeError::Discarded(e.to_string()),
+            RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_)) => {
+                ProposeError::Discarded(e.to_string())
+            }
             RaftError::APIError(e) => ProposeError::Stopped(format!("unexpected write error: {e}")),
             RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
         })?;
@@ -151,7 +186,8 @@ impl<SM: StateMachine> Node<SM> {
     /// its leadership; true if it is then a leader with a valid lease.
     async fn await_leader_lease(&self) -> bool {
         let timeout = Duration::from_millis(self.config.raft.election_timeout_max_ms);
-        let ready = |m: &RaftMetrics| m.state != openraft::ServerState::Leader || m.last_quorum_acked.is_some();
+        let ready =
+            |m: &RaftMetrics| m.state != openraft::ServerState::Leader || m.last_quorum_acked.is_some();
         match self.wait_for(timeout, "leader lease", ready).await {
             Ok(m) => m.state == openraft::ServerState::Leader,
             Err(_) => false,
@@ -177,7 +213,11 @@ impl<SM: StateMachine> Node<SM> {
 
     /// A serializable read of this node's applied state: no round trip, possibly stale.
     pub fn read_local<R>(&self, f: impl FnOnce(&SM, &ReadTransaction) -> R) -> Result<R, ReadError> {
-        let txn = self.shared.db.begin_read().map_err(|e| ReadError::Storage(e.to_string()))?;
+        let txn = self
+            .shared
+            .db
+            .begin_read()
+            .map_err(|e| ReadError::Storage(e.to_string()))?;
         Ok(f(&self.shared.sm, &txn))
     }
 
@@ -217,11 +257,19 @@ impl<SM: StateMachine> Node<SM> {
         what: &str,
         pred: impl Fn(&RaftMetrics) -> bool + Send,
     ) -> Result<RaftMetrics, WaitTimeout> {
-        self.raft.wait(Some(timeout)).metrics(pred, what).await.map_err(|e| WaitTimeout(e.to_string()))
+        self.raft
+            .wait(Some(timeout))
+            .metrics(pred, what)
+            .await
+            .map_err(|e| WaitTimeout(e.to_string()))
     }
 
     /// Waits until this node knows a leader other than `not` (e.g. the node just stopped).
-    pub async fn wait_for_leader(&self, timeout: Duration, not: Option<NodeId>) -> Result<NodeId, WaitTimeout> {
+    pub async fn wait_for_leader(
+        &self,
+        timeout: Duration,
+        not: Option<NodeId>,
+    ) -> Result<NodeId, WaitTimeout> {
         let m = self
             .wait_for(timeout, "a leader is known", |m| {
                 // A leader counts once a quorum acknowledged it: before that it refuses writes.
@@ -229,7 +277,8 @@ impl<SM: StateMachine> Node<SM> {
                     && (m.current_leader != Some(m.id) || m.last_quorum_acked.is_some())
             })
             .await?;
-        m.current_leader.ok_or_else(|| WaitTimeout("leader vanished".into()))
+        m.current_leader
+            .ok_or_else(|| WaitTimeout("leader vanished".into()))
     }
 
     /// The current leader's id, if this node is not it.
@@ -257,6 +306,10 @@ impl<SM: StateMachine> Node<SM> {
     /// The number of state machine read transactions one can open (test hook: proves the database
     /// is open and readable).
     pub fn check_readable(&self) -> Result<(), ReadError> {
-        self.shared.db.begin_read().map(|_| ()).map_err(|e| ReadError::Storage(e.to_string()))
+        self.shared
+            .db
+            .begin_read()
+            .map(|_| ())
+            .map_err(|e| ReadError::Storage(e.to_string()))
     }
 }

@@ -38,13 +38,22 @@ impl Cluster {
     }
 
     async fn leader(&self, not: Option<u64>) -> u64 {
-        let any = self.nodes.values().find(|n| Some(n.id()) != not).expect("a live node");
+        let any = self
+            .nodes
+            .values()
+            .find(|n| Some(n.id()) != not)
+            .expect("a live node");
         any.wait_for_leader(WAIT, not).await.expect("leader elected")
     }
 
     async fn stop(&mut self, id: u64) {
         self.router.unregister(id);
-        self.nodes.remove(&id).expect("running").shutdown().await.expect("clean shutdown");
+        self.nodes
+            .remove(&id)
+            .expect("running")
+            .shutdown()
+            .await
+            .expect("clean shutdown");
     }
 
     /// Waits until every running node applied the leader's last applied index, then returns
@@ -62,10 +71,17 @@ impl Cluster {
     }
 }
 
-async fn start_node(router: &InProcessRouter, id: u64, dir: &Path, tune: &impl Fn(&mut keel::Config)) -> Node<Ledger> {
+async fn start_node(
+    router: &InProcessRouter,
+    id: u64,
+    dir: &Path,
+    tune: &impl Fn(&mut keel::Config),
+) -> Node<Ledger> {
     let mut config = test_config(id, &dir.join(format!("n{id}")));
     tune(&mut config);
-    let node = Node::start(config, Ledger, router.network(id)).await.expect("node starts");
+    let node = Node::start(config, Ledger, router.network(id))
+        .await
+        .expect("node starts");
     router.register(id, node.service());
     node
 }
@@ -78,7 +94,10 @@ async fn three_nodes_replicate_and_answer_linearizable_reads() {
         let seq = c.nodes[&leader].propose(Append(i)).await.expect("propose");
         assert_eq!(i, seq, "each command lands at the next ledger slot");
     }
-    let (rows, _, _) = c.nodes[&leader].read(|_, t| read_ledger(t)).await.expect("linearizable read");
+    let (rows, _, _) = c.nodes[&leader]
+        .read(|_, t| read_ledger(t))
+        .await
+        .expect("linearizable read");
     assert_eq!((0..100).collect::<Vec<_>>(), rows);
 
     let all = c.converge(leader).await;
@@ -106,7 +125,10 @@ async fn leader_loss_elects_a_new_leader_and_the_old_one_catches_up() {
     let second = c.leader(Some(first)).await;
     assert_ne!(first, second);
     for i in 50..100 {
-        c.nodes[&second].propose(Append(i)).await.expect("propose on new leader");
+        c.nodes[&second]
+            .propose(Append(i))
+            .await
+            .expect("propose on new leader");
     }
 
     // The old leader restarts from its data dir and catches up.
@@ -130,7 +152,10 @@ async fn lagging_node_catches_up_by_snapshot() {
     c.router.isolate(lagging);
 
     for i in 0..400 {
-        c.nodes[&leader].propose(Append(i)).await.expect("propose with one node cut off");
+        c.nodes[&leader]
+            .propose(Append(i))
+            .await
+            .expect("propose with one node cut off");
     }
     // The leader has snapshotted and purged past everything the lagging node has.
     let lag_last = c.nodes[&lagging].metrics().last_log_index.unwrap_or(0);
@@ -145,6 +170,12 @@ async fn lagging_node_catches_up_by_snapshot() {
     c.router.heal(lagging);
     let all = c.converge(leader).await;
     assert_eq!(all[&lagging], (0..400).collect::<Vec<_>>());
-    let snap = c.nodes[&lagging].metrics().snapshot.expect("lagging node installed a snapshot");
-    assert!(snap.index > lag_last, "caught up by a snapshot beyond its own log");
+    let snap = c.nodes[&lagging]
+        .metrics()
+        .snapshot
+        .expect("lagging node installed a snapshot");
+    assert!(
+        snap.index > lag_last,
+        "caught up by a snapshot beyond its own log"
+    );
 }

@@ -38,16 +38,21 @@ impl StateMachine for Counters {
         keel::dump_table(txn, COUNTERS, out)
     }
 
-    fn restore(&self, txn: &WriteTransaction, input: &mut dyn std::io::Read) -> Result<(), StateMachineError> {
+    fn restore(
+        &self,
+        txn: &WriteTransaction,
+        input: &mut dyn std::io::Read,
+    ) -> Result<(), StateMachineError> {
         keel::load_table(txn, COUNTERS, input)
     }
 }
 
 fn get(txn: &ReadTransaction, name: &str) -> i64 {
     let table = txn.open_table(COUNTERS).ok();
-    table.and_then(|t| t.get(name).ok().flatten().map(|v| v.value())).unwrap_or(0)
+    table
+        .and_then(|t| t.get(name).ok().flatten().map(|v| v.value()))
+        .unwrap_or(0)
 }
-
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -55,7 +60,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = InProcessRouter::new();
     let mut nodes = BTreeMap::new();
     for id in 1..=3 {
-        let node = Node::start(Config::new(id, dir.join(format!("n{id}"))), Counters, router.network(id)).await?;
+        let node = Node::start(
+            Config::new(id, dir.join(format!("n{id}"))),
+            Counters,
+            router.network(id),
+        )
+        .await?;
         router.register(id, node.service());
         nodes.insert(id, node);
     }
@@ -65,23 +75,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let leader = nodes[&1].wait_for_leader(Duration::from_secs(10), None).await?;
     println!("leader: node {leader}");
     for _ in 0..10 {
-        nodes[&leader].propose(Add { name: "visits".into(), delta: 1 }).await?;
+        nodes[&leader]
+            .propose(Add {
+                name: "visits".into(),
+                delta: 1,
+            })
+            .await?;
     }
-    println!("visits = {} (linearizable read on the leader)", nodes[&leader].read(|_, t| get(t, "visits")).await?);
+    println!(
+        "visits = {} (linearizable read on the leader)",
+        nodes[&leader].read(|_, t| get(t, "visits")).await?
+    );
 
     println!("stopping node {leader}");
     router.unregister(leader);
-    nodes.remove(&leader).expect("leader is running").shutdown().await?;
+    nodes
+        .remove(&leader)
+        .expect("leader is running")
+        .shutdown()
+        .await?;
 
     let survivor = nodes.values().next().expect("two nodes remain");
-    let leader = survivor.wait_for_leader(Duration::from_secs(10), Some(leader)).await?;
+    let leader = survivor
+        .wait_for_leader(Duration::from_secs(10), Some(leader))
+        .await?;
     println!("new leader: node {leader}");
-    let v = nodes[&leader].propose(Add { name: "visits".into(), delta: 5 }).await?;
+    let v = nodes[&leader]
+        .propose(Add {
+            name: "visits".into(),
+            delta: 5,
+        })
+        .await?;
     println!("visits = {v} after +5 on the new leader");
     let applied = nodes[&leader].metrics().last_applied.map_or(0, |l| l.index);
     for (id, node) in &nodes {
         node.wait_applied(applied, Duration::from_secs(5)).await?;
-        println!("node {id} reads visits = {}", node.read_local(|_, t| get(t, "visits"))?);
+        println!(
+            "node {id} reads visits = {}",
+            node.read_local(|_, t| get(t, "visits"))?
+        );
     }
     for (_, node) in nodes {
         node.shutdown().await?;

@@ -14,9 +14,9 @@ use openraft::errors::RPCError;
 use openraft::errors::ReplicationClosed;
 use openraft::errors::StreamingError;
 use openraft::errors::Unreachable;
+use openraft::network::v2::RaftNetworkV2;
 use openraft::network::RPCOption;
 use openraft::network::RaftNetworkFactory;
-use openraft::network::v2::RaftNetworkV2;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
@@ -52,7 +52,9 @@ impl InProcessRouter {
     }
 
     fn lock(&self) -> MutexGuard<'_, Routes> {
-        self.routes.lock().expect("router mutex poisoned by an earlier panic")
+        self.routes
+            .lock()
+            .expect("router mutex poisoned by an earlier panic")
     }
 
     /// Makes `service` reachable as node `id` (replacing an earlier registration).
@@ -77,7 +79,10 @@ impl InProcessRouter {
 
     /// The network factory node `from` sends with.
     pub fn network(&self, from: NodeId) -> InProcessNetwork {
-        InProcessNetwork { router: self.clone(), from }
+        InProcessNetwork {
+            router: self.clone(),
+            from,
+        }
     }
 
     fn route(&self, from: NodeId, to: NodeId) -> Result<Arc<dyn RaftService>, Unreachable<KeelTypes>> {
@@ -85,7 +90,11 @@ impl InProcessRouter {
         if routes.isolated.contains(&from) || routes.isolated.contains(&to) {
             return Err(Unreachable::from_string(format!("link {from} -> {to} is cut")));
         }
-        routes.nodes.get(&to).cloned().ok_or_else(|| Unreachable::from_string(format!("node {to} is not running")))
+        routes
+            .nodes
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| Unreachable::from_string(format!("node {to} is not running")))
     }
 }
 
@@ -99,7 +108,11 @@ impl RaftNetworkFactory<KeelTypes> for InProcessNetwork {
     type Network = InProcessConnection;
 
     async fn new_client(&mut self, target: NodeId, _node: &NodeInfo) -> Self::Network {
-        InProcessConnection { router: self.router.clone(), from: self.from, target }
+        InProcessConnection {
+            router: self.router.clone(),
+            from: self.from,
+            target,
+        }
     }
 }
 

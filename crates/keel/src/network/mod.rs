@@ -57,9 +57,15 @@ pub trait RaftService: Send + Sync + 'static {
         rpc: AppendEntriesRequest<KeelTypes>,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<KeelTypes>, ServiceError>>;
 
-    fn vote(&self, rpc: VoteRequest<KeelTypes>) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>>;
+    fn vote(
+        &self,
+        rpc: VoteRequest<KeelTypes>,
+    ) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>>;
 
-    fn pre_vote(&self, rpc: VoteRequest<KeelTypes>) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>>;
+    fn pre_vote(
+        &self,
+        rpc: VoteRequest<KeelTypes>,
+    ) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>>;
 
     /// Receives a whole snapshot file as chunks, verifies it, and installs it.
     fn install_snapshot(
@@ -107,7 +113,9 @@ pub fn snapshot_chunks(file: SnapshotFile) -> SnapshotChunks {
             Ok(n)
         }
     });
-    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
 }
 
 /// The [`RaftService`] of a local node.
@@ -125,7 +133,11 @@ fn stopped(e: impl std::fmt::Display) -> ServiceError {
 
 impl<SM: StateMachine> LocalService<SM> {
     /// Writes incoming chunks to a temp file in the snapshot dir, fsyncs and verifies it.
-    async fn receive_snapshot(&self, meta: &SnapshotMeta, mut chunks: SnapshotChunks) -> Result<PathBuf, ServiceError> {
+    async fn receive_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        mut chunks: SnapshotChunks,
+    ) -> Result<PathBuf, ServiceError> {
         let shared = self.shared.upgrade().ok_or_else(|| stopped("storage closed"))?;
         let temp = shared.snapshots.temp_path();
         drop(shared);
@@ -144,7 +156,10 @@ impl<SM: StateMachine> LocalService<SM> {
             if got.last_log_id != meta.last_log_id {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("file holds snapshot up to {:?} but {:?} was announced", got.last_log_id, meta.last_log_id),
+                    format!(
+                        "file holds snapshot up to {:?} but {:?} was announced",
+                        got.last_log_id, meta.last_log_id
+                    ),
                 ));
             }
             Ok(())
@@ -168,11 +183,17 @@ impl<SM: StateMachine> RaftService for LocalService<SM> {
         Box::pin(async move { self.raft.append_entries(rpc).await.map_err(stopped) })
     }
 
-    fn vote(&self, rpc: VoteRequest<KeelTypes>) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>> {
+    fn vote(
+        &self,
+        rpc: VoteRequest<KeelTypes>,
+    ) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>> {
         Box::pin(async move { self.raft.vote(rpc).await.map_err(stopped) })
     }
 
-    fn pre_vote(&self, rpc: VoteRequest<KeelTypes>) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>> {
+    fn pre_vote(
+        &self,
+        rpc: VoteRequest<KeelTypes>,
+    ) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>> {
         Box::pin(async move { self.raft.pre_vote(rpc).await.map_err(stopped) })
     }
 
@@ -185,7 +206,10 @@ impl<SM: StateMachine> RaftService for LocalService<SM> {
         Box::pin(async move {
             let temp = self.receive_snapshot(&meta, chunks).await?;
             let file = SnapshotFile::open(&temp).map_err(|e| ServiceError::Snapshot(e.to_string()))?;
-            let res = self.raft.install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: file }).await;
+            let res = self
+                .raft
+                .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: file })
+                .await;
             // Installed snapshots were renamed into place; a refused one is still a temp file.
             let _ = tokio::fs::remove_file(&temp).await;
             res.map_err(stopped)

@@ -41,13 +41,17 @@ impl MemLogStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, MemLog> {
-        self.inner.lock().expect("mem log mutex poisoned by an earlier panic")
+        self.inner
+            .lock()
+            .expect("mem log mutex poisoned by an earlier panic")
     }
 }
 
 impl RaftLogReader<KeelTypes> for MemLogStore {
     async fn try_get_log_entries<RB>(&mut self, range: RB) -> Result<Vec<Entry>, io::Error>
-    where RB: RangeBounds<u64> + Clone + Debug + OptionalSend {
+    where
+        RB: RangeBounds<u64> + Clone + Debug + OptionalSend,
+    {
         Ok(self.lock().entries.range(range).map(|(_, e)| e.clone()).collect())
     }
 
@@ -61,8 +65,16 @@ impl RaftLogStorage<KeelTypes> for MemLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<KeelTypes>, io::Error> {
         let log = self.lock();
-        let last = log.entries.values().next_back().map(|e| e.log_id).or(log.last_purged);
-        Ok(LogState { last_purged_log_id: log.last_purged, last_log_id: last })
+        let last = log
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(log.last_purged);
+        Ok(LogState {
+            last_purged_log_id: log.last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

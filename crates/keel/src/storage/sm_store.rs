@@ -23,10 +23,10 @@ use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use openraft::OptionalSend;
 use openraft::RaftSnapshotBuilder;
+use redb::MultimapTableHandle;
 use redb::ReadableDatabase;
 use redb::ReadableTable;
 use redb::TableDefinition;
-use redb::MultimapTableHandle;
 use redb::TableHandle;
 
 use crate::codec;
@@ -58,10 +58,20 @@ const KEY_NODE_ID: &str = "node_id";
 pub enum SmOpenError {
     #[error("state machine database {path}: {source}")]
     Database { path: PathBuf, source: redb::Error },
-    #[error("state machine database {path} belongs to node {found}, but this node is configured as {configured}")]
-    WrongNode { path: PathBuf, found: NodeId, configured: NodeId },
+    #[error(
+        "state machine database {path} belongs to node {found}, but this node is configured as {configured}"
+    )]
+    WrongNode {
+        path: PathBuf,
+        found: NodeId,
+        configured: NodeId,
+    },
     #[error("state machine database {path}: record `{key}` does not decode: {source}")]
-    BadMeta { path: PathBuf, key: &'static str, source: io::Error },
+    BadMeta {
+        path: PathBuf,
+        key: &'static str,
+        source: io::Error,
+    },
     #[error(transparent)]
     Snapshot(#[from] SnapshotFileError),
 }
@@ -112,13 +122,21 @@ fn write_meta(txn: &redb::WriteTransaction, state: &AppliedState) -> Result<(), 
 
 impl<SM: StateMachine> SmShared<SM> {
     /// Opens (creating) the database and the snapshot directory under `data_dir`.
-    pub fn open(data_dir: &Path, node_id: NodeId, config: &StateMachineConfig, sm: SM) -> Result<Self, SmOpenError> {
+    pub fn open(
+        data_dir: &Path,
+        node_id: NodeId,
+        config: &StateMachineConfig,
+        sm: SM,
+    ) -> Result<Self, SmOpenError> {
         std::fs::create_dir_all(data_dir).map_err(|e| SmOpenError::Database {
             path: data_dir.to_path_buf(),
             source: redb::Error::Io(e),
         })?;
         let path = data_dir.join("state.redb");
-        let db_err = |e: redb::Error| SmOpenError::Database { path: path.clone(), source: e };
+        let db_err = |e: redb::Error| SmOpenError::Database {
+            path: path.clone(),
+            source: e,
+        };
         let db = redb::Database::builder()
             .set_cache_size(config.cache_bytes as usize)
             .set_check_integrity_on_open(config.verify_on_start)
@@ -129,16 +147,25 @@ impl<SM: StateMachine> SmShared<SM> {
         let txn = db.begin_write().map_err(|e| db_err(e.into()))?;
         {
             let mut table = txn.open_table(META).map_err(|e| db_err(e.into()))?;
-            let found = read_meta::<NodeId>(&table, KEY_NODE_ID)
-                .map_err(|source| SmOpenError::BadMeta { path: path.clone(), key: KEY_NODE_ID, source })?;
+            let found = read_meta::<NodeId>(&table, KEY_NODE_ID).map_err(|source| SmOpenError::BadMeta {
+                path: path.clone(),
+                key: KEY_NODE_ID,
+                source,
+            })?;
             match found {
                 Some(found) if found != node_id => {
-                    return Err(SmOpenError::WrongNode { path: path.clone(), found, configured: node_id })
+                    return Err(SmOpenError::WrongNode {
+                        path: path.clone(),
+                        found,
+                        configured: node_id,
+                    })
                 }
                 Some(_) => {}
                 None => {
                     let id = codec::to_bytes(&node_id).map_err(|e| db_err(redb::Error::Io(e)))?;
-                    table.insert(KEY_NODE_ID, id.as_slice()).map_err(|e| db_err(e.into()))?;
+                    table
+                        .insert(KEY_NODE_ID, id.as_slice())
+                        .map_err(|e| db_err(e.into()))?;
                 }
             }
         }
@@ -181,7 +208,11 @@ impl<SM: StateMachine> SmShared<SM> {
             }
         }
         let n_commands = commands.len();
-        let responses = if commands.is_empty() { Vec::new() } else { self.sm.apply(&txn, commands)? };
+        let responses = if commands.is_empty() {
+            Vec::new()
+        } else {
+            self.sm.apply(&txn, commands)?
+        };
         if responses.len() != n_commands {
             return Err(StateMachineError::other(format!(
                 "StateMachine::apply returned {} responses for {} commands",
@@ -209,19 +240,31 @@ impl<SM: StateMachine> SmShared<SM> {
     fn restore_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
         let (_, mut reader) = SnapshotReader::open(path).map_err(io::Error::from)?;
         let txn = self.db.begin_write()?;
-        let user_tables: Vec<String> =
-            txn.list_tables()?.map(|t| t.name().to_string()).filter(|n| n != META.name()).collect();
+        let user_tables: Vec<String> = txn
+            .list_tables()?
+            .map(|t| t.name().to_string())
+            .filter(|n| n != META.name())
+            .collect();
         for name in user_tables {
             txn.delete_table(redb::TableDefinition::<&[u8], &[u8]>::new(&name))?;
         }
-        let multimaps: Vec<String> = txn.list_multimap_tables()?.map(|t| t.name().to_string()).collect();
+        let multimaps: Vec<String> = txn
+            .list_multimap_tables()?
+            .map(|t| t.name().to_string())
+            .collect();
         for name in multimaps {
             txn.delete_multimap_table(redb::MultimapTableDefinition::<&[u8], &[u8]>::new(&name))?;
         }
         self.sm.restore(&txn, &mut reader)?;
         // The user may stop reading early; the rest must still verify before we trust the file.
         io::copy(&mut reader, &mut io::sink())?;
-        write_meta(&txn, &AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() })?;
+        write_meta(
+            &txn,
+            &AppliedState {
+                last_applied: meta.last_log_id,
+                membership: meta.last_membership.clone(),
+            },
+        )?;
         txn.commit()?;
         Ok(())
     }
@@ -243,8 +286,15 @@ pub struct SmStore<SM> {
 impl<SM: StateMachine> SmStore<SM> {
     /// Opens the state machine database and snapshot directory under `data_dir` on their own,
     /// without a Raft node (for storage tests, benchmarks and offline tools).
-    pub fn open(data_dir: &Path, node_id: NodeId, config: &StateMachineConfig, sm: SM) -> Result<Self, SmOpenError> {
-        Ok(Self { shared: Arc::new(SmShared::open(data_dir, node_id, config, sm)?) })
+    pub fn open(
+        data_dir: &Path,
+        node_id: NodeId,
+        config: &StateMachineConfig,
+        sm: SM,
+    ) -> Result<Self, SmOpenError> {
+        Ok(Self {
+            shared: Arc::new(SmShared::open(data_dir, node_id, config, sm)?),
+        })
     }
 
     /// The applied position recorded in the database.
@@ -261,12 +311,16 @@ impl<SM: StateMachine> SmStore<SM> {
 
 impl<SM> Clone for SmStore<SM> {
     fn clone(&self) -> Self {
-        Self { shared: self.shared.clone() }
+        Self {
+            shared: self.shared.clone(),
+        }
     }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("blocking task failed: {e}")))?
 }
 
 impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
@@ -279,9 +333,12 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
     }
 
     async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
-    where Strm: Stream<Item = Result<EntryResponder<KeelTypes>, io::Error>> + Unpin + OptionalSend {
+    where
+        Strm: Stream<Item = Result<EntryResponder<KeelTypes>, io::Error>> + Unpin + OptionalSend,
+    {
         let items: Vec<EntryResponder<KeelTypes>> = entries.try_collect().await?;
-        let (entries, responders): (Vec<_>, Vec<Option<ApplyResponder<KeelTypes>>>) = items.into_iter().unzip();
+        let (entries, responders): (Vec<_>, Vec<Option<ApplyResponder<KeelTypes>>>) =
+            items.into_iter().unzip();
         let shared = self.shared.clone();
         let replies = blocking(move || Ok(shared.apply_batch(entries)?)).await?;
         for (responder, reply) in responders.into_iter().zip(replies) {
@@ -296,10 +353,17 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
         // The read transaction is taken here, in the state machine worker, between two applies:
         // the snapshot is exactly the state after the last applied batch.
         let txn = self.shared.db.begin_read().map_err(io::Error::other);
-        SnapshotBuilder { shared: self.shared.clone(), txn: Some(txn) }
+        SnapshotBuilder {
+            shared: self.shared.clone(),
+            txn: Some(txn),
+        }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
         let shared = self.shared.clone();
         let meta = meta.clone();
         blocking(move || {
@@ -316,10 +380,15 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
         .await
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>>, io::Error> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>>, io::Error> {
         match self.shared.snapshots.current() {
             None => Ok(None),
-            Some((meta, path)) => Ok(Some(openraft::Snapshot { meta, snapshot: SnapshotFile::open(&path)? })),
+            Some((meta, path)) => Ok(Some(openraft::Snapshot {
+                meta,
+                snapshot: SnapshotFile::open(&path)?,
+            })),
         }
     }
 }
@@ -333,12 +402,20 @@ pub struct SnapshotBuilder<SM> {
 impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
     type SnapshotData = SnapshotFile;
 
-    async fn build_snapshot(&mut self) -> Result<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>, io::Error> {
-        let txn = self.txn.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))??;
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>, io::Error> {
+        let txn = self
+            .txn
+            .take()
+            .ok_or_else(|| io::Error::other("snapshot builder used twice"))??;
         let shared = self.shared.clone();
         blocking(move || {
             let state = applied_state_in(&txn)?;
-            let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership };
+            let meta = SnapshotMeta {
+                last_log_id: state.last_applied,
+                last_membership: state.membership,
+            };
             let temp = shared.snapshots.temp_path();
             let result = (|| {
                 let mut writer = SnapshotWriter::create(&temp, &meta)?;
@@ -352,7 +429,10 @@ impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
             }
             let path = shared.snapshots.publish(&temp, &meta)?;
             tracing::info!(last = ?meta.last_log_id, "built snapshot");
-            Ok(openraft::Snapshot { meta, snapshot: SnapshotFile::open(&path)? })
+            Ok(openraft::Snapshot {
+                meta,
+                snapshot: SnapshotFile::open(&path)?,
+            })
         })
         .await
     }
