@@ -44,6 +44,11 @@ pub struct Node<SM: StateMachine> {
     raft: Raft<SmStore<SM>>,
     shared: Arc<SmShared<SM>>,
     log: LogStore,
+    /// Complete when the log and the state machine database are closed.
+    closed: (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ),
 }
 
 fn write_error(e: RaftError<KeelTypes, ClientWriteError<KeelTypes>>) -> AdminError {
@@ -73,11 +78,13 @@ impl<SM: StateMachine> Node<SM> {
             source,
         })?;
 
-        let log = LogStore::open(&data_dir.join("log"), &config.log)?;
+        let (log, log_closed) = LogStore::open_with_close_signal(&data_dir.join("log"), &config.log)?;
         let (id, sm_config) = (config.id, config.state_machine.clone());
-        let shared = tokio::task::spawn_blocking(move || SmShared::open(&data_dir, id, &sm_config, sm))
+        let mut shared = tokio::task::spawn_blocking(move || SmShared::open(&data_dir, id, &sm_config, sm))
             .await
             .map_err(|e| StartError::Raft(format!("storage open task failed: {e}")))??;
+        let (sm_closed_tx, sm_closed) = tokio::sync::oneshot::channel();
+        shared.closed = Some(sm_closed_tx);
         let shared = Arc::new(shared);
 
         let raft = openraft::Raft::new(
@@ -98,6 +105,7 @@ impl<SM: StateMachine> Node<SM> {
             raft,
             shared,
             log,
+            closed: (log_closed, sm_closed),
         })
     }
 
@@ -295,11 +303,36 @@ impl<SM: StateMachine> Node<SM> {
 
     /// Stops Raft and closes storage. Everything acknowledged is already durable, so this only
     /// stops work in flight: proposals not yet committed fail with `Stopped`.
+    ///
+    /// Returns once the log and the state machine database are closed, so the same data dir can be
+    /// opened again right away. (A transport that still has this node's `service()` registered only
+    /// gets `Stopped` answers: it does not hold storage.)
     pub async fn shutdown(self) -> Result<(), String> {
         let res = self.raft.shutdown().await.map_err(|e| e.to_string());
-        // Let in-flight snapshot readers finish with their own handles; the database closes when the
-        // last reference drops.
-        tracing::info!(id = self.id, "node stopped");
+        // openraft's state machine worker and a snapshot build in progress hold storage handles a
+        // little past `Raft::shutdown`: wait until the last one is dropped and the files closed.
+        let Node {
+            id,
+            raft,
+            shared,
+            log,
+            closed: (log_closed, sm_closed),
+            ..
+        } = self;
+        // Fields left in a partially moved struct live to the end of scope: drop ours now.
+        drop((raft, shared, log));
+        let closed = async {
+            // Err(RecvError) is the signal: the sender was dropped with the storage it guards.
+            let _ = log_closed.await;
+            let _ = sm_closed.await;
+        };
+        if tokio::time::timeout(Duration::from_secs(30), closed)
+            .await
+            .is_err()
+        {
+            return Err("storage still open 30 s after raft stopped".into());
+        }
+        tracing::info!(id, "node stopped");
         res
     }
 

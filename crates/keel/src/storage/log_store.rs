@@ -10,8 +10,10 @@
 //! - `truncate_after` returns after the truncation is fsync'ed.
 //! - `save_committed` is best-effort (no fsync of its own; it rides on the next append's fsync). A
 //!   lost committed index only means the state machine re-learns it from the leader.
-//! - Every WAL record carries a CRC32. On open, a torn last record (short or zero-filled) is cut off;
-//!   a damaged record anywhere else fails the open with the chunk file and offset.
+//! - Every WAL record carries a CRC32. On open, a torn last record is cut off when it is short, or
+//!   when it is all zeros from its first byte (a file extended before its data landed). A record
+//!   whose head is on disk but whose tail is not what was written (zeros included) fails the open
+//!   with the chunk and offset, like damage anywhere else: Keel never guesses which bytes to drop.
 
 use std::fmt::Debug;
 use std::io;
@@ -142,6 +144,9 @@ struct Wal {
     waiting: Vec<IOFlushed<KeelTypes>>,
     /// Tells the committer thread a group flush finished.
     group_done: std::sync::mpsc::Sender<()>,
+    /// Declared last, so dropped after `log` (whose drop joins the WAL worker and releases the
+    /// directory lock): its receiver learns the log is fully closed.
+    _closed: tokio::sync::oneshot::Sender<()>,
 }
 
 /// Durable Raft log storage. Cloning shares the same log (the clone serves as the log reader).
@@ -157,6 +162,15 @@ pub struct LogStore {
 impl LogStore {
     /// Opens (creating if needed) the log in `dir`, replaying and verifying every record.
     pub fn open(dir: &Path, config: &LogConfig) -> Result<Self, LogOpenError> {
+        Self::open_with_close_signal(dir, config).map(|(store, _)| store)
+    }
+
+    /// Like [`open`](Self::open); the receiver completes once the last clone is dropped and the
+    /// WAL is closed (its directory lock released).
+    pub fn open_with_close_signal(
+        dir: &Path,
+        config: &LogConfig,
+    ) -> Result<(Self, tokio::sync::oneshot::Receiver<()>), LogOpenError> {
         let open_error = |source| LogOpenError {
             dir: dir.to_path_buf(),
             source,
@@ -173,18 +187,20 @@ impl LogStore {
         };
         let log = RaftLog::open(Arc::new(raft_config)).map_err(open_error)?;
         let (group_done, done_rx) = std::sync::mpsc::channel();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
         let wal = Arc::new(Mutex::new(Wal {
             log,
             group_in_flight: false,
             waiting: Vec::new(),
             group_done,
+            _closed: closed_tx,
         }));
         let weak = Arc::downgrade(&wal);
         std::thread::Builder::new()
             .name("keel-log-committer".into())
             .spawn(move || Self::run_committer(weak, done_rx))
             .map_err(open_error)?;
-        Ok(Self { log: wal })
+        Ok((Self { log: wal }, closed_rx))
     }
 
     /// Issues the next group flush each time one completes; exits when the log is dropped.

@@ -81,6 +81,8 @@ pub(crate) struct SmShared<SM> {
     pub db: redb::Database,
     pub sm: SM,
     pub snapshots: SnapshotDir,
+    /// Declared last, so dropped after `db`: its receiver learns the database is closed.
+    pub closed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The applied position recorded in a state machine database.
@@ -172,7 +174,12 @@ impl<SM: StateMachine> SmShared<SM> {
         txn.commit().map_err(|e| db_err(e.into()))?;
 
         let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
-        Ok(Self { db, sm, snapshots })
+        Ok(Self {
+            db,
+            sm,
+            snapshots,
+            closed: None,
+        })
     }
 
     pub fn applied_state(&self) -> io::Result<AppliedState> {
@@ -369,8 +376,8 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
         blocking(move || {
             let SnapshotFile { path, file } = snapshot;
             drop(file);
-            let path = match shared.snapshots.current() {
-                Some((_, current)) if current == path => path,
+            let (meta, path) = match shared.snapshots.current() {
+                Some((_, current)) if current == path => (meta, path),
                 _ => shared.snapshots.publish(&path, &meta)?,
             };
             shared.restore_from(&path, &meta)?;
@@ -427,7 +434,8 @@ impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
                 let _ = std::fs::remove_file(&temp);
                 return Err(e.into());
             }
-            let path = shared.snapshots.publish(&temp, &meta)?;
+            // A snapshot installed meanwhile may be newer; then that one is the answer.
+            let (meta, path) = shared.snapshots.publish(&temp, &meta)?;
             tracing::info!(last = ?meta.last_log_id, "built snapshot");
             Ok(openraft::Snapshot {
                 meta,

@@ -176,6 +176,9 @@ impl<R: Read> SnapshotReader<R> {
         if header[8] != VERSION {
             return Err(err(8, format!("unsupported snapshot version {}", header[8])));
         }
+        if let Some(i) = header[9..].iter().position(|&b| b != 0) {
+            return Err(err(9 + i as u64, "reserved header byte is not zero".into()));
+        }
         let mut reader = Self {
             input,
             path: path.to_path_buf(),
@@ -381,13 +384,13 @@ impl SnapshotDir {
 
     /// Makes a complete, fsync'ed temp file the current snapshot (rename + directory fsync) and
     /// removes the one it replaces. A snapshot older than the current one is discarded instead.
-    /// Returns the path of the current snapshot afterwards.
-    pub fn publish(&self, temp: &Path, meta: &SnapshotMeta) -> io::Result<PathBuf> {
+    /// Returns the current snapshot afterwards: `meta` and its new path, or the newer one kept.
+    pub fn publish(&self, temp: &Path, meta: &SnapshotMeta) -> io::Result<(SnapshotMeta, PathBuf)> {
         let mut current = self.lock();
         if let Some((cur_meta, cur_path)) = current.as_ref() {
             if cur_meta.last_log_id >= meta.last_log_id && cur_path != temp {
                 fs::remove_file(temp)?;
-                return Ok(cur_path.clone());
+                return Ok((cur_meta.clone(), cur_path.clone()));
             }
         }
         let index = meta.last_log_id.map_or(0, |l| l.index);
@@ -399,7 +402,7 @@ impl SnapshotDir {
             fs::remove_file(old)?;
             sync_dir(&self.dir)?;
         }
-        Ok(path)
+        Ok((meta.clone(), path))
     }
 }
 
