@@ -2,10 +2,13 @@
 //!
 //! # Durability contract
 //!
-//! - Each applied batch commits in one redb transaction (fsync'ed) that also records
-//!   `last_applied` and the membership: state and position are durable together, and a restart
-//!   resumes from there without re-applying anything already applied.
-//! - Responses to proposers are sent only after that commit.
+//! - Each applied batch commits in one redb transaction that also records `last_applied` and the
+//!   membership: state and position always agree, and a restart resumes from there without
+//!   re-applying anything already applied.
+//! - Commits are fsync'ed every `sync_every_entries` / `sync_interval_ms` and on close; between
+//!   syncs the entries are still in the durable log (it is purged only behind a durable snapshot),
+//!   so a crash reverts to the last durable commit and openraft re-applies the rest.
+//! - Responses to proposers are sent only after the commit.
 //! - A snapshot reads one redb read transaction: a point-in-time view while applies continue.
 //! - Installing a snapshot publishes the file first (rename + dir fsync) and then loads it in one
 //!   transaction. A crash between the two leaves `last_applied` behind the snapshot, and openraft
@@ -81,8 +84,18 @@ pub(crate) struct SmShared<SM> {
     pub db: redb::Database,
     pub sm: SM,
     pub snapshots: SnapshotDir,
+    sync: std::sync::Mutex<SyncState>,
     /// Declared last, so dropped after `db`: its receiver learns the database is closed.
     pub closed: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// When applied state was last made durable.
+struct SyncState {
+    every_entries: u64,
+    interval: std::time::Duration,
+    last_sync: std::time::Instant,
+    /// Entries committed without fsync since `last_sync`.
+    unsynced: u64,
 }
 
 /// The applied position recorded in a state machine database.
@@ -178,6 +191,12 @@ impl<SM: StateMachine> SmShared<SM> {
             db,
             sm,
             snapshots,
+            sync: std::sync::Mutex::new(SyncState {
+                every_entries: config.sync_every_entries,
+                interval: std::time::Duration::from_millis(config.sync_interval_ms),
+                last_sync: std::time::Instant::now(),
+                unsynced: 0,
+            }),
             closed: None,
         })
     }
@@ -189,7 +208,21 @@ impl<SM: StateMachine> SmShared<SM> {
 
     /// Applies one batch of committed entries in one transaction; returns the replies in order.
     fn apply_batch(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<Reply>, StateMachineError> {
-        let txn = self.db.begin_write()?;
+        let n_entries = entries.len() as u64;
+        let mut sync = self
+            .sync
+            .lock()
+            .expect("sync state mutex poisoned by an earlier panic");
+        let durable =
+            sync.unsynced + n_entries >= sync.every_entries || sync.last_sync.elapsed() >= sync.interval;
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            // The log holds these entries durably until a snapshot covers them; a crash reverts
+            // this database to its last durable commit (state and `last_applied` together) and
+            // openraft re-applies the rest from the log.
+            txn.set_durability(redb::Durability::None)
+                .map_err(StateMachineError::other)?;
+        }
         let mut state = applied_state_in_write(&txn)?;
         let mut commands = Vec::new();
         // For each entry, whether its reply comes from the user's responses.
@@ -229,6 +262,13 @@ impl<SM: StateMachine> SmShared<SM> {
         }
         write_meta(&txn, &state)?;
         txn.commit()?;
+        if durable {
+            sync.unsynced = 0;
+            sync.last_sync = std::time::Instant::now();
+        } else {
+            sync.unsynced += n_entries;
+        }
+        drop(sync);
 
         let mut responses = responses.into_iter();
         is_command
@@ -274,6 +314,24 @@ impl<SM: StateMachine> SmShared<SM> {
         )?;
         txn.commit()?;
         Ok(())
+    }
+}
+
+impl<SM> Drop for SmShared<SM> {
+    /// A clean close leaves nothing to re-apply: one last durable commit if anything is unsynced.
+    fn drop(&mut self) {
+        let unsynced = self.sync.get_mut().map(|s| s.unsynced).unwrap_or(1);
+        if unsynced == 0 {
+            return;
+        }
+        let res = self
+            .db
+            .begin_write()
+            .map_err(redb::Error::from)
+            .and_then(|txn| txn.commit().map_err(Into::into));
+        if let Err(e) = res {
+            tracing::warn!("final state machine sync failed (the log re-applies on restart): {e}");
+        }
     }
 }
 
