@@ -122,9 +122,13 @@ pub(crate) fn applied_state_in(txn: &redb::ReadTransaction) -> io::Result<Applie
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(AppliedState::default()),
         Err(e) => return Err(io::Error::other(e)),
     };
+    applied_state_from(&table)
+}
+
+fn applied_state_from(table: &impl ReadableTable<&'static str, &'static [u8]>) -> io::Result<AppliedState> {
     Ok(AppliedState {
-        last_applied: read_meta(&table, KEY_LAST_APPLIED)?.flatten(),
-        membership: read_meta(&table, KEY_MEMBERSHIP)?.unwrap_or_default(),
+        last_applied: read_meta(table, KEY_LAST_APPLIED)?.flatten(),
+        membership: read_meta(table, KEY_MEMBERSHIP)?.unwrap_or_default(),
     })
 }
 
@@ -336,11 +340,7 @@ impl<SM> Drop for SmShared<SM> {
 }
 
 fn applied_state_in_write(txn: &redb::WriteTransaction) -> Result<AppliedState, StateMachineError> {
-    let table = txn.open_table(META)?;
-    Ok(AppliedState {
-        last_applied: read_meta(&table, KEY_LAST_APPLIED)?.flatten(),
-        membership: read_meta(&table, KEY_MEMBERSHIP)?.unwrap_or_default(),
-    })
+    Ok(applied_state_from(&txn.open_table(META)?)?)
 }
 
 /// openraft's view of the state machine.
