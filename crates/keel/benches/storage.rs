@@ -133,15 +133,7 @@ impl Row {
     ) -> Self {
         lat.sort_unstable();
         let elapsed = lat.iter().sum();
-        Self {
-            key,
-            name: name.into(),
-            units: lat.len() * per_sync,
-            per_sync,
-            unit,
-            elapsed,
-            lat,
-        }
+        Self { key, name: name.into(), units: lat.len() * per_sync, per_sync, unit, elapsed, lat }
     }
 
     fn rate(&self) -> f64 {
@@ -208,8 +200,7 @@ fn fs_of(path: &Path) -> Option<(String, String)> {
             let mut f = line.split_whitespace();
             let (dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
             let mnt = mnt.replace("\\040", " ");
-            path.starts_with(&mnt)
-                .then(|| (mnt.len(), fstype.to_string(), dev.to_string()))
+            path.starts_with(&mnt).then(|| (mnt.len(), fstype.to_string(), dev.to_string()))
         })
         .max_by_key(|(len, _, _)| *len)
         .map(|(_, fstype, dev)| (fstype, dev))
@@ -247,13 +238,7 @@ impl RawLoop {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let record = vec![0xA5u8; record_len];
         let batch = record.repeat(records_per_sync);
-        Ok(Self {
-            file,
-            record,
-            batch,
-            records_per_sync,
-            one_write,
-        })
+        Ok(Self { file, record, batch, records_per_sync, one_write })
     }
 
     /// `warmup` unmeasured then `syncs` measured rounds; returns each measured round's latency.
@@ -299,8 +284,7 @@ fn make_entries(next_index: &mut u64, n: usize) -> Vec<Entry> {
 async fn append_and_wait(store: &mut LogStore, entries: Vec<Entry>) -> io::Result<()> {
     let (tx, rx) = KeelTypes::oneshot();
     store.append(entries, IOFlushed::signal(tx)).await?;
-    rx.await
-        .map_err(|_| io::Error::other("flush callback dropped without reporting"))?
+    rx.await.map_err(|_| io::Error::other("flush callback dropped without reporting"))?
 }
 
 /// A fresh Keel log that gets `per_flush` entries appended in one `append` call, then waits for
@@ -316,12 +300,7 @@ struct KeelLoop {
 
 impl KeelLoop {
     fn open(dir: &Path, config: &LogConfig, per_flush: usize) -> BoxResult<Self> {
-        Ok(Self {
-            store: LogStore::open(dir, config)?,
-            next_index: 1,
-            per_flush,
-            separate_appends: false,
-        })
+        Ok(Self { store: LogStore::open(dir, config)?, next_index: 1, per_flush, separate_appends: false })
     }
 
     /// `warmup` unmeasured then `flushes` measured rounds. The latency is from the `append` call
@@ -339,8 +318,7 @@ impl KeelLoop {
                     waits.push(rx);
                 }
                 for rx in waits {
-                    rx.await
-                        .map_err(|_| io::Error::other("flush callback dropped without reporting"))??;
+                    rx.await.map_err(|_| io::Error::other("flush callback dropped without reporting"))??;
                 }
             } else {
                 append_and_wait(&mut self.store, entries).await?;
@@ -436,10 +414,7 @@ struct SmResult {
 /// Applies `keys` puts through `RaftStateMachine::apply`, `batch` entries per call. Only the
 /// `apply` calls are timed (entry building and command encoding are not).
 async fn sm_apply(dir: &Path, keys: usize, batch: usize) -> BoxResult<SmResult> {
-    let config = StateMachineConfig {
-        verify_on_start: false,
-        ..Default::default()
-    };
+    let config = StateMachineConfig { verify_on_start: false, ..Default::default() };
     // Unlike `LogStore::open`, `SmStore::open` does not create its directory.
     std::fs::create_dir_all(dir)?;
     let mut store = SmStore::open(dir, 1, &config, Kv)?;
@@ -453,10 +428,7 @@ async fn sm_apply(dir: &Path, keys: usize, batch: usize) -> BoxResult<SmResult> 
         for k in i..i + n {
             let mut value = vec![0u8; SM_VALUE_BYTES];
             rng.fill_bytes(&mut value);
-            let cmd = keel::codec::to_bytes(&Put {
-                key: sm_key(k as u64),
-                value,
-            })?;
+            let cmd = keel::codec::to_bytes(&Put { key: sm_key(k as u64), value })?;
             entries.push(Entry::new_normal(log_id(k as u64 + 1), Command(cmd)));
         }
         let stream = futures_util::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
@@ -476,16 +448,8 @@ async fn sm_apply(dir: &Path, keys: usize, batch: usize) -> BoxResult<SmResult> 
     if last != Some(keys as u64) {
         return Err(format!("last_applied is {last:?} after {keys} entries").into());
     }
-    let db_bytes = std::fs::metadata(dir.join("state.redb"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    Ok(SmResult {
-        batches,
-        per_batch: batch,
-        keys,
-        wall,
-        db_bytes,
-    })
+    let db_bytes = std::fs::metadata(dir.join("state.redb")).map(|m| m.len()).unwrap_or(0);
+    Ok(SmResult { batches, per_batch: batch, keys, wall, db_bytes })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -504,10 +468,7 @@ fn main() -> BoxResult<()> {
 
     let record_len = rt.block_on(calibrate_record_len(&dir.join("calibrate")))?;
 
-    println!(
-        "Keel storage benchmark{}",
-        if params.quick { " (quick: counts / 10)" } else { "" }
-    );
+    println!("Keel storage benchmark{}", if params.quick { " (quick: counts / 10)" } else { "" });
     println!("  dir:      {} ({fstype} on {dev})", dir.display());
     if fstype == "tmpfs" || fstype == "ramfs" {
         println!(
@@ -554,13 +515,7 @@ fn main() -> BoxResult<()> {
     }
     drop((raw1, raw64w, raw64, keel1, keel64_separate, keel64));
     let [l0, l1, l2, l3, l4, l5] = lat;
-    rows.push(Row::new(
-        "raw_1_per_fdatasync",
-        "raw: write + fdatasync",
-        1,
-        "records",
-        l0,
-    ));
+    rows.push(Row::new("raw_1_per_fdatasync", "raw: write + fdatasync", 1, "records", l0));
     rows.push(Row::new(
         "raw_64_writes_per_fdatasync",
         format!("raw: {BATCH} writes + fdatasync"),
@@ -575,13 +530,7 @@ fn main() -> BoxResult<()> {
         "records",
         l2,
     ));
-    rows.push(Row::new(
-        "keel_log_1_per_flush",
-        "keel log: 1 entry/flush",
-        1,
-        "entries",
-        l3,
-    ));
+    rows.push(Row::new("keel_log_1_per_flush", "keel log: 1 entry/flush", 1, "entries", l3));
     rows.push(Row::new(
         "keel_log_64_separate_appends",
         format!("keel log: {BATCH} appends of 1, grouped"),
@@ -607,23 +556,13 @@ fn main() -> BoxResult<()> {
         sm.batches,
     );
     // The last batch may be short: count keys, not batches.
-    let sm_row = Row {
-        units: sm.keys,
-        ..sm_row
-    };
+    let sm_row = Row { units: sm.keys, ..sm_row };
     rows.push(sm_row);
 
-    let find = |key: &str| {
-        rows.iter()
-            .find(|r| r.key == key)
-            .expect("every row is pushed above")
-    };
+    let find = |key: &str| rows.iter().find(|r| r.key == key).expect("every row is pushed above");
     let (raw1, raw64) = (find("raw_1_per_fdatasync"), find("raw_64_per_fdatasync"));
-    let (raw64w, keel1, keel64) = (
-        find("raw_64_writes_per_fdatasync"),
-        find("keel_log_1_per_flush"),
-        find("keel_log_64_per_flush"),
-    );
+    let (raw64w, keel1, keel64) =
+        (find("raw_64_writes_per_fdatasync"), find("keel_log_1_per_flush"), find("keel_log_64_per_flush"));
     let keel64_separate = find("keel_log_64_separate_appends");
     let bars = [
         Bar {
@@ -676,10 +615,7 @@ fn main() -> BoxResult<()> {
         "| {:<w$} | {:>9} | {:>8} | {:>20} | {:>9} | {:>9} |",
         "benchmark", "count", "per sync", "throughput", "p50 us", "p99 us"
     );
-    println!(
-        "|-{:-<w$}-|-{:->9}-|-{:->8}-|-{:->20}-|-{:->9}-|-{:->9}-|",
-        "", "", "", "", "", ""
-    );
+    println!("|-{:-<w$}-|-{:->9}-|-{:->8}-|-{:->20}-|-{:->9}-|-{:->9}-|", "", "", "", "", "", "");
     for r in &rows {
         println!(
             "| {:<w$} | {:>9} | {:>8} | {:>20} | {:>9.1} | {:>9.1} |",
@@ -751,12 +687,7 @@ fn main() -> BoxResult<()> {
         );
     }
     for (key, name, value, _) in &info {
-        println!(
-            "{{\"info\":{},\"name\":{},\"value\":{:.3}}}",
-            json_str(key),
-            json_str(name.trim()),
-            value
-        );
+        println!("{{\"info\":{},\"name\":{},\"value\":{:.3}}}", json_str(key), json_str(name.trim()), value);
     }
 
     drop(rt);

@@ -119,11 +119,7 @@ impl Default for RaftConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            flush_batch_wait_us: 0,
-            chunk_max_bytes: 256 << 20,
-            cache_max_bytes: 256 << 20,
-        }
+        Self { flush_batch_wait_us: 0, chunk_max_bytes: 256 << 20, cache_max_bytes: 256 << 20 }
     }
 }
 
@@ -141,19 +137,13 @@ impl Default for StateMachineConfig {
 impl Config {
     /// A default configuration for node `id` keeping its data in `data_dir`.
     pub fn new(id: NodeId, data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            id,
-            data_dir: data_dir.into(),
-            ..Self::default()
-        }
+        Self { id, data_dir: data_dir.into(), ..Self::default() }
     }
 
     /// Parses TOML text; `origin` names where it came from in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            origin: origin.to_string(),
-            source,
-        })?;
+        let config: Self = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })?;
         config.validate()?;
         Ok(config)
     }
@@ -161,10 +151,8 @@ impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::from_toml(&text, &path.display().to_string())
     }
 
@@ -174,12 +162,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| {
-            Err(ConfigError::Invalid {
-                field,
-                reason: reason.to_string(),
-            })
-        };
+        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.to_string() });
         if self.id == 0 {
             return invalid("id", "must be at least 1 (0 is reserved)");
         }
@@ -243,10 +226,7 @@ impl Config {
             enable_pre_vote: Some(r.pre_vote),
             ..Default::default()
         };
-        config.validate().map_err(|e| ConfigError::Invalid {
-            field: "raft",
-            reason: e.to_string(),
-        })
+        config.validate().map_err(|e| ConfigError::Invalid { field: "raft", reason: e.to_string() })
     }
 }
 
@@ -278,11 +258,9 @@ mod tests {
 
     #[test]
     fn inconsistent_timeouts_are_refused() {
-        let err = Config::from_toml(
-            "[raft]\nheartbeat_interval_ms = 500\nelection_timeout_min_ms = 400\n",
-            "t",
-        )
-        .expect_err("must fail");
+        let err =
+            Config::from_toml("[raft]\nheartbeat_interval_ms = 500\nelection_timeout_min_ms = 400\n", "t")
+                .expect_err("must fail");
         assert!(err.to_string().contains("raft.election_timeout_min_ms"), "{err}");
         let err = Config::from_toml("id = 0", "t").expect_err("must fail");
         assert!(err.to_string().contains("`id`"), "{err}");

@@ -24,10 +24,7 @@ impl fmt::Display for NotLeader {
         match (&self.leader_id, &self.leader) {
             (Some(id), Some(info)) => write!(f, "not the leader; the leader is node {id} at {info}"),
             (Some(id), None) => write!(f, "not the leader; the leader is node {id}"),
-            _ => write!(
-                f,
-                "not the leader, and no leader is known yet (election in progress); retry"
-            ),
+            _ => write!(f, "not the leader, and no leader is known yet (election in progress); retry"),
         }
     }
 }
@@ -36,10 +33,7 @@ impl std::error::Error for NotLeader {}
 
 impl From<openraft::errors::ForwardToLeader<crate::types::KeelTypes>> for NotLeader {
     fn from(f: openraft::errors::ForwardToLeader<crate::types::KeelTypes>) -> Self {
-        Self {
-            leader_id: f.leader_id,
-            leader: f.leader_node,
-        }
+        Self { leader_id: f.leader_id, leader: f.leader_node }
     }
 }
 

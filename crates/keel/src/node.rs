@@ -32,6 +32,7 @@ use crate::storage::LogStore;
 use crate::storage::SmStore;
 use crate::types::Command;
 use crate::types::KeelTypes;
+use crate::types::LogIndex;
 use crate::types::NodeId;
 use crate::types::NodeInfo;
 use crate::types::Raft;
@@ -45,10 +46,7 @@ pub struct Node<SM: StateMachine> {
     shared: Arc<SmShared<SM>>,
     log: LogStore,
     /// Complete when the log and the state machine database are closed.
-    closed: (
-        tokio::sync::oneshot::Receiver<()>,
-        tokio::sync::oneshot::Receiver<()>,
-    ),
+    closed: (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Receiver<()>),
 }
 
 fn write_error(e: RaftError<KeelTypes, ClientWriteError<KeelTypes>>) -> AdminError {
@@ -73,10 +71,8 @@ impl<SM: StateMachine> Node<SM> {
         config.validate()?;
         let raft_config = Arc::new(config.to_openraft()?);
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
 
         let (log, log_closed) = LogStore::open_with_close_signal(&data_dir.join("log"), &config.log)?;
         let (id, sm_config) = (config.id, config.state_machine.clone());
@@ -92,21 +88,12 @@ impl<SM: StateMachine> Node<SM> {
             raft_config,
             network,
             log.clone(),
-            SmStore {
-                shared: shared.clone(),
-            },
+            SmStore { shared: shared.clone() },
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
         tracing::info!(id = config.id, data_dir = %config.data_dir.display(), "node started");
-        Ok(Self {
-            id: config.id,
-            config,
-            raft,
-            shared,
-            log,
-            closed: (log_closed, sm_closed),
-        })
+        Ok(Self { id: config.id, config, raft, shared, log, closed: (log_closed, sm_closed) })
     }
 
     pub fn id(&self) -> NodeId {
@@ -124,10 +111,7 @@ impl<SM: StateMachine> Node<SM> {
 
     /// What this node serves to its peers; register it with the transport.
     pub fn service(&self) -> Arc<dyn RaftService> {
-        Arc::new(LocalService {
-            raft: self.raft.clone(),
-            shared: Arc::downgrade(&self.shared),
-        })
+        Arc::new(LocalService { raft: self.raft.clone(), shared: Arc::downgrade(&self.shared) })
     }
 
     /// The user's state machine value (configuration and handles; state lives in the database).
@@ -150,25 +134,23 @@ impl<SM: StateMachine> Node<SM> {
         info: NodeInfo,
         wait_caught_up: bool,
     ) -> Result<(), AdminError> {
-        self.raft
-            .add_learner(id, info, wait_caught_up)
-            .await
-            .map(|_| ())
-            .map_err(write_error)
+        self.raft.add_learner(id, info, wait_caught_up).await.map(|_| ()).map_err(write_error)
     }
 
     /// Makes `voters` the voting members (joint consensus). Non-voters are kept as learners.
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), AdminError> {
-        self.raft
-            .change_membership(voters, true)
-            .await
-            .map(|_| ())
-            .map_err(write_error)
+        self.raft.change_membership(voters, true).await.map(|_| ()).map_err(write_error)
     }
 
     /// Replicates `cmd`, applies it once it is committed, and returns the state machine's response.
     /// Only the leader accepts proposals; others answer [`ProposeError::NotLeader`].
     pub async fn propose(&self, cmd: SM::Command) -> Result<SM::Response, ProposeError> {
+        self.propose_indexed(cmd).await.map(|(response, _)| response)
+    }
+
+    /// Like [`propose`](Self::propose), and also returns the command's log index: a client that
+    /// then reads from another node can wait for it there (`wait_applied`) to read its own write.
+    pub async fn propose_indexed(&self, cmd: SM::Command) -> Result<(SM::Response, LogIndex), ProposeError> {
         let bytes = codec::to_bytes(&cmd).map_err(|e| ProposeError::InvalidCommand(e.to_string()))?;
         let mut attempt = self.raft.client_write(Command(bytes.clone())).await;
         if let Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) = &attempt {
@@ -186,8 +168,9 @@ impl<SM: StateMachine> Node<SM> {
             RaftError::APIError(e) => ProposeError::Stopped(format!("unexpected write error: {e}")),
             RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
         })?;
-        codec::from_bytes(&resp.data.0)
-            .map_err(|e| ProposeError::Stopped(format!("state machine response does not decode: {e}")))
+        let response = codec::from_bytes(&resp.data.0)
+            .map_err(|e| ProposeError::Stopped(format!("state machine response does not decode: {e}")))?;
+        Ok((response, resp.log_id.index))
     }
 
     /// If this node is leader, waits (up to an election timeout) until a quorum has acknowledged
@@ -221,11 +204,7 @@ impl<SM: StateMachine> Node<SM> {
 
     /// A serializable read of this node's applied state: no round trip, possibly stale.
     pub fn read_local<R>(&self, f: impl FnOnce(&SM, &ReadTransaction) -> R) -> Result<R, ReadError> {
-        let txn = self
-            .shared
-            .db
-            .begin_read()
-            .map_err(|e| ReadError::Storage(e.to_string()))?;
+        let txn = self.shared.db.begin_read().map_err(|e| ReadError::Storage(e.to_string()))?;
         Ok(f(&self.shared.sm, &txn))
     }
 
@@ -265,11 +244,7 @@ impl<SM: StateMachine> Node<SM> {
         what: &str,
         pred: impl Fn(&RaftMetrics) -> bool + Send,
     ) -> Result<RaftMetrics, WaitTimeout> {
-        self.raft
-            .wait(Some(timeout))
-            .metrics(pred, what)
-            .await
-            .map_err(|e| WaitTimeout(e.to_string()))
+        self.raft.wait(Some(timeout)).metrics(pred, what).await.map_err(|e| WaitTimeout(e.to_string()))
     }
 
     /// Waits until this node knows a leader other than `not` (e.g. the node just stopped).
@@ -285,8 +260,7 @@ impl<SM: StateMachine> Node<SM> {
                     && (m.current_leader != Some(m.id) || m.last_quorum_acked.is_some())
             })
             .await?;
-        m.current_leader
-            .ok_or_else(|| WaitTimeout("leader vanished".into()))
+        m.current_leader.ok_or_else(|| WaitTimeout("leader vanished".into()))
     }
 
     /// The current leader's id, if this node is not it.
@@ -311,14 +285,7 @@ impl<SM: StateMachine> Node<SM> {
         let res = self.raft.shutdown().await.map_err(|e| e.to_string());
         // openraft's state machine worker and a snapshot build in progress hold storage handles a
         // little past `Raft::shutdown`: wait until the last one is dropped and the files closed.
-        let Node {
-            id,
-            raft,
-            shared,
-            log,
-            closed: (log_closed, sm_closed),
-            ..
-        } = self;
+        let Node { id, raft, shared, log, closed: (log_closed, sm_closed), .. } = self;
         // Fields left in a partially moved struct live to the end of scope: drop ours now.
         drop((raft, shared, log));
         let closed = async {
@@ -326,10 +293,7 @@ impl<SM: StateMachine> Node<SM> {
             let _ = log_closed.await;
             let _ = sm_closed.await;
         };
-        if tokio::time::timeout(Duration::from_secs(30), closed)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(30), closed).await.is_err() {
             return Err("storage still open 30 s after raft stopped".into());
         }
         tracing::info!(id, "node stopped");
@@ -339,10 +303,6 @@ impl<SM: StateMachine> Node<SM> {
     /// The number of state machine read transactions one can open (test hook: proves the database
     /// is open and readable).
     pub fn check_readable(&self) -> Result<(), ReadError> {
-        self.shared
-            .db
-            .begin_read()
-            .map(|_| ())
-            .map_err(|e| ReadError::Storage(e.to_string()))
+        self.shared.db.begin_read().map(|_| ()).map_err(|e| ReadError::Storage(e.to_string()))
     }
 }

@@ -27,10 +27,7 @@ pub struct NodeInfo {
 
 impl NodeInfo {
     pub fn new(peer_addr: impl Into<String>, client_addr: impl Into<String>) -> Self {
-        Self {
-            peer_addr: peer_addr.into(),
-            client_addr: client_addr.into(),
-        }
+        Self { peer_addr: peer_addr.into(), client_addr: client_addr.into() }
     }
 }
 

@@ -38,28 +38,18 @@ impl Cluster {
     }
 
     async fn leader(&self, not: Option<u64>) -> u64 {
-        let any = self
-            .nodes
-            .values()
-            .find(|n| Some(n.id()) != not)
-            .expect("a live node");
+        let any = self.nodes.values().find(|n| Some(n.id()) != not).expect("a live node");
         any.wait_for_leader(WAIT, not).await.expect("leader elected")
     }
 
     async fn stop(&mut self, id: u64) {
         self.router.unregister(id);
-        self.nodes
-            .remove(&id)
-            .expect("running")
-            .shutdown()
-            .await
-            .expect("clean shutdown");
+        self.nodes.remove(&id).expect("running").shutdown().await.expect("clean shutdown");
     }
 
-    /// Waits until every running node applied the leader's last applied index, then returns
+    /// Waits until every running node applied `index` (from `propose_indexed`), then returns
     /// each node's ledger.
-    async fn converge(&self, leader: u64) -> BTreeMap<u64, Vec<u64>> {
-        let index = self.nodes[&leader].metrics().last_applied.map_or(0, |l| l.index);
+    async fn converge(&self, index: u64) -> BTreeMap<u64, Vec<u64>> {
         let mut out = BTreeMap::new();
         for (id, node) in &self.nodes {
             node.wait_applied(index, WAIT).await.expect("caught up");
@@ -79,9 +69,7 @@ async fn start_node(
 ) -> Node<Ledger> {
     let mut config = test_config(id, &dir.join(format!("n{id}")));
     tune(&mut config);
-    let node = Node::start(config, Ledger, router.network(id))
-        .await
-        .expect("node starts");
+    let node = Node::start(config, Ledger, router.network(id)).await.expect("node starts");
     router.register(id, node.service());
     node
 }
@@ -90,17 +78,16 @@ async fn start_node(
 async fn three_nodes_replicate_and_answer_linearizable_reads() {
     let c = Cluster::start(3, |_| {}).await;
     let leader = c.leader(None).await;
+    let mut last = 0;
     for i in 0..100 {
-        let seq = c.nodes[&leader].propose(Append(i)).await.expect("propose");
+        let (seq, index) = c.nodes[&leader].propose_indexed(Append(i)).await.expect("propose");
+        last = index;
         assert_eq!(i, seq, "each command lands at the next ledger slot");
     }
-    let (rows, _, _) = c.nodes[&leader]
-        .read(|_, t| read_ledger(t))
-        .await
-        .expect("linearizable read");
+    let (rows, _, _) = c.nodes[&leader].read(|_, t| read_ledger(t)).await.expect("linearizable read");
     assert_eq!((0..100).collect::<Vec<_>>(), rows);
 
-    let all = c.converge(leader).await;
+    let all = c.converge(last).await;
     assert!(all.values().all(|r| r == &rows), "replicas diverge: {all:?}");
 
     // A follower refuses writes and names the leader.
@@ -124,17 +111,15 @@ async fn leader_loss_elects_a_new_leader_and_the_old_one_catches_up() {
 
     let second = c.leader(Some(first)).await;
     assert_ne!(first, second);
+    let mut last = 0;
     for i in 50..100 {
-        c.nodes[&second]
-            .propose(Append(i))
-            .await
-            .expect("propose on new leader");
+        last = c.nodes[&second].propose_indexed(Append(i)).await.expect("propose on new leader").1;
     }
 
     // The old leader restarts from its data dir and catches up.
     let node = start_node(&c.router, first, c.dir.path(), &|_| {}).await;
     c.nodes.insert(first, node);
-    let all = c.converge(second).await;
+    let all = c.converge(last).await;
     for rows in all.values() {
         assert_eq!(&(0..100).collect::<Vec<_>>(), rows);
     }
@@ -151,11 +136,9 @@ async fn lagging_node_catches_up_by_snapshot() {
     let lagging = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
     c.router.isolate(lagging);
 
+    let mut last = 0;
     for i in 0..400 {
-        c.nodes[&leader]
-            .propose(Append(i))
-            .await
-            .expect("propose with one node cut off");
+        last = c.nodes[&leader].propose_indexed(Append(i)).await.expect("propose with one node cut off").1;
     }
     // The leader has snapshotted and purged past everything the lagging node has.
     let lag_last = c.nodes[&lagging].metrics().last_log_index.unwrap_or(0);
@@ -168,14 +151,8 @@ async fn lagging_node_catches_up_by_snapshot() {
     assert!(m.snapshot.is_some());
 
     c.router.heal(lagging);
-    let all = c.converge(leader).await;
+    let all = c.converge(last).await;
     assert_eq!(all[&lagging], (0..400).collect::<Vec<_>>());
-    let snap = c.nodes[&lagging]
-        .metrics()
-        .snapshot
-        .expect("lagging node installed a snapshot");
-    assert!(
-        snap.index > lag_last,
-        "caught up by a snapshot beyond its own log"
-    );
+    let snap = c.nodes[&lagging].metrics().snapshot.expect("lagging node installed a snapshot");
+    assert!(snap.index > lag_last, "caught up by a snapshot beyond its own log");
 }

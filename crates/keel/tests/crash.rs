@@ -44,14 +44,10 @@ fn crash_config(dir: &std::path::Path) -> keel::Config {
 
 async fn open_single(dir: &std::path::Path) -> Node<Ledger> {
     let router = InProcessRouter::new();
-    let node = Node::start(crash_config(dir), Ledger, router.network(1))
-        .await
-        .expect("node starts");
+    let node = Node::start(crash_config(dir), Ledger, router.network(1)).await.expect("node starts");
     router.register(1, node.service());
     if !node.raft().is_initialized().await.expect("running") {
-        node.initialize([(1, NodeInfo::default())].into())
-            .await
-            .expect("initialize");
+        node.initialize([(1, NodeInfo::default())].into()).await.expect("initialize");
     }
     node.wait_for_leader(WAIT, None).await.expect("leader");
     node
@@ -62,15 +58,9 @@ async fn open_single(dir: &std::path::Path) -> Node<Ledger> {
 #[ignore = "run as a child process by crash_loop_keeps_every_acknowledged_command"]
 fn crash_child() {
     let Ok(dir) = std::env::var(ENV_DIR) else { return };
-    let start: u64 = std::env::var(ENV_START)
-        .expect("start id")
-        .parse()
-        .expect("number");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let start: u64 = std::env::var(ENV_START).expect("start id").parse().expect("number");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async move {
         let node = Arc::new(open_single(std::path::Path::new(&dir)).await);
         println!("ready");
@@ -95,13 +85,7 @@ fn crash_child() {
 
 fn spawn_child(dir: &std::path::Path, start: u64) -> Child {
     Command::new(std::env::current_exe().expect("test binary path"))
-        .args([
-            "--exact",
-            "crash_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
         .env(ENV_DIR, dir)
         .env(ENV_START, start.to_string())
         .stdout(Stdio::piped())
@@ -117,18 +101,13 @@ fn crash_loop_keeps_every_acknowledged_command() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::thread_rng().gen());
-    let iterations: u64 = std::env::var("KEEL_CRASH_ITERATIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let iterations: u64 =
+        std::env::var("KEEL_CRASH_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
     eprintln!("crash loop: seed {seed}, {iterations} iterations (replay with KEEL_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("temp dir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
 
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new(); // id -> seq
     let mut prev_rows: Vec<u64> = Vec::new();
@@ -136,11 +115,7 @@ fn crash_loop_keeps_every_acknowledged_command() {
     for iteration in 0..iterations {
         // Disjoint id ranges per run, so an id in the ledger names exactly one proposal.
         let start = (iteration + 1) * 1_000_000;
-        let kill_after: u64 = if rng.gen_bool(0.1) {
-            0
-        } else {
-            rng.gen_range(1..400)
-        };
+        let kill_after: u64 = if rng.gen_bool(0.1) { 0 } else { rng.gen_range(1..400) };
         let mut child = spawn_child(dir.path(), start);
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
@@ -215,8 +190,5 @@ fn crash_loop_keeps_every_acknowledged_command() {
         "crash loop: {iterations} kills, {total_acks} acknowledged commands, ledger of {}",
         prev_rows.len()
     );
-    assert!(
-        total_acks > iterations,
-        "the loop must actually acknowledge writes"
-    );
+    assert!(total_acks > iterations, "the loop must actually acknowledge writes");
 }

@@ -93,10 +93,7 @@ fn init_tracing() {
 }
 
 fn current_thread_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("build a tokio runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("build a tokio runtime")
 }
 
 fn multi_thread_runtime() -> tokio::runtime::Runtime {
@@ -198,18 +195,14 @@ impl StateMachine for Kv {
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             out.push(match cmd {
-                KvCmd::Put { key, value } => KvResp::Previous(
-                    kv.insert(key.as_str(), value.as_slice())?
-                        .map(|v| v.value().to_vec()),
-                ),
+                KvCmd::Put { key, value } => {
+                    KvResp::Previous(kv.insert(key.as_str(), value.as_slice())?.map(|v| v.value().to_vec()))
+                }
                 KvCmd::Delete { key } => {
                     KvResp::Previous(kv.remove(key.as_str())?.map(|v| v.value().to_vec()))
                 }
                 KvCmd::Add { key, delta } => {
-                    let new = counters
-                        .get(key.as_str())?
-                        .map_or(0, |v| v.value())
-                        .wrapping_add(delta);
+                    let new = counters.get(key.as_str())?.map_or(0, |v| v.value()).wrapping_add(delta);
                     counters.insert(key.as_str(), new)?;
                     KvResp::Counter(new)
                 }
@@ -306,9 +299,7 @@ fn node_config(dir: &Path) -> Config {
 }
 
 async fn start_node(dir: &Path, router: &InProcessRouter) -> Result<Node<Kv>, TestCaseError> {
-    let node = Node::start(node_config(dir), Kv, router.network(1))
-        .await
-        .or_fail("start node")?;
+    let node = Node::start(node_config(dir), Kv, router.network(1)).await.or_fail("start node")?;
     router.register(1, node.service());
     Ok(node)
 }
@@ -320,10 +311,7 @@ async fn stop_node(node: Node<Kv>, router: &InProcessRouter) -> Result<(), TestC
 }
 
 async fn read_linearizable(node: &Node<Kv>) -> Result<Model, TestCaseError> {
-    node.read(|_, txn| read_model(txn))
-        .await
-        .or_fail("linearizable read")?
-        .or_fail("read the tables")
+    node.read(|_, txn| read_model(txn)).await.or_fail("linearizable read")?.or_fail("read the tables")
 }
 
 /// Starts the node on a data dir another instance just shut down: `Node::shutdown` returns only
@@ -343,9 +331,7 @@ async fn restart(
     prop_assert_eq!(&before, model, "state before restart");
     stop_node(node, router).await?;
     let node = start_node_again(dir, router).await?;
-    node.wait_for_leader(WAIT, None)
-        .await
-        .or_fail("election after restart")?;
+    node.wait_for_leader(WAIT, None).await.or_fail("election after restart")?;
     let after = read_linearizable(&node).await?;
     prop_assert_eq!(&after, model, "state after restart");
     Ok(node)
@@ -361,22 +347,13 @@ fn node_restarts_immediately_after_shutdown() {
         multi_thread_runtime().block_on(async {
             let router = InProcessRouter::new();
             let node = start_node(dir.path(), &router).await.expect("start");
-            node.initialize(BTreeMap::from([(1, NodeInfo::default())]))
-                .await
-                .expect("initialize");
+            node.initialize(BTreeMap::from([(1, NodeInfo::default())])).await.expect("initialize");
             node.wait_for_leader(WAIT, None).await.expect("election");
             for delta in 0..round % 4 * 7 {
-                node.propose(KvCmd::Add {
-                    key: "k".into(),
-                    delta,
-                })
-                .await
-                .expect("propose");
+                node.propose(KvCmd::Add { key: "k".into(), delta }).await.expect("propose");
             }
             router.unregister(1);
-            node.shutdown()
-                .await
-                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            node.shutdown().await.unwrap_or_else(|e| panic!("round {round}: {e}"));
             let node = Node::start(node_config(dir.path()), Kv, router.network(1))
                 .await
                 .unwrap_or_else(|e| panic!("round {round}: restart right after shutdown failed: {e}"));
@@ -398,10 +375,7 @@ async fn load_snapshot_file(snap: &Path) -> Result<(SnapshotMeta, Model, Option<
         .install_snapshot(&meta, SnapshotFile::open(&incoming).or_fail("open copy")?)
         .await
         .or_fail("install the snapshot")?;
-    let state = store
-        .read(|_, txn| read_model(txn))
-        .or_fail("read")?
-        .or_fail("read the tables")?;
+    let state = store.read(|_, txn| read_model(txn)).or_fail("read")?.or_fail("read the tables")?;
     let applied = store.applied().or_fail("applied state")?.last_applied;
     Ok((meta, state, applied))
 }
@@ -423,9 +397,7 @@ fn node_matches_model(cmds: Vec<KvCmd>, restart_at: usize) -> Result<(), TestCas
     rt.block_on(async {
         let router = InProcessRouter::new();
         let mut node = start_node(dir.path(), &router).await?;
-        node.initialize(BTreeMap::from([(1, NodeInfo::default())]))
-            .await
-            .or_fail("initialize")?;
+        node.initialize(BTreeMap::from([(1, NodeInfo::default())])).await.or_fail("initialize")?;
         node.wait_for_leader(WAIT, None).await.or_fail("first election")?;
 
         let mut model = Model::default();
@@ -433,10 +405,7 @@ fn node_matches_model(cmds: Vec<KvCmd>, restart_at: usize) -> Result<(), TestCas
             if i == restart_at {
                 node = restart(node, &router, dir.path(), &model).await?;
             }
-            let got = node
-                .propose(cmd.clone())
-                .await
-                .or_fail(&format!("propose command #{i} {cmd:?}"))?;
+            let got = node.propose(cmd.clone()).await.or_fail(&format!("propose command #{i} {cmd:?}"))?;
             let want = model.apply(cmd);
             prop_assert_eq!(got, want, "response to command #{} {:?}", i, cmd);
         }
@@ -473,11 +442,7 @@ fn node_matches_model(cmds: Vec<KvCmd>, restart_at: usize) -> Result<(), TestCas
 async fn snapshot_everything(node: &Node<Kv>) -> Result<RaftMetrics, TestCaseError> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        node.raft()
-            .trigger()
-            .snapshot()
-            .await
-            .or_fail("trigger a snapshot")?;
+        node.raft().trigger().snapshot().await.or_fail("trigger a snapshot")?;
         let done = node
             .wait_for(Duration::from_secs(1), "snapshot of everything applied", |m| {
                 // openraft purges up to `logs_to_keep_after_snapshot` (5) entries behind it.
@@ -532,17 +497,13 @@ async fn apply_batch(store: &mut SmStore<Kv>, next: &mut u64, batch: &Batch) -> 
         *next += 1;
         let entry = match item {
             None => Entry::new_blank(log_id),
-            Some(cmd) => Entry::new(
-                log_id,
-                EntryPayload::Normal(Command(codec::to_bytes(cmd).or_fail("encode")?)),
-            ),
+            Some(cmd) => {
+                Entry::new(log_id, EntryPayload::Normal(Command(codec::to_bytes(cmd).or_fail("encode")?)))
+            }
         };
         entries.push(Ok((entry, None)));
     }
-    store
-        .apply(futures_util::stream::iter(entries))
-        .await
-        .or_fail("apply")
+    store.apply(futures_util::stream::iter(entries)).await.or_fail("apply")
 }
 
 fn model_after(model: &mut Model, batches: &[Batch]) {
@@ -552,10 +513,7 @@ fn model_after(model: &mut Model, batches: &[Batch]) {
 }
 
 fn store_state(store: &SmStore<Kv>) -> Result<Model, TestCaseError> {
-    store
-        .read(|_, txn| read_model(txn))
-        .or_fail("read")?
-        .or_fail("read the tables")
+    store.read(|_, txn| read_model(txn)).or_fail("read")?.or_fail("read the tables")
 }
 
 fn membership_entry(index: u64, voters: &[u64]) -> Entry {
@@ -579,9 +537,7 @@ async fn sm_store_matches_model(
         Some(lid(0)),
         Membership::new_with_defaults(vec![BTreeSet::from([1, 2, 3])], []),
     );
-    a.apply(futures_util::stream::iter(vec![Ok((membership, None))]))
-        .await
-        .or_fail("apply membership")?;
+    a.apply(futures_util::stream::iter(vec![Ok((membership, None))])).await.or_fail("apply membership")?;
     let mut next_a = 1;
     for batch in &prefix {
         apply_batch(&mut a, &mut next_a, batch).await?;
@@ -594,19 +550,11 @@ async fn sm_store_matches_model(
     prop_assert_eq!(&applied.membership, &stored_membership);
 
     // Snapshot of a.
-    let snap = a
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .or_fail("build snapshot")?;
+    let snap = a.get_snapshot_builder().await.build_snapshot().await.or_fail("build snapshot")?;
     prop_assert_eq!(snap.meta.last_log_id, Some(lid(next_a - 1)));
     prop_assert_eq!(&snap.meta.last_membership, &stored_membership);
     let snap_path = snap.snapshot.path.clone();
-    prop_assert_eq!(
-        verify_file(&snap_path).or_fail("verify snapshot file")?,
-        snap.meta.clone()
-    );
+    prop_assert_eq!(verify_file(&snap_path).or_fail("verify snapshot file")?, snap.meta.clone());
     let current = a.get_current_snapshot().await.or_fail("current snapshot")?;
     prop_assert_eq!(current.map(|s| s.meta), Some(snap.meta.clone()));
     let model_at_snapshot = model.clone();
@@ -650,18 +598,9 @@ async fn sm_store_matches_model(
     // a re-installs its own current snapshot: back to the snapshot's state and position.
     let current = a.get_current_snapshot().await.or_fail("current snapshot")?;
     let current = current.ok_or_else(|| TestCaseError::fail("store a lost its snapshot"))?;
-    a.install_snapshot(&current.meta, current.snapshot)
-        .await
-        .or_fail("re-install own snapshot")?;
-    prop_assert_eq!(
-        store_state(&a)?,
-        model_at_snapshot,
-        "store a after re-installing its snapshot"
-    );
-    prop_assert_eq!(
-        a.applied().or_fail("applied")?.last_applied,
-        snap.meta.last_log_id
-    );
+    a.install_snapshot(&current.meta, current.snapshot).await.or_fail("re-install own snapshot")?;
+    prop_assert_eq!(store_state(&a)?, model_at_snapshot, "store a after re-installing its snapshot");
+    prop_assert_eq!(a.applied().or_fail("applied")?.last_applied, snap.meta.last_log_id);
     Ok(())
 }
 
@@ -708,10 +647,7 @@ fn sample_encodings() -> Vec<Vec<u8>> {
     framed(&|buf| codec::write_framed(&log_id::<KeelTypes>(3, 9, 1 << 40), buf));
     framed(&|buf| codec::write_framed(&Vote::new(12, 3), buf));
     framed(&|buf| codec::write_framed(&Vote::new_committed(12, 3), buf));
-    let meta = SnapshotMeta {
-        last_log_id: Some(lid(99)),
-        last_membership: sample_membership(),
-    };
+    let meta = SnapshotMeta { last_log_id: Some(lid(99)), last_membership: sample_membership() };
     out.push(codec::to_bytes(&meta).expect("encode"));
     out.push(codec::to_bytes(&Some(lid(5))).expect("encode"));
     out.push(codec::to_bytes(&sample_membership()).expect("encode"));
@@ -809,25 +745,18 @@ fn meta_strategy() -> impl Strategy<Value = SnapshotMeta> {
 /// Both must agree; returns the meta and data, or the error.
 fn read_snapshot_bytes(bytes: &[u8]) -> Result<Result<(SnapshotMeta, Vec<u8>), String>, TestCaseError> {
     let path = Path::new("test.snap");
-    let read = SnapshotReader::new(bytes, path)
-        .map_err(|e| e.to_string())
-        .and_then(|(meta, mut r)| {
-            let mut data = Vec::new();
-            r.read_to_end(&mut data).map_err(|e| e.to_string())?;
-            Ok((meta, data))
-        });
+    let read = SnapshotReader::new(bytes, path).map_err(|e| e.to_string()).and_then(|(meta, mut r)| {
+        let mut data = Vec::new();
+        r.read_to_end(&mut data).map_err(|e| e.to_string())?;
+        Ok((meta, data))
+    });
     let verified = SnapshotReader::new(bytes, path)
         .map_err(|e| e.to_string())
         .and_then(|(_, r)| r.verify_to_end().map_err(|e| e.to_string()));
     match (&read, &verified) {
         (Ok((_, data)), Ok(total)) => prop_assert_eq!(data.len() as u64, *total),
         (Err(_), Err(_)) => {}
-        _ => prop_assert!(
-            false,
-            "read_to_end gave {:?} but verify_to_end gave {:?}",
-            read,
-            verified
-        ),
+        _ => prop_assert!(false, "read_to_end gave {:?} but verify_to_end gave {:?}", read, verified),
     }
     Ok(read)
 }
@@ -846,17 +775,9 @@ struct RawFrame {
 /// that both answers of the reader are exercised.
 fn frames_strategy() -> impl Strategy<Value = Vec<RawFrame>> {
     let well_formed = vec((vec(any::<u8>(), 0..64), prop::bool::weighted(0.03)), 0..6).prop_map(|data| {
-        let frame = |kind, body, bad_crc| RawFrame {
-            kind,
-            valid_body: true,
-            body,
-            bad_crc,
-        };
+        let frame = |kind, body, bad_crc| RawFrame { kind, valid_body: true, body, bad_crc };
         let mut frames = vec![frame(KIND_META, Vec::new(), false)];
-        frames.extend(
-            data.into_iter()
-                .map(|(body, bad_crc)| frame(KIND_DATA, body, bad_crc)),
-        );
+        frames.extend(data.into_iter().map(|(body, bad_crc)| frame(KIND_DATA, body, bad_crc)));
         frames.push(frame(KIND_END, Vec::new(), false));
         frames
     });
@@ -865,18 +786,8 @@ fn frames_strategy() -> impl Strategy<Value = Vec<RawFrame>> {
 
 fn raw_frame_strategy() -> impl Strategy<Value = RawFrame> {
     let kind = prop_oneof![2 => Just(KIND_META), 6 => Just(KIND_DATA), 2 => Just(KIND_END), 1 => any::<u8>()];
-    (
-        kind,
-        prop::bool::weighted(0.8),
-        vec(any::<u8>(), 0..64),
-        prop::bool::weighted(0.05),
-    )
-        .prop_map(|(kind, valid_body, body, bad_crc)| RawFrame {
-            kind,
-            valid_body,
-            body,
-            bad_crc,
-        })
+    (kind, prop::bool::weighted(0.8), vec(any::<u8>(), 0..64), prop::bool::weighted(0.05))
+        .prop_map(|(kind, valid_body, body, bad_crc)| RawFrame { kind, valid_body, body, bad_crc })
 }
 
 fn frame_crc(kind: u8, body: &[u8]) -> u32 {
@@ -1031,10 +942,7 @@ proptest! {
 /// them: a flipped bit there goes unnoticed (no frame CRC covers the header).
 #[test]
 fn snapshot_with_nonzero_reserved_header_byte_is_rejected() {
-    let meta = SnapshotMeta {
-        last_log_id: Some(lid(3)),
-        last_membership: sample_membership(),
-    };
+    let meta = SnapshotMeta { last_log_id: Some(lid(3)), last_membership: sample_membership() };
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("s.snap");
     write_snapshot(&path, &meta, b"data").expect("write snapshot");
@@ -1067,18 +975,14 @@ fn wal_files(dir: &Path) -> Vec<PathBuf> {
 async fn append_and_wait(log: &mut LogStore, entries: Vec<Entry>) -> io::Result<()> {
     let (tx, rx) = KeelTypes::oneshot();
     log.append(entries, IOFlushed::signal(tx)).await?;
-    rx.await
-        .map_err(|e| io::Error::other(format!("flush callback dropped: {e:?}")))?
+    rx.await.map_err(|e| io::Error::other(format!("flush callback dropped: {e:?}")))?
 }
 
 /// Everything a reopened log holds: (vote, committed, entries).
 async fn read_back(log: &mut LogStore) -> io::Result<(Option<Vote>, Option<LogId>, Vec<Entry>)> {
     let (vote, purged, last, committed) = log.state();
     let entries = match last {
-        Some(last) => {
-            log.try_get_log_entries(purged.map_or(0, |p| p.index + 1)..=last.index)
-                .await?
-        }
+        Some(last) => log.try_get_log_entries(purged.map_or(0, |p| p.index + 1)..=last.index).await?,
         None => Vec::new(),
     };
     Ok((vote, committed, entries))
@@ -1096,17 +1000,11 @@ fn first_chunk_name() -> &'static str {
         let dir = tempfile::tempdir().expect("temp dir");
         current_thread_runtime().block_on(async {
             let mut log = LogStore::open(dir.path(), &LogConfig::default()).expect("open log");
-            append_and_wait(&mut log, vec![Entry::new_blank(lid(0))])
-                .await
-                .expect("append");
+            append_and_wait(&mut log, vec![Entry::new_blank(lid(0))]).await.expect("append");
         });
         let files = wal_files(dir.path());
         assert_eq!(1, files.len(), "one chunk after one append: {files:?}");
-        files[0]
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("utf-8 name")
-            .to_string()
+        files[0].file_name().and_then(|n| n.to_str()).expect("utf-8 name").to_string()
     })
 }
 
@@ -1148,9 +1046,7 @@ async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<
             written.extend(entries.iter().cloned());
             append_and_wait(&mut log, entries).await.or_fail("append")?;
         }
-        log.save_committed(Some(lid(written.len() as u64 - 1)))
-            .await
-            .or_fail("save committed")?;
+        log.save_committed(Some(lid(written.len() as u64 - 1))).await.or_fail("save committed")?;
         // save_committed does not sync; a vote save does, and carries it to disk.
         log.save_vote(&vote).await.or_fail("save vote")?;
         let (v, c, e) = read_back(&mut log).await.or_fail("read back")?;
@@ -1174,61 +1070,33 @@ async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<
         Ok(log) => log,
         // A torn tail is what a crash leaves: the contract is that it is cut off, not an error.
         Err(e) if torn => {
-            return Err(TestCaseError::fail(format!(
-                "torn log ({damage:?}) does not open: {e}"
-            )))
+            return Err(TestCaseError::fail(format!("torn log ({damage:?}) does not open: {e}")))
         }
         Err(_) => return Ok(()),
     };
     let (got_vote, got_committed, got) = read_back(&mut log).await.or_fail("read a reopened log")?;
-    prop_assert!(
-        got_vote.is_none() || got_vote == Some(vote),
-        "vote {:?} was never written",
-        got_vote
-    );
+    prop_assert!(got_vote.is_none() || got_vote == Some(vote), "vote {:?} was never written", got_vote);
     prop_assert!(
         got_committed.is_none() || got_committed == Some(lid(written.len() as u64 - 1)),
         "committed {:?} was never written",
         got_committed
     );
-    prop_assert!(
-        got.len() <= written.len(),
-        "{} entries read back, {} written",
-        got.len(),
-        written.len()
-    );
+    prop_assert!(got.len() <= written.len(), "{} entries read back, {} written", got.len(), written.len());
     for (i, (g, w)) in got.iter().zip(&written).enumerate() {
-        prop_assert!(
-            same_entry(g, w),
-            "entry {} differs after {:?}: {:?} vs {:?}",
-            i,
-            damage,
-            g,
-            w
-        );
+        prop_assert!(same_entry(g, w), "entry {} differs after {:?}: {:?} vs {:?}", i, damage, g, w);
     }
 
     // The log goes on from what survived, and what it appends survives another reopen (a cut-off
     // tail must really be gone, not left in front of the new records).
     let next = got.len() as u64;
-    let extra = Entry::new(
-        log_id::<KeelTypes>(2, 1, next),
-        EntryPayload::Normal(Command(b"after".to_vec())),
-    );
-    append_and_wait(&mut log, vec![extra.clone()])
-        .await
-        .or_fail("append after reopen")?;
+    let extra = Entry::new(log_id::<KeelTypes>(2, 1, next), EntryPayload::Normal(Command(b"after".to_vec())));
+    append_and_wait(&mut log, vec![extra.clone()]).await.or_fail("append after reopen")?;
     drop(log);
     let mut log = LogStore::open(dir.path(), &config).or_fail("reopen after append")?;
     let (_, _, again) = read_back(&mut log).await.or_fail("read back after append")?;
     prop_assert_eq!(again.len(), got.len() + 1, "entries after append and reopen");
     for (g, w) in again.iter().zip(got.iter().chain([&extra])) {
-        prop_assert!(
-            same_entry(g, w),
-            "entry differs after append and reopen: {:?} vs {:?}",
-            g,
-            w
-        );
+        prop_assert!(same_entry(g, w), "entry differs after append and reopen: {:?} vs {:?}", g, w);
     }
     Ok(())
 }
@@ -1248,10 +1116,7 @@ fn log_with_zero_filled_torn_record_is_refused_with_offset() {
         let after_vote = std::fs::metadata(&wal_files(dir.path())[0]).expect("stat").len();
         let entry = Entry::new(lid(0), EntryPayload::Normal(Command(vec![7; 15])));
         append_and_wait(&mut log, vec![entry]).await.expect("append");
-        (
-            after_vote,
-            std::fs::metadata(&wal_files(dir.path())[0]).expect("stat").len(),
-        )
+        (after_vote, std::fs::metadata(&wal_files(dir.path())[0]).expect("stat").len())
     });
     let chunk = &wal_files(dir.path())[0];
     let mut bytes = std::fs::read(chunk).expect("read chunk");

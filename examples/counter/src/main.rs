@@ -49,9 +49,7 @@ impl StateMachine for Counters {
 
 fn get(txn: &ReadTransaction, name: &str) -> i64 {
     let table = txn.open_table(COUNTERS).ok();
-    table
-        .and_then(|t| t.get(name).ok().flatten().map(|v| v.value()))
-        .unwrap_or(0)
+    table.and_then(|t| t.get(name).ok().flatten().map(|v| v.value())).unwrap_or(0)
 }
 
 #[tokio::main]
@@ -60,12 +58,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = InProcessRouter::new();
     let mut nodes = BTreeMap::new();
     for id in 1..=3 {
-        let node = Node::start(
-            Config::new(id, dir.join(format!("n{id}"))),
-            Counters,
-            router.network(id),
-        )
-        .await?;
+        let node =
+            Node::start(Config::new(id, dir.join(format!("n{id}"))), Counters, router.network(id)).await?;
         router.register(id, node.service());
         nodes.insert(id, node);
     }
@@ -75,12 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let leader = nodes[&1].wait_for_leader(Duration::from_secs(10), None).await?;
     println!("leader: node {leader}");
     for _ in 0..10 {
-        nodes[&leader]
-            .propose(Add {
-                name: "visits".into(),
-                delta: 1,
-            })
-            .await?;
+        nodes[&leader].propose(Add { name: "visits".into(), delta: 1 }).await?;
     }
     println!(
         "visits = {} (linearizable read on the leader)",
@@ -89,31 +78,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("stopping node {leader}");
     router.unregister(leader);
-    nodes
-        .remove(&leader)
-        .expect("leader is running")
-        .shutdown()
-        .await?;
+    nodes.remove(&leader).expect("leader is running").shutdown().await?;
 
     let survivor = nodes.values().next().expect("two nodes remain");
-    let leader = survivor
-        .wait_for_leader(Duration::from_secs(10), Some(leader))
-        .await?;
+    let leader = survivor.wait_for_leader(Duration::from_secs(10), Some(leader)).await?;
     println!("new leader: node {leader}");
-    let v = nodes[&leader]
-        .propose(Add {
-            name: "visits".into(),
-            delta: 5,
-        })
-        .await?;
-    println!("visits = {v} after +5 on the new leader");
-    let applied = nodes[&leader].metrics().last_applied.map_or(0, |l| l.index);
+    let (v, index) = nodes[&leader].propose_indexed(Add { name: "visits".into(), delta: 5 }).await?;
+    println!("visits = {v} after +5 on the new leader (log index {index})");
     for (id, node) in &nodes {
-        node.wait_applied(applied, Duration::from_secs(5)).await?;
-        println!(
-            "node {id} reads visits = {}",
-            node.read_local(|_, t| get(t, "visits"))?
-        );
+        node.wait_applied(index, Duration::from_secs(5)).await?; // read your own write anywhere
+        println!("node {id} reads visits = {}", node.read_local(|_, t| get(t, "visits"))?);
     }
     for (_, node) in nodes {
         node.shutdown().await?;

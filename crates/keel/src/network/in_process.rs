@@ -52,9 +52,7 @@ impl InProcessRouter {
     }
 
     fn lock(&self) -> MutexGuard<'_, Routes> {
-        self.routes
-            .lock()
-            .expect("router mutex poisoned by an earlier panic")
+        self.routes.lock().expect("router mutex poisoned by an earlier panic")
     }
 
     /// Makes `service` reachable as node `id` (replacing an earlier registration).
@@ -79,10 +77,7 @@ impl InProcessRouter {
 
     /// The network factory node `from` sends with.
     pub fn network(&self, from: NodeId) -> InProcessNetwork {
-        InProcessNetwork {
-            router: self.clone(),
-            from,
-        }
+        InProcessNetwork { router: self.clone(), from }
     }
 
     fn route(&self, from: NodeId, to: NodeId) -> Result<Arc<dyn RaftService>, Unreachable<KeelTypes>> {
@@ -108,11 +103,7 @@ impl RaftNetworkFactory<KeelTypes> for InProcessNetwork {
     type Network = InProcessConnection;
 
     async fn new_client(&mut self, target: NodeId, _node: &NodeInfo) -> Self::Network {
-        InProcessConnection {
-            router: self.router.clone(),
-            from: self.from,
-            target,
-        }
+        InProcessConnection { router: self.router.clone(), from: self.from, target }
     }
 }
 

@@ -113,9 +113,7 @@ pub fn snapshot_chunks(file: SnapshotFile) -> SnapshotChunks {
             Ok(n)
         }
     });
-    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
 }
 
 /// The [`RaftService`] of a local node.
@@ -206,10 +204,8 @@ impl<SM: StateMachine> RaftService for LocalService<SM> {
         Box::pin(async move {
             let temp = self.receive_snapshot(&meta, chunks).await?;
             let file = SnapshotFile::open(&temp).map_err(|e| ServiceError::Snapshot(e.to_string()))?;
-            let res = self
-                .raft
-                .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: file })
-                .await;
+            let res =
+                self.raft.install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: file }).await;
             // Installed snapshots were renamed into place; a refused one is still a temp file.
             let _ = tokio::fs::remove_file(&temp).await;
             res.map_err(stopped)

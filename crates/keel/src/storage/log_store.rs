@@ -171,10 +171,7 @@ impl LogStore {
         dir: &Path,
         config: &LogConfig,
     ) -> Result<(Self, tokio::sync::oneshot::Receiver<()>), LogOpenError> {
-        let open_error = |source| LogOpenError {
-            dir: dir.to_path_buf(),
-            source,
-        };
+        let open_error = |source| LogOpenError { dir: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(open_error)?;
         let mut wal = raft_log::chunked_wal::Config::new(dir.display());
         wal.chunk_max_size = Some(config.chunk_max_bytes as usize);
@@ -227,17 +224,14 @@ impl LogStore {
     fn lock(&self) -> MutexGuard<'_, Wal> {
         // A poisoned lock means a panic mid-write; the in-memory view may be half updated, and
         // continuing could ack entries that are not in the WAL. Stopping is the only safe answer.
-        self.log
-            .lock()
-            .expect("raft log mutex poisoned by an earlier panic")
+        self.log.lock().expect("raft log mutex poisoned by an earlier panic")
     }
 
     /// Queues a sync flush and waits until it completes.
     async fn flush_and_wait(&self) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.lock().log.flush(true, Some(FlushCallback::Wait(tx)))?;
-        rx.await
-            .map_err(|_| io::Error::other("raft log flush worker stopped before reporting"))?
+        rx.await.map_err(|_| io::Error::other("raft log flush worker stopped before reporting"))?
     }
 
     /// Log boundaries as recorded in the WAL: (vote, purged, last, committed).
@@ -279,10 +273,7 @@ impl RaftLogReader<KeelTypes> for LogStore {
     {
         let (start, end) = index_range(&range);
         let w = self.lock();
-        w.log
-            .read(start, end)
-            .map(|res| res.map(|(id, payload)| Entry::new(id.0, payload.0)))
-            .collect()
+        w.log.read(start, end).map(|res| res.map(|(id, payload)| Entry::new(id.0, payload.0))).collect()
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -298,10 +289,7 @@ impl RaftLogStorage<KeelTypes> for LogStore {
         let st = w.log.log_state();
         let last_purged_log_id = st.purged().map(|l| l.0);
         let last_log_id = st.last().map(|l| l.0).or(last_purged_log_id);
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -333,20 +321,14 @@ impl RaftLogStorage<KeelTypes> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut w = self.lock();
-        w.log.append(
-            entries
-                .into_iter()
-                .map(|e| (WalLogId(e.log_id), WalPayload(e.payload))),
-        )?;
+        w.log.append(entries.into_iter().map(|e| (WalLogId(e.log_id), WalPayload(e.payload))))?;
         if w.group_in_flight {
             w.waiting.push(callback);
             return Ok(());
         }
         w.group_in_flight = true;
         let cb = FlushCallback::Group(vec![callback], w.group_done.clone());
-        w.log
-            .flush(true, Some(cb))
-            .inspect_err(|_| w.group_in_flight = false)
+        w.log.flush(true, Some(cb)).inspect_err(|_| w.group_in_flight = false)
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

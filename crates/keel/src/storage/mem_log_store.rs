@@ -41,9 +41,7 @@ impl MemLogStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, MemLog> {
-        self.inner
-            .lock()
-            .expect("mem log mutex poisoned by an earlier panic")
+        self.inner.lock().expect("mem log mutex poisoned by an earlier panic")
     }
 }
 
@@ -65,16 +63,8 @@ impl RaftLogStorage<KeelTypes> for MemLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<KeelTypes>, io::Error> {
         let log = self.lock();
-        let last = log
-            .entries
-            .values()
-            .next_back()
-            .map(|e| e.log_id)
-            .or(log.last_purged);
-        Ok(LogState {
-            last_purged_log_id: log.last_purged,
-            last_log_id: last,
-        })
+        let last = log.entries.values().next_back().map(|e| e.log_id).or(log.last_purged);
+        Ok(LogState { last_purged_log_id: log.last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -64,17 +64,9 @@ pub enum SmOpenError {
     #[error(
         "state machine database {path} belongs to node {found}, but this node is configured as {configured}"
     )]
-    WrongNode {
-        path: PathBuf,
-        found: NodeId,
-        configured: NodeId,
-    },
+    WrongNode { path: PathBuf, found: NodeId, configured: NodeId },
     #[error("state machine database {path}: record `{key}` does not decode: {source}")]
-    BadMeta {
-        path: PathBuf,
-        key: &'static str,
-        source: io::Error,
-    },
+    BadMeta { path: PathBuf, key: &'static str, source: io::Error },
     #[error(transparent)]
     Snapshot(#[from] SnapshotFileError),
 }
@@ -152,10 +144,7 @@ impl<SM: StateMachine> SmShared<SM> {
             source: redb::Error::Io(e),
         })?;
         let path = data_dir.join("state.redb");
-        let db_err = |e: redb::Error| SmOpenError::Database {
-            path: path.clone(),
-            source: e,
-        };
+        let db_err = |e: redb::Error| SmOpenError::Database { path: path.clone(), source: e };
         let db = redb::Database::builder()
             .set_cache_size(config.cache_bytes as usize)
             .set_check_integrity_on_open(config.verify_on_start)
@@ -173,18 +162,12 @@ impl<SM: StateMachine> SmShared<SM> {
             })?;
             match found {
                 Some(found) if found != node_id => {
-                    return Err(SmOpenError::WrongNode {
-                        path: path.clone(),
-                        found,
-                        configured: node_id,
-                    })
+                    return Err(SmOpenError::WrongNode { path: path.clone(), found, configured: node_id })
                 }
                 Some(_) => {}
                 None => {
                     let id = codec::to_bytes(&node_id).map_err(|e| db_err(redb::Error::Io(e)))?;
-                    table
-                        .insert(KEY_NODE_ID, id.as_slice())
-                        .map_err(|e| db_err(e.into()))?;
+                    table.insert(KEY_NODE_ID, id.as_slice()).map_err(|e| db_err(e.into()))?;
                 }
             }
         }
@@ -213,10 +196,7 @@ impl<SM: StateMachine> SmShared<SM> {
     /// Applies one batch of committed entries in one transaction; returns the replies in order.
     fn apply_batch(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<Reply>, StateMachineError> {
         let n_entries = entries.len() as u64;
-        let mut sync = self
-            .sync
-            .lock()
-            .expect("sync state mutex poisoned by an earlier panic");
+        let mut sync = self.sync.lock().expect("sync state mutex poisoned by an earlier panic");
         let durable =
             sync.unsynced + n_entries >= sync.every_entries || sync.last_sync.elapsed() >= sync.interval;
         let mut txn = self.db.begin_write()?;
@@ -224,8 +204,7 @@ impl<SM: StateMachine> SmShared<SM> {
             // The log holds these entries durably until a snapshot covers them; a crash reverts
             // this database to its last durable commit (state and `last_applied` together) and
             // openraft re-applies the rest from the log.
-            txn.set_durability(redb::Durability::None)
-                .map_err(StateMachineError::other)?;
+            txn.set_durability(redb::Durability::None).map_err(StateMachineError::other)?;
         }
         let mut state = applied_state_in_write(&txn)?;
         let mut commands = Vec::new();
@@ -252,11 +231,7 @@ impl<SM: StateMachine> SmShared<SM> {
             }
         }
         let n_commands = commands.len();
-        let responses = if commands.is_empty() {
-            Vec::new()
-        } else {
-            self.sm.apply(&txn, commands)?
-        };
+        let responses = if commands.is_empty() { Vec::new() } else { self.sm.apply(&txn, commands)? };
         if responses.len() != n_commands {
             return Err(StateMachineError::other(format!(
                 "StateMachine::apply returned {} responses for {} commands",
@@ -291,18 +266,12 @@ impl<SM: StateMachine> SmShared<SM> {
     fn restore_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
         let (_, mut reader) = SnapshotReader::open(path).map_err(io::Error::from)?;
         let txn = self.db.begin_write()?;
-        let user_tables: Vec<String> = txn
-            .list_tables()?
-            .map(|t| t.name().to_string())
-            .filter(|n| n != META.name())
-            .collect();
+        let user_tables: Vec<String> =
+            txn.list_tables()?.map(|t| t.name().to_string()).filter(|n| n != META.name()).collect();
         for name in user_tables {
             txn.delete_table(redb::TableDefinition::<&[u8], &[u8]>::new(&name))?;
         }
-        let multimaps: Vec<String> = txn
-            .list_multimap_tables()?
-            .map(|t| t.name().to_string())
-            .collect();
+        let multimaps: Vec<String> = txn.list_multimap_tables()?.map(|t| t.name().to_string()).collect();
         for name in multimaps {
             txn.delete_multimap_table(redb::MultimapTableDefinition::<&[u8], &[u8]>::new(&name))?;
         }
@@ -311,10 +280,7 @@ impl<SM: StateMachine> SmShared<SM> {
         io::copy(&mut reader, &mut io::sink())?;
         write_meta(
             &txn,
-            &AppliedState {
-                last_applied: meta.last_log_id,
-                membership: meta.last_membership.clone(),
-            },
+            &AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() },
         )?;
         txn.commit()?;
         Ok(())
@@ -328,11 +294,8 @@ impl<SM> Drop for SmShared<SM> {
         if unsynced == 0 {
             return;
         }
-        let res = self
-            .db
-            .begin_write()
-            .map_err(redb::Error::from)
-            .and_then(|txn| txn.commit().map_err(Into::into));
+        let res =
+            self.db.begin_write().map_err(redb::Error::from).and_then(|txn| txn.commit().map_err(Into::into));
         if let Err(e) = res {
             tracing::warn!("final state machine sync failed (the log re-applies on restart): {e}");
         }
@@ -357,9 +320,7 @@ impl<SM: StateMachine> SmStore<SM> {
         config: &StateMachineConfig,
         sm: SM,
     ) -> Result<Self, SmOpenError> {
-        Ok(Self {
-            shared: Arc::new(SmShared::open(data_dir, node_id, config, sm)?),
-        })
+        Ok(Self { shared: Arc::new(SmShared::open(data_dir, node_id, config, sm)?) })
     }
 
     /// The applied position recorded in the database.
@@ -376,9 +337,7 @@ impl<SM: StateMachine> SmStore<SM> {
 
 impl<SM> Clone for SmStore<SM> {
     fn clone(&self) -> Self {
-        Self {
-            shared: self.shared.clone(),
-        }
+        Self { shared: self.shared.clone() }
     }
 }
 
@@ -418,10 +377,7 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
         // The read transaction is taken here, in the state machine worker, between two applies:
         // the snapshot is exactly the state after the last applied batch.
         let txn = self.shared.db.begin_read().map_err(io::Error::other);
-        SnapshotBuilder {
-            shared: self.shared.clone(),
-            txn: Some(txn),
-        }
+        SnapshotBuilder { shared: self.shared.clone(), txn: Some(txn) }
     }
 
     async fn install_snapshot(
@@ -450,10 +406,7 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
     ) -> Result<Option<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>>, io::Error> {
         match self.shared.snapshots.current() {
             None => Ok(None),
-            Some((meta, path)) => Ok(Some(openraft::Snapshot {
-                meta,
-                snapshot: SnapshotFile::open(&path)?,
-            })),
+            Some((meta, path)) => Ok(Some(openraft::Snapshot { meta, snapshot: SnapshotFile::open(&path)? })),
         }
     }
 }
@@ -470,17 +423,11 @@ impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
     async fn build_snapshot(
         &mut self,
     ) -> Result<openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>, io::Error> {
-        let txn = self
-            .txn
-            .take()
-            .ok_or_else(|| io::Error::other("snapshot builder used twice"))??;
+        let txn = self.txn.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))??;
         let shared = self.shared.clone();
         blocking(move || {
             let state = applied_state_in(&txn)?;
-            let meta = SnapshotMeta {
-                last_log_id: state.last_applied,
-                last_membership: state.membership,
-            };
+            let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership };
             let temp = shared.snapshots.temp_path();
             let result = (|| {
                 let mut writer = SnapshotWriter::create(&temp, &meta)?;
@@ -495,10 +442,7 @@ impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
             // A snapshot installed meanwhile may be newer; then that one is the answer.
             let (meta, path) = shared.snapshots.publish(&temp, &meta)?;
             tracing::info!(last = ?meta.last_log_id, "built snapshot");
-            Ok(openraft::Snapshot {
-                meta,
-                snapshot: SnapshotFile::open(&path)?,
-            })
+            Ok(openraft::Snapshot { meta, snapshot: SnapshotFile::open(&path)? })
         })
         .await
     }

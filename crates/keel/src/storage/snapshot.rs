@@ -79,11 +79,7 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     pub fn create(path: &Path, meta: &SnapshotMeta) -> io::Result<Self> {
         let file = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-        let mut w = Self {
-            out: BufWriter::with_capacity(256 * 1024, file),
-            buf: Vec::new(),
-            total: 0,
-        };
+        let mut w = Self { out: BufWriter::with_capacity(256 * 1024, file), buf: Vec::new(), total: 0 };
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8] = VERSION;
@@ -161,15 +157,9 @@ impl SnapshotReader<BufReader<File>> {
 
 impl<R: Read> SnapshotReader<R> {
     pub fn new(mut input: R, path: &Path) -> Result<(SnapshotMeta, Self), SnapshotFileError> {
-        let err = |offset, reason: String| SnapshotFileError {
-            path: path.to_path_buf(),
-            offset,
-            reason,
-        };
+        let err = |offset, reason: String| SnapshotFileError { path: path.to_path_buf(), offset, reason };
         let mut header = [0u8; HEADER_LEN as usize];
-        input
-            .read_exact(&mut header)
-            .map_err(|e| err(0, format!("cannot read header: {e}")))?;
+        input.read_exact(&mut header).map_err(|e| err(0, format!("cannot read header: {e}")))?;
         if &header[..8] != MAGIC {
             return Err(err(0, "not a Keel snapshot (bad magic)".into()));
         }
@@ -199,11 +189,7 @@ impl<R: Read> SnapshotReader<R> {
     }
 
     fn error(&self, offset: u64, reason: String) -> SnapshotFileError {
-        SnapshotFileError {
-            path: self.path.clone(),
-            offset,
-            reason,
-        }
+        SnapshotFileError { path: self.path.clone(), offset, reason }
     }
 
     fn read_frame(&mut self, max: usize) -> Result<(u8, Vec<u8>), SnapshotFileError> {
@@ -222,9 +208,7 @@ impl<R: Read> SnapshotReader<R> {
             return Err(self.error(at, format!("frame length {len} exceeds limit {max}")));
         }
         let mut body = vec![0u8; len];
-        self.input
-            .read_exact(&mut body)
-            .map_err(|e| self.error(at, format!("truncated frame body: {e}")))?;
+        self.input.read_exact(&mut body).map_err(|e| self.error(at, format!("truncated frame body: {e}")))?;
         if frame_crc(kind, &body) != crc {
             return Err(self.error(at, "checksum mismatch".into()));
         }
@@ -304,10 +288,7 @@ pub struct SnapshotFile {
 
 impl SnapshotFile {
     pub fn open(path: &Path) -> io::Result<Self> {
-        Ok(Self {
-            path: path.to_path_buf(),
-            file: File::open(path)?,
-        })
+        Ok(Self { path: path.to_path_buf(), file: File::open(path)? })
     }
 }
 
@@ -325,20 +306,13 @@ impl SnapshotDir {
     /// Opens the directory: removes temp files a crash left, verifies the newest snapshot in full,
     /// removes older ones. A damaged current snapshot is an error, never silently skipped.
     pub fn open(dir: &Path) -> Result<Self, SnapshotFileError> {
-        let io_err = |e: io::Error| SnapshotFileError {
-            path: dir.to_path_buf(),
-            offset: 0,
-            reason: e.to_string(),
-        };
+        let io_err =
+            |e: io::Error| SnapshotFileError { path: dir.to_path_buf(), offset: 0, reason: e.to_string() };
         fs::create_dir_all(dir).map_err(io_err)?;
         let mut snaps = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err)? {
             let path = entry.map_err(io_err)?.path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_string();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
             if name.ends_with(TMP_SUFFIX) {
                 fs::remove_file(&path).map_err(io_err)?;
             } else if name.ends_with(SNAP_SUFFIX) {
@@ -355,17 +329,11 @@ impl SnapshotDir {
             fs::remove_file(&old).map_err(io_err)?;
         }
         sync_dir(dir).map_err(io_err)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            current: Mutex::new(current),
-            seq: AtomicU64::new(0),
-        })
+        Ok(Self { dir: dir.to_path_buf(), current: Mutex::new(current), seq: AtomicU64::new(0) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<(SnapshotMeta, PathBuf)>> {
-        self.current
-            .lock()
-            .expect("snapshot dir mutex poisoned by an earlier panic")
+        self.current.lock().expect("snapshot dir mutex poisoned by an earlier panic")
     }
 
     pub fn current(&self) -> Option<(SnapshotMeta, PathBuf)> {

@@ -67,10 +67,7 @@ pub fn read_ledger(txn: &ReadTransaction) -> (Vec<u64>, u64, u64) {
     let rows = match txn.open_table(LEDGER) {
         Ok(t) => {
             assert_eq!(t.len().expect("len"), t.iter().expect("iter").count() as u64);
-            t.iter()
-                .expect("iter")
-                .map(|r| r.expect("row").1.value())
-                .collect()
+            t.iter().expect("iter").map(|r| r.expect("row").1.value()).collect()
         }
         Err(_) => Vec::new(),
     };
@@ -87,11 +84,7 @@ pub fn read_ledger(txn: &ReadTransaction) -> (Vec<u64>, u64, u64) {
 /// Checks the ledger is internally consistent: totals match rows, no id applied twice.
 pub fn check_ledger(rows: &[u64], count: u64, sum: u64) {
     assert_eq!(rows.len() as u64, count, "count total disagrees with rows");
-    assert_eq!(
-        rows.iter().fold(0u64, |a, b| a.wrapping_add(*b)),
-        sum,
-        "sum total disagrees with rows"
-    );
+    assert_eq!(rows.iter().fold(0u64, |a, b| a.wrapping_add(*b)), sum, "sum total disagrees with rows");
     let mut seen = std::collections::HashSet::new();
     for id in rows {
         assert!(seen.insert(id), "command {id} applied twice");
