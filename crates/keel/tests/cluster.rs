@@ -156,3 +156,42 @@ async fn lagging_node_catches_up_by_snapshot() {
     let snap = c.nodes[&lagging].metrics().snapshot.expect("lagging node installed a snapshot");
     assert!(snap.index > lag_last, "caught up by a snapshot beyond its own log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_grows_from_one_node_and_shrinks() {
+    support::init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let router = InProcessRouter::new();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, start_node(&router, id, dir.path(), &|_| {}).await);
+    }
+    nodes[&1].initialize([(1, NodeInfo::default())].into()).await.expect("single-node cluster");
+    nodes[&1].wait_for_leader(WAIT, None).await.expect("leader");
+    for i in 0..20 {
+        nodes[&1].propose(Append(i)).await.expect("propose");
+    }
+
+    // Learners catch up before they vote; then they become voters.
+    for id in [2, 3] {
+        nodes[&1].add_learner(id, NodeInfo::default(), true).await.expect("add learner");
+    }
+    nodes[&1].change_membership([1, 2, 3].into()).await.expect("promote");
+    let (_, index) = nodes[&1].propose_indexed(Append(20)).await.expect("propose in 3-node cluster");
+    for node in nodes.values() {
+        node.wait_applied(index, WAIT).await.expect("caught up");
+        let (rows, _, _) = node.read_local(|_, t| read_ledger(t)).expect("read");
+        assert_eq!((0..=20).collect::<Vec<_>>(), rows);
+    }
+
+    // Remove node 3: the others carry on; the voter set no longer names it.
+    nodes[&1].change_membership([1, 2].into()).await.expect("remove node 3");
+    let (_, index) = nodes[&1].propose_indexed(Append(21)).await.expect("propose after removal");
+    nodes[&2].wait_applied(index, WAIT).await.expect("node 2 applies");
+    let voters: Vec<u64> = nodes[&1].metrics().membership_config.membership().voter_ids().collect();
+    assert_eq!(vec![1, 2], voters);
+
+    // An unknown node cannot be made a voter.
+    let err = nodes[&1].change_membership([1, 2, 9].into()).await.expect_err("9 was never added");
+    assert!(matches!(err, keel::AdminError::Rejected(_)), "{err}");
+}
