@@ -12,7 +12,8 @@
 //! - [`node`]: `Node<SM>` — start, propose, read, membership, metrics, shutdown.
 //! - [`storage`]: the durable Raft log (raft-log WAL), the state machine adapter (redb), snapshot
 //!   files, and an in-memory log for tests.
-//! - [`network`]: the peer transport seam ([`network::RaftService`]) and the in-process transport.
+//! - [`network`]: the peer transport seam ([`network::RaftService`]), the gRPC
+//!   transport (tonic) and the in-process transport.
 //! - [`error`]: one error enum per operation family.
 //! - [`codec`]: the byte encodings on disk.
 

@@ -1,9 +1,13 @@
 //! The peer transport seam.
 //!
-//! [`RaftService`] is what a node offers its peers: every transport (in-process channels now, gRPC
-//! later) receives a message, finds the target node's `RaftService` and calls it. The sending side
+//! [`RaftService`] is what a node offers its peers: every transport (in-process channels, gRPC)
+//! receives a message, finds the target node's `RaftService` and calls it. The sending side
 //! is openraft's `RaftNetworkFactory`/`RaftNetworkV2`, implemented per transport.
+//!
+//! - [`in_process`]: nodes of one process, through a shared router (tests, simulations).
+//! - [`grpc`]: nodes on a network, over gRPC (tonic): [`grpc::PeerServer`] and [`grpc::GrpcNetwork`].
 
+pub mod grpc;
 pub mod in_process;
 
 use std::future::Future;

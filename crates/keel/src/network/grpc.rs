@@ -1,0 +1,459 @@
+//! The gRPC peer transport (tonic, plaintext HTTP/2).
+//!
+//! - Receiving: [`PeerServer`] serves one node's [`RaftService`] as the `RaftPeer` gRPC service of
+//!   `proto/peer.proto`; [`serve`] runs it on a bound listener until a shutdown signal.
+//! - Sending: [`GrpcNetwork`] is the node's `RaftNetworkFactory`; each [`GrpcConnection`] is a
+//!   lazily connected channel to one peer (`NodeInfo::peer_addr`) that reconnects on its own.
+//!
+//! Messages travel as the postcard encoding ([`crate::codec`]) of the openraft types, wrapped in a
+//! request that names the target node and the cluster: a node refuses (`FAILED_PRECONDITION`) a
+//! message meant for another node or another cluster, e.g. after an address was reused. Snapshots
+//! stream as a header followed by chunks of at most [`SNAPSHOT_CHUNK_BYTES`], read from the file
+//! at most two chunks ahead of the network.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use openraft::errors::NetworkError;
+use openraft::errors::RPCError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::StreamingError;
+use openraft::errors::Timeout;
+use openraft::errors::Unreachable;
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::RPCOption;
+use openraft::network::RPCTypes;
+use openraft::network::RaftNetworkFactory;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use openraft::OptionalSend;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+use tonic::Code;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use self::proto::raft_peer_client::RaftPeerClient;
+use self::proto::raft_peer_server::RaftPeer;
+use self::proto::raft_peer_server::RaftPeerServer;
+use self::proto::snapshot_chunk::Item;
+use self::proto::PeerReply;
+use self::proto::PeerRequest;
+use self::proto::SnapshotChunk;
+use self::proto::SnapshotHeader;
+use super::snapshot_chunks;
+use super::RaftService;
+use super::ServiceError;
+use super::SnapshotChunks;
+use super::SNAPSHOT_CHUNK_BYTES;
+use crate::codec;
+use crate::storage::snapshot::SnapshotFile;
+use crate::types::KeelTypes;
+use crate::types::NodeId;
+use crate::types::NodeInfo;
+use crate::types::SnapshotMeta;
+use crate::types::Vote;
+
+/// The messages and service stubs generated from `proto/peer.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("keel.peer.v1");
+}
+
+/// The largest gRPC message either side accepts (an append-entries batch of large commands can
+/// exceed tonic's 4 MiB default).
+pub const MAX_MESSAGE_BYTES: usize = codec::MAX_VALUE_BYTES;
+
+/// How long a connection attempt to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a peer connection is pinged (HTTP/2 keep-alive), and how long a ping may go
+/// unanswered before the connection is dropped and re-established.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+/// Serves one node's [`RaftService`] to its peers over gRPC.
+#[derive(Clone)]
+pub struct PeerServer {
+    cluster: String,
+    node_id: NodeId,
+    service: Arc<dyn RaftService>,
+}
+
+impl PeerServer {
+    /// `cluster` and `node_id` are what every incoming message must name as its target.
+    pub fn new(cluster: impl Into<String>, node_id: NodeId, service: Arc<dyn RaftService>) -> Self {
+        Self { cluster: cluster.into(), node_id, service }
+    }
+
+    /// The tonic service, to add to a `tonic::transport::Server` of your own.
+    pub fn into_service(self) -> RaftPeerServer<PeerServer> {
+        RaftPeerServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn check(&self, target_id: NodeId, cluster: &str) -> Result<(), Status> {
+        if target_id == self.node_id && cluster == self.cluster {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "wrong recipient: this is node {} of cluster {:?}, but the message is for node \
+             {target_id} of cluster {cluster:?}; ensure connection to the correct node",
+            self.node_id, self.cluster
+        )))
+    }
+
+    /// Checks the recipient and decodes the payload.
+    fn decode<T: DeserializeOwned>(&self, request: Request<PeerRequest>) -> Result<T, Status> {
+        let req = request.into_inner();
+        self.check(req.target_id, &req.cluster)?;
+        codec::from_bytes(&req.payload)
+            .map_err(|e| Status::invalid_argument(format!("payload does not decode: {e}")))
+    }
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<PeerReply>, Status> {
+    let payload =
+        codec::to_bytes(value).map_err(|e| Status::internal(format!("reply does not encode: {e}")))?;
+    Ok(Response::new(PeerReply { payload }))
+}
+
+fn service_status(e: ServiceError) -> Status {
+    match e {
+        ServiceError::Stopped(_) => Status::unavailable(e.to_string()),
+        ServiceError::Snapshot(_) => Status::data_loss(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerServer {
+    async fn append_entries(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let rpc: AppendEntriesRequest<KeelTypes> = self.decode(request)?;
+        reply(&self.service.append_entries(rpc).await.map_err(service_status)?)
+    }
+
+    async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let rpc: VoteRequest<KeelTypes> = self.decode(request)?;
+        reply(&self.service.vote(rpc).await.map_err(service_status)?)
+    }
+
+    async fn pre_vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let rpc: VoteRequest<KeelTypes> = self.decode(request)?;
+        reply(&self.service.pre_vote(rpc).await.map_err(service_status)?)
+    }
+
+    async fn transfer_leader(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req: TransferLeaderRequest<KeelTypes> = self.decode(request)?;
+        reply(&self.service.transfer_leader(req).await.map_err(service_status)?)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<tonic::Streaming<SnapshotChunk>>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(SnapshotChunk { item: Some(Item::Header(h)) }) => h,
+            Some(_) => return Err(Status::invalid_argument("snapshot stream must start with a header")),
+            None => return Err(Status::invalid_argument("empty snapshot stream")),
+        };
+        self.check(header.target_id, &header.cluster)?;
+        let vote: Vote = codec::from_bytes(&header.vote)
+            .map_err(|e| Status::invalid_argument(format!("snapshot vote does not decode: {e}")))?;
+        let meta: SnapshotMeta = codec::from_bytes(&header.meta)
+            .map_err(|e| Status::invalid_argument(format!("snapshot meta does not decode: {e}")))?;
+
+        let chunks: SnapshotChunks = Box::pin(stream.map(|msg| match msg {
+            Ok(SnapshotChunk { item: Some(Item::Data(data)) }) if data.len() <= SNAPSHOT_CHUNK_BYTES => {
+                Ok(data)
+            }
+            Ok(SnapshotChunk { item: Some(Item::Data(data)) }) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot chunk of {} bytes exceeds {SNAPSHOT_CHUNK_BYTES}", data.len()),
+            )),
+            Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected message in snapshot stream")),
+            Err(status) => Err(io::Error::other(format!("snapshot stream failed: {status}"))),
+        }));
+        let resp = self.service.install_snapshot(vote, meta, chunks).await.map_err(service_status)?;
+        reply(&resp)
+    }
+}
+
+/// Serves `server` on `listener` until `shutdown` completes, then stops accepting, lets requests in
+/// flight finish and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    server: PeerServer,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .serve_with_incoming_shutdown(server.into_service(), incoming, shutdown)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+/// The [`RaftNetworkFactory`] of node `from` in cluster `cluster`: reaches peers over gRPC at
+/// their `NodeInfo::peer_addr` (`host:port`).
+#[derive(Clone, Debug)]
+pub struct GrpcNetwork {
+    cluster: String,
+    from: NodeId,
+}
+
+impl GrpcNetwork {
+    pub fn new(cluster: impl Into<String>, from: NodeId) -> Self {
+        Self { cluster: cluster.into(), from }
+    }
+}
+
+impl RaftNetworkFactory<KeelTypes> for GrpcNetwork {
+    type Network = GrpcConnection;
+
+    /// Does not connect: the channel connects on first use and reconnects after failures.
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
+        let client = Endpoint::from_shared(format!("http://{}", node.peer_addr))
+            .map(|e| {
+                let channel = e
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    // Detect a silently dead peer (host gone, partition) so the channel reconnects
+                    // instead of timing out every call on a connection that will never answer.
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+                    .connect_lazy();
+                RaftPeerClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            })
+            .map_err(|e| format!("invalid peer address {:?} of node {target}: {e}", node.peer_addr));
+        if let Err(e) = &client {
+            tracing::warn!(from = self.from, target, "{e}");
+        }
+        GrpcConnection { cluster: self.cluster.clone(), from: self.from, target, client }
+    }
+}
+
+/// One node's gRPC client to one peer.
+pub struct GrpcConnection {
+    cluster: String,
+    from: NodeId,
+    target: NodeId,
+    /// `Err` if the peer's address is invalid: every call then answers `Unreachable`.
+    client: Result<RaftPeerClient<Channel>, String>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    AppendEntries,
+    Vote,
+    PreVote,
+    TransferLeader,
+}
+
+impl Method {
+    fn rpc_type(self) -> RPCTypes {
+        match self {
+            Method::AppendEntries => RPCTypes::AppendEntries,
+            Method::Vote | Method::PreVote => RPCTypes::Vote,
+            Method::TransferLeader => RPCTypes::TransferLeader,
+        }
+    }
+}
+
+/// What a failed call means to openraft: back off (`Unreachable`), retry now (`Network`) or
+/// `Timeout`.
+enum Failure {
+    Unreachable(String),
+    Network(String),
+    Timeout,
+}
+
+impl Failure {
+    fn from_status(target: NodeId, status: &Status) -> Self {
+        let msg = format!("node {target}: {:?}: {}", status.code(), status.message());
+        match status.code() {
+            Code::DeadlineExceeded => Failure::Timeout,
+            // A request cut off mid-flight (connection reset, stream refused): retry right away.
+            Code::Unknown | Code::Internal | Code::Cancelled | Code::ResourceExhausted => {
+                Failure::Network(msg)
+            }
+            // Connection refused, node stopped, wrong recipient, incompatible peer: back off.
+            _ => Failure::Unreachable(msg),
+        }
+    }
+}
+
+impl GrpcConnection {
+    fn client(&self) -> Result<RaftPeerClient<Channel>, Unreachable<KeelTypes>> {
+        self.client.clone().map_err(Unreachable::from_string)
+    }
+
+    fn timeout(&self, action: RPCTypes, timeout: Duration) -> Timeout<KeelTypes> {
+        Timeout { action, id: self.from, target: self.target, timeout }
+    }
+
+    async fn call<Req, Resp>(
+        &self,
+        method: Method,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<KeelTypes>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let mut client = self.client()?;
+        let payload = codec::to_bytes(rpc).map_err(|e| NetworkError::from_string(format!("encode: {e}")))?;
+        let req = PeerRequest { target_id: self.target, cluster: self.cluster.clone(), payload };
+        let ttl = option.soft_ttl();
+        let call = async move {
+            match method {
+                Method::AppendEntries => client.append_entries(req).await,
+                Method::Vote => client.vote(req).await,
+                Method::PreVote => client.pre_vote(req).await,
+                Method::TransferLeader => client.transfer_leader(req).await,
+            }
+        };
+        let status = match tokio::time::timeout(ttl, call).await {
+            Err(_) => return Err(self.timeout(method.rpc_type(), ttl).into()),
+            Ok(Ok(resp)) => {
+                return codec::from_bytes(&resp.into_inner().payload).map_err(|e| {
+                    Unreachable::from_string(format!("reply from node {} does not decode: {e}", self.target))
+                        .into()
+                })
+            }
+            Ok(Err(status)) => status,
+        };
+        Err(match Failure::from_status(self.target, &status) {
+            Failure::Timeout => self.timeout(method.rpc_type(), ttl).into(),
+            Failure::Network(msg) => NetworkError::from_string(msg).into(),
+            Failure::Unreachable(msg) => Unreachable::from_string(msg).into(),
+        })
+    }
+}
+
+impl RaftNetworkV2<KeelTypes> for GrpcConnection {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<KeelTypes>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<KeelTypes>, RPCError<KeelTypes>> {
+        self.call(Method::AppendEntries, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<KeelTypes>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<KeelTypes>, RPCError<KeelTypes>> {
+        self.call(Method::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<KeelTypes>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<KeelTypes>, RPCError<KeelTypes>> {
+        self.call(Method::PreVote, &rpc, &option).await
+    }
+
+    /// Streams the header, then the file in chunks; no timeout but `cancel` (a snapshot may take
+    /// long), which drops the stream and so aborts the transfer on the receiver too.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<KeelTypes, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<KeelTypes>, StreamingError<KeelTypes>> {
+        let mut client = self.client()?;
+        let encode =
+            |what: &str, e: io::Error| NetworkError::from_string(format!("encode snapshot {what}: {e}"));
+        let header = SnapshotHeader {
+            target_id: self.target,
+            cluster: self.cluster.clone(),
+            vote: codec::to_bytes(&vote).map_err(|e| encode("vote", e))?,
+            meta: codec::to_bytes(&snapshot.meta).map_err(|e| encode("meta", e))?,
+        };
+        // A pump task feeds the request stream (header, then chunks) through a one-slot channel. A
+        // local read error ends the stream early (the receiver then rejects the short file) and is
+        // kept to report the real cause.
+        let read_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(1);
+        let mut chunks = snapshot_chunks(snapshot.snapshot);
+        let slot = read_error.clone();
+        tokio::spawn(async move {
+            if tx.send(SnapshotChunk { item: Some(Item::Header(header)) }).await.is_err() {
+                return;
+            }
+            while let Some(chunk) = chunks.next().await {
+                match chunk {
+                    Ok(data) => {
+                        if tx.send(SnapshotChunk { item: Some(Item::Data(data)) }).await.is_err() {
+                            return; // the transfer was cancelled or failed
+                        }
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = slot.lock() {
+                            *slot = Some(e);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+
+        let result = tokio::select! {
+            res = client.install_snapshot(stream) => res,
+            closed = cancel => return Err(closed.into()),
+        };
+        if let Some(e) = read_error.lock().ok().and_then(|mut slot| slot.take()) {
+            return Err(Unreachable::from_string(format!("reading local snapshot file: {e}")).into());
+        }
+        match result {
+            Ok(resp) => codec::from_bytes(&resp.into_inner().payload).map_err(|e| {
+                Unreachable::from_string(format!(
+                    "snapshot reply from node {} does not decode: {e}",
+                    self.target
+                ))
+                .into()
+            }),
+            Err(status) => Err(match Failure::from_status(self.target, &status) {
+                Failure::Timeout => self.timeout(RPCTypes::InstallSnapshot, Duration::ZERO).into(),
+                Failure::Network(msg) => NetworkError::from_string(msg).into(),
+                Failure::Unreachable(msg) => Unreachable::from_string(msg).into(),
+            }),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<KeelTypes>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<KeelTypes>, RPCError<KeelTypes>> {
+        self.call(Method::TransferLeader, &req, &option).await
+    }
+}

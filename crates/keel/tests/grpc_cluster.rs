@@ -1,0 +1,411 @@
+//! Clusters over the real gRPC peer transport on loopback: replication, snapshot catch-up, and
+//! refusal of misaddressed or malformed messages.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use keel::network::grpc;
+use keel::network::grpc::proto::raft_peer_client::RaftPeerClient;
+use keel::network::grpc::proto::PeerRequest;
+use keel::network::grpc::GrpcNetwork;
+use keel::network::grpc::PeerServer;
+use keel::openraft;
+use keel::Node;
+use keel::NodeInfo;
+use support::check_ledger;
+use support::read_ledger;
+use support::test_config;
+use support::Append;
+use support::Ledger;
+use support::WAIT;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const CLUSTER: &str = "grpc-test";
+
+/// A node and the gRPC server that serves it to its peers.
+struct Peer {
+    node: Node<Ledger>,
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Peer {
+    fn info(&self) -> NodeInfo {
+        NodeInfo::new(self.addr.to_string(), "")
+    }
+
+    /// Stops the server (it lets requests in flight finish), then the node.
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.server.await.expect("server task").expect("server stops cleanly");
+        self.node.shutdown().await.expect("clean node shutdown");
+    }
+}
+
+/// Binds a loopback listener on a free port, starts node `id` and serves it there.
+async fn start_peer(id: u64, dir: &Path, tune: &impl Fn(&mut keel::Config)) -> Peer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let mut config = test_config(id, &dir.join(format!("n{id}")));
+    tune(&mut config);
+    let node = Node::start(config, Ledger, GrpcNetwork::new(CLUSTER, id)).await.expect("node starts");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = PeerServer::new(CLUSTER, id, node.service());
+    let server = tokio::spawn(grpc::serve(listener, server, async {
+        let _ = stopped.await;
+    }));
+    Peer { node, addr, stop, server }
+}
+
+struct Cluster {
+    peers: BTreeMap<u64, Peer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` nodes, each on its own listener, and initializes them as one cluster.
+    async fn start(n: u64, tune: impl Fn(&mut keel::Config)) -> Cluster {
+        support::init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut peers = BTreeMap::new();
+        for id in 1..=n {
+            peers.insert(id, start_peer(id, dir.path(), &tune).await);
+        }
+        let members = peers.iter().map(|(id, p)| (*id, p.info())).collect();
+        peers[&1].node.initialize(members).await.expect("initialize");
+        Cluster { peers, _dir: dir }
+    }
+
+    fn node(&self, id: u64) -> &Node<Ledger> {
+        &self.peers[&id].node
+    }
+
+    async fn leader(&self) -> u64 {
+        self.node(1).wait_for_leader(WAIT, None).await.expect("leader elected")
+    }
+
+    /// Waits until every node applied `index`, checks and returns each node's ledger.
+    async fn converge(&self, index: u64) -> BTreeMap<u64, Vec<u64>> {
+        let mut out = BTreeMap::new();
+        for (id, p) in &self.peers {
+            p.node.wait_applied(index, WAIT).await.expect("caught up");
+            let (rows, count, sum) = p.node.read_local(|_, t| read_ledger(t)).expect("read");
+            check_ledger(&rows, count, sum);
+            out.insert(*id, rows);
+        }
+        out
+    }
+
+    async fn shutdown(self) {
+        for (_, p) in self.peers {
+            p.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_replicate_over_grpc() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let mut last = 0;
+    for i in 0..100 {
+        let (seq, index) = c.node(leader).propose_indexed(Append(i)).await.expect("propose");
+        assert_eq!(i, seq);
+        last = index;
+    }
+    let all = c.converge(last).await;
+    for rows in all.values() {
+        assert_eq!(&(0..100).collect::<Vec<_>>(), rows);
+    }
+    let (rows, _, _) = c.node(leader).read(|_, t| read_ledger(t)).await.expect("linearizable read");
+    assert_eq!((0..100).collect::<Vec<_>>(), rows);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_node_catches_up_by_snapshot_over_grpc() {
+    let tune = |c: &mut keel::Config| {
+        c.raft.snapshot_every = 50;
+        c.raft.logs_to_keep_after_snapshot = 10;
+    };
+    let mut c = Cluster::start(2, tune).await;
+    let leader = c.leader().await;
+    let mut last = 0;
+    for i in 0..400 {
+        last = c.node(leader).propose_indexed(Append(i)).await.expect("propose").1;
+    }
+    // The leader snapshotted and purged its log: a new node can only start from a snapshot.
+    c.node(leader)
+        .wait_for(WAIT, "leader purged its log", |m| m.purged.is_some_and(|p| p.index > 100))
+        .await
+        .expect("snapshot and purge on the leader");
+
+    let new = start_peer(3, c._dir.path(), &tune).await;
+    let info = new.info();
+    c.peers.insert(3, new);
+    c.node(leader).add_learner(3, info, true).await.expect("add learner");
+    c.node(leader).change_membership([1, 2, 3].into()).await.expect("promote to voter");
+    let (_, index) = c.node(leader).propose_indexed(Append(400)).await.expect("propose in 3-node cluster");
+    last = last.max(index);
+
+    let all = c.converge(last).await;
+    assert_eq!(all[&3], (0..=400).collect::<Vec<_>>());
+    assert!(all.values().all(|r| r == &all[&3]), "replicas diverge");
+    let snap = c.node(3).metrics().snapshot.expect("node 3 installed a snapshot");
+    assert!(snap.index > 100, "node 3 started from the leader's snapshot, got {snap:?}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn misaddressed_and_malformed_messages_are_refused() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let follower = *c.peers.keys().find(|&&id| id != leader).expect("a follower");
+    let addr = c.peers[&follower].addr;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = RaftPeerClient::new(channel);
+
+    // A real vote request, so only the addressing is wrong.
+    let vote_req =
+        openraft::raft::VoteRequest::<keel::types::KeelTypes>::new(c.node(follower).metrics().vote, None);
+    let payload = keel::codec::to_bytes(&vote_req).expect("encode");
+
+    let wrong_id = follower + 10;
+    let status = client
+        .vote(PeerRequest { target_id: wrong_id, cluster: CLUSTER.into(), payload: payload.clone() })
+        .await
+        .expect_err("wrong target id is refused");
+    assert_eq!(tonic::Code::FailedPrecondition, status.code(), "{status:?}");
+    let msg = status.message();
+    assert!(msg.contains(&format!("node {follower}")) && msg.contains(&format!("node {wrong_id}")), "{msg}");
+    assert!(msg.contains("ensure connection to the correct node"), "{msg}");
+
+    let status = client
+        .append_entries(PeerRequest {
+            target_id: follower,
+            cluster: "other".into(),
+            payload: payload.clone(),
+        })
+        .await
+        .expect_err("wrong cluster is refused");
+    assert_eq!(tonic::Code::FailedPrecondition, status.code(), "{status:?}");
+    let msg = status.message();
+    assert!(msg.contains(&format!("{CLUSTER:?}")) && msg.contains("\"other\""), "{msg}");
+
+    let status = client
+        .append_entries(PeerRequest { target_id: follower, cluster: CLUSTER.into(), payload: vec![0xff; 7] })
+        .await
+        .expect_err("garbage payload is refused");
+    assert_eq!(tonic::Code::InvalidArgument, status.code(), "{status:?}");
+
+    // The cluster keeps working, through the follower that saw the bad requests.
+    let (_, index) = c.node(leader).propose_indexed(Append(1)).await.expect("propose after bad requests");
+    c.converge(index).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_loss_and_restart_on_the_same_address() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let first = c.leader().await;
+    for i in 0..50 {
+        c.node(first).propose(Append(i)).await.expect("propose");
+    }
+    let old = c.peers.remove(&first).expect("running");
+    let addr = old.addr;
+    old.shutdown().await;
+
+    // The others find the old leader's address refusing connections, and elect a new leader.
+    let any = *c.peers.keys().next().expect("a live node");
+    let second = c.node(any).wait_for_leader(WAIT, Some(first)).await.expect("new leader");
+    let mut last = 0;
+    for i in 50..100 {
+        last = c.node(second).propose_indexed(Append(i)).await.expect("propose on new leader").1;
+    }
+
+    // The old leader restarts from its data dir on its old address; the peers' lazy channels
+    // reconnect on their own.
+    let listener = TcpListener::bind(addr).await.expect("rebind the old address");
+    let node = Node::start(test_config(first, &c._dir.path().join(format!("n{first}"))), Ledger, {
+        GrpcNetwork::new(CLUSTER, first)
+    })
+    .await
+    .expect("node restarts");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server =
+        tokio::spawn(grpc::serve(listener, PeerServer::new(CLUSTER, first, node.service()), async {
+            let _ = stopped.await;
+        }));
+    c.peers.insert(first, Peer { node, addr, stop, server });
+
+    let all = c.converge(last).await;
+    for rows in all.values() {
+        assert_eq!(&(0..100).collect::<Vec<_>>(), rows);
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_or_dead_addresses_are_unreachable() {
+    use keel::openraft::errors::RPCError;
+    use keel::openraft::network::v2::RaftNetworkV2;
+    use keel::openraft::network::RPCOption;
+    use keel::openraft::network::RaftNetworkFactory;
+    use keel::openraft::raft::VoteRequest;
+    use keel::types::KeelTypes;
+
+    let req = || VoteRequest::<KeelTypes>::new(keel::types::Vote::new(1, 1), None);
+    let option = RPCOption::new(std::time::Duration::from_secs(5));
+    let mut network = GrpcNetwork::new(CLUSTER, 1);
+
+    // No address at all: an invalid URI, refused without connecting.
+    let mut conn = network.new_client(2, &NodeInfo::default()).await;
+    let err = conn.vote(req(), option.clone()).await.expect_err("no address");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+
+    // A port nobody listens on: connection refused.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let mut conn = network.new_client(2, &NodeInfo::new(addr.to_string(), "")).await;
+    let err = conn.vote(req(), option).await.expect_err("nobody listens");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+}
+
+/// A fake node that records the snapshot chunks it receives and is otherwise stopped.
+#[derive(Default)]
+struct SnapshotSink {
+    chunks: std::sync::Mutex<Vec<usize>>,
+}
+
+impl keel::network::RaftService for SnapshotSink {
+    fn append_entries(
+        &self,
+        _: openraft::raft::AppendEntriesRequest<keel::types::KeelTypes>,
+    ) -> keel::network::BoxFuture<
+        '_,
+        Result<openraft::raft::AppendEntriesResponse<keel::types::KeelTypes>, keel::network::ServiceError>,
+    > {
+        Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
+    }
+
+    fn vote(
+        &self,
+        _: openraft::raft::VoteRequest<keel::types::KeelTypes>,
+    ) -> keel::network::BoxFuture<
+        '_,
+        Result<openraft::raft::VoteResponse<keel::types::KeelTypes>, keel::network::ServiceError>,
+    > {
+        Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
+    }
+
+    fn pre_vote(
+        &self,
+        _: openraft::raft::VoteRequest<keel::types::KeelTypes>,
+    ) -> keel::network::BoxFuture<
+        '_,
+        Result<openraft::raft::VoteResponse<keel::types::KeelTypes>, keel::network::ServiceError>,
+    > {
+        Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
+    }
+
+    fn install_snapshot(
+        &self,
+        vote: keel::types::Vote,
+        _meta: keel::types::SnapshotMeta,
+        mut chunks: keel::network::SnapshotChunks,
+    ) -> keel::network::BoxFuture<
+        '_,
+        Result<openraft::raft::SnapshotResponse<keel::types::KeelTypes>, keel::network::ServiceError>,
+    > {
+        Box::pin(async move {
+            use futures_util::StreamExt;
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| keel::network::ServiceError::Snapshot(e.to_string()))?;
+                self.chunks.lock().expect("lock").push(chunk.len());
+            }
+            Ok(openraft::raft::SnapshotResponse::new(vote))
+        })
+    }
+
+    fn transfer_leader(
+        &self,
+        _: openraft::raft::TransferLeaderRequest<keel::types::KeelTypes>,
+    ) -> keel::network::BoxFuture<
+        '_,
+        Result<openraft::raft::TransferLeaderResponse<keel::types::KeelTypes>, keel::network::ServiceError>,
+    > {
+        Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
+    }
+}
+
+#[tokio::test]
+async fn snapshot_stream_is_checked_chunk_by_chunk() {
+    use keel::network::grpc::proto::snapshot_chunk::Item;
+    use keel::network::grpc::proto::SnapshotChunk;
+    use keel::network::grpc::proto::SnapshotHeader;
+    use keel::network::SNAPSHOT_CHUNK_BYTES;
+
+    let sink = std::sync::Arc::new(SnapshotSink::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(grpc::serve(listener, PeerServer::new(CLUSTER, 7, sink.clone()), async {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = RaftPeerClient::new(channel).max_encoding_message_size(4 * SNAPSHOT_CHUNK_BYTES);
+
+    let vote = keel::types::Vote::new(3, 1);
+    let meta = keel::types::SnapshotMeta { last_log_id: None, last_membership: Default::default() };
+    let header = |target_id| SnapshotChunk {
+        item: Some(Item::Header(SnapshotHeader {
+            target_id,
+            cluster: CLUSTER.into(),
+            vote: keel::codec::to_bytes(&vote).expect("encode"),
+            meta: keel::codec::to_bytes(&meta).expect("encode"),
+        })),
+    };
+    let data = |n| SnapshotChunk { item: Some(Item::Data(vec![7u8; n])) };
+
+    // A header and three chunks arrive in order, as a stream.
+    let msgs = vec![header(7), data(SNAPSHOT_CHUNK_BYTES), data(SNAPSHOT_CHUNK_BYTES), data(10)];
+    let reply = client.install_snapshot(futures_util::stream::iter(msgs)).await.expect("snapshot accepted");
+    let resp: openraft::raft::SnapshotResponse<keel::types::KeelTypes> =
+        keel::codec::from_bytes(&reply.into_inner().payload).expect("decode reply");
+    assert_eq!(vote, resp.vote);
+    assert_eq!(vec![SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNK_BYTES, 10], *sink.chunks.lock().expect("lock"));
+
+    // Wrong recipient, missing header, oversized chunk: refused, the stream is not installed.
+    let status = client.install_snapshot(futures_util::stream::iter(vec![header(8), data(1)])).await;
+    assert_eq!(tonic::Code::FailedPrecondition, status.expect_err("wrong node").code());
+    let status = client.install_snapshot(futures_util::stream::iter(vec![data(1)])).await;
+    assert_eq!(tonic::Code::InvalidArgument, status.expect_err("no header").code());
+    let msgs = vec![header(7), data(SNAPSHOT_CHUNK_BYTES + 1)];
+    let status = client.install_snapshot(futures_util::stream::iter(msgs)).await;
+    assert_eq!(tonic::Code::DataLoss, status.expect_err("oversized chunk").code());
+
+    // A stopped node answers Unavailable.
+    let payload =
+        keel::codec::to_bytes(&openraft::raft::VoteRequest::<keel::types::KeelTypes>::new(vote, None))
+            .expect("encode");
+    let status = client.vote(PeerRequest { target_id: 7, cluster: CLUSTER.into(), payload }).await;
+    assert_eq!(tonic::Code::Unavailable, status.expect_err("stopped").code());
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("server stops cleanly");
+}
