@@ -61,6 +61,9 @@ pub struct RaftConfig {
     pub read_policy: ReadPolicy,
     /// Pre-vote keeps a partitioned node from inflating terms and disrupting the leader on return.
     pub pre_vote: bool,
+    /// How long a follower keeps trying to hand a request to the leader (across elections) before
+    /// it answers "no leader". 0 turns forwarding off: followers answer `NotLeader` at once.
+    pub forward_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,6 +116,7 @@ impl Default for RaftConfig {
             max_payload_entries: 512,
             read_policy: ReadPolicy::ReadIndex,
             pre_vote: true,
+            forward_timeout_ms: 5_000,
         }
     }
 }

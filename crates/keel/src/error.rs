@@ -67,6 +67,10 @@ pub enum ProposeError {
     /// The node stopped (shut down, or a storage failure made it halt).
     #[error("node stopped: {0}")]
     Stopped(String),
+    /// The proposal was forwarded to the leader and the connection failed before the answer came
+    /// back: it may or may not have been applied.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
 }
 
 /// A read failed.
@@ -97,12 +101,22 @@ pub enum AdminError {
     Rejected(String),
     #[error("node stopped: {0}")]
     Stopped(String),
+    /// Forwarded to the leader, and the connection failed before the answer: it may have happened.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
 }
 
 impl ProposeError {
     /// Whether retrying (at another node, or later) can succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::NotLeader(_) | Self::Discarded(_))
+    }
+}
+
+impl AdminError {
+    /// Whether retrying (at another node, or later) can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::NotLeader(_) | Self::Retry(_))
     }
 }
 

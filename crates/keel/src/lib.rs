@@ -14,12 +14,14 @@
 //!   files, and an in-memory log for tests.
 //! - [`network`]: the peer transport seam ([`network::RaftService`]), the gRPC
 //!   transport (tonic) and the in-process transport.
+//! - [`forward`]: how a follower hands writes, read indexes and membership changes to the leader.
 //! - [`error`]: one error enum per operation family.
 //! - [`codec`]: the byte encodings on disk.
 
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod forward;
 pub mod network;
 pub mod node;
 pub mod state_machine;

@@ -6,23 +6,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::ClientWriteError;
-use openraft::errors::LinearizableReadError;
 use openraft::errors::RaftError;
 use openraft::network::NetSnapshot;
 use openraft::network::RaftNetworkFactory;
+use openraft::ChangeMembers;
 use redb::ReadTransaction;
 use redb::ReadableDatabase;
 
 use crate::codec;
 use crate::config::Config;
-use crate::config::ReadPolicy;
 use crate::error::AdminError;
 use crate::error::NotLeader;
 use crate::error::ProposeError;
 use crate::error::ReadError;
 use crate::error::StartError;
 use crate::error::WaitTimeout;
+use crate::forward;
+use crate::forward::leader_ready;
+use crate::forward::write_failure;
+use crate::forward::ForwardError;
+use crate::forward::ForwardFailure;
+use crate::forward::ForwardReply;
+use crate::forward::ForwardRequest;
+use crate::forward::Forwarder;
+use crate::forward::Timing;
 use crate::network::LocalService;
 use crate::network::RaftService;
 use crate::state_machine::StateMachine;
@@ -37,6 +44,7 @@ use crate::types::NodeId;
 use crate::types::NodeInfo;
 use crate::types::Raft;
 use crate::types::RaftMetrics;
+use crate::types::Reply;
 
 /// One replica of a user state machine.
 pub struct Node<SM: StateMachine> {
@@ -45,16 +53,40 @@ pub struct Node<SM: StateMachine> {
     raft: Raft<SmStore<SM>>,
     shared: Arc<SmShared<SM>>,
     log: LogStore,
+    /// Sends requests to the leader when this node is not it.
+    forwarder: Arc<dyn Forwarder>,
+    timing: Timing,
     /// Complete when the log and the state machine database are closed.
     closed: (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Receiver<()>),
 }
 
-fn write_error(e: RaftError<KeelTypes, ClientWriteError<KeelTypes>>) -> AdminError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminError::NotLeader(f.into()),
-        RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_)) => AdminError::Retry(e.to_string()),
-        RaftError::APIError(e) => AdminError::Rejected(e.to_string()),
-        RaftError::Fatal(f) => AdminError::Stopped(f.to_string()),
+/// Accepts the answer to a forwarded membership change.
+fn done(reply: ForwardReply) -> Option<()> {
+    matches!(reply, ForwardReply::Done).then_some(())
+}
+
+/// The error families of operations that a follower forwards to the leader.
+trait Forwardable: From<ForwardFailure> {
+    /// The forwarded request may or may not have been carried out.
+    fn unknown(e: ForwardError) -> Self;
+}
+
+impl Forwardable for ProposeError {
+    fn unknown(e: ForwardError) -> Self {
+        ProposeError::Unknown(e.to_string())
+    }
+}
+
+impl Forwardable for ReadError {
+    fn unknown(e: ForwardError) -> Self {
+        // A read changes nothing: an unanswered read-index request is just a failed read.
+        ReadError::QuorumUnavailable(e.to_string())
+    }
+}
+
+impl Forwardable for AdminError {
+    fn unknown(e: ForwardError) -> Self {
+        AdminError::Unknown(e.to_string())
     }
 }
 
@@ -63,9 +95,12 @@ impl<SM: StateMachine> Node<SM> {
     ///
     /// A fresh node is not a member of any cluster until [`initialize`](Self::initialize) is called
     /// on one node, or a leader adds it. A restarted node resumes from its data dir.
+    ///
+    /// `network` is the transport: it carries Raft messages and, when this node is not the
+    /// leader, the requests it forwards to the leader.
     pub async fn start<N>(config: Config, sm: SM, network: N) -> Result<Self, StartError>
     where
-        N: RaftNetworkFactory<KeelTypes>,
+        N: RaftNetworkFactory<KeelTypes> + Forwarder + Clone,
         N::Network: NetSnapshot<KeelTypes, SnapshotData = SnapshotFile>,
     {
         config.validate()?;
@@ -83,6 +118,11 @@ impl<SM: StateMachine> Node<SM> {
         shared.closed = Some(sm_closed_tx);
         let shared = Arc::new(shared);
 
+        let forwarder: Arc<dyn Forwarder> = Arc::new(network.clone());
+        let timing = Timing {
+            election_timeout: Duration::from_millis(config.raft.election_timeout_max_ms),
+            read_policy: config.raft.read_policy,
+        };
         let raft = openraft::Raft::new(
             config.id,
             raft_config,
@@ -93,7 +133,16 @@ impl<SM: StateMachine> Node<SM> {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
         tracing::info!(id = config.id, data_dir = %config.data_dir.display(), "node started");
-        Ok(Self { id: config.id, config, raft, shared, log, closed: (log_closed, sm_closed) })
+        Ok(Self {
+            id: config.id,
+            config,
+            raft,
+            shared,
+            log,
+            forwarder,
+            timing,
+            closed: (log_closed, sm_closed),
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -111,7 +160,11 @@ impl<SM: StateMachine> Node<SM> {
 
     /// What this node serves to its peers; register it with the transport.
     pub fn service(&self) -> Arc<dyn RaftService> {
-        Arc::new(LocalService { raft: self.raft.clone(), shared: Arc::downgrade(&self.shared) })
+        Arc::new(LocalService {
+            raft: self.raft.clone(),
+            shared: Arc::downgrade(&self.shared),
+            timing: self.timing,
+        })
     }
 
     /// The user's state machine value (configuration and handles; state lives in the database).
@@ -134,16 +187,42 @@ impl<SM: StateMachine> Node<SM> {
         info: NodeInfo,
         wait_caught_up: bool,
     ) -> Result<(), AdminError> {
-        self.raft.add_learner(id, info, wait_caught_up).await.map(|_| ()).map_err(write_error)
+        let req = ForwardRequest::AddLearner { id, node: info.clone(), blocking: wait_caught_up };
+        let local = || async {
+            self.raft.add_learner(id, info.clone(), wait_caught_up).await.map(|_| ()).map_err(write_failure)
+        };
+        self.on_leader(local, req, done).await
     }
 
     /// Makes `voters` the voting members (joint consensus). Non-voters are kept as learners.
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), AdminError> {
-        self.raft.change_membership(voters, true).await.map(|_| ()).map_err(write_error)
+        self.change_members(ChangeMembers::ReplaceAllVoters(voters), true).await
+    }
+
+    /// Applies a membership change (promote learners, remove voters or nodes, update addresses);
+    /// with `retain`, voters removed from the voter set stay on as learners.
+    pub async fn change_members(
+        &self,
+        change: ChangeMembers<NodeId, NodeInfo>,
+        retain: bool,
+    ) -> Result<(), AdminError> {
+        let req = ForwardRequest::ChangeMembers { change: change.clone(), retain };
+        let local = || async {
+            self.raft.change_membership(change.clone(), retain).await.map(|_| ()).map_err(write_failure)
+        };
+        self.on_leader(local, req, done).await
+    }
+
+    /// Hands leadership to voter `to` and returns once it leads.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), AdminError> {
+        let local = || forward::local_transfer_leader(&self.raft, self.timing, to);
+        self.on_leader(local, ForwardRequest::TransferLeader { to }, done).await
     }
 
     /// Replicates `cmd`, applies it once it is committed, and returns the state machine's response.
-    /// Only the leader accepts proposals; others answer [`ProposeError::NotLeader`].
+    ///
+    /// Any node accepts proposals: a follower forwards them to the leader (unless
+    /// `raft.forward_timeout_ms` is 0, in which case it answers [`ProposeError::NotLeader`]).
     pub async fn propose(&self, cmd: SM::Command) -> Result<SM::Response, ProposeError> {
         self.propose_indexed(cmd).await.map(|(response, _)| response)
     }
@@ -152,54 +231,127 @@ impl<SM: StateMachine> Node<SM> {
     /// then reads from another node can wait for it there (`wait_applied`) to read its own write.
     pub async fn propose_indexed(&self, cmd: SM::Command) -> Result<(SM::Response, LogIndex), ProposeError> {
         let bytes = codec::to_bytes(&cmd).map_err(|e| ProposeError::InvalidCommand(e.to_string()))?;
-        let mut attempt = self.raft.client_write(Command(bytes.clone())).await;
-        if let Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) = &attempt {
-            // A newly elected leader refuses writes until a quorum has acknowledged it (its lease).
-            // That is this node's own transient state, not a reason to send the client elsewhere.
-            if f.leader_id.is_none() && self.await_leader_lease().await {
-                attempt = self.raft.client_write(Command(bytes)).await;
-            }
-        }
-        let resp = attempt.map_err(|e| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader(f.into()),
-            RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_)) => {
-                ProposeError::Discarded(e.to_string())
-            }
-            RaftError::APIError(e) => ProposeError::Stopped(format!("unexpected write error: {e}")),
-            RaftError::Fatal(f) => ProposeError::Stopped(f.to_string()),
-        })?;
-        let response = codec::from_bytes(&resp.data.0)
+        let (reply, index) = self.propose_bytes(Command(bytes)).await?;
+        let response = codec::from_bytes(&reply.0)
             .map_err(|e| ProposeError::Stopped(format!("state machine response does not decode: {e}")))?;
-        Ok((response, resp.log_id.index))
+        Ok((response, index))
     }
 
-    /// If this node is leader, waits (up to an election timeout) until a quorum has acknowledged
-    /// its leadership; true if it is then a leader with a valid lease.
-    async fn await_leader_lease(&self) -> bool {
-        let timeout = Duration::from_millis(self.config.raft.election_timeout_max_ms);
-        let ready =
-            |m: &RaftMetrics| m.state != openraft::ServerState::Leader || m.last_quorum_acked.is_some();
-        match self.wait_for(timeout, "leader lease", ready).await {
-            Ok(m) => m.state == openraft::ServerState::Leader,
-            Err(_) => false,
-        }
+    /// Proposes an already encoded command (see [`codec`]) and answers the encoded reply.
+    pub async fn propose_bytes(&self, cmd: Command) -> Result<(Reply, LogIndex), ProposeError> {
+        let local = || forward::local_write(&self.raft, self.timing, cmd.clone());
+        let written = |reply| match reply {
+            ForwardReply::Written { reply, index } => Some((reply, index)),
+            _ => None,
+        };
+        self.on_leader(local, ForwardRequest::Write(cmd.clone()), written).await
     }
 
     /// A linearizable read: confirms leadership (per `raft.read_policy`), waits until this node has
     /// applied everything committed before the read began, then runs `f` on the state.
+    ///
+    /// On a follower, the leader confirms its leadership and answers the read index; the follower
+    /// waits until it has applied that far and reads its own state.
     pub async fn read<R>(&self, f: impl FnOnce(&SM, &ReadTransaction) -> R) -> Result<R, ReadError> {
-        let policy = match self.config.raft.read_policy {
-            ReadPolicy::ReadIndex => openraft::ReadPolicy::ReadIndex,
-            ReadPolicy::LeaseRead => openraft::ReadPolicy::LeaseRead,
-        };
-        self.raft.ensure_linearizable(policy).await.map_err(|e| match e {
-            RaftError::APIError(LinearizableReadError::ForwardToLeader(f)) => ReadError::NotLeader(f.into()),
-            RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)) => {
-                ReadError::QuorumUnavailable(q.to_string())
-            }
-            RaftError::Fatal(f) => ReadError::Stopped(f.to_string()),
-        })?;
+        self.linearize().await?;
         self.read_local(f)
+    }
+
+    /// Waits until a read on this node would be linearizable (see [`read`](Self::read)).
+    pub async fn linearize(&self) -> Result<(), ReadError> {
+        let local = || forward::local_read_index(&self.raft, self.timing);
+        let read_index = |reply| match reply {
+            ForwardReply::ReadIndex(index) => Some(index),
+            _ => None,
+        };
+        let index: LogIndex =
+            self.on_leader::<_, ReadError, _>(local, ForwardRequest::ReadIndex, read_index).await?;
+        self.wait_applied(index, self.forward_timeout().max(self.timing.election_timeout)).await
+    }
+
+    fn forward_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.raft.forward_timeout_ms)
+    }
+
+    /// Runs `local` here; if this node is not the leader, sends `remote` to the leader instead and
+    /// decodes its answer with `accept`. Retries while leadership is moving, up to
+    /// `raft.forward_timeout_ms`; never retries a request whose outcome is unknown.
+    async fn on_leader<T, E, Fut>(
+        &self,
+        local: impl Fn() -> Fut,
+        remote: ForwardRequest,
+        accept: impl Fn(ForwardReply) -> Option<T>,
+    ) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, ForwardFailure>>,
+        E: Forwardable,
+    {
+        let deadline = tokio::time::Instant::now() + self.forward_timeout();
+        let mut tried: Option<NodeId> = None;
+        loop {
+            let not_leader = match local().await {
+                Ok(v) => return Ok(v),
+                Err(failure) => match failure.not_leader() {
+                    Some(nl) if !self.forward_timeout().is_zero() => nl,
+                    _ => return Err(E::from(failure)),
+                },
+            };
+            let target = match (not_leader.leader_id, not_leader.leader.clone()) {
+                (Some(id), Some(node)) if id != self.id && Some(id) != tried => Some((id, node)),
+                _ => None,
+            };
+            let Some((leader, node)) = target else {
+                // No leader known yet, or the one known just failed us: wait for news, then retry.
+                if !self.wait_leader_change(tried, deadline).await {
+                    return Err(E::from(ForwardFailure::NotLeader {
+                        leader_id: not_leader.leader_id,
+                        leader: not_leader.leader,
+                    }));
+                }
+                tried = None;
+                continue;
+            };
+            tracing::debug!(id = self.id, leader, "forwarding to the leader");
+            match self.forwarder.forward(leader, &node, remote.clone()).await {
+                Ok(ForwardReply::Failed(failure)) => match failure.not_leader() {
+                    Some(_) => tried = Some(leader),
+                    None => return Err(E::from(failure)),
+                },
+                Ok(reply) => {
+                    return accept(reply).ok_or_else(|| {
+                        E::from(ForwardFailure::Stopped(format!(
+                            "leader {leader} answered the wrong kind of reply"
+                        )))
+                    })
+                }
+                Err(e @ ForwardError::Unknown(_)) => return Err(E::unknown(e)),
+                Err(ForwardError::NotSent(e)) => {
+                    tracing::debug!(id = self.id, leader, "forward not sent: {e}");
+                    tried = Some(leader);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let err: E = E::from(ForwardFailure::NotLeader { leader_id: None, leader: None });
+                return Err(err);
+            }
+        }
+    }
+
+    /// Waits until this node knows a leader other than `tried` (and, if it is itself the leader,
+    /// one a quorum has acknowledged), at most until `deadline`. False on timeout.
+    async fn wait_leader_change(&self, tried: Option<NodeId>, deadline: tokio::time::Instant) -> bool {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return false;
+        }
+        // Poll at least every 100 ms: a leader that stays the same may become reachable again.
+        let wait = remaining.min(Duration::from_millis(100));
+        let changed = self
+            .wait_for(wait, "a new leader", |m| {
+                m.current_leader.is_some() && m.current_leader != tried && leader_ready(m)
+            })
+            .await;
+        changed.is_ok() || tokio::time::Instant::now() < deadline
     }
 
     /// A serializable read of this node's applied state: no round trip, possibly stale.

@@ -90,13 +90,25 @@ async fn three_nodes_replicate_and_answer_linearizable_reads() {
     let all = c.converge(last).await;
     assert!(all.values().all(|r| r == &rows), "replicas diverge: {all:?}");
 
-    // A follower refuses writes and names the leader.
+    // Any node accepts writes and linearizable reads: a follower forwards them to the leader, and
+    // its read waits for the leader's read index, so it sees the write it just made.
     let follower = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
-    match c.nodes[&follower].propose(Append(1000)).await {
+    let (seq, _) = c.nodes[&follower].propose_indexed(Append(1000)).await.expect("forwarded propose");
+    assert_eq!(100, seq, "the forwarded command lands at the next slot, once");
+    let (rows, _, _) = c.nodes[&follower].read(|_, t| read_ledger(t)).await.expect("follower read");
+    assert_eq!(101, rows.len(), "a linearizable read on a follower sees the latest write");
+    assert_eq!(Some(&1000), rows.last());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_forwarding_off_a_follower_names_the_leader() {
+    let c = Cluster::start(3, |config| config.raft.forward_timeout_ms = 0).await;
+    let leader = c.leader(None).await;
+    let follower = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
+    match c.nodes[&follower].propose(Append(1)).await {
         Err(ProposeError::NotLeader(nl)) => assert_eq!(Some(leader), nl.leader_id),
         other => panic!("follower propose should be NotLeader, got {other:?}"),
     }
-    // A follower's linearizable read is refused as well (forwarding belongs to the transport).
     assert!(c.nodes[&follower].read(|_, t| read_ledger(t)).await.is_err());
 }
 

@@ -129,6 +129,29 @@ async fn three_nodes_replicate_over_grpc() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn followers_forward_writes_reads_and_admin_to_the_leader() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader().await;
+    let followers: Vec<u64> = c.peers.keys().copied().filter(|&id| id != leader).collect();
+    for (i, &f) in followers.iter().cycle().take(20).enumerate() {
+        let (seq, _) = c.node(f).propose_indexed(Append(i as u64)).await.expect("forwarded propose");
+        assert_eq!(i as u64, seq, "each forwarded command is applied exactly once, in order");
+        let (rows, _, _) = c.node(f).read(|_, t| read_ledger(t)).await.expect("follower read");
+        assert_eq!(i + 1, rows.len(), "node {f} reads its own write linearizably");
+    }
+    // Membership changes from a follower reach the leader too.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let learner = start_peer(4, dir.path(), &|_| {}).await;
+    c.node(followers[0]).add_learner(4, learner.info(), true).await.expect("forwarded add_learner");
+    let m = c.node(leader).metrics();
+    assert!(m.membership_config.membership().get_node(&4).is_some(), "learner 4 is a member");
+    c.node(followers[1]).transfer_leader(followers[0]).await.expect("forwarded transfer");
+    assert_eq!(Some(followers[0]), c.node(leader).leader(), "leadership moved as asked");
+    learner.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_node_catches_up_by_snapshot_over_grpc() {
     let tune = |c: &mut keel::Config| {
         c.raft.snapshot_every = 50;
@@ -296,6 +319,13 @@ impl keel::network::RaftService for SnapshotSink {
         '_,
         Result<openraft::raft::AppendEntriesResponse<keel::types::KeelTypes>, keel::network::ServiceError>,
     > {
+        Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
+    }
+
+    fn forward(
+        &self,
+        _: keel::forward::ForwardRequest,
+    ) -> keel::network::BoxFuture<'_, Result<keel::forward::ForwardReply, keel::network::ServiceError>> {
         Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
     }
 

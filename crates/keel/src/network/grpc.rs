@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use futures_util::StreamExt;
 use openraft::errors::NetworkError;
 use openraft::errors::RPCError;
@@ -54,11 +56,16 @@ use self::proto::PeerRequest;
 use self::proto::SnapshotChunk;
 use self::proto::SnapshotHeader;
 use super::snapshot_chunks;
+use super::BoxFuture;
 use super::RaftService;
 use super::ServiceError;
 use super::SnapshotChunks;
 use super::SNAPSHOT_CHUNK_BYTES;
 use crate::codec;
+use crate::forward::ForwardError;
+use crate::forward::ForwardReply;
+use crate::forward::ForwardRequest;
+use crate::forward::Forwarder;
 use crate::storage::snapshot::SnapshotFile;
 use crate::types::KeelTypes;
 use crate::types::NodeId;
@@ -163,6 +170,11 @@ impl RaftPeer for PeerServer {
         reply(&self.service.transfer_leader(req).await.map_err(service_status)?)
     }
 
+    async fn forward(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req: ForwardRequest = self.decode(request)?;
+        reply(&self.service.forward(req).await.map_err(service_status)?)
+    }
+
     async fn install_snapshot(
         &self,
         request: Request<tonic::Streaming<SnapshotChunk>>,
@@ -213,16 +225,50 @@ pub async fn serve(
 
 /// The [`RaftNetworkFactory`] of node `from` in cluster `cluster`: reaches peers over gRPC at
 /// their `NodeInfo::peer_addr` (`host:port`).
+///
+/// It is also the node's [`Forwarder`]: requests for the leader travel on one cached channel per
+/// peer address.
 #[derive(Clone, Debug)]
 pub struct GrpcNetwork {
     cluster: String,
     from: NodeId,
+    forward_clients: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
 }
 
 impl GrpcNetwork {
     pub fn new(cluster: impl Into<String>, from: NodeId) -> Self {
-        Self { cluster: cluster.into(), from }
+        Self { cluster: cluster.into(), from, forward_clients: Arc::default() }
     }
+
+    /// A lazily connected channel to `node`'s peer address.
+    fn channel(&self, target: NodeId, node: &NodeInfo) -> Result<Channel, String> {
+        let channel = Endpoint::from_shared(format!("http://{}", node.peer_addr))
+            .map(|e| {
+                e.connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    // Detect a silently dead peer (host gone, partition) so the channel reconnects
+                    // instead of timing out every call on a connection that will never answer.
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+                    .connect_lazy()
+            })
+            .map_err(|e| format!("invalid peer address {:?} of node {target}: {e}", node.peer_addr));
+        if let Err(e) = &channel {
+            tracing::warn!(from = self.from, target, "{e}");
+        }
+        channel
+    }
+
+    fn connect(&self, target: NodeId, node: &NodeInfo) -> Result<RaftPeerClient<Channel>, String> {
+        self.channel(target, node).map(peer_client)
+    }
+}
+
+fn peer_client(channel: Channel) -> RaftPeerClient<Channel> {
+    RaftPeerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl RaftNetworkFactory<KeelTypes> for GrpcNetwork {
@@ -230,26 +276,77 @@ impl RaftNetworkFactory<KeelTypes> for GrpcNetwork {
 
     /// Does not connect: the channel connects on first use and reconnects after failures.
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
-        let client = Endpoint::from_shared(format!("http://{}", node.peer_addr))
-            .map(|e| {
-                let channel = e
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    // Detect a silently dead peer (host gone, partition) so the channel reconnects
-                    // instead of timing out every call on a connection that will never answer.
-                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
-                RaftPeerClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-            })
-            .map_err(|e| format!("invalid peer address {:?} of node {target}: {e}", node.peer_addr));
-        if let Err(e) = &client {
-            tracing::warn!(from = self.from, target, "{e}");
-        }
+        let client = self.connect(target, node);
         GrpcConnection { cluster: self.cluster.clone(), from: self.from, target, client }
+    }
+}
+
+/// Whether a failed call certainly did nothing on the receiver: it refused the request (wrong
+/// recipient, undecodable, node stopped) or the connection was never made. A call cut off later
+/// (reset, keep-alive timeout) may have been carried out.
+fn never_sent(status: &Status) -> bool {
+    match status.code() {
+        Code::FailedPrecondition | Code::InvalidArgument => true,
+        Code::Unavailable => {
+            let mut chain = status.message().to_string();
+            let mut source = std::error::Error::source(status);
+            while let Some(e) = source {
+                chain.push_str(": ");
+                chain.push_str(&e.to_string());
+                source = e.source();
+            }
+            ["node stopped", "tcp connect error", "Connection refused", "error trying to connect"]
+                .iter()
+                .any(|marker| chain.contains(marker))
+        }
+        _ => false,
+    }
+}
+
+/// How long a forwarded request may take, including the leader committing a write.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Forwarder for GrpcNetwork {
+    fn forward<'a>(
+        &'a self,
+        target: NodeId,
+        node: &'a NodeInfo,
+        req: ForwardRequest,
+    ) -> BoxFuture<'a, Result<ForwardReply, ForwardError>> {
+        Box::pin(async move {
+            let key = (target, node.peer_addr.clone());
+            let cached = self.forward_clients.lock().ok().and_then(|c| c.get(&key).cloned());
+            let channel = match cached {
+                Some(c) => c,
+                None => {
+                    let c = self.channel(target, node).map_err(ForwardError::NotSent)?;
+                    if let Ok(mut clients) = self.forward_clients.lock() {
+                        clients.insert(key, c.clone());
+                    }
+                    c
+                }
+            };
+            let payload = codec::to_bytes(&req).map_err(|e| ForwardError::NotSent(format!("encode: {e}")))?;
+            let request = PeerRequest { target_id: target, cluster: self.cluster.clone(), payload };
+            let mut client = peer_client(channel);
+            let answer = match tokio::time::timeout(FORWARD_TIMEOUT, client.forward(request)).await {
+                Err(_) => {
+                    return Err(ForwardError::Unknown(format!(
+                        "node {target} did not answer within {FORWARD_TIMEOUT:?}"
+                    )))
+                }
+                Ok(answer) => answer,
+            };
+            match answer {
+                Ok(resp) => codec::from_bytes(&resp.into_inner().payload).map_err(|e| {
+                    ForwardError::Unknown(format!("reply from node {target} does not decode: {e}"))
+                }),
+                Err(status) if never_sent(&status) => {
+                    Err(ForwardError::NotSent(format!("node {target}: {}", status.message())))
+                }
+                Err(status) => Err(ForwardError::Unknown(format!("node {target}: {status}"))),
+            }
+        })
     }
 }
 

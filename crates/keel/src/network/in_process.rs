@@ -27,7 +27,12 @@ use openraft::raft::VoteResponse;
 use openraft::OptionalSend;
 
 use super::snapshot_chunks;
+use super::BoxFuture;
 use super::RaftService;
+use crate::forward::ForwardError;
+use crate::forward::ForwardReply;
+use crate::forward::ForwardRequest;
+use crate::forward::Forwarder;
 use crate::storage::snapshot::SnapshotFile;
 use crate::types::KeelTypes;
 use crate::types::NodeId;
@@ -94,6 +99,7 @@ impl InProcessRouter {
 }
 
 /// The [`RaftNetworkFactory`] of one node on an [`InProcessRouter`].
+#[derive(Clone)]
 pub struct InProcessNetwork {
     router: InProcessRouter,
     from: NodeId,
@@ -176,5 +182,21 @@ impl RaftNetworkV2<KeelTypes> for InProcessConnection {
     ) -> Result<TransferLeaderResponse<KeelTypes>, RPCError<KeelTypes>> {
         let svc = self.service()?;
         Ok(svc.transfer_leader(req).await.map_err(unreachable)?)
+    }
+}
+
+impl Forwarder for InProcessNetwork {
+    fn forward<'a>(
+        &'a self,
+        target: NodeId,
+        _node: &'a NodeInfo,
+        req: ForwardRequest,
+    ) -> BoxFuture<'a, Result<ForwardReply, ForwardError>> {
+        Box::pin(async move {
+            let svc =
+                self.router.route(self.from, target).map_err(|e| ForwardError::NotSent(e.to_string()))?;
+            // In process, a request is either served or refused before anything happens.
+            svc.forward(req).await.map_err(|e| ForwardError::NotSent(e.to_string()))
+        })
     }
 }

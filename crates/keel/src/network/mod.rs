@@ -26,6 +26,10 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use tokio::io::AsyncWriteExt;
 
+use crate::forward;
+use crate::forward::ForwardReply;
+use crate::forward::ForwardRequest;
+use crate::forward::Timing;
 use crate::state_machine::StateMachine;
 use crate::storage::sm_store::SmShared;
 use crate::storage::sm_store::SmStore;
@@ -83,6 +87,9 @@ pub trait RaftService: Send + Sync + 'static {
         &self,
         req: TransferLeaderRequest<KeelTypes>,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<KeelTypes>, ServiceError>>;
+
+    /// Serves a request a follower forwarded to this node as the leader.
+    fn forward(&self, req: ForwardRequest) -> BoxFuture<'_, Result<ForwardReply, ServiceError>>;
 }
 
 /// Streams an open snapshot file in bounded chunks; reads at most two chunks ahead of the consumer.
@@ -127,6 +134,7 @@ pub fn snapshot_chunks(file: SnapshotFile) -> SnapshotChunks {
 pub(crate) struct LocalService<SM: StateMachine> {
     pub raft: Raft<SmStore<SM>>,
     pub shared: std::sync::Weak<SmShared<SM>>,
+    pub timing: Timing,
 }
 
 fn stopped(e: impl std::fmt::Display) -> ServiceError {
@@ -221,5 +229,14 @@ impl<SM: StateMachine> RaftService for LocalService<SM> {
         req: TransferLeaderRequest<KeelTypes>,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<KeelTypes>, ServiceError>> {
         Box::pin(async move { self.raft.handle_transfer_leader(req).await.map_err(stopped) })
+    }
+
+    fn forward(&self, req: ForwardRequest) -> BoxFuture<'_, Result<ForwardReply, ServiceError>> {
+        Box::pin(async move {
+            if self.shared.strong_count() == 0 {
+                return Err(stopped("storage closed"));
+            }
+            Ok(forward::serve(&self.raft, self.timing, req).await)
+        })
     }
 }

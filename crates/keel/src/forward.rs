@@ -1,0 +1,281 @@
+//! Leader forwarding: a follower hands writes, read-index requests and membership changes to the
+//! leader, so a client can talk to any node.
+//!
+//! The follower sends a [`ForwardRequest`] through its transport's [`Forwarder`]; the leader's
+//! [`RaftService::forward`](crate::network::RaftService::forward) serves it with [`serve`]. A
+//! linearizable read is not shipped to the leader: the follower only asks it for a read index (the
+//! leader confirms its leadership with a quorum first), waits until its own state machine has
+//! applied that far, and reads locally — etcd's ReadIndex on followers.
+
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+
+use openraft::errors::ClientWriteError;
+use openraft::errors::LinearizableReadError;
+use openraft::errors::RaftError;
+use openraft::ChangeMembers;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::config::ReadPolicy;
+use crate::error::AdminError;
+use crate::error::NotLeader;
+use crate::error::ProposeError;
+use crate::error::ReadError;
+use crate::network::BoxFuture;
+use crate::state_machine::StateMachine;
+use crate::storage::SmStore;
+use crate::types::Command;
+use crate::types::KeelTypes;
+use crate::types::LogIndex;
+use crate::types::NodeId;
+use crate::types::NodeInfo;
+use crate::types::Raft;
+use crate::types::RaftMetrics;
+use crate::types::Reply;
+
+/// What a follower asks of the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ForwardRequest {
+    /// Propose this encoded command; answer its reply and log index.
+    Write(Command),
+    /// Confirm leadership and answer the index a linearizable read must wait for.
+    ReadIndex,
+    /// Add a learner; with `blocking`, answer once it has caught up.
+    AddLearner { id: NodeId, node: NodeInfo, blocking: bool },
+    /// Change the membership (`retain`: keep removed voters as learners).
+    ChangeMembers { change: ChangeMembers<NodeId, NodeInfo>, retain: bool },
+    /// Hand leadership to `to`.
+    TransferLeader { to: NodeId },
+}
+
+/// The leader's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Written { reply: Reply, index: LogIndex },
+    ReadIndex(LogIndex),
+    Done,
+    Failed(ForwardFailure),
+}
+
+/// Why the leader could not serve a forwarded request. Mirrors the local error enums.
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardFailure {
+    #[error("{}", NotLeader { leader_id: *leader_id, leader: leader.clone() })]
+    NotLeader { leader_id: Option<NodeId>, leader: Option<NodeInfo> },
+    #[error("discarded by a leader change, not applied; retry: {0}")]
+    Discarded(String),
+    #[error("leadership not confirmed by a quorum: {0}")]
+    QuorumUnavailable(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+    #[error("leader stopped: {0}")]
+    Stopped(String),
+}
+
+/// Why a forwarded request got no answer.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The request never left this node (no connection to the leader): safe to retry.
+    #[error("leader unreachable: {0}")]
+    NotSent(String),
+    /// The request may have reached the leader and been carried out: the outcome is unknown.
+    #[error("connection to the leader failed mid-request; the outcome is unknown: {0}")]
+    Unknown(String),
+}
+
+/// The sending side of forwarding, implemented by each transport.
+pub trait Forwarder: Send + Sync + 'static {
+    fn forward<'a>(
+        &'a self,
+        target: NodeId,
+        node: &'a NodeInfo,
+        req: ForwardRequest,
+    ) -> BoxFuture<'a, Result<ForwardReply, ForwardError>>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The leader's side: what a node does itself, for its own clients and for forwarded requests.
+
+/// The settings leader-side operations need.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timing {
+    pub election_timeout: Duration,
+    pub read_policy: ReadPolicy,
+}
+
+/// Serves a forwarded request on this node.
+pub(crate) async fn serve<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    timing: Timing,
+    req: ForwardRequest,
+) -> ForwardReply {
+    let result = match req {
+        ForwardRequest::Write(cmd) => {
+            local_write(raft, timing, cmd).await.map(|(reply, index)| ForwardReply::Written { reply, index })
+        }
+        ForwardRequest::ReadIndex => local_read_index(raft, timing).await.map(ForwardReply::ReadIndex),
+        ForwardRequest::AddLearner { id, node, blocking } => {
+            raft.add_learner(id, node, blocking).await.map(|_| ForwardReply::Done).map_err(write_failure)
+        }
+        ForwardRequest::ChangeMembers { change, retain } => {
+            raft.change_membership(change, retain).await.map(|_| ForwardReply::Done).map_err(write_failure)
+        }
+        ForwardRequest::TransferLeader { to } => {
+            local_transfer_leader(raft, timing, to).await.map(|()| ForwardReply::Done)
+        }
+    };
+    result.unwrap_or_else(ForwardReply::Failed)
+}
+
+/// Proposes `cmd` on this node, which must be the leader.
+pub(crate) async fn local_write<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    timing: Timing,
+    cmd: Command,
+) -> Result<(Reply, LogIndex), ForwardFailure> {
+    let mut attempt = raft.client_write(cmd.clone()).await;
+    if let Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) = &attempt {
+        // A newly elected leader refuses writes until a quorum has acknowledged it (its lease).
+        // That is this node's own transient state, not a reason to send the client elsewhere.
+        if f.leader_id.is_none() && await_leader_lease(raft, timing).await {
+            attempt = raft.client_write(cmd).await;
+        }
+    }
+    attempt.map(|resp| (resp.data, resp.log_id.index)).map_err(write_failure)
+}
+
+/// If this node is leader, waits (up to an election timeout) until a quorum has acknowledged its
+/// leadership; true if it is then a leader with a valid lease.
+async fn await_leader_lease<SM: StateMachine>(raft: &Raft<SmStore<SM>>, timing: Timing) -> bool {
+    let ready = raft.wait(Some(timing.election_timeout)).metrics(leader_ready, "leader lease").await;
+    ready.is_ok_and(|m| m.state == openraft::ServerState::Leader)
+}
+
+/// Confirms this node's leadership (per the read policy) and answers the index a linearizable
+/// read must see applied. Does not wait for this node's own state machine.
+pub(crate) async fn local_read_index<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    timing: Timing,
+) -> Result<LogIndex, ForwardFailure> {
+    let policy = match timing.read_policy {
+        ReadPolicy::ReadIndex => openraft::ReadPolicy::ReadIndex,
+        ReadPolicy::LeaseRead => openraft::ReadPolicy::LeaseRead,
+    };
+    let linearizer = raft.get_read_linearizer(policy).await.map_err(read_failure)?;
+    Ok(linearizer.read_log_id().index())
+}
+
+/// Asks this node (the leader) to hand leadership to `to`, and waits until it has moved.
+pub(crate) async fn local_transfer_leader<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    timing: Timing,
+    to: NodeId,
+) -> Result<(), ForwardFailure> {
+    let m = raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(m.id) {
+        return Err(ForwardFailure::NotLeader {
+            leader_id: m.current_leader,
+            leader: m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned()),
+        });
+    }
+    if to == m.id {
+        return Ok(());
+    }
+    if !m.membership_config.membership().voter_ids().any(|v| v == to) {
+        return Err(ForwardFailure::Rejected(format!("node {to} is not a voter; only a voter can lead")));
+    }
+    raft.trigger().transfer_leader(to).await.map_err(|e| ForwardFailure::Stopped(e.to_string()))?;
+    // The target campaigns at once; allow it a few election timeouts to win.
+    raft.wait(Some(timing.election_timeout * 4))
+        .metrics(|m| m.current_leader == Some(to), "leadership transfer")
+        .await
+        .map(|_| ())
+        .map_err(|e| ForwardFailure::QuorumUnavailable(format!("leadership did not move to node {to}: {e}")))
+}
+
+/// Maps the errors of openraft's write API (shared by proposals and membership changes).
+pub(crate) fn write_failure(e: RaftError<KeelTypes, ClientWriteError<KeelTypes>>) -> ForwardFailure {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ForwardFailure::NotLeader { leader_id: f.leader_id, leader: f.leader_node }
+        }
+        RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_)) => {
+            ForwardFailure::Discarded(e.to_string())
+        }
+        RaftError::APIError(e) => ForwardFailure::Rejected(e.to_string()),
+        RaftError::Fatal(f) => ForwardFailure::Stopped(f.to_string()),
+    }
+}
+
+pub(crate) fn read_failure(e: RaftError<KeelTypes, LinearizableReadError<KeelTypes>>) -> ForwardFailure {
+    match e {
+        RaftError::APIError(LinearizableReadError::ForwardToLeader(f)) => {
+            ForwardFailure::NotLeader { leader_id: f.leader_id, leader: f.leader_node }
+        }
+        RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)) => {
+            ForwardFailure::QuorumUnavailable(q.to_string())
+        }
+        RaftError::Fatal(f) => ForwardFailure::Stopped(f.to_string()),
+    }
+}
+
+impl ForwardFailure {
+    pub(crate) fn not_leader(&self) -> Option<NotLeader> {
+        match self {
+            ForwardFailure::NotLeader { leader_id, leader } => {
+                Some(NotLeader { leader_id: *leader_id, leader: leader.clone() })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<ForwardFailure> for ProposeError {
+    fn from(f: ForwardFailure) -> Self {
+        match f {
+            ForwardFailure::NotLeader { leader_id, leader } => {
+                ProposeError::NotLeader(NotLeader { leader_id, leader })
+            }
+            ForwardFailure::Discarded(m) => ProposeError::Discarded(m),
+            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Rejected(m) => {
+                ProposeError::Stopped(format!("unexpected write error: {m}"))
+            }
+            ForwardFailure::Stopped(m) => ProposeError::Stopped(m),
+        }
+    }
+}
+
+impl From<ForwardFailure> for ReadError {
+    fn from(f: ForwardFailure) -> Self {
+        match f {
+            ForwardFailure::NotLeader { leader_id, leader } => {
+                ReadError::NotLeader(NotLeader { leader_id, leader })
+            }
+            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Discarded(m) => {
+                ReadError::QuorumUnavailable(m)
+            }
+            ForwardFailure::Rejected(m) | ForwardFailure::Stopped(m) => ReadError::Stopped(m),
+        }
+    }
+}
+
+impl From<ForwardFailure> for AdminError {
+    fn from(f: ForwardFailure) -> Self {
+        match f {
+            ForwardFailure::NotLeader { leader_id, leader } => {
+                AdminError::NotLeader(NotLeader { leader_id, leader })
+            }
+            ForwardFailure::Discarded(m) | ForwardFailure::QuorumUnavailable(m) => AdminError::Retry(m),
+            ForwardFailure::Rejected(m) => AdminError::Rejected(m),
+            ForwardFailure::Stopped(m) => AdminError::Stopped(m),
+        }
+    }
+}
+
+/// Whether `m` says this node is a leader whose leadership a quorum has acknowledged (a new
+/// leader refuses writes until then).
+pub(crate) fn leader_ready(m: &RaftMetrics) -> bool {
+    m.state != openraft::ServerState::Leader || m.last_quorum_acked.is_some()
+}
