@@ -48,6 +48,8 @@ pub enum ForwardRequest {
     ChangeMembers { change: ChangeMembers<NodeId, NodeInfo>, retain: bool },
     /// Hand leadership to `to`.
     TransferLeader { to: NodeId },
+    /// Make learner `id` a voter, if it has caught up with the leader.
+    Promote { id: NodeId },
 }
 
 /// The leader's answer.
@@ -125,6 +127,7 @@ pub(crate) async fn serve<SM: StateMachine>(
         ForwardRequest::TransferLeader { to } => {
             local_transfer_leader(raft, timing, to).await.map(|()| ForwardReply::Done)
         }
+        ForwardRequest::Promote { id } => local_promote(raft, id).await.map(|()| ForwardReply::Done),
     };
     result.unwrap_or_else(ForwardReply::Failed)
 }
@@ -165,6 +168,40 @@ pub(crate) async fn local_read_index<SM: StateMachine>(
     };
     let linearizer = raft.get_read_linearizer(policy).await.map_err(read_failure)?;
     Ok(linearizer.read_log_id().index())
+}
+
+/// A learner counts as caught up once it holds this share of the leader's log (etcd's rule).
+pub const PROMOTE_READY_RATIO: f64 = 0.9;
+
+/// Makes learner `id` a voter, on this node (the leader), if it has caught up.
+pub(crate) async fn local_promote<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    id: NodeId,
+) -> Result<(), ForwardFailure> {
+    let m = raft.metrics().borrow_watched().clone();
+    let leader_only = || ForwardFailure::NotLeader {
+        leader_id: m.current_leader,
+        leader: m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned()),
+    };
+    let Some(replication) = m.replication.as_ref().filter(|_| m.current_leader == Some(m.id)) else {
+        return Err(leader_only());
+    };
+    let membership = m.membership_config.membership();
+    if membership.get_node(&id).is_none() {
+        return Err(ForwardFailure::Rejected(format!("node {id} is not a member")));
+    }
+    if membership.voter_ids().any(|v| v == id) {
+        return Err(ForwardFailure::Rejected(format!("node {id} is already a voter, not a learner")));
+    }
+    let matched = replication.get(&id).cloned().flatten().map_or(0, |l| l.index);
+    let leader_last = m.last_log_index.unwrap_or(0);
+    if (matched as f64) < leader_last as f64 * PROMOTE_READY_RATIO {
+        return Err(ForwardFailure::Rejected(format!(
+            "learner {id} is not in sync with the leader yet (has {matched} of {leader_last} entries); retry later"
+        )));
+    }
+    let change = ChangeMembers::AddVoterIds([id].into_iter().collect());
+    raft.change_membership(change, true).await.map(|_| ()).map_err(write_failure)
 }
 
 /// Asks this node (the leader) to hand leadership to `to`, and waits until it has moved.

@@ -213,6 +213,13 @@ impl<SM: StateMachine> Node<SM> {
         self.on_leader(local, req, done).await
     }
 
+    /// Makes learner `id` a voter, once it holds at least 90% of the leader's log (etcd's rule);
+    /// before that the leader answers [`AdminError::Rejected`] and the caller retries later.
+    pub async fn promote(&self, id: NodeId) -> Result<(), AdminError> {
+        let local = || forward::local_promote(&self.raft, id);
+        self.on_leader(local, ForwardRequest::Promote { id }, done).await
+    }
+
     /// Hands leadership to voter `to` and returns once it leads.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), AdminError> {
         let local = || forward::local_transfer_leader(&self.raft, self.timing, to);

@@ -1,0 +1,766 @@
+//! The HTTP/JSON client: endpoint parsing, failover across endpoints, the wire types of
+//! `docs/http-api.md` and their decoding, and the error a command reports.
+
+use std::collections::BTreeMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Bytes;
+use hyper::http::uri::Authority;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Largest answer body read into memory. Range answers are not bounded by the server's
+/// `max_request_bytes`, so this is generous; it only stops a runaway answer.
+const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
+
+/// Bytes kept verbatim in a key or query value: RFC 3986 unreserved characters. Everything else,
+/// `/` included, is percent-encoded, so a key never produces `//` or a dot segment in the path.
+const KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints and URL encoding
+// ---------------------------------------------------------------------------------------------
+
+/// One server client address, `host:port`. Displayed without a scheme, as the user knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    authority: String,
+}
+
+impl Endpoint {
+    /// Parses `host:port` or `http://host:port` (a trailing `/` is allowed). A port is required:
+    /// `http://host` meaning port 80 would surprise a user of a store that listens on 2379.
+    pub fn parse(input: &str) -> Result<Endpoint, EndpointError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(EndpointError::Empty);
+        }
+        let rest = match trimmed.split_once("://") {
+            None => trimmed,
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) => return Err(EndpointError::Scheme(scheme.to_owned())),
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('?') || rest.contains('#') {
+            return Err(EndpointError::Path(input.to_owned()));
+        }
+        if rest.contains('@') {
+            return Err(EndpointError::Invalid(input.to_owned()));
+        }
+        let authority: Authority = rest.parse().map_err(|_| EndpointError::Invalid(input.to_owned()))?;
+        if authority.port_u16().is_none() {
+            // `host:` or `host:x` has a port separator but no usable port.
+            let has_separator = rest.rfind(':') > rest.rfind(']');
+            return Err(if has_separator {
+                EndpointError::Invalid(input.to_owned())
+            } else {
+                EndpointError::NoPort(input.to_owned())
+            });
+        }
+        Ok(Endpoint { authority: authority.as_str().to_owned() })
+    }
+
+    fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.authority, path_and_query)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.authority)
+    }
+}
+
+/// Why an `--endpoints` entry (or a member's client address) is not usable.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EndpointError {
+    Empty,
+    Scheme(String),
+    Path(String),
+    NoPort(String),
+    Invalid(String),
+}
+
+impl fmt::Display for EndpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointError::Empty => write!(f, "empty endpoint (expected host:port)"),
+            EndpointError::Scheme(s) => write!(f, "unsupported scheme '{s}://' (only http:// is served)"),
+            EndpointError::Path(e) => write!(f, "endpoint '{e}' has a path (expected host:port)"),
+            EndpointError::NoPort(e) => write!(f, "endpoint '{e}' has no port (expected host:port)"),
+            EndpointError::Invalid(e) => write!(f, "invalid endpoint '{e}' (expected host:port)"),
+        }
+    }
+}
+
+impl StdError for EndpointError {}
+
+/// Percent-encodes a key (or any query value) for a URL: every byte outside the unreserved
+/// characters. The keys `.` and `..` are fully encoded so no path normalization can touch them.
+pub fn encode_component(bytes: &[u8]) -> String {
+    if bytes == b"." || bytes == b".." {
+        return bytes.iter().map(|_| "%2E").collect();
+    }
+    percent_encoding::percent_encode(bytes, KEEP).to_string()
+}
+
+/// `/v1/kv/{key}` with the key percent-encoded.
+pub fn kv_path(key: &[u8]) -> String {
+    format!("/v1/kv/{}", encode_component(key))
+}
+
+/// Builds `path?a=b&c=d` from already-decided parameters; values are percent-encoded.
+pub fn with_query(path: &str, params: &[(&str, Vec<u8>)]) -> String {
+    let mut out = path.to_owned();
+    for (i, (name, value)) in params.iter().enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        out.push_str(name);
+        out.push('=');
+        out.push_str(&encode_component(value));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Why one endpoint did not answer. Each of these moves the client on to the next endpoint.
+#[derive(Debug)]
+pub enum Unreachable {
+    /// No complete answer within `--timeout`.
+    TimedOut(Duration),
+    /// Connecting or exchanging the request failed.
+    Transport(hyper_util::client::legacy::Error),
+    /// The answer's body could not be read to the end.
+    Body(Box<dyn StdError + Send + Sync>),
+    /// `503` with `"retryable": true`: this node cannot serve now, another may.
+    Retryable { code: String, message: String },
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unreachable::TimedOut(d) => write!(f, "timed out after {}", format_duration(*d)),
+            Unreachable::Transport(e) => f.write_str(&describe_cause(e)),
+            Unreachable::Body(e) => write!(f, "answer cut short: {}", describe_cause(e.as_ref())),
+            Unreachable::Retryable { code, message } => write!(f, "{message} ({code})"),
+        }
+    }
+}
+
+/// One failed attempt, for the "no endpoint answered" message.
+#[derive(Debug)]
+pub struct Attempt {
+    pub endpoint: Endpoint,
+    pub failure: Unreachable,
+}
+
+/// Why a request failed. `NoEndpoint` means nobody could serve it; the others are final answers.
+#[derive(Debug)]
+pub enum ClientError {
+    /// Every endpoint was unreachable or said "retry elsewhere".
+    NoEndpoint(Vec<Attempt>),
+    /// The server refused the request with a non-retryable error (`docs/http-api.md`, Errors).
+    Server { code: String, message: String },
+    /// An error status without the JSON error body (a proxy, or not a keeld).
+    Http { endpoint: Endpoint, status: StatusCode, body: String },
+    /// A success status whose body is not the JSON the API documents.
+    BadAnswer { endpoint: Endpoint, reason: DecodeError },
+    /// The request itself could not be built (an address `hyper` does not accept as a URI).
+    Request { endpoint: Endpoint, reason: hyper::http::Error },
+}
+
+impl ClientError {
+    /// The server's error code, when the server answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::NoEndpoint(attempts) => {
+                f.write_str("no endpoint answered: ")?;
+                for (i, a) in attempts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{} ({})", a.endpoint, a.failure)?;
+                }
+                Ok(())
+            }
+            ClientError::Server { code, message, .. } => write!(f, "{message} ({code})"),
+            ClientError::Http { endpoint, status, body } => {
+                write!(f, "{endpoint} answered HTTP {status} without a Keel error body")?;
+                if !body.is_empty() {
+                    write!(f, ": {body}")?;
+                }
+                Ok(())
+            }
+            ClientError::BadAnswer { endpoint, reason } => {
+                write!(f, "malformed answer from {endpoint}: {reason}")
+            }
+            ClientError::Request { endpoint, reason } => {
+                write!(f, "cannot build a request for {endpoint}: {reason}")
+            }
+        }
+    }
+}
+
+impl StdError for ClientError {}
+
+/// Why an answer body does not decode.
+#[derive(Debug)]
+pub enum DecodeError {
+    Json(serde_json::Error),
+    Base64 { field: &'static str, reason: base64::DecodeError },
+    MissingKey,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Json(e) => write!(f, "{e}"),
+            DecodeError::Base64 { field, reason } => write!(f, "{field} is not base64: {reason}"),
+            DecodeError::MissingKey => write!(f, "a key-value has neither key nor key_base64"),
+        }
+    }
+}
+
+/// `5s`, `1.5s`, `250ms`: how the user would have written the timeout.
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
+}
+
+/// A short human reason from an error chain: the innermost I/O error when there is one
+/// ("connection refused" rather than "client error (Connect)").
+fn describe_cause(err: &(dyn StdError + 'static)) -> String {
+    let mut innermost: &(dyn StdError + 'static) = err;
+    let mut io: Option<&std::io::Error> = None;
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<std::io::Error>() {
+            io = Some(found);
+        }
+        innermost = e;
+        cur = e.source();
+    }
+    if let Some(io) = io {
+        use std::io::ErrorKind as K;
+        return match io.kind() {
+            K::ConnectionRefused => "connection refused".to_owned(),
+            K::ConnectionReset => "connection reset".to_owned(),
+            K::ConnectionAborted => "connection aborted".to_owned(),
+            K::TimedOut => "connect timed out".to_owned(),
+            K::AddrNotAvailable => "address not available".to_owned(),
+            K::UnexpectedEof => "connection closed before an answer".to_owned(),
+            _ => io.to_string(),
+        };
+    }
+    innermost.to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The failover client
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP request to the API, independent of the endpoint it goes to.
+#[derive(Clone, Debug)]
+pub struct ApiRequest {
+    pub method: Method,
+    /// Path and query, already percent-encoded (`/v1/kv/a%20b?prev_kv=true`).
+    pub path: String,
+    pub body: Bytes,
+    pub content_type: Option<&'static str>,
+}
+
+impl ApiRequest {
+    pub fn get(path: String) -> ApiRequest {
+        ApiRequest { method: Method::GET, path, body: Bytes::new(), content_type: None }
+    }
+
+    pub fn delete(path: String) -> ApiRequest {
+        ApiRequest { method: Method::DELETE, path, body: Bytes::new(), content_type: None }
+    }
+
+    pub fn put_bytes(path: String, body: Vec<u8>) -> ApiRequest {
+        ApiRequest {
+            method: Method::PUT,
+            path,
+            body: Bytes::from(body),
+            content_type: Some("application/octet-stream"),
+        }
+    }
+
+    pub fn post_json(path: String, body: &serde_json::Value) -> ApiRequest {
+        ApiRequest {
+            method: Method::POST,
+            path,
+            body: Bytes::from(body.to_string()),
+            content_type: Some("application/json"),
+        }
+    }
+
+    /// A POST with no body at all (`POST /v1/cluster/init` for a single-node cluster).
+    pub fn post_empty(path: String) -> ApiRequest {
+        ApiRequest { method: Method::POST, path, body: Bytes::new(), content_type: None }
+    }
+}
+
+/// A successful (2xx) answer: which endpoint gave it and its JSON body.
+#[derive(Debug)]
+pub struct Answer {
+    pub endpoint: Endpoint,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    /// Decodes the body into one of the wire types below.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_value(self.body.clone()).map_err(|e| ClientError::BadAnswer {
+            endpoint: self.endpoint.clone(),
+            reason: DecodeError::Json(e),
+        })
+    }
+}
+
+/// What one endpoint did with a request: answered (final, success or not) or could not serve it.
+enum Outcome {
+    Final(Result<Answer, ClientError>),
+    Unreachable(Unreachable),
+}
+
+/// Sends requests to the first endpoint that answers. Cloning is cheap (a shared pool).
+#[derive(Clone)]
+pub struct Client {
+    endpoints: Vec<Endpoint>,
+    timeout: Duration,
+    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Client {
+    pub fn new(endpoints: Vec<Endpoint>, timeout: Duration) -> Client {
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+        Client { endpoints, timeout, http }
+    }
+
+    /// Tries the endpoints in order. A connection failure, a timeout or a retryable `503` moves
+    /// on to the next one; any other answer (success or error) is final.
+    ///
+    /// A write that timed out may still have been applied by that node; it is retried on the next
+    /// endpoint like any other request (as etcdctl does), so a txn may be evaluated twice.
+    pub async fn call(&self, request: &ApiRequest) -> Result<Answer, ClientError> {
+        let mut attempts = Vec::new();
+        for endpoint in &self.endpoints {
+            match self.call_endpoint(endpoint, request).await {
+                Outcome::Final(result) => return result,
+                Outcome::Unreachable(failure) => {
+                    attempts.push(Attempt { endpoint: endpoint.clone(), failure })
+                }
+            }
+        }
+        Err(ClientError::NoEndpoint(attempts))
+    }
+
+    /// Sends to exactly one endpoint, with no failover (e.g. one member's own status).
+    pub async fn call_one(&self, endpoint: &Endpoint, request: &ApiRequest) -> Result<Answer, ClientError> {
+        match self.call_endpoint(endpoint, request).await {
+            Outcome::Final(result) => result,
+            Outcome::Unreachable(failure) => {
+                Err(ClientError::NoEndpoint(vec![Attempt { endpoint: endpoint.clone(), failure }]))
+            }
+        }
+    }
+
+    async fn call_endpoint(&self, endpoint: &Endpoint, request: &ApiRequest) -> Outcome {
+        let mut builder = Request::builder().method(request.method.clone()).uri(endpoint.url(&request.path));
+        if let Some(ct) = request.content_type {
+            builder = builder.header(hyper::header::CONTENT_TYPE, ct);
+        }
+        let http_request = match builder.body(Full::new(request.body.clone())) {
+            Ok(r) => r,
+            Err(reason) => {
+                return Outcome::Final(Err(ClientError::Request { endpoint: endpoint.clone(), reason }))
+            }
+        };
+        // One deadline covers connecting, sending and reading the whole answer.
+        let exchange = async {
+            let response = self.http.request(http_request).await.map_err(Unreachable::Transport)?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(Unreachable::Body)?
+                .to_bytes();
+            Ok::<_, Unreachable>((status, body))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_elapsed) => Outcome::Unreachable(Unreachable::TimedOut(self.timeout)),
+            Ok(Err(failure)) => Outcome::Unreachable(failure),
+            Ok(Ok((status, body))) => classify(endpoint, status, &body),
+        }
+    }
+}
+
+/// Decides what an HTTP answer means: success, a final error, or "try the next endpoint".
+fn classify(endpoint: &Endpoint, status: StatusCode, body: &[u8]) -> Outcome {
+    if status.is_success() {
+        // `{}` and an empty body are both "OK, nothing to say".
+        let value = if body.iter().all(u8::is_ascii_whitespace) {
+            Ok(serde_json::Value::Object(serde_json::Map::new()))
+        } else {
+            serde_json::from_slice(body)
+        };
+        return Outcome::Final(match value {
+            Ok(body) => Ok(Answer { endpoint: endpoint.clone(), body }),
+            Err(e) => {
+                Err(ClientError::BadAnswer { endpoint: endpoint.clone(), reason: DecodeError::Json(e) })
+            }
+        });
+    }
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) => {
+            if status == StatusCode::SERVICE_UNAVAILABLE && error.retryable {
+                Outcome::Unreachable(Unreachable::Retryable { code: error.code, message: error.message })
+            } else {
+                Outcome::Final(Err(ClientError::Server { code: error.code, message: error.message }))
+            }
+        }
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let snippet: String = text.trim().chars().take(200).collect();
+            Outcome::Final(Err(ClientError::Http { endpoint: endpoint.clone(), status, body: snippet }))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire types (docs/http-api.md). Tolerant: unknown fields are ignored, absent numbers are None.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    retryable: bool,
+}
+
+/// `KV` as the server sends it: text fields, or `*_base64` when the bytes are not UTF-8.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct WireKv {
+    pub key: Option<String>,
+    pub key_base64: Option<String>,
+    pub value: Option<String>,
+    pub value_base64: Option<String>,
+}
+
+/// A decoded key-value: bytes, whatever their encoding on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kv {
+    pub key: Vec<u8>,
+    /// `None` for `keys_only` answers.
+    pub value: Option<Vec<u8>>,
+}
+
+impl WireKv {
+    pub fn decode(&self) -> Result<Kv, DecodeError> {
+        let key = match (&self.key, &self.key_base64) {
+            (Some(k), _) => k.as_bytes().to_vec(),
+            (None, Some(b)) => decode_base64("key_base64", b)?,
+            (None, None) => return Err(DecodeError::MissingKey),
+        };
+        let value = match (&self.value, &self.value_base64) {
+            (Some(v), _) => Some(v.as_bytes().to_vec()),
+            (None, Some(b)) => Some(decode_base64("value_base64", b)?),
+            (None, None) => None,
+        };
+        Ok(Kv { key, value })
+    }
+}
+
+fn decode_base64(field: &'static str, text: &str) -> Result<Vec<u8>, DecodeError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|reason| DecodeError::Base64 { field, reason })
+}
+
+/// Decodes a list of wire key-values, naming the endpoint on failure.
+pub fn decode_kvs(endpoint: &Endpoint, kvs: &[WireKv]) -> Result<Vec<Kv>, ClientError> {
+    kvs.iter()
+        .map(WireKv::decode)
+        .collect::<Result<_, _>>()
+        .map_err(|reason| ClientError::BadAnswer { endpoint: endpoint.clone(), reason })
+}
+
+/// `PUT /v1/kv/{key}`.
+#[derive(Debug, Deserialize)]
+pub struct PutAnswer {
+    pub prev_kv: Option<WireKv>,
+}
+
+/// `GET /v1/kv?...`, and a txn's `get` response.
+#[derive(Debug, Default, Deserialize)]
+pub struct RangeAnswer {
+    #[serde(default)]
+    pub kvs: Vec<WireKv>,
+    #[serde(default)]
+    pub count: u64,
+}
+
+/// `DELETE /v1/kv/{key}`, and a txn's `delete` response.
+#[derive(Debug, Deserialize)]
+pub struct DeleteAnswer {
+    #[serde(default)]
+    pub deleted: u64,
+    #[serde(default)]
+    pub prev_kvs: Vec<WireKv>,
+}
+
+/// `POST /v1/txn`.
+#[derive(Debug, Deserialize)]
+pub struct TxnAnswer {
+    pub succeeded: bool,
+    #[serde(default)]
+    pub responses: Vec<TxnResponse>,
+}
+
+/// One txn response: `{"put": {...}}`, `{"get": {...}}` or `{"delete": {...}}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TxnResponse {
+    Put(serde::de::IgnoredAny),
+    Get(RangeAnswer),
+    Delete(DeleteAnswer),
+}
+
+/// A txn response, decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OpResult {
+    Put,
+    Get(Vec<Kv>),
+    Delete(u64),
+}
+
+impl TxnAnswer {
+    /// The responses with their keys and values decoded.
+    pub fn results(&self, endpoint: &Endpoint) -> Result<Vec<OpResult>, ClientError> {
+        self.responses
+            .iter()
+            .map(|r| {
+                Ok(match r {
+                    TxnResponse::Put(_) => OpResult::Put,
+                    TxnResponse::Get(range) => OpResult::Get(decode_kvs(endpoint, &range.kvs)?),
+                    TxnResponse::Delete(del) => OpResult::Delete(del.deleted),
+                })
+            })
+            .collect()
+    }
+}
+
+/// `GET /v1/cluster/members`, and the answer of the membership changes.
+#[derive(Debug, Deserialize)]
+pub struct MembersAnswer {
+    pub leader: Option<u64>,
+    #[serde(default)]
+    pub members: Vec<Member>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    #[serde(default)]
+    pub peer_addr: String,
+    pub client_addr: Option<String>,
+    #[serde(default)]
+    pub voter: bool,
+}
+
+/// `GET /v1/cluster/status` of one node (the fields `keel cluster status` shows).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StatusAnswer {
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: Option<String>,
+    pub term: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// Only on the leader: follower id (as a string, JSON object keys are strings) → progress.
+    pub replication: Option<BTreeMap<String, Replication>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct Replication {
+    pub matched_index: Option<u64>,
+    pub lag: Option<u64>,
+}
+
+/// `POST /v1/cluster/transfer-leader`.
+#[derive(Debug, Deserialize)]
+pub struct TransferAnswer {
+    pub leader: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_accept_host_port_and_http_urls() {
+        let got: Vec<Endpoint> =
+            ["127.0.0.1:2379", " http://10.0.0.2:22379/", "HTTP://node-3:2379", "[::1]:2379"]
+                .into_iter()
+                .map(|e| Endpoint::parse(e).expect("valid endpoint"))
+                .collect();
+        let shown: Vec<String> = got.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["127.0.0.1:2379", "10.0.0.2:22379", "node-3:2379", "[::1]:2379"]);
+        assert_eq!(got[0].url("/v1/kv/a"), "http://127.0.0.1:2379/v1/kv/a");
+    }
+
+    #[test]
+    fn endpoints_reject_what_cannot_be_dialed() {
+        assert_eq!(Endpoint::parse(""), Err(EndpointError::Empty));
+        assert_eq!(Endpoint::parse("https://a:1"), Err(EndpointError::Scheme("https".into())));
+        assert_eq!(Endpoint::parse("a:1/v1"), Err(EndpointError::Path("a:1/v1".into())));
+        assert_eq!(Endpoint::parse("localhost"), Err(EndpointError::NoPort("localhost".into())));
+        assert_eq!(Endpoint::parse("http://a"), Err(EndpointError::NoPort("http://a".into())));
+        assert_eq!(Endpoint::parse("a:notaport"), Err(EndpointError::Invalid("a:notaport".into())));
+        assert_eq!(Endpoint::parse("a:"), Err(EndpointError::Invalid("a:".into())));
+        assert_eq!(Endpoint::parse("[::1]"), Err(EndpointError::NoPort("[::1]".into())));
+        assert_eq!(Endpoint::parse("user@a:1"), Err(EndpointError::Invalid("user@a:1".into())));
+        assert_eq!(
+            Endpoint::parse("https://a:1").expect_err("https is refused").to_string(),
+            "unsupported scheme 'https://' (only http:// is served)"
+        );
+    }
+
+    #[test]
+    fn keys_are_percent_encoded_outside_unreserved() {
+        assert_eq!(kv_path(b"foo"), "/v1/kv/foo");
+        assert_eq!(kv_path(b"a/b"), "/v1/kv/a%2Fb");
+        assert_eq!(kv_path(b"a b?c#d%e"), "/v1/kv/a%20b%3Fc%23d%25e");
+        assert_eq!(kv_path(b"AZaz09-._~"), "/v1/kv/AZaz09-._~");
+        assert_eq!(kv_path("é".as_bytes()), "/v1/kv/%C3%A9");
+        assert_eq!(kv_path(&[0x00, 0xff]), "/v1/kv/%00%FF");
+        assert_eq!(kv_path(b"."), "/v1/kv/%2E");
+        assert_eq!(kv_path(b".."), "/v1/kv/%2E%2E");
+        assert_eq!(kv_path(b"..."), "/v1/kv/...");
+    }
+
+    #[test]
+    fn query_values_are_encoded_too() {
+        let q = with_query("/v1/kv", &[("prefix", b"a/&=b".to_vec()), ("limit", b"10".to_vec())]);
+        assert_eq!(q, "/v1/kv?prefix=a%2F%26%3Db&limit=10");
+        assert_eq!(with_query("/v1/kv", &[]), "/v1/kv");
+    }
+
+    #[test]
+    fn kvs_decode_text_and_base64() {
+        let wire: WireKv = serde_json::from_str(
+            r#"{"key_base64": "AP8=", "value": "v", "create_revision": 2, "mod_revision": 3, "version": 1}"#,
+        )
+        .expect("valid JSON");
+        let kv = wire.decode().expect("decodes");
+        assert_eq!(kv.key, vec![0x00, 0xff]);
+        assert_eq!(kv.value, Some(b"v".to_vec()));
+
+        let keys_only: WireKv = serde_json::from_str(r#"{"key": "k"}"#).expect("valid JSON");
+        assert_eq!(keys_only.decode().expect("decodes").value, None);
+
+        let bad: WireKv = serde_json::from_str(r#"{"key": "k", "value_base64": "!!"}"#).expect("valid JSON");
+        assert!(matches!(bad.decode(), Err(DecodeError::Base64 { field: "value_base64", .. })));
+        let keyless: WireKv = serde_json::from_str(r#"{"value": "v"}"#).expect("valid JSON");
+        assert!(matches!(keyless.decode(), Err(DecodeError::MissingKey)));
+    }
+
+    #[test]
+    fn answers_are_classified_for_failover() {
+        let ep = Endpoint::parse("n1:2379").expect("valid endpoint");
+        let retry = br#"{"error": {"code": "no_leader", "message": "no leader; retry", "retryable": true}}"#;
+        match classify(&ep, StatusCode::SERVICE_UNAVAILABLE, retry) {
+            Outcome::Unreachable(u) => assert_eq!(u.to_string(), "no leader; retry (no_leader)"),
+            Outcome::Final(_) => panic!("a retryable 503 must move on"),
+        }
+        // A 503 that says "not retryable" is final, as is any other error.
+        let final_503 = br#"{"error": {"code": "unavailable", "message": "stopping", "retryable": false}}"#;
+        assert!(matches!(
+            classify(&ep, StatusCode::SERVICE_UNAVAILABLE, final_503),
+            Outcome::Final(Err(ClientError::Server { .. }))
+        ));
+        let rejected =
+            br#"{"error": {"code": "rejected", "message": "already initialized", "retryable": false}}"#;
+        match classify(&ep, StatusCode::CONFLICT, rejected) {
+            Outcome::Final(Err(e)) => assert_eq!(e.to_string(), "already initialized (rejected)"),
+            _ => panic!("expected a final server error"),
+        }
+        match classify(&ep, StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>") {
+            Outcome::Final(Err(e)) => {
+                assert_eq!(e.to_string(), "n1:2379 answered HTTP 502 Bad Gateway without a Keel error body: <html>bad gateway</html>")
+            }
+            _ => panic!("expected a final HTTP error"),
+        }
+        match classify(&ep, StatusCode::OK, b"") {
+            Outcome::Final(Ok(a)) => assert_eq!(a.body, serde_json::json!({})),
+            _ => panic!("an empty 200 is an empty object"),
+        }
+        assert!(matches!(
+            classify(&ep, StatusCode::OK, b"not json"),
+            Outcome::Final(Err(ClientError::BadAnswer { .. }))
+        ));
+    }
+
+    #[test]
+    fn no_endpoint_message_lists_every_attempt() {
+        let err = ClientError::NoEndpoint(vec![
+            Attempt {
+                endpoint: Endpoint::parse("127.0.0.1:2379").expect("valid endpoint"),
+                failure: Unreachable::Retryable { code: "no_leader".into(), message: "no leader".into() },
+            },
+            Attempt {
+                endpoint: Endpoint::parse("127.0.0.1:22379").expect("valid endpoint"),
+                failure: Unreachable::TimedOut(Duration::from_secs(5)),
+            },
+        ]);
+        assert_eq!(
+            err.to_string(),
+            "no endpoint answered: 127.0.0.1:2379 (no leader (no_leader)), 127.0.0.1:22379 (timed out after 5s)"
+        );
+    }
+
+    #[test]
+    fn durations_read_like_the_flag() {
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+    }
+
+    #[test]
+    fn io_causes_read_plainly() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(describe_cause(&refused), "connection refused");
+    }
+}

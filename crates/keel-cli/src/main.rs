@@ -1,0 +1,635 @@
+//! `keel`: the command-line client for Keel clusters, over the HTTP/JSON API (`docs/http-api.md`).
+//!
+//! # Layout
+//!
+//! - `main.rs`: the command line (clap) and one function per command.
+//! - `client.rs`: endpoints, failover, the wire types and the error a command reports.
+//! - `txn.rs`: etcdctl's txn syntax into the `POST /v1/txn` body.
+//! - `output.rs`: text and JSON output.
+//!
+//! Exit codes: 0 success, 1 the request failed (no endpoint answered, the server refused, a
+//! malformed answer), 2 bad usage or bad input (clap's code, also a txn syntax error).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+mod client;
+mod output;
+mod txn;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, BufRead as _, IsTerminal as _, Read as _, Write as _};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use client::{
+    decode_kvs, kv_path, with_query, Answer, ApiRequest, Client, ClientError, DeleteAnswer, Endpoint,
+    MembersAnswer, PutAnswer, RangeAnswer, StatusAnswer, TransferAnswer, TxnAnswer, WireKv,
+};
+use output::MemberStatus;
+use txn::{Section, TxnError, TxnParser};
+
+#[derive(Parser, Debug)]
+#[command(name = "keel", version, about = "Command-line client for Keel clusters (HTTP/JSON API)")]
+struct Cli {
+    /// Client addresses to try in order, comma-separated: host:port or http://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_ENDPOINTS",
+        value_name = "ENDPOINTS",
+        value_delimiter = ',',
+        value_parser = Endpoint::parse,
+        default_value = "127.0.0.1:2379"
+    )]
+    endpoints: Vec<Endpoint>,
+
+    /// Print one JSON object per command (the server's answer) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Per-request timeout in seconds (connect, send and read the whole answer).
+    #[arg(long, global = true, value_name = "SECS", default_value = "5", value_parser = parse_timeout)]
+    timeout: Duration,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a value; VALUE `-` reads it from stdin (all bytes, a final newline included).
+    Put {
+        /// The key.
+        key: OsString,
+        /// The value, or `-` to read it from stdin.
+        #[arg(allow_hyphen_values = true)]
+        value: OsString,
+        /// Also print the previous key-value.
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// Read a key, or a range of keys.
+    Get(GetArgs),
+    /// Delete a key, or every key with a prefix; prints the number deleted.
+    Del {
+        /// The key, or the prefix with --prefix.
+        key: OsString,
+        /// Delete every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// Also print the deleted key-values.
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// Run a transaction read from stdin in etcdctl's syntax: compares, a blank line, success
+    /// ops, a blank line, failure ops.
+    Txn,
+    /// Cluster administration.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Args, Debug)]
+struct GetArgs {
+    /// The key, or the prefix with --prefix, or the first key with --from-key.
+    key: OsString,
+    /// Every key starting with KEY (an empty KEY: every key).
+    #[arg(long, conflicts_with = "from_key")]
+    prefix: bool,
+    /// Every key greater than or equal to KEY.
+    #[arg(long)]
+    from_key: bool,
+    /// At most N keys (0: no limit).
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Print keys only.
+    #[arg(long)]
+    keys_only: bool,
+    /// Print only the number of keys.
+    #[arg(long, conflicts_with = "keys_only")]
+    count_only: bool,
+    /// Read the contacted node's state without a round to the leader (may be stale).
+    #[arg(long)]
+    serializable: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Initialize a new cluster: ID=PEER_ADDR@CLIENT_ADDR,... or nothing for a single-node
+    /// cluster of the contacted node.
+    Init {
+        /// The initial voters; omit for a single-node cluster.
+        #[arg(value_name = "ID=PEER_ADDR@CLIENT_ADDR,...", value_parser = parse_init_members)]
+        members: Option<InitMembers>,
+    },
+    /// Every member's own view: role, term, log, applied index, replication lag.
+    Status,
+    /// List the members.
+    Members,
+    /// Add a non-voting member that starts receiving the log.
+    AddLearner {
+        /// The new member's node id.
+        id: u64,
+        /// The address its peers reach it on.
+        peer_addr: String,
+        /// The learner's client address, for clients and `keel cluster status`.
+        #[arg(long, value_name = "ADDR")]
+        client_addr: Option<String>,
+    },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+    /// Remove a member.
+    Remove { id: u64 },
+    /// Ask the leader to hand leadership to a voter.
+    TransferLeader { id: u64 },
+}
+
+/// The members of `keel cluster init`, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct InitMembers(Vec<InitMember>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct InitMember {
+    id: u64,
+    peer_addr: String,
+    client_addr: String,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.trim().parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err("the timeout must be more than 0 seconds".to_owned());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{text}' seconds is out of range"))
+}
+
+fn parse_init_members(text: &str) -> Result<InitMembers, String> {
+    let mut members: Vec<InitMember> = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim();
+        let shape = || format!("'{item}' is not ID=PEER_ADDR@CLIENT_ADDR");
+        let (id, addrs) = item.split_once('=').ok_or_else(shape)?;
+        let (peer_addr, client_addr) = addrs.split_once('@').ok_or_else(shape)?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("'{id}' in '{item}' is not a node id"))?;
+        if peer_addr.is_empty() || client_addr.is_empty() {
+            return Err(shape());
+        }
+        if members.iter().any(|m| m.id == id) {
+            return Err(format!("node id {id} is given twice"));
+        }
+        members.push(InitMember { id, peer_addr: peer_addr.to_owned(), client_addr: client_addr.to_owned() });
+    }
+    Ok(InitMembers(members))
+}
+
+impl InitMembers {
+    fn to_json(&self) -> Value {
+        let members: serde_json::Map<String, Value> = self
+            .0
+            .iter()
+            .map(|m| (m.id.to_string(), json!({"peer_addr": m.peer_addr, "client_addr": m.client_addr})))
+            .collect();
+        json!({ "members": members })
+    }
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+enum CliError {
+    /// The request failed; exit 1.
+    Client(ClientError),
+    /// stdin could not be read; exit 1.
+    Stdin(io::Error),
+    /// `keel txn` input is not valid txn syntax; exit 2.
+    Txn(TxnError),
+    /// An empty key where the server requires one; exit 2.
+    EmptyKey,
+}
+
+impl CliError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Client(_) | CliError::Stdin(_) => ExitCode::from(1),
+            CliError::Txn(_) | CliError::EmptyKey => ExitCode::from(2),
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Client(e) => write!(f, "{e}"),
+            CliError::Stdin(e) => write!(f, "cannot read stdin: {e}"),
+            CliError::Txn(e) => write!(f, "invalid txn: {e}"),
+            CliError::EmptyKey => write!(f, "the key must not be empty"),
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        CliError::Client(e)
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = Client::new(cli.endpoints, cli.timeout);
+    match run(&client, cli.json, cli.command).await {
+        Ok(text) => match io::stdout().lock().write_all(text.as_bytes()) {
+            // A closed pipe (`keel get --prefix "" | head`) is the reader's choice, not a failure.
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(io::stderr(), "error: cannot write the output: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Runs one command; returns what to print on stdout.
+async fn run(client: &Client, json: bool, command: Command) -> Result<String, CliError> {
+    match command {
+        Command::Put { key, value, prev_kv } => put(client, json, key, value, prev_kv).await,
+        Command::Get(args) => get(client, json, args).await,
+        Command::Del { key, prefix, prev_kv } => del(client, json, key, prefix, prev_kv).await,
+        Command::Txn => run_txn(client, json).await,
+        Command::Cluster(cmd) => cluster(client, json, cmd).await,
+    }
+}
+
+/// Command-line bytes as given (on Unix, any bytes: keys need not be UTF-8).
+fn key_bytes(key: OsString) -> Result<Vec<u8>, CliError> {
+    let bytes = key.into_encoded_bytes();
+    if bytes.is_empty() {
+        return Err(CliError::EmptyKey);
+    }
+    Ok(bytes)
+}
+
+async fn put(
+    client: &Client,
+    json: bool,
+    key: OsString,
+    value: OsString,
+    prev_kv: bool,
+) -> Result<String, CliError> {
+    let key = key_bytes(key)?;
+    let value = if value == "-" {
+        let mut buf = Vec::new();
+        io::stdin().lock().read_to_end(&mut buf).map_err(CliError::Stdin)?;
+        buf
+    } else {
+        value.into_encoded_bytes()
+    };
+    let params: &[(&str, Vec<u8>)] = if prev_kv { &[("prev_kv", b"true".to_vec())] } else { &[] };
+    let answer = client.call(&ApiRequest::put_bytes(with_query(&kv_path(&key), params), value)).await?;
+    if json {
+        return Ok(output::json_line(&answer.body));
+    }
+    let decoded: PutAnswer = answer.decode()?;
+    let prev = decode_kvs(&answer.endpoint, decoded.prev_kv.as_slice())?;
+    Ok(output::put(prev.first()))
+}
+
+async fn get(client: &Client, json: bool, mut args: GetArgs) -> Result<String, CliError> {
+    let key = std::mem::take(&mut args.key).into_encoded_bytes();
+    let consistency: Vec<(&str, Vec<u8>)> =
+        if args.serializable { vec![("consistency", b"serializable".to_vec())] } else { Vec::new() };
+
+    if !args.prefix && !args.from_key {
+        return get_one(client, json, key, &args, &consistency).await;
+    }
+    let mut params: Vec<(&str, Vec<u8>)> = Vec::new();
+    match (args.prefix, key.is_empty()) {
+        (true, false) => params.push(("prefix", key)),
+        // Every key: keys are never empty, so "from \0" is all of them without relying on the
+        // server accepting an empty prefix.
+        (_, true) => params.push(("from", vec![0])),
+        (false, false) => params.push(("from", key)),
+    }
+    if let Some(limit) = args.limit {
+        params.push(("limit", limit.to_string().into_bytes()));
+    }
+    if args.keys_only {
+        params.push(("keys_only", b"true".to_vec()));
+    }
+    if args.count_only {
+        params.push(("count_only", b"true".to_vec()));
+    }
+    params.extend(consistency);
+    let answer = client.call(&ApiRequest::get(with_query("/v1/kv", &params))).await?;
+    if json {
+        return Ok(output::json_line(&answer.body));
+    }
+    let range: RangeAnswer = answer.decode()?;
+    let kvs = decode_kvs(&answer.endpoint, &range.kvs)?;
+    Ok(output::get(&kvs, range.count, args.keys_only, args.count_only))
+}
+
+/// One key through `GET /v1/kv/{key}`, shown in the shape of a range answer: a missing key is an
+/// empty result, not an error (as in etcdctl), and `--json` prints `{"revision", "kvs", "count",
+/// "more"}` whether or not the key exists.
+async fn get_one(
+    client: &Client,
+    json: bool,
+    key: Vec<u8>,
+    args: &GetArgs,
+    consistency: &[(&str, Vec<u8>)],
+) -> Result<String, CliError> {
+    if key.is_empty() {
+        return Err(CliError::EmptyKey);
+    }
+    let found = match client.call(&ApiRequest::get(with_query(&kv_path(&key), consistency))).await {
+        Ok(answer) => Some(answer),
+        Err(e) if e.code() == Some("key_not_found") => None,
+        Err(e) => return Err(e.into()),
+    };
+    let (revision, kv_json) = match &found {
+        None => (None, None),
+        Some(Answer { body, .. }) => {
+            let mut kv = body.clone();
+            let revision = kv.as_object_mut().and_then(|o| o.remove("revision"));
+            if args.keys_only {
+                if let Some(o) = kv.as_object_mut() {
+                    o.remove("value");
+                    o.remove("value_base64");
+                }
+            }
+            (revision, Some(kv))
+        }
+    };
+    let count = u64::from(found.is_some());
+    if json {
+        let mut out = serde_json::Map::new();
+        if let Some(rev) = revision {
+            out.insert("revision".into(), rev);
+        }
+        let kvs = if args.count_only { Vec::new() } else { kv_json.into_iter().collect() };
+        out.insert("kvs".into(), Value::from(kvs));
+        out.insert("count".into(), Value::from(count));
+        out.insert("more".into(), Value::Bool(false));
+        return Ok(output::json_line(&Value::Object(out)));
+    }
+    let kvs = match &found {
+        None => Vec::new(),
+        Some(answer) => {
+            let wire: WireKv = answer.decode()?;
+            decode_kvs(&answer.endpoint, std::slice::from_ref(&wire))?
+        }
+    };
+    Ok(output::get(&kvs, count, args.keys_only, args.count_only))
+}
+
+async fn del(
+    client: &Client,
+    json: bool,
+    key: OsString,
+    prefix: bool,
+    prev_kv: bool,
+) -> Result<String, CliError> {
+    let key = key_bytes(key)?;
+    let mut params: Vec<(&str, Vec<u8>)> = Vec::new();
+    if prefix {
+        params.push(("prefix", b"true".to_vec()));
+    }
+    if prev_kv {
+        params.push(("prev_kv", b"true".to_vec()));
+    }
+    let answer = client.call(&ApiRequest::delete(with_query(&kv_path(&key), &params))).await?;
+    if json {
+        return Ok(output::json_line(&answer.body));
+    }
+    let deleted: DeleteAnswer = answer.decode()?;
+    let prev = decode_kvs(&answer.endpoint, &deleted.prev_kvs)?;
+    Ok(output::delete(deleted.deleted, &prev))
+}
+
+/// Reads the txn: all of stdin when piped; line by line with etcdctl's prompts (on stderr) at a
+/// terminal, stopping at the blank line that ends the failure ops.
+fn read_txn() -> Result<txn::Txn, CliError> {
+    let stdin = io::stdin();
+    if !stdin.is_terminal() {
+        let mut input = Vec::new();
+        stdin.lock().read_to_end(&mut input).map_err(CliError::Stdin)?;
+        return txn::parse_txn(&input).map_err(CliError::Txn);
+    }
+    let mut parser = TxnParser::default();
+    let mut shown = None;
+    let mut lines = stdin.lock();
+    loop {
+        let section = parser.section();
+        if shown != Some(section) {
+            let prompt = match section {
+                Section::Compares => "compares:",
+                Section::Success => "success requests (get, put, del):",
+                Section::Failure => "failure requests (get, put, del):",
+                Section::Done => break,
+            };
+            let _ = writeln!(io::stderr(), "{prompt}");
+            shown = Some(section);
+        }
+        let mut line = Vec::new();
+        if lines.read_until(b'\n', &mut line).map_err(CliError::Stdin)? == 0 {
+            break;
+        }
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        parser.push_line(line).map_err(CliError::Txn)?;
+    }
+    Ok(parser.finish())
+}
+
+async fn run_txn(client: &Client, json: bool) -> Result<String, CliError> {
+    let txn = read_txn()?;
+    let answer = client.call(&ApiRequest::post_json("/v1/txn".into(), &txn.to_json())).await?;
+    if json {
+        return Ok(output::json_line(&answer.body));
+    }
+    let decoded: TxnAnswer = answer.decode()?;
+    let results = decoded.results(&answer.endpoint)?;
+    Ok(output::txn(decoded.succeeded, &results))
+}
+
+async fn cluster(client: &Client, json: bool, cmd: ClusterCommand) -> Result<String, CliError> {
+    let (request, done) = match cmd {
+        ClusterCommand::Status => return cluster_status(client, json).await,
+        ClusterCommand::Members => (ApiRequest::get("/v1/cluster/members".into()), String::new()),
+        ClusterCommand::Init { members } => {
+            let request = match &members {
+                Some(members) => ApiRequest::post_json("/v1/cluster/init".into(), &members.to_json()),
+                None => ApiRequest::post_empty("/v1/cluster/init".into()),
+            };
+            let answer = client.call(&request).await?;
+            if json {
+                return Ok(output::json_line(&answer.body));
+            }
+            return Ok(match members {
+                Some(m) => format!("initialized a cluster of {} members\n", m.0.len()),
+                None => format!("initialized a single-node cluster of {}\n", answer.endpoint),
+            });
+        }
+        ClusterCommand::AddLearner { id, peer_addr, client_addr } => {
+            let mut body = json!({"id": id, "peer_addr": peer_addr});
+            if let (Some(addr), Some(obj)) = (client_addr, body.as_object_mut()) {
+                obj.insert("client_addr".into(), Value::from(addr));
+            }
+            (ApiRequest::post_json("/v1/cluster/add-learner".into(), &body), format!("added learner {id}\n"))
+        }
+        ClusterCommand::Promote { id } => (
+            ApiRequest::post_json("/v1/cluster/promote".into(), &json!({"id": id})),
+            format!("promoted {id} to voter\n"),
+        ),
+        ClusterCommand::Remove { id } => (
+            ApiRequest::post_json("/v1/cluster/remove".into(), &json!({"id": id})),
+            format!("removed {id}\n"),
+        ),
+        ClusterCommand::TransferLeader { id } => {
+            let answer = client
+                .call(&ApiRequest::post_json("/v1/cluster/transfer-leader".into(), &json!({"id": id})))
+                .await?;
+            if json {
+                return Ok(output::json_line(&answer.body));
+            }
+            let transfer: TransferAnswer = answer.decode()?;
+            let leader = transfer.leader.unwrap_or(id);
+            return Ok(format!("leader is now {leader}\n"));
+        }
+    };
+    let answer = client.call(&request).await?;
+    if json {
+        return Ok(output::json_line(&answer.body));
+    }
+    let members: MembersAnswer = answer.decode()?;
+    Ok(done + &output::members(&members))
+}
+
+/// Asks every member for its own status, all at once, each with the request timeout; a member
+/// that does not answer still gets a row, with the reason.
+async fn cluster_status(client: &Client, json: bool) -> Result<String, CliError> {
+    let answer = client.call(&ApiRequest::get("/v1/cluster/members".into())).await?;
+    let members: MembersAnswer = answer.decode()?;
+    let mut queries = Vec::new();
+    for member in &members.members {
+        let client = client.clone();
+        let addr = member.client_addr.clone().unwrap_or_default();
+        queries.push(tokio::spawn(async move { member_status(&client, &addr).await }));
+    }
+    let mut gathered = Vec::new();
+    for (member, query) in members.members.iter().zip(queries) {
+        let result = query.await.unwrap_or_else(|e| Err(format!("status query failed: {e}")));
+        gathered.push((member.clone(), result));
+    }
+    if json {
+        let rows: Vec<Value> = gathered
+            .iter()
+            .map(|(m, r)| match r {
+                Ok((raw, _)) => json!({"id": m.id, "client_addr": m.client_addr, "status": raw}),
+                Err(why) => json!({"id": m.id, "client_addr": m.client_addr, "error": why}),
+            })
+            .collect();
+        return Ok(output::json_line(&json!({"leader": members.leader, "members": rows})));
+    }
+    let statuses: Vec<MemberStatus> = gathered
+        .into_iter()
+        .map(|(member, r)| MemberStatus { member, status: r.map(|(_, status)| status) })
+        .collect();
+    Ok(output::status(members.leader, &statuses))
+}
+
+/// One member's `/v1/cluster/status` from its own client address: the raw JSON and its decoding,
+/// or the reason it could not be had, phrased for the REACHABLE column.
+async fn member_status(client: &Client, addr: &str) -> Result<(Value, StatusAnswer), String> {
+    if addr.is_empty() {
+        return Err("no client address".to_owned());
+    }
+    let endpoint = Endpoint::parse(addr).map_err(|e| e.to_string())?;
+    let request = ApiRequest::get("/v1/cluster/status".into());
+    match client.call_one(&endpoint, &request).await {
+        Ok(answer) => {
+            let status: StatusAnswer = answer.decode().map_err(|e| e.to_string())?;
+            Ok((answer.body, status))
+        }
+        Err(ClientError::NoEndpoint(attempts)) => {
+            Err(attempts.into_iter().map(|a| a.failure.to_string()).collect::<Vec<_>>().join(", "))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere_and_endpoints_split() {
+        let cli = Cli::try_parse_from([
+            "keel",
+            "get",
+            "k",
+            "--endpoints",
+            "127.0.0.1:2379,http://127.0.0.1:22379",
+            "--json",
+            "--timeout",
+            "0.5",
+        ])
+        .expect("parses");
+        let shown: Vec<String> = cli.endpoints.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["127.0.0.1:2379", "127.0.0.1:22379"]);
+        assert!(cli.json);
+        assert_eq!(cli.timeout, Duration::from_millis(500));
+        assert!(Cli::try_parse_from(["keel", "--endpoints", "https://a:1", "get", "k"]).is_err());
+        assert!(Cli::try_parse_from(["keel", "--timeout", "0", "get", "k"]).is_err());
+        assert!(Cli::try_parse_from(["keel", "--timeout", "-1", "get", "k"]).is_err());
+        assert!(Cli::try_parse_from(["keel", "--timeout", "NaN", "get", "k"]).is_err());
+    }
+
+    #[test]
+    fn put_accepts_dash_and_hyphenated_values() {
+        let cli = Cli::try_parse_from(["keel", "put", "k", "-5"]).expect("parses");
+        assert!(matches!(cli.command, Command::Put { value, .. } if value == "-5"));
+    }
+
+    #[test]
+    fn init_members_parse() {
+        let m = parse_init_members("1=127.0.0.1:2380@127.0.0.1:2379,2=10.0.0.2:2380@10.0.0.2:2379")
+            .expect("parses");
+        assert_eq!(
+            m.to_json(),
+            json!({"members": {
+                "1": {"peer_addr": "127.0.0.1:2380", "client_addr": "127.0.0.1:2379"},
+                "2": {"peer_addr": "10.0.0.2:2380", "client_addr": "10.0.0.2:2379"}}})
+        );
+        assert_eq!(
+            parse_init_members("1=a:1").expect_err("rejected"),
+            "'1=a:1' is not ID=PEER_ADDR@CLIENT_ADDR"
+        );
+        assert_eq!(
+            parse_init_members("x=a:1@b:2").expect_err("rejected"),
+            "'x' in 'x=a:1@b:2' is not a node id"
+        );
+        assert_eq!(
+            parse_init_members("1=@b:2").expect_err("rejected"),
+            "'1=@b:2' is not ID=PEER_ADDR@CLIENT_ADDR"
+        );
+        assert_eq!(
+            parse_init_members("1=a:1@b:2,1=c:1@d:2").expect_err("rejected"),
+            "node id 1 is given twice"
+        );
+    }
+}

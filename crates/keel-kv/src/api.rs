@@ -1,0 +1,461 @@
+//! What both client APIs (etcd gRPC, HTTP/JSON) do, in one place: limits, writes through Raft,
+//! linearizable or serializable reads, membership, status — and one error type that each API
+//! maps onto its own wire (gRPC status, HTTP status + JSON code).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use keel::openraft::ChangeMembers;
+use keel::openraft::ServerState;
+use keel::AdminError;
+use keel::Node;
+use keel::NodeId;
+use keel::NodeInfo;
+use keel::ProposeError;
+use keel::ReadError;
+
+use crate::store;
+use crate::store::KvCommand;
+use crate::store::KvError;
+use crate::store::KvStore;
+use crate::store::OpResult;
+use crate::store::Range;
+use crate::store::RangeResult;
+
+/// etcd's limit on operations in one txn.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// Why a client request failed. Each variant maps to one etcd gRPC error and one HTTP code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("key is {size} bytes, over the {limit} byte limit")]
+    KeyTooLarge { size: usize, limit: usize },
+    #[error("request is {size} bytes, over the {limit} byte limit")]
+    RequestTooLarge { size: usize, limit: usize },
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("member {0} not found")]
+    UnknownMember(NodeId),
+    #[error("{0}")]
+    Kv(KvError),
+    /// The cluster refused a membership or leadership change.
+    #[error("{0}")]
+    Rejected(String),
+    /// No leader could be reached in time. Retryable.
+    #[error("no leader: {0}")]
+    NoLeader(String),
+    /// The node is stopping or cannot reach its quorum. Retryable.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The request reached the leader but the answer was lost: it may or may not have happened.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, ApiError::NoLeader(_) | ApiError::Unavailable(_))
+    }
+}
+
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader(nl) => ApiError::NoLeader(nl.to_string()),
+            ProposeError::Discarded(m) => {
+                ApiError::Unavailable(format!("proposal dropped by a leader change: {m}"))
+            }
+            ProposeError::InvalidCommand(m) => ApiError::BadRequest(m),
+            ProposeError::Stopped(m) => ApiError::Unavailable(format!("node stopped: {m}")),
+            ProposeError::Unknown(m) => ApiError::Unknown(m),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::NotLeader(nl) => ApiError::NoLeader(nl.to_string()),
+            ReadError::QuorumUnavailable(m) => ApiError::Unavailable(m),
+            ReadError::Storage(m) => ApiError::Internal(m),
+            ReadError::Stopped(m) => ApiError::Unavailable(format!("node stopped: {m}")),
+        }
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::NotLeader(nl) => ApiError::NoLeader(nl.to_string()),
+            AdminError::Retry(m) => ApiError::Unavailable(m),
+            AdminError::Rejected(m) => ApiError::Rejected(m),
+            AdminError::Stopped(m) => ApiError::Unavailable(format!("node stopped: {m}")),
+            AdminError::Unknown(m) => ApiError::Unknown(m),
+        }
+    }
+}
+
+impl From<keel::StateMachineError> for ApiError {
+    fn from(e: keel::StateMachineError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+/// A cluster member as the APIs show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub peer_addr: String,
+    pub client_addr: String,
+    pub voter: bool,
+}
+
+/// This node's view of itself and the cluster.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    pub id: NodeId,
+    pub cluster_name: String,
+    pub state: &'static str,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub revision: i64,
+    pub members: Vec<Member>,
+    /// On the leader: each other member's matched log index and lag behind the leader.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<BTreeMap<NodeId, Replication>>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Replication {
+    pub matched_index: u64,
+    pub lag: u64,
+}
+
+/// Request counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub grpc_requests: AtomicU64,
+    pub grpc_errors: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub http_errors: AtomicU64,
+}
+
+/// The client-facing operations of one keeld node.
+#[derive(Clone)]
+pub struct KvApi {
+    pub node: Arc<Node<KvStore>>,
+    /// etcd's cluster id: a hash of the cluster name.
+    pub cluster_id: u64,
+    pub max_request_bytes: usize,
+    pub max_key_bytes: usize,
+    /// This node's own addresses, as it advertises them to the cluster.
+    pub advertise: NodeInfo,
+    pub counters: Arc<Counters>,
+}
+
+/// FNV-1a: a stable cluster id from the cluster name.
+pub fn cluster_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl KvApi {
+    pub fn new(
+        node: Arc<Node<KvStore>>,
+        advertise: NodeInfo,
+        max_request_bytes: usize,
+        max_key_bytes: usize,
+    ) -> Self {
+        let cluster_id = cluster_id(&node.config().cluster_name);
+        Self { node, cluster_id, max_request_bytes, max_key_bytes, advertise, counters: Arc::default() }
+    }
+
+    pub fn member_id(&self) -> NodeId {
+        self.node.id()
+    }
+
+    pub fn term(&self) -> u64 {
+        self.node.metrics().current_term
+    }
+
+    /// Refuses an empty or oversized key.
+    pub fn check_key(&self, key: &[u8]) -> Result<(), ApiError> {
+        if key.is_empty() {
+            return Err(ApiError::BadRequest("key is not provided".into()));
+        }
+        if key.len() > self.max_key_bytes {
+            return Err(ApiError::KeyTooLarge { size: key.len(), limit: self.max_key_bytes });
+        }
+        Ok(())
+    }
+
+    pub fn check_size(&self, size: usize) -> Result<(), ApiError> {
+        if size > self.max_request_bytes {
+            return Err(ApiError::RequestTooLarge { size, limit: self.max_request_bytes });
+        }
+        Ok(())
+    }
+
+    /// Checks a write's keys and shape, proposes it, and answers the store's revision and result.
+    pub async fn write(&self, cmd: KvCommand) -> Result<(i64, OpResult), ApiError> {
+        self.check_command(&cmd)?;
+        let resp = self.node.propose(cmd).await?;
+        match resp.result {
+            Ok(r) => Ok((resp.revision, r)),
+            Err(e) => Err(ApiError::Kv(e)),
+        }
+    }
+
+    fn check_command(&self, cmd: &KvCommand) -> Result<(), ApiError> {
+        match cmd {
+            KvCommand::Put(p) => self.check_key(&p.key),
+            KvCommand::DeleteRange(d) => self.check_key(&d.key),
+            KvCommand::Txn(t) => self.check_txn(t),
+            KvCommand::Compact { .. } => Ok(()),
+        }
+    }
+
+    fn check_txn(&self, t: &store::Txn) -> Result<(), ApiError> {
+        if t.compare.len() > MAX_TXN_OPS || t.success.len() > MAX_TXN_OPS || t.failure.len() > MAX_TXN_OPS {
+            return Err(ApiError::BadRequest(format!(
+                "too many operations in txn request (limit {MAX_TXN_OPS})"
+            )));
+        }
+        for c in &t.compare {
+            self.check_key(&c.key)?;
+        }
+        for ops in [&t.success, &t.failure] {
+            let mut put_keys = std::collections::HashSet::new();
+            for op in ops.iter() {
+                match op {
+                    store::Op::Range(r) => self.check_key(&r.key)?,
+                    store::Op::Put(p) => {
+                        self.check_key(&p.key)?;
+                        if !put_keys.insert(p.key.clone()) {
+                            return Err(ApiError::BadRequest("duplicate key given in txn request".into()));
+                        }
+                    }
+                    store::Op::DeleteRange(d) => self.check_key(&d.key)?,
+                    store::Op::Txn(inner) => self.check_txn(inner)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a range: linearizable unless `serializable`. Answers the revision the read saw.
+    pub async fn range(&self, r: &Range, serializable: bool) -> Result<(i64, RangeResult), ApiError> {
+        self.check_key(&r.key)?;
+        if !serializable {
+            self.node.linearize().await?;
+        }
+        let (revision, result) = self.node.read_local(|_, txn| store::range(txn, r))??;
+        Ok((revision, result.map_err(ApiError::Kv)?))
+    }
+
+    /// The store's revision here (serializable).
+    pub fn revision(&self) -> i64 {
+        self.node.read_local(|_, txn| store::revision(txn)).ok().and_then(Result::ok).unwrap_or(0)
+    }
+
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.node.metrics();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, info)| Member {
+                id: *id,
+                peer_addr: info.peer_addr.clone(),
+                client_addr: info.client_addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect()
+    }
+
+    fn member(&self, id: NodeId) -> Result<Member, ApiError> {
+        self.members().into_iter().find(|m| m.id == id).ok_or(ApiError::UnknownMember(id))
+    }
+
+    /// Adds a member at `peer_addr`. With `id` None the cluster assigns the next free id.
+    pub async fn add_member(
+        &self,
+        id: Option<NodeId>,
+        peer_addr: &str,
+        client_addr: &str,
+        learner: bool,
+    ) -> Result<Member, ApiError> {
+        let peer_addr = crate::config::bare_addr(peer_addr).to_string();
+        if !peer_addr.contains(':') {
+            return Err(ApiError::BadRequest(format!("peer address {peer_addr:?} is not HOST:PORT")));
+        }
+        let members = self.members();
+        if let Some(m) = members.iter().find(|m| m.peer_addr == peer_addr) {
+            return Err(ApiError::Rejected(format!(
+                "peer address {peer_addr} is already used by member {}",
+                m.id
+            )));
+        }
+        let id = match id {
+            Some(0) => return Err(ApiError::BadRequest("node id 0 is not allowed".into())),
+            Some(id) if members.iter().any(|m| m.id == id) => {
+                return Err(ApiError::Rejected(format!("member {id} already exists")))
+            }
+            Some(id) => id,
+            None => members.iter().map(|m| m.id).max().unwrap_or(0) + 1,
+        };
+        let info = NodeInfo::new(peer_addr.clone(), crate::config::bare_addr(client_addr));
+        self.node.add_learner(id, info, false).await?;
+        if !learner {
+            let change = ChangeMembers::AddVoterIds([id].into_iter().collect());
+            self.node.change_members(change, true).await?;
+        }
+        Ok(Member { id, peer_addr, client_addr: client_addr.to_string(), voter: !learner })
+    }
+
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ApiError> {
+        let member = self.member(id)?;
+        let change = if member.voter {
+            ChangeMembers::RemoveVoters([id].into_iter().collect())
+        } else {
+            ChangeMembers::RemoveNodes([id].into_iter().collect())
+        };
+        Ok(self.node.change_members(change, false).await?)
+    }
+
+    pub async fn promote(&self, id: NodeId) -> Result<(), ApiError> {
+        let member = self.member(id)?;
+        if member.voter {
+            return Err(ApiError::Rejected(format!("can only promote a learner member; {id} is a voter")));
+        }
+        Ok(self.node.promote(id).await?)
+    }
+
+    pub async fn change_voters(&self, voters: std::collections::BTreeSet<NodeId>) -> Result<(), ApiError> {
+        let members = self.members();
+        if let Some(unknown) = voters.iter().find(|v| !members.iter().any(|m| m.id == **v)) {
+            return Err(ApiError::UnknownMember(*unknown));
+        }
+        if voters.is_empty() {
+            return Err(ApiError::BadRequest("voters must not be empty".into()));
+        }
+        Ok(self.node.change_membership(voters).await?)
+    }
+
+    /// Updates member `id`'s peer address (etcd's MemberUpdate).
+    pub async fn update_member(&self, id: NodeId, peer_addr: &str) -> Result<(), ApiError> {
+        let m = self.member(id)?;
+        let info = NodeInfo::new(crate::config::bare_addr(peer_addr), m.client_addr);
+        let change = ChangeMembers::SetNodes([(id, info)].into_iter().collect());
+        Ok(self.node.change_members(change, true).await?)
+    }
+
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ApiError> {
+        let member = self.member(to)?;
+        if !member.voter {
+            return Err(ApiError::Rejected(format!("bad leader transferee: {to} is a learner")));
+        }
+        Ok(self.node.transfer_leader(to).await?)
+    }
+
+    pub fn status(&self) -> Status {
+        let m = self.node.metrics();
+        let last_log_index = m.last_log_index.unwrap_or(0);
+        let members = self.members();
+        let is_learner = !members.iter().any(|mm| mm.id == m.id && mm.voter);
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+            ServerState::Learner => "learner",
+            ServerState::Follower if is_learner => "learner",
+            ServerState::Follower => "follower",
+        };
+        let replication = m.replication.as_ref().map(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(id, matched)| {
+                    let matched_index = matched.as_ref().map_or(0, |l| l.index);
+                    (*id, Replication { matched_index, lag: last_log_index.saturating_sub(matched_index) })
+                })
+                .collect()
+        });
+        Status {
+            id: m.id,
+            cluster_name: self.node.config().cluster_name.clone(),
+            state,
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index,
+            committed_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+            revision: self.revision(),
+            members,
+            replication,
+        }
+    }
+
+    /// A hash of every key and value here (serializable), to compare replicas.
+    pub fn hash_kv(&self) -> Result<(u32, i64), ApiError> {
+        let r = Range { key: vec![0], range_end: vec![0], ..Range::default() };
+        let (revision, result) = self.node.read_local(|_, txn| store::range(txn, &r))??;
+        let mut h = crc32fast::Hasher::new();
+        for kv in result.map_err(ApiError::Kv)?.kvs {
+            for part in [&kv.key, &kv.value] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+            for n in [kv.create_revision, kv.mod_revision, kv.version] {
+                h.update(&n.to_le_bytes());
+            }
+        }
+        Ok((h.finalize(), revision))
+    }
+
+    /// Whether this node can serve: it knows a leader and its store is readable.
+    pub fn health(&self) -> Result<(), String> {
+        let m = self.node.metrics();
+        if let Err(e) = &m.running_state {
+            return Err(format!("raft stopped: {e}"));
+        }
+        if m.current_leader.is_none() {
+            return Err("no leader".into());
+        }
+        self.node.check_readable().map_err(|e| e.to_string())
+    }
+
+    /// Whether this node is a member that has applied what its leader had committed.
+    pub fn ready(&self) -> Result<(), String> {
+        self.health()?;
+        let m = self.node.metrics();
+        if m.membership_config.membership().get_node(&m.id).is_none() {
+            return Err("not a member of any cluster yet".into());
+        }
+        let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
+        let committed = m.local_committed.as_ref().map_or(0, |l| l.index);
+        if applied < committed {
+            return Err(format!("catching up: applied {applied} of {committed}"));
+        }
+        Ok(())
+    }
+
+    pub fn count(&self, grpc: bool, failed: bool) {
+        let c = &self.counters;
+        let (total, errors) =
+            if grpc { (&c.grpc_requests, &c.grpc_errors) } else { (&c.http_requests, &c.http_errors) };
+        total.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

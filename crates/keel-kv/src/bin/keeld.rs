@@ -1,0 +1,115 @@
+//! keeld: a Keel KV node. Parses flags and the TOML config, then runs until SIGINT/SIGTERM.
+//!
+//! `keeld` with no flags runs a single-node cluster with data in `./keel-data`, clients on
+//! 127.0.0.1:2379 (etcd v3 gRPC and HTTP/JSON) and peers on 127.0.0.1:2380.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keel_kv::config::ClusterState;
+use keel_kv::config::KeeldConfig;
+
+/// A Keel node: a replicated key-value store with an etcd v3-compatible API.
+///
+/// Every flag is also a key of the TOML file given with --config (e.g. `data_dir = "..."`);
+/// a flag overrides the file.
+#[derive(Parser, Debug)]
+#[command(name = "keeld", version)]
+struct Flags {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// This node's id: a positive integer, unique in the cluster and never reused.
+    #[arg(long)]
+    id: Option<u64>,
+    /// Where the node keeps its log, state and snapshots [default: ./keel-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address for clients: etcd v3 gRPC and HTTP/JSON [default: 127.0.0.1:2379].
+    #[arg(long, value_name = "HOST:PORT")]
+    client_addr: Option<String>,
+    /// Address for Raft traffic from peers [default: 127.0.0.1:2380].
+    #[arg(long, value_name = "HOST:PORT")]
+    peer_addr: Option<String>,
+    /// Founding members, `1=HOST:PORT,2=HOST:PORT,...` (peer addresses); give every founding node
+    /// the same list. Ignored when the data dir already holds a cluster.
+    #[arg(long, value_name = "ID=HOST:PORT,...")]
+    initial_cluster: Option<String>,
+    /// `new`: found the cluster in --initial-cluster; `existing`: wait to be added by a member.
+    #[arg(long, value_enum)]
+    initial_cluster_state: Option<ClusterState>,
+    /// A name shared by all members; messages from another cluster are refused [default: keel].
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// Largest client request in bytes [default: 1572864].
+    #[arg(long)]
+    max_request_bytes: Option<usize>,
+    /// Largest key in bytes [default: 8192].
+    #[arg(long)]
+    max_key_bytes: Option<usize>,
+}
+
+fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
+    let mut c = match &flags.config {
+        Some(path) => KeeldConfig::load(path)?,
+        None => KeeldConfig::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => {$( if let Some(v) = flags.$f { c.$f = v; } )*};
+    }
+    set!(id, data_dir, client_addr, peer_addr, initial_cluster, initial_cluster_state, cluster_name);
+    set!(max_request_bytes, max_key_bytes);
+    c.validate()?;
+    Ok(c)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::signal;
+    use tokio::signal::unix::SignalKind;
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; stop keeld with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!("{name} received");
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match config(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keeld: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keeld: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(keel_kv::server::run(config, shutdown_signal())) {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keeld: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `keeld`'s configuration: a TOML file and command-line flags (every flag is also a TOML key;
+//! a flag wins over the file). No flags at all: a single-node cluster with data in `./keel-data`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use keel::config::ConfigError;
+use keel::config::LogConfig;
+use keel::config::RaftConfig;
+use keel::config::StateMachineConfig;
+use keel::NodeId;
+use serde::Deserialize;
+use serde::Serialize;
+
+/// etcd's default request size limit.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+pub const DEFAULT_MAX_KEY_BYTES: usize = 8 * 1024;
+
+/// Whether a node with an empty data dir founds a cluster or waits to be added to one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterState {
+    /// Found the cluster listed in `initial_cluster` (the node with the lowest id initializes it).
+    #[default]
+    New,
+    /// Join an existing cluster: wait until a member adds this node (`member add`, `add-learner`).
+    Existing,
+}
+
+/// One keeld node's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeeldConfig {
+    pub id: NodeId,
+    #[serde(alias = "data-dir")]
+    pub data_dir: PathBuf,
+    #[serde(alias = "cluster-name")]
+    pub cluster_name: String,
+    /// Where clients connect: etcd v3 gRPC and HTTP/JSON on one address.
+    #[serde(alias = "client-addr")]
+    pub client_addr: String,
+    /// Where peers connect for Raft traffic.
+    #[serde(alias = "peer-addr")]
+    pub peer_addr: String,
+    /// The founding members, `ID=HOST:PORT,...` (peer addresses); empty: a single-node cluster of
+    /// this node. Ignored once the data dir holds a cluster.
+    #[serde(alias = "initial-cluster")]
+    pub initial_cluster: String,
+    #[serde(alias = "initial-cluster-state")]
+    pub initial_cluster_state: ClusterState,
+    /// Largest request a client may send (bytes).
+    #[serde(alias = "max-request-bytes")]
+    pub max_request_bytes: usize,
+    /// Largest key (bytes).
+    #[serde(alias = "max-key-bytes")]
+    pub max_key_bytes: usize,
+    pub raft: RaftConfig,
+    pub log: LogConfig,
+    pub state_machine: StateMachineConfig,
+}
+
+impl Default for KeeldConfig {
+    fn default() -> Self {
+        let node = keel::Config::default();
+        Self {
+            id: node.id,
+            data_dir: node.data_dir,
+            cluster_name: node.cluster_name,
+            client_addr: "127.0.0.1:2379".into(),
+            peer_addr: "127.0.0.1:2380".into(),
+            initial_cluster: String::new(),
+            initial_cluster_state: ClusterState::New,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            raft: node.raft,
+            log: node.log,
+            state_machine: node.state_machine,
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, reason: reason.into() }
+}
+
+/// Strips an `http://` scheme, as etcd tools write addresses.
+pub fn bare_addr(addr: &str) -> &str {
+    addr.trim().trim_start_matches("http://").trim_end_matches('/')
+}
+
+impl KeeldConfig {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.into(), source })
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The library's node configuration.
+    pub fn node_config(&self) -> keel::Config {
+        keel::Config {
+            id: self.id,
+            data_dir: self.data_dir.clone(),
+            cluster_name: self.cluster_name.clone(),
+            raft: self.raft.clone(),
+            log: self.log.clone(),
+            state_machine: self.state_machine.clone(),
+        }
+    }
+
+    /// The founding members by id → peer address; this node alone when `initial_cluster` is empty.
+    pub fn initial_members(&self) -> Result<BTreeMap<NodeId, String>, ConfigError> {
+        if self.initial_cluster.trim().is_empty() {
+            return Ok([(self.id, self.peer_addr.clone())].into_iter().collect());
+        }
+        let mut members = BTreeMap::new();
+        for part in self.initial_cluster.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, addr) = part
+                .split_once('=')
+                .ok_or_else(|| invalid("initial_cluster", format!("{part:?} is not ID=HOST:PORT")))?;
+            let id: NodeId = id.trim().parse().ok().filter(|&id| id != 0).ok_or_else(|| {
+                invalid("initial_cluster", format!("{id:?} is not a node id (a positive integer)"))
+            })?;
+            let addr = bare_addr(addr);
+            if addr.is_empty() || !addr.contains(':') {
+                return Err(invalid("initial_cluster", format!("member {id}: {addr:?} is not HOST:PORT")));
+            }
+            if members.insert(id, addr.to_string()).is_some() {
+                return Err(invalid("initial_cluster", format!("member {id} is listed twice")));
+            }
+        }
+        match members.get(&self.id) {
+            None => Err(invalid(
+                "initial_cluster",
+                format!("does not list this node (id {}); every founding node must be in it", self.id),
+            )),
+            Some(addr) if addr != bare_addr(&self.peer_addr) => Err(invalid(
+                "initial_cluster",
+                format!("lists node {} at {addr} but --peer-addr is {}", self.id, self.peer_addr),
+            )),
+            Some(_) => Ok(members),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.node_config().validate()?;
+        for (field, addr) in [("client_addr", &self.client_addr), ("peer_addr", &self.peer_addr)] {
+            if !bare_addr(addr).contains(':') {
+                return Err(invalid(field, format!("{addr:?} is not HOST:PORT")));
+            }
+        }
+        if self.max_key_bytes == 0 || self.max_key_bytes > self.max_request_bytes {
+            return Err(invalid("max_key_bytes", "must be between 1 and max_request_bytes"));
+        }
+        if self.max_request_bytes < 1024 || self.max_request_bytes > 64 << 20 {
+            return Err(invalid("max_request_bytes", "must be between 1 KiB and 64 MiB"));
+        }
+        if self.initial_cluster_state == ClusterState::New {
+            self.initial_members()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_a_valid_single_node_cluster() {
+        let c = KeeldConfig::default();
+        c.validate().expect("defaults validate");
+        assert_eq!(
+            vec![(1, "127.0.0.1:2380".to_string())],
+            c.initial_members().expect("members").into_iter().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn initial_cluster_is_parsed_and_checked() {
+        let mut c = KeeldConfig {
+            initial_cluster: "1=127.0.0.1:2380, 2=http://127.0.0.1:2480".into(),
+            ..Default::default()
+        };
+        assert_eq!(2, c.initial_members().expect("members").len());
+        for bad in
+            ["1=127.0.0.1:2380,1=127.0.0.1:2480", "x=1:2", "2=127.0.0.1:2480", "1=nohost", "1=127.0.0.1:9"]
+        {
+            c.initial_cluster = bad.into();
+            let e = c.initial_members().expect_err(bad).to_string();
+            assert!(e.contains("initial_cluster"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn toml_accepts_flag_spellings_and_refuses_unknown_keys() {
+        let c = KeeldConfig::from_toml("id = 3\ndata-dir = \"/x\"\nclient_addr = \"0.0.0.0:1\"\n", "t")
+            .expect("parses");
+        assert_eq!((3, PathBuf::from("/x")), (c.id, c.data_dir));
+        let e = KeeldConfig::from_toml("idd = 3\n", "t").expect_err("unknown key").to_string();
+        assert!(e.contains("idd"), "{e}");
+    }
+}

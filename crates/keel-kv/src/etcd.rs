@@ -1,0 +1,521 @@
+//! The etcd v3 gRPC API (`etcdserverpb.KV`, `Cluster`, `Maintenance`) on [`KvApi`].
+//!
+//! Errors carry etcd's own gRPC codes and `etcdserver: …` messages, which etcd client libraries
+//! match on (e.g. `ErrCompacted`, `ErrNoLeader`), followed by Keel's detail where it helps.
+
+use keel::NodeId;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use crate::api::ApiError;
+use crate::api::KvApi;
+use crate::api::Member;
+use crate::store;
+use crate::store::KvError;
+use crate::store::OpResult;
+
+/// Code generated from `proto/` (Keel's own files for etcd's wire format).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
+use pb::etcdserverpb as rpc;
+use pb::mvccpb;
+
+/// What Maintenance.Status reports as the server version: the etcd API level Keel speaks, tagged.
+pub const SERVER_VERSION: &str = concat!("3.5.0-keel.", env!("CARGO_PKG_VERSION"));
+
+/// Room for gRPC framing and the request's own fields beyond a maximal key and value (etcd's).
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let detail = e.to_string();
+        match e {
+            ApiError::BadRequest(m) => Status::invalid_argument(format!("etcdserver: {m}")),
+            ApiError::KeyTooLarge { .. } => {
+                Status::invalid_argument(format!("etcdserver: key is too large ({detail})"))
+            }
+            ApiError::RequestTooLarge { .. } => {
+                Status::invalid_argument(format!("etcdserver: request is too large ({detail})"))
+            }
+            ApiError::KeyNotFound | ApiError::Kv(KvError::KeyNotFound) => {
+                Status::invalid_argument("etcdserver: key not found")
+            }
+            ApiError::UnknownMember(id) => {
+                Status::not_found(format!("etcdserver: member not found ({id:x})"))
+            }
+            ApiError::Kv(KvError::Compacted { .. }) => Status::out_of_range(format!(
+                "etcdserver: mvcc: required revision has been compacted ({detail})"
+            )),
+            ApiError::Kv(KvError::FutureRevision { .. }) => Status::out_of_range(format!(
+                "etcdserver: mvcc: required revision is a future revision ({detail})"
+            )),
+            ApiError::Kv(KvError::LeaseNotFound) => {
+                Status::not_found("etcdserver: requested lease not found")
+            }
+            ApiError::Kv(KvError::InvalidRequest(m)) => Status::invalid_argument(format!("etcdserver: {m}")),
+            ApiError::Rejected(m) => Status::failed_precondition(format!("etcdserver: {m}")),
+            ApiError::NoLeader(m) => Status::unavailable(format!("etcdserver: no leader ({m})")),
+            ApiError::Unavailable(m) => Status::unavailable(format!("etcdserver: request timed out ({m})")),
+            ApiError::Unknown(m) => Status::unavailable(format!(
+                "etcdserver: request timed out, possibly due to connection lost ({m})"
+            )),
+            ApiError::Internal(m) => Status::internal(format!("etcdserver: {m}")),
+        }
+    }
+}
+
+/// Serves the etcd services; one clone per service.
+#[derive(Clone)]
+pub struct EtcdService {
+    api: KvApi,
+}
+
+impl EtcdService {
+    pub fn new(api: KvApi) -> Self {
+        Self { api }
+    }
+
+    fn header(&self, revision: i64) -> Option<rpc::ResponseHeader> {
+        Some(rpc::ResponseHeader {
+            cluster_id: self.api.cluster_id,
+            member_id: self.api.member_id(),
+            revision,
+            raft_term: self.api.term(),
+        })
+    }
+
+    fn members(&self) -> Vec<rpc::Member> {
+        self.api.members().iter().map(member).collect()
+    }
+
+    /// Counts the request and converts its error.
+    fn done<T>(&self, r: Result<T, ApiError>) -> Result<Response<T>, Status> {
+        self.api.count(true, r.is_err());
+        r.map(Response::new).map_err(Status::from)
+    }
+
+    fn check_size(&self, msg: &impl prost::Message) -> Result<(), ApiError> {
+        self.api.check_size(msg.encoded_len())
+    }
+}
+
+fn member(m: &Member) -> rpc::Member {
+    let url = |addr: &str| if addr.is_empty() { vec![] } else { vec![format!("http://{addr}")] };
+    // etcd shows a member that has not published its client address yet with an empty name
+    // (etcdctl prints it as "unstarted").
+    let name = if m.client_addr.is_empty() { String::new() } else { format!("keel{}", m.id) };
+    rpc::Member {
+        id: m.id,
+        name,
+        peer_ur_ls: url(&m.peer_addr),
+        client_ur_ls: url(&m.client_addr),
+        is_learner: !m.voter,
+    }
+}
+
+fn kv(k: store::KeyValue) -> mvccpb::KeyValue {
+    mvccpb::KeyValue {
+        key: k.key,
+        create_revision: k.create_revision,
+        mod_revision: k.mod_revision,
+        version: k.version,
+        value: k.value,
+        lease: k.lease,
+    }
+}
+
+fn range_of(r: rpc::RangeRequest) -> store::Range {
+    use rpc::range_request::SortOrder as O;
+    use rpc::range_request::SortTarget as T;
+    store::Range {
+        sort_order: match O::try_from(r.sort_order).unwrap_or(O::None) {
+            O::None => store::SortOrder::None,
+            O::Ascend => store::SortOrder::Ascend,
+            O::Descend => store::SortOrder::Descend,
+        },
+        sort_target: match T::try_from(r.sort_target).unwrap_or(T::Key) {
+            T::Key => store::SortTarget::Key,
+            T::Version => store::SortTarget::Version,
+            T::Create => store::SortTarget::Create,
+            T::Mod => store::SortTarget::Mod,
+            T::Value => store::SortTarget::Value,
+        },
+        key: r.key,
+        range_end: r.range_end,
+        limit: r.limit,
+        revision: r.revision,
+        keys_only: r.keys_only,
+        count_only: r.count_only,
+        min_mod_revision: r.min_mod_revision,
+        max_mod_revision: r.max_mod_revision,
+        min_create_revision: r.min_create_revision,
+        max_create_revision: r.max_create_revision,
+    }
+}
+
+fn put_of(p: rpc::PutRequest) -> store::Put {
+    store::Put {
+        key: p.key,
+        value: p.value,
+        lease: p.lease,
+        prev_kv: p.prev_kv,
+        ignore_value: p.ignore_value,
+        ignore_lease: p.ignore_lease,
+    }
+}
+
+fn delete_of(d: rpc::DeleteRangeRequest) -> store::DeleteRange {
+    store::DeleteRange { key: d.key, range_end: d.range_end, prev_kv: d.prev_kv }
+}
+
+fn txn_of(t: rpc::TxnRequest) -> Result<store::Txn, ApiError> {
+    let ops = |ops: Vec<rpc::RequestOp>| -> Result<Vec<store::Op>, ApiError> {
+        ops.into_iter()
+            .map(|op| match op.request {
+                Some(rpc::request_op::Request::RequestRange(r)) => Ok(store::Op::Range(range_of(r))),
+                Some(rpc::request_op::Request::RequestPut(p)) => Ok(store::Op::Put(put_of(p))),
+                Some(rpc::request_op::Request::RequestDeleteRange(d)) => {
+                    Ok(store::Op::DeleteRange(delete_of(d)))
+                }
+                Some(rpc::request_op::Request::RequestTxn(t)) => Ok(store::Op::Txn(txn_of(t)?)),
+                None => Err(ApiError::BadRequest("txn op has no request".into())),
+            })
+            .collect()
+    };
+    let compare = t
+        .compare
+        .into_iter()
+        .map(|c| {
+            use rpc::compare::CompareResult as R;
+            use rpc::compare::CompareTarget as T;
+            use rpc::compare::TargetUnion as U;
+            let result = match R::try_from(c.result) {
+                Ok(R::Equal) => store::CompareResult::Equal,
+                Ok(R::Greater) => store::CompareResult::Greater,
+                Ok(R::Less) => store::CompareResult::Less,
+                Ok(R::NotEqual) => store::CompareResult::NotEqual,
+                Err(_) => return Err(ApiError::BadRequest(format!("unknown compare result {}", c.result))),
+            };
+            let target = match (T::try_from(c.target), c.target_union) {
+                (Ok(T::Version), u) => store::CompareTarget::Version(match u {
+                    Some(U::Version(v)) => v,
+                    _ => 0,
+                }),
+                (Ok(T::Create), u) => store::CompareTarget::Create(match u {
+                    Some(U::CreateRevision(v)) => v,
+                    _ => 0,
+                }),
+                (Ok(T::Mod), u) => store::CompareTarget::Mod(match u {
+                    Some(U::ModRevision(v)) => v,
+                    _ => 0,
+                }),
+                (Ok(T::Value), u) => store::CompareTarget::Value(match u {
+                    Some(U::Value(v)) => v,
+                    _ => Vec::new(),
+                }),
+                (Ok(T::Lease), u) => store::CompareTarget::Lease(match u {
+                    Some(U::Lease(v)) => v,
+                    _ => 0,
+                }),
+                (Err(_), _) => {
+                    return Err(ApiError::BadRequest(format!("unknown compare target {}", c.target)))
+                }
+            };
+            Ok(store::Compare { key: c.key, range_end: c.range_end, result, target })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(store::Txn { compare, success: ops(t.success)?, failure: ops(t.failure)? })
+}
+
+impl EtcdService {
+    fn txn_response(&self, revision: i64, t: store::TxnResult) -> rpc::TxnResponse {
+        let responses = t
+            .responses
+            .into_iter()
+            .map(|r| rpc::ResponseOp {
+                response: Some(match r {
+                    OpResult::Range(r) => rpc::response_op::Response::ResponseRange(rpc::RangeResponse {
+                        header: self.header(revision),
+                        kvs: r.kvs.into_iter().map(kv).collect(),
+                        more: r.more,
+                        count: r.count,
+                    }),
+                    OpResult::Put { prev_kv } => rpc::response_op::Response::ResponsePut(rpc::PutResponse {
+                        header: self.header(revision),
+                        prev_kv: prev_kv.map(kv),
+                    }),
+                    OpResult::DeleteRange { deleted, prev_kvs } => {
+                        rpc::response_op::Response::ResponseDeleteRange(rpc::DeleteRangeResponse {
+                            header: self.header(revision),
+                            deleted,
+                            prev_kvs: prev_kvs.into_iter().map(kv).collect(),
+                        })
+                    }
+                    OpResult::Txn(t) => {
+                        rpc::response_op::Response::ResponseTxn(self.txn_response(revision, t))
+                    }
+                }),
+            })
+            .collect();
+        rpc::TxnResponse { header: self.header(revision), succeeded: t.succeeded, responses }
+    }
+
+    async fn range(&self, r: rpc::RangeRequest) -> Result<rpc::RangeResponse, ApiError> {
+        let serializable = r.serializable;
+        let (revision, result) = self.api.range(&range_of(r), serializable).await?;
+        Ok(rpc::RangeResponse {
+            header: self.header(revision),
+            kvs: result.kvs.into_iter().map(kv).collect(),
+            more: result.more,
+            count: result.count,
+        })
+    }
+
+    async fn put(&self, p: rpc::PutRequest) -> Result<rpc::PutResponse, ApiError> {
+        self.check_size(&p)?;
+        match self.api.write(store::KvCommand::Put(put_of(p))).await? {
+            (revision, OpResult::Put { prev_kv }) => {
+                Ok(rpc::PutResponse { header: self.header(revision), prev_kv: prev_kv.map(kv) })
+            }
+            (_, other) => Err(ApiError::Internal(format!("put answered {other:?}"))),
+        }
+    }
+
+    async fn delete_range(&self, d: rpc::DeleteRangeRequest) -> Result<rpc::DeleteRangeResponse, ApiError> {
+        self.check_size(&d)?;
+        match self.api.write(store::KvCommand::DeleteRange(delete_of(d))).await? {
+            (revision, OpResult::DeleteRange { deleted, prev_kvs }) => Ok(rpc::DeleteRangeResponse {
+                header: self.header(revision),
+                deleted,
+                prev_kvs: prev_kvs.into_iter().map(kv).collect(),
+            }),
+            (_, other) => Err(ApiError::Internal(format!("delete answered {other:?}"))),
+        }
+    }
+
+    async fn txn(&self, t: rpc::TxnRequest) -> Result<rpc::TxnResponse, ApiError> {
+        self.check_size(&t)?;
+        let txn = txn_of(t)?;
+        // Every txn, read-only ones included, goes through the log: its reads and compares are then
+        // linearizable with every write.
+        match self.api.write(store::KvCommand::Txn(txn)).await? {
+            (revision, OpResult::Txn(t)) => Ok(self.txn_response(revision, t)),
+            (_, other) => Err(ApiError::Internal(format!("txn answered {other:?}"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl rpc::kv_server::Kv for EtcdService {
+    async fn range(
+        &self,
+        request: Request<rpc::RangeRequest>,
+    ) -> Result<Response<rpc::RangeResponse>, Status> {
+        self.done(EtcdService::range(self, request.into_inner()).await)
+    }
+
+    async fn put(&self, request: Request<rpc::PutRequest>) -> Result<Response<rpc::PutResponse>, Status> {
+        self.done(EtcdService::put(self, request.into_inner()).await)
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<rpc::DeleteRangeRequest>,
+    ) -> Result<Response<rpc::DeleteRangeResponse>, Status> {
+        self.done(EtcdService::delete_range(self, request.into_inner()).await)
+    }
+
+    async fn txn(&self, request: Request<rpc::TxnRequest>) -> Result<Response<rpc::TxnResponse>, Status> {
+        self.done(EtcdService::txn(self, request.into_inner()).await)
+    }
+
+    async fn compact(
+        &self,
+        request: Request<rpc::CompactionRequest>,
+    ) -> Result<Response<rpc::CompactionResponse>, Status> {
+        let revision = request.into_inner().revision;
+        let r = self
+            .api
+            .write(store::KvCommand::Compact { revision })
+            .await
+            .map(|(rev, _)| rpc::CompactionResponse { header: self.header(rev) });
+        self.done(r)
+    }
+}
+
+#[tonic::async_trait]
+impl rpc::cluster_server::Cluster for EtcdService {
+    async fn member_add(
+        &self,
+        request: Request<rpc::MemberAddRequest>,
+    ) -> Result<Response<rpc::MemberAddResponse>, Status> {
+        let req = request.into_inner();
+        let r = async {
+            let peer = match req.peer_ur_ls.as_slice() {
+                [one] => one.clone(),
+                [] => return Err(ApiError::BadRequest("member add needs a peer URL".into())),
+                _ => return Err(ApiError::BadRequest("Keel members have exactly one peer URL".into())),
+            };
+            let added = self.api.add_member(None, &peer, "", req.is_learner).await?;
+            Ok(rpc::MemberAddResponse {
+                header: self.header(self.api.revision()),
+                member: Some(member(&added)),
+                members: self.members(),
+            })
+        }
+        .await;
+        self.done(r)
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<rpc::MemberRemoveRequest>,
+    ) -> Result<Response<rpc::MemberRemoveResponse>, Status> {
+        let id = request.into_inner().id;
+        let r = async {
+            self.api.remove_member(id).await?;
+            Ok(rpc::MemberRemoveResponse {
+                header: self.header(self.api.revision()),
+                members: self.members(),
+            })
+        }
+        .await;
+        self.done(r)
+    }
+
+    async fn member_update(
+        &self,
+        request: Request<rpc::MemberUpdateRequest>,
+    ) -> Result<Response<rpc::MemberUpdateResponse>, Status> {
+        let req = request.into_inner();
+        let r = async {
+            let [peer] = req.peer_ur_ls.as_slice() else {
+                return Err(ApiError::BadRequest("Keel members have exactly one peer URL".into()));
+            };
+            self.api.update_member(req.id, peer).await?;
+            Ok(rpc::MemberUpdateResponse {
+                header: self.header(self.api.revision()),
+                members: self.members(),
+            })
+        }
+        .await;
+        self.done(r)
+    }
+
+    async fn member_list(
+        &self,
+        request: Request<rpc::MemberListRequest>,
+    ) -> Result<Response<rpc::MemberListResponse>, Status> {
+        let r = async {
+            if request.into_inner().linearizable {
+                self.api.node.linearize().await?;
+            }
+            Ok(rpc::MemberListResponse { header: self.header(self.api.revision()), members: self.members() })
+        }
+        .await;
+        self.done(r)
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<rpc::MemberPromoteRequest>,
+    ) -> Result<Response<rpc::MemberPromoteResponse>, Status> {
+        let id = request.into_inner().id;
+        let r = async {
+            self.api.promote(id).await?;
+            Ok(rpc::MemberPromoteResponse {
+                header: self.header(self.api.revision()),
+                members: self.members(),
+            })
+        }
+        .await;
+        self.done(r)
+    }
+}
+
+#[tonic::async_trait]
+impl rpc::maintenance_server::Maintenance for EtcdService {
+    async fn alarm(&self, _: Request<rpc::AlarmRequest>) -> Result<Response<rpc::AlarmResponse>, Status> {
+        // Keel raises no alarms (no space quota, no corruption alarm: corruption stops the node).
+        self.done(Ok(rpc::AlarmResponse { header: self.header(self.api.revision()), alarms: vec![] }))
+    }
+
+    async fn status(&self, _: Request<rpc::StatusRequest>) -> Result<Response<rpc::StatusResponse>, Status> {
+        let s = self.api.status();
+        let db_size = std::fs::metadata(self.api.node.config().data_dir.join("state.redb"))
+            .map_or(0, |m| m.len() as i64);
+        let is_learner = !s.members.iter().any(|m| m.id == s.id && m.voter);
+        self.done(Ok(rpc::StatusResponse {
+            header: self.header(s.revision),
+            version: SERVER_VERSION.into(),
+            db_size,
+            leader: s.leader.unwrap_or(0),
+            raft_index: s.committed_index,
+            raft_term: s.term,
+            raft_applied_index: s.applied_index,
+            errors: self.api.health().err().into_iter().collect(),
+            db_size_in_use: db_size,
+            is_learner,
+            ..Default::default()
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<rpc::DefragmentRequest>,
+    ) -> Result<Response<rpc::DefragmentResponse>, Status> {
+        // redb reuses freed pages itself; there is nothing to defragment.
+        self.done(Ok(rpc::DefragmentResponse { header: self.header(self.api.revision()) }))
+    }
+
+    async fn hash(&self, _: Request<rpc::HashRequest>) -> Result<Response<rpc::HashResponse>, Status> {
+        let r = self.api.hash_kv().map(|(hash, rev)| rpc::HashResponse { header: self.header(rev), hash });
+        self.done(r)
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<rpc::HashKvRequest>,
+    ) -> Result<Response<rpc::HashKvResponse>, Status> {
+        let requested = request.into_inner().revision;
+        let r = self.api.hash_kv().and_then(|(hash, rev)| {
+            if requested > 0 && requested != rev {
+                let e = if requested > rev {
+                    KvError::FutureRevision { requested, current: rev }
+                } else {
+                    KvError::Compacted { requested, current: rev }
+                };
+                return Err(ApiError::Kv(e));
+            }
+            Ok(rpc::HashKvResponse {
+                header: self.header(rev),
+                hash,
+                compact_revision: rev,
+                hash_revision: rev,
+            })
+        });
+        self.done(r)
+    }
+
+    async fn move_leader(
+        &self,
+        request: Request<rpc::MoveLeaderRequest>,
+    ) -> Result<Response<rpc::MoveLeaderResponse>, Status> {
+        let to: NodeId = request.into_inner().target_id;
+        let r = async {
+            self.api.transfer_leader(to).await?;
+            Ok(rpc::MoveLeaderResponse { header: self.header(self.api.revision()) })
+        }
+        .await;
+        self.done(r)
+    }
+}

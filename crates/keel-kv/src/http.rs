@@ -1,0 +1,696 @@
+//! The HTTP/JSON API (see `docs/http-api.md`), on [`KvApi`].
+//!
+//! Keys come from the raw URL path and query (percent-decoded to bytes, so any key works); values
+//! are raw request bodies. Every error is `{"error": {"code", "message", "retryable"}}` with a
+//! fitting HTTP status.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::header;
+use axum::http::StatusCode;
+use axum::http::Uri;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use axum::routing::get;
+use axum::routing::post;
+use axum::Router;
+use base64::Engine;
+use keel::NodeId;
+use keel::NodeInfo;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::Map;
+use serde_json::Value;
+
+use crate::api::ApiError;
+use crate::api::KvApi;
+use crate::store;
+use crate::store::KvCommand;
+use crate::store::KvError;
+use crate::store::OpResult;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The HTTP routes, to merge with the gRPC services on one address.
+pub fn router(api: KvApi) -> Router {
+    Router::new()
+        .route("/v1/kv", get(list))
+        .route("/v1/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
+        .route("/v1/txn", post(txn))
+        .route("/v1/cluster/init", post(init))
+        .route("/v1/cluster/add-learner", post(add_learner))
+        .route("/v1/cluster/promote", post(promote))
+        .route("/v1/cluster/remove", post(remove))
+        .route("/v1/cluster/change-membership", post(change_membership))
+        .route("/v1/cluster/transfer-leader", post(transfer_leader))
+        .route("/v1/cluster/members", get(members))
+        .route("/v1/cluster/status", get(status))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(api)
+}
+
+/// An HTTP error answer.
+pub struct HttpError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retryable: bool,
+}
+
+impl HttpError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retryable: false }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        let retryable = e.retryable();
+        let message = e.to_string();
+        let (status, code) = match &e {
+            ApiError::BadRequest(_) | ApiError::Kv(KvError::InvalidRequest(_)) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            ApiError::KeyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "key_too_large"),
+            ApiError::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+            ApiError::KeyNotFound | ApiError::Kv(KvError::KeyNotFound) => {
+                (StatusCode::NOT_FOUND, "key_not_found")
+            }
+            ApiError::UnknownMember(_) => (StatusCode::NOT_FOUND, "unknown_member"),
+            ApiError::Kv(KvError::Compacted { .. }) | ApiError::Kv(KvError::FutureRevision { .. }) => {
+                (StatusCode::BAD_REQUEST, "compacted")
+            }
+            ApiError::Kv(KvError::LeaseNotFound) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Rejected(_) => (StatusCode::CONFLICT, "rejected"),
+            ApiError::NoLeader(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Self { status, code, message, retryable }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "retryable": self.retryable}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+type HttpResult = Result<Response, HttpError>;
+
+fn ok(api: &KvApi, body: Value) -> HttpResult {
+    api.count(false, false);
+    Ok(axum::Json(body).into_response())
+}
+
+/// Counts failures too: every handler's result passes through here.
+fn counted(api: &KvApi, r: HttpResult) -> Response {
+    match r {
+        Ok(resp) => resp,
+        Err(e) => {
+            api.count(false, true);
+            e.into_response()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding
+
+fn bytes_field(obj: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => obj.insert(name.into(), Value::String(s.into())),
+        Err(_) => obj.insert(format!("{name}_base64"), Value::String(B64.encode(bytes))),
+    };
+}
+
+fn kv_json(kv: &store::KeyValue, with_value: bool) -> Value {
+    let mut obj = Map::new();
+    bytes_field(&mut obj, "key", &kv.key);
+    if with_value {
+        bytes_field(&mut obj, "value", &kv.value);
+    }
+    obj.insert("create_revision".into(), kv.create_revision.into());
+    obj.insert("mod_revision".into(), kv.mod_revision.into());
+    obj.insert("version".into(), kv.version.into());
+    Value::Object(obj)
+}
+
+/// A percent-decoded query: name → raw bytes.
+fn query(uri: &Uri) -> BTreeMap<String, Vec<u8>> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_encoding::percent_decode(s.replace('+', " ").as_bytes()).collect::<Vec<u8>>()
+            };
+            (String::from_utf8_lossy(&decode(k)).into_owned(), decode(v))
+        })
+        .collect()
+}
+
+fn flag(q: &BTreeMap<String, Vec<u8>>, name: &str) -> Result<bool, HttpError> {
+    match q.get(name).map(Vec::as_slice) {
+        None | Some(b"false") | Some(b"0") => Ok(false),
+        Some(b"true") | Some(b"1") | Some(b"") => Ok(true),
+        Some(other) => Err(HttpError::bad(format!(
+            "query parameter {name}={:?} is not true or false",
+            String::from_utf8_lossy(other)
+        ))),
+    }
+}
+
+fn number(q: &BTreeMap<String, Vec<u8>>, name: &str) -> Result<i64, HttpError> {
+    match q.get(name) {
+        None => Ok(0),
+        Some(v) => {
+            std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()).filter(|n| *n >= 0).ok_or_else(
+                || HttpError::bad(format!("query parameter {name} must be a non-negative integer")),
+            )
+        }
+    }
+}
+
+fn serializable(q: &BTreeMap<String, Vec<u8>>) -> Result<bool, HttpError> {
+    match q.get("consistency").map(Vec::as_slice) {
+        None | Some(b"linearizable") | Some(b"l") => Ok(false),
+        Some(b"serializable") | Some(b"s") => Ok(true),
+        Some(_) => Err(HttpError::bad("consistency must be linearizable or serializable")),
+    }
+}
+
+/// The key in `/v1/kv/{key}`, percent-decoded to bytes.
+fn path_key(uri: &Uri) -> Result<Vec<u8>, HttpError> {
+    let raw = uri.path().strip_prefix("/v1/kv/").unwrap_or("");
+    let key: Vec<u8> = percent_encoding::percent_decode(raw.as_bytes()).collect();
+    if key.is_empty() {
+        return Err(HttpError::bad("key is empty"));
+    }
+    Ok(key)
+}
+
+fn body_bytes(api: &KvApi, body: Result<Bytes, BytesRejection>) -> Result<Bytes, HttpError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            HttpError::from(ApiError::RequestTooLarge {
+                size: api.max_request_bytes + 1,
+                limit: api.max_request_bytes,
+            })
+        } else {
+            HttpError::bad(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    api.check_size(body.len())?;
+    Ok(body)
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(
+    api: &KvApi,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, HttpError> {
+    let body = body_bytes(api, body)?;
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &body };
+    serde_json::from_slice(body).map_err(|e| HttpError::bad(format!("malformed JSON body: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key-value
+
+async fn put_key(State(api): State<KvApi>, uri: Uri, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let key = path_key(&uri)?;
+        let q = query(&uri);
+        let value = body_bytes(&api, body)?.to_vec();
+        let put = store::Put { key, value, prev_kv: flag(&q, "prev_kv")?, ..Default::default() };
+        match api.write(KvCommand::Put(put)).await? {
+            (revision, OpResult::Put { prev_kv }) => {
+                ok(&api, json!({"revision": revision, "prev_kv": prev_kv.map(|kv| kv_json(&kv, true))}))
+            }
+            (_, other) => Err(ApiError::Internal(format!("put answered {other:?}")).into()),
+        }
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn get_key(State(api): State<KvApi>, uri: Uri) -> Response {
+    let r = async {
+        let key = path_key(&uri)?;
+        let q = query(&uri);
+        let range = store::Range { key, ..Default::default() };
+        let (revision, result) = api.range(&range, serializable(&q)?).await?;
+        let Some(kv) = result.kvs.first() else {
+            return Err(HttpError::new(StatusCode::NOT_FOUND, "key_not_found", "key not found"));
+        };
+        let mut body = kv_json(kv, true);
+        if let Value::Object(obj) = &mut body {
+            obj.insert("revision".into(), revision.into());
+        }
+        ok(&api, body)
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn list(State(api): State<KvApi>, uri: Uri) -> Response {
+    let r = async {
+        let q = query(&uri);
+        let (key, range_end) = if let Some(prefix) = q.get("prefix") {
+            if prefix.is_empty() {
+                (vec![0], vec![0])
+            } else {
+                (prefix.clone(), store::prefix_range_end(prefix))
+            }
+        } else if let Some(from) = q.get("from") {
+            let from = if from.is_empty() { vec![0] } else { from.clone() };
+            (from, vec![0])
+        } else if let Some(key) = q.get("key") {
+            (key.clone(), q.get("range_end").cloned().unwrap_or_default())
+        } else {
+            return Err(HttpError::bad("name the keys: ?prefix=P, ?from=K or ?key=K[&range_end=E]"));
+        };
+        let keys_only = flag(&q, "keys_only")?;
+        let range = store::Range {
+            key,
+            range_end,
+            limit: number(&q, "limit")?,
+            keys_only,
+            count_only: flag(&q, "count_only")?,
+            ..Default::default()
+        };
+        let (revision, result) = api.range(&range, serializable(&q)?).await?;
+        let kvs: Vec<Value> = result.kvs.iter().map(|kv| kv_json(kv, !keys_only)).collect();
+        ok(&api, json!({"revision": revision, "kvs": kvs, "count": result.count, "more": result.more}))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn delete_key(State(api): State<KvApi>, uri: Uri) -> Response {
+    let r = async {
+        let key = path_key(&uri)?;
+        let q = query(&uri);
+        let range_end = if flag(&q, "prefix")? { store::prefix_range_end(&key) } else { Vec::new() };
+        let del = store::DeleteRange { key, range_end, prev_kv: flag(&q, "prev_kv")? };
+        match api.write(KvCommand::DeleteRange(del)).await? {
+            (revision, OpResult::DeleteRange { deleted, prev_kvs }) => {
+                let prev: Vec<Value> = prev_kvs.iter().map(|kv| kv_json(kv, true)).collect();
+                ok(&api, json!({"revision": revision, "deleted": deleted, "prev_kvs": prev}))
+            }
+            (_, other) => Err(ApiError::Internal(format!("delete answered {other:?}")).into()),
+        }
+    }
+    .await;
+    counted(&api, r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Txn
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TxnBody {
+    #[serde(default)]
+    compare: Vec<CompareBody>,
+    #[serde(default)]
+    success: Vec<OpBody>,
+    #[serde(default)]
+    failure: Vec<OpBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompareBody {
+    key: Option<String>,
+    key_base64: Option<String>,
+    target: String,
+    result: String,
+    value: Option<String>,
+    value_base64: Option<String>,
+    version: Option<i64>,
+    create_revision: Option<i64>,
+    mod_revision: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum OpBody {
+    Put(KeyBody),
+    Get(KeyBody),
+    Delete(KeyBody),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    key: Option<String>,
+    key_base64: Option<String>,
+    value: Option<String>,
+    value_base64: Option<String>,
+    #[serde(default)]
+    prefix: bool,
+}
+
+fn text_or_b64(
+    what: &str,
+    text: &Option<String>,
+    b64: &Option<String>,
+) -> Result<Option<Vec<u8>>, HttpError> {
+    match (text, b64) {
+        (Some(_), Some(_)) => Err(HttpError::bad(format!("give {what} or {what}_base64, not both"))),
+        (Some(t), None) => Ok(Some(t.as_bytes().to_vec())),
+        (None, Some(b)) => {
+            B64.decode(b).map(Some).map_err(|e| HttpError::bad(format!("{what}_base64 is not base64: {e}")))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn range_for(key: Vec<u8>, prefix: bool) -> (Vec<u8>, Vec<u8>) {
+    match (prefix, key.is_empty()) {
+        (false, _) => (key, Vec::new()),
+        (true, true) => (vec![0], vec![0]),
+        (true, false) => {
+            let end = store::prefix_range_end(&key);
+            (key, end)
+        }
+    }
+}
+
+fn op_of(op: OpBody) -> Result<store::Op, HttpError> {
+    let key_of = |b: &KeyBody| -> Result<Vec<u8>, HttpError> {
+        text_or_b64("key", &b.key, &b.key_base64)?.ok_or_else(|| HttpError::bad("txn op needs a key"))
+    };
+    Ok(match op {
+        OpBody::Put(b) => store::Op::Put(store::Put {
+            key: key_of(&b)?,
+            value: text_or_b64("value", &b.value, &b.value_base64)?.unwrap_or_default(),
+            ..Default::default()
+        }),
+        OpBody::Get(b) => {
+            let (key, range_end) = range_for(key_of(&b)?, b.prefix);
+            store::Op::Range(store::Range { key, range_end, ..Default::default() })
+        }
+        OpBody::Delete(b) => {
+            let (key, range_end) = range_for(key_of(&b)?, b.prefix);
+            store::Op::DeleteRange(store::DeleteRange { key, range_end, prev_kv: false })
+        }
+    })
+}
+
+fn compare_of(c: CompareBody) -> Result<store::Compare, HttpError> {
+    let key =
+        text_or_b64("key", &c.key, &c.key_base64)?.ok_or_else(|| HttpError::bad("compare needs a key"))?;
+    let result = match c.result.as_str() {
+        "equal" | "=" => store::CompareResult::Equal,
+        "not_equal" | "!=" => store::CompareResult::NotEqual,
+        "greater" | ">" => store::CompareResult::Greater,
+        "less" | "<" => store::CompareResult::Less,
+        other => {
+            return Err(HttpError::bad(format!(
+                "compare result {other:?} is not equal/not_equal/greater/less"
+            )))
+        }
+    };
+    let need = |v: Option<i64>, name: &str| {
+        v.ok_or_else(|| HttpError::bad(format!("compare on {name} needs {name}")))
+    };
+    let target = match c.target.as_str() {
+        "value" => store::CompareTarget::Value(
+            text_or_b64("value", &c.value, &c.value_base64)?
+                .ok_or_else(|| HttpError::bad("compare on value needs value"))?,
+        ),
+        "version" => store::CompareTarget::Version(need(c.version, "version")?),
+        "create" => store::CompareTarget::Create(need(c.create_revision, "create_revision")?),
+        "mod" => store::CompareTarget::Mod(need(c.mod_revision, "mod_revision")?),
+        other => {
+            return Err(HttpError::bad(format!("compare target {other:?} is not value/version/create/mod")))
+        }
+    };
+    Ok(store::Compare { key, range_end: Vec::new(), result, target })
+}
+
+fn op_result_json(r: &OpResult) -> Value {
+    match r {
+        OpResult::Range(r) => {
+            let kvs: Vec<Value> = r.kvs.iter().map(|kv| kv_json(kv, true)).collect();
+            json!({"get": {"kvs": kvs, "count": r.count}})
+        }
+        OpResult::Put { .. } => json!({"put": {}}),
+        OpResult::DeleteRange { deleted, .. } => json!({"delete": {"deleted": deleted}}),
+        OpResult::Txn(t) => {
+            json!({"txn": {"succeeded": t.succeeded, "responses": t.responses.iter().map(op_result_json).collect::<Vec<_>>()}})
+        }
+    }
+}
+
+async fn txn(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let body: TxnBody = parse_json(&api, body)?;
+        let t = store::Txn {
+            compare: body.compare.into_iter().map(compare_of).collect::<Result<_, _>>()?,
+            success: body.success.into_iter().map(op_of).collect::<Result<_, _>>()?,
+            failure: body.failure.into_iter().map(op_of).collect::<Result<_, _>>()?,
+        };
+        match api.write(KvCommand::Txn(t)).await? {
+            (revision, OpResult::Txn(t)) => {
+                let responses: Vec<Value> = t.responses.iter().map(op_result_json).collect();
+                ok(&api, json!({"revision": revision, "succeeded": t.succeeded, "responses": responses}))
+            }
+            (_, other) => Err(ApiError::Internal(format!("txn answered {other:?}")).into()),
+        }
+    }
+    .await;
+    counted(&api, r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InitBody {
+    #[serde(default)]
+    members: BTreeMap<NodeId, AddrBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddrBody {
+    peer_addr: String,
+    #[serde(default)]
+    client_addr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LearnerBody {
+    id: NodeId,
+    peer_addr: String,
+    #[serde(default)]
+    client_addr: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdBody {
+    id: NodeId,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VotersBody {
+    voters: BTreeSet<NodeId>,
+}
+
+fn members_json(api: &KvApi) -> Value {
+    json!({"leader": api.node.leader(), "members": api.members()})
+}
+
+async fn init(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let body: InitBody = parse_json(&api, body)?;
+        let members: BTreeMap<NodeId, NodeInfo> = if body.members.is_empty() {
+            [(api.member_id(), api.advertise.clone())].into_iter().collect()
+        } else {
+            body.members
+                .into_iter()
+                .map(|(id, a)| {
+                    (
+                        id,
+                        NodeInfo::new(
+                            crate::config::bare_addr(&a.peer_addr),
+                            crate::config::bare_addr(&a.client_addr),
+                        ),
+                    )
+                })
+                .collect()
+        };
+        if !members.contains_key(&api.member_id()) {
+            return Err(HttpError::bad(format!("members must include this node ({})", api.member_id())));
+        }
+        api.node.initialize(members).await.map_err(ApiError::from)?;
+        ok(&api, json!({}))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn add_learner(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let b: LearnerBody = parse_json(&api, body)?;
+        api.add_member(Some(b.id), &b.peer_addr, b.client_addr.as_deref().unwrap_or(""), true).await?;
+        ok(&api, members_json(&api))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn promote(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let b: IdBody = parse_json(&api, body)?;
+        api.promote(b.id).await?;
+        ok(&api, members_json(&api))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn remove(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let b: IdBody = parse_json(&api, body)?;
+        api.remove_member(b.id).await?;
+        ok(&api, members_json(&api))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn change_membership(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let b: VotersBody = parse_json(&api, body)?;
+        api.change_voters(b.voters).await?;
+        ok(&api, members_json(&api))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn transfer_leader(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let b: IdBody = parse_json(&api, body)?;
+        api.transfer_leader(b.id).await?;
+        ok(&api, json!({"leader": b.id}))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn members(State(api): State<KvApi>) -> Response {
+    let body = members_json(&api);
+    counted(&api, ok(&api, body))
+}
+
+async fn status(State(api): State<KvApi>) -> Response {
+    let body = serde_json::to_value(api.status()).unwrap_or(Value::Null);
+    counted(&api, ok(&api, body))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+async fn health(State(api): State<KvApi>) -> Response {
+    match api.health() {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({"health": true}))).into_response(),
+        Err(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"health": false, "reason": reason})))
+                .into_response()
+        }
+    }
+}
+
+async fn ready(State(api): State<KvApi>) -> Response {
+    match api.ready() {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response(),
+        Err(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ready": false, "reason": reason})))
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(api): State<KvApi>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = api.status();
+    let keys = api.node.read_local(|_, t| store::key_count(t)).ok().and_then(Result::ok).unwrap_or(0);
+    let c = &api.counters;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: String| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    };
+    gauge("keel_raft_term", "Current Raft term.", s.term.to_string());
+    gauge(
+        "keel_raft_leader",
+        "Id of the leader this node knows (0: none).",
+        s.leader.unwrap_or(0).to_string(),
+    );
+    gauge(
+        "keel_raft_is_leader",
+        "1 if this node is the leader.",
+        u8::from(s.leader == Some(s.id)).to_string(),
+    );
+    gauge("keel_raft_last_log_index", "Index of the last entry in the log.", s.last_log_index.to_string());
+    gauge("keel_raft_committed_index", "Highest committed index known here.", s.committed_index.to_string());
+    gauge("keel_raft_applied_index", "Highest index applied to the store.", s.applied_index.to_string());
+    gauge("keel_raft_snapshot_index", "Index covered by the latest snapshot.", s.snapshot_index.to_string());
+    gauge("keel_raft_members", "Members in the current membership.", s.members.len().to_string());
+    gauge("keel_log_bytes", "Bytes the Raft log occupies on disk.", api.node.log_bytes().to_string());
+    gauge("keel_kv_revision", "The store's revision.", s.revision.to_string());
+    gauge("keel_kv_keys", "Keys in the store.", keys.to_string());
+    let _ = writeln!(
+        out,
+        "# HELP keel_requests_total Client requests served, by API.\n# TYPE keel_requests_total counter"
+    );
+    let _ = writeln!(out, "keel_requests_total{{api=\"grpc\"}} {}", c.grpc_requests.load(Relaxed));
+    let _ = writeln!(out, "keel_requests_total{{api=\"http\"}} {}", c.http_requests.load(Relaxed));
+    let _ = writeln!(out, "# HELP keel_request_errors_total Client requests that failed, by API.\n# TYPE keel_request_errors_total counter");
+    let _ = writeln!(out, "keel_request_errors_total{{api=\"grpc\"}} {}", c.grpc_errors.load(Relaxed));
+    let _ = writeln!(out, "keel_request_errors_total{{api=\"http\"}} {}", c.http_errors.load(Relaxed));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// What an unknown path answers: a gRPC `UNIMPLEMENTED` status to gRPC clients, JSON 404 otherwise.
+pub async fn fallback(req: axum::extract::Request) -> Response {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc {
+        let status = tonic::Status::unimplemented(format!("{} is not served by Keel", req.uri().path()));
+        return status.into_http();
+    }
+    HttpError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+    )
+    .into_response()
+}

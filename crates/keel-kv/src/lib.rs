@@ -1,0 +1,10 @@
+//! Keel's key-value store: etcd's data model as a Keel state machine ([`store`]), served over an
+//! etcd v3-compatible gRPC API ([`etcd`]) and an HTTP/JSON API ([`http`]) on one client address,
+//! by a node that [`server`] runs (the `keeld` binary is a thin wrapper around [`server::run`]).
+
+pub mod api;
+pub mod config;
+pub mod etcd;
+pub mod http;
+pub mod server;
+pub mod store;

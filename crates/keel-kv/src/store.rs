@@ -1,0 +1,677 @@
+//! The KV state machine: etcd's data model on redb.
+//!
+//! Keys and values are bytes. A cluster-wide `revision` counts write transactions: every request
+//! that changes something (a put, a delete that deletes, a txn with such an op) bumps it by one,
+//! and every key it touches gets that revision as `mod_revision` (and `create_revision` when the
+//! key is created; `version` counts puts since creation and resets on delete). Only the current
+//! revision is kept: a read at an older one answers [`KvError::Compacted`].
+//!
+//! Tables (in the database Keel hands the state machine):
+//! - `kv`: key → [`Record`] (`create_revision | mod_revision | version | lease`, 8 bytes each LE,
+//!   then the value).
+//! - `kv_meta`: `"revision"` and `"compact_revision"` → i64.
+
+use std::io;
+
+use keel::redb::ReadTransaction;
+use keel::redb::ReadableTable;
+use keel::redb::TableDefinition;
+use keel::redb::WriteTransaction;
+use keel::StateMachine;
+use keel::StateMachineError;
+use serde::Deserialize;
+use serde::Serialize;
+
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+const META: TableDefinition<&str, i64> = TableDefinition::new("kv_meta");
+const REVISION: &str = "revision";
+const COMPACT_REVISION: &str = "compact_revision";
+
+// ---------------------------------------------------------------------------------------------
+// Requests and responses (the Raft log carries `KvCommand`s; keep them backward compatible)
+
+/// A write, as proposed through Raft.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum KvCommand {
+    Put(Put),
+    DeleteRange(DeleteRange),
+    Txn(Txn),
+    Compact { revision: i64 },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Put {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    pub lease: i64,
+    pub prev_kv: bool,
+    /// Keep the current value (the key must exist).
+    pub ignore_value: bool,
+    /// Keep the current lease (the key must exist).
+    pub ignore_lease: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeleteRange {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// Empty: just `key`; `[0]`: every key ≥ `key`; otherwise the range `[key, range_end)`.
+    #[serde(with = "serde_bytes")]
+    pub range_end: Vec<u8>,
+    pub prev_kv: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortOrder {
+    #[default]
+    None,
+    Ascend,
+    Descend,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortTarget {
+    #[default]
+    Key,
+    Version,
+    Create,
+    Mod,
+    Value,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Range {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub range_end: Vec<u8>,
+    /// At most this many keys (0: no limit).
+    pub limit: i64,
+    /// 0 or the current revision; anything older is compacted, anything newer is in the future.
+    pub revision: i64,
+    pub sort_order: SortOrder,
+    pub sort_target: SortTarget,
+    pub keys_only: bool,
+    pub count_only: bool,
+    pub min_mod_revision: i64,
+    pub max_mod_revision: i64,
+    pub min_create_revision: i64,
+    pub max_create_revision: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    Version(i64),
+    Create(i64),
+    Mod(i64),
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
+    Lease(i64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareResult {
+    Equal,
+    Greater,
+    Less,
+    NotEqual,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Compare {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// As in [`DeleteRange::range_end`]: the compare must hold for every key in the range.
+    #[serde(with = "serde_bytes")]
+    pub range_end: Vec<u8>,
+    pub result: CompareResult,
+    pub target: CompareTarget,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    Range(Range),
+    Put(Put),
+    DeleteRange(DeleteRange),
+    Txn(Txn),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Txn {
+    pub compare: Vec<Compare>,
+    pub success: Vec<Op>,
+    pub failure: Vec<Op>,
+}
+
+/// A key and its metadata, as reads and `prev_kv` answer it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    pub lease: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// Keys in the range beyond `limit`.
+    pub more: bool,
+    /// Keys in the range (before `limit`).
+    pub count: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpResult {
+    Range(RangeResult),
+    Put { prev_kv: Option<KeyValue> },
+    DeleteRange { deleted: i64, prev_kvs: Vec<KeyValue> },
+    Txn(TxnResult),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResult {
+    pub succeeded: bool,
+    pub responses: Vec<OpResult>,
+}
+
+/// What applying a [`KvCommand`] answered, with the store's revision after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvResponse {
+    pub revision: i64,
+    pub result: Result<OpResult, KvError>,
+}
+
+/// A request the store refused. Refused requests change nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum KvError {
+    #[error("mvcc: required revision {requested} has been compacted (only the current revision {current} is kept)")]
+    Compacted { requested: i64, current: i64 },
+    #[error("mvcc: required revision {requested} is a future revision (current is {current})")]
+    FutureRevision { requested: i64, current: i64 },
+    #[error("requested lease not found (Keel does not support leases yet)")]
+    LeaseNotFound,
+    #[error("key not found (ignore_value / ignore_lease need an existing key)")]
+    KeyNotFound,
+    #[error("{0}")]
+    InvalidRequest(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// On-disk record
+
+/// A key's metadata and value as stored in the `kv` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Record {
+    create_revision: i64,
+    mod_revision: i64,
+    version: i64,
+    lease: i64,
+    value: Vec<u8>,
+}
+
+const RECORD_HEADER: usize = 32;
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RECORD_HEADER + self.value.len());
+        for n in [self.create_revision, self.mod_revision, self.version, self.lease] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&self.value);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> io::Result<Self> {
+        let field = |i: usize| -> io::Result<i64> {
+            bytes.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).ok_or_else(
+                || io::Error::new(io::ErrorKind::InvalidData, "kv record shorter than its header"),
+            )
+        };
+        Ok(Record {
+            create_revision: field(0)?,
+            mod_revision: field(1)?,
+            version: field(2)?,
+            lease: field(3)?,
+            value: bytes[RECORD_HEADER..].to_vec(),
+        })
+    }
+
+    fn into_kv(self, key: Vec<u8>, keys_only: bool) -> KeyValue {
+        KeyValue {
+            key,
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            value: if keys_only { Vec::new() } else { self.value },
+            lease: self.lease,
+        }
+    }
+}
+
+fn corrupt(e: io::Error) -> StateMachineError {
+    StateMachineError::Io(e)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key ranges
+
+/// The keys `[key, range_end)` as etcd means them.
+enum KeyRange<'a> {
+    One(&'a [u8]),
+    From(&'a [u8]),
+    Between(&'a [u8], &'a [u8]),
+}
+
+fn key_range<'a>(key: &'a [u8], range_end: &'a [u8]) -> KeyRange<'a> {
+    match range_end {
+        [] => KeyRange::One(key),
+        [0] => KeyRange::From(key),
+        end => KeyRange::Between(key, end),
+    }
+}
+
+/// The `range_end` that selects every key starting with `prefix` (etcd's `GetPrefixRangeEnd`).
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Empty prefix, or all 0xff: every key from `prefix` on.
+    vec![0]
+}
+
+/// Visits the rows of `range` in key order; `visit` returns false to stop.
+fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    table: &T,
+    range: KeyRange<'_>,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<bool, StateMachineError>,
+) -> Result<(), StateMachineError> {
+    let iter = match range {
+        KeyRange::One(key) => {
+            if let Some(v) = table.get(key)? {
+                visit(key, v.value())?;
+            }
+            return Ok(());
+        }
+        KeyRange::From(start) => table.range::<&[u8]>(start..)?,
+        KeyRange::Between(start, end) => {
+            if start >= end {
+                return Ok(());
+            }
+            table.range::<&[u8]>(start..end)?
+        }
+    };
+    for row in iter {
+        let (k, v) = row?;
+        if !visit(k.value(), v.value())? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state machine
+
+/// etcd's data model as a Keel state machine. Holds no state itself: everything is in the tables.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvStore;
+
+impl StateMachine for KvStore {
+    type Command = KvCommand;
+    type Response = KvResponse;
+
+    fn apply(
+        &self,
+        txn: &WriteTransaction,
+        cmds: Vec<KvCommand>,
+    ) -> Result<Vec<KvResponse>, StateMachineError> {
+        let mut kv = txn.open_table(KV)?;
+        let mut meta = txn.open_table(META)?;
+        let mut revision = meta.get(REVISION)?.map_or(0, |v| v.value());
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            let mut w = Writer { kv: &mut kv, revision: revision + 1, wrote: false };
+            let result = match cmd {
+                KvCommand::Put(put) => w.put(&put),
+                KvCommand::DeleteRange(del) => w.delete(&del),
+                KvCommand::Txn(t) => w.txn(&t),
+                KvCommand::Compact { revision: target } => {
+                    if target > revision {
+                        Ok(Err(KvError::FutureRevision { requested: target, current: revision }))
+                    } else {
+                        let compacted = meta.get(COMPACT_REVISION)?.map_or(0, |v| v.value());
+                        meta.insert(COMPACT_REVISION, target.max(compacted))?;
+                        Ok(Ok(OpResult::Txn(TxnResult::default())))
+                    }
+                }
+            }?;
+            if w.wrote {
+                revision += 1;
+            }
+            out.push(KvResponse { revision, result });
+        }
+        meta.insert(REVISION, revision)?;
+        Ok(out)
+    }
+
+    fn snapshot(&self, txn: &ReadTransaction, out: &mut dyn io::Write) -> Result<(), StateMachineError> {
+        keel::dump_table(txn, META, out)?;
+        keel::dump_table(txn, KV, out)
+    }
+
+    fn restore(&self, txn: &WriteTransaction, input: &mut dyn io::Read) -> Result<(), StateMachineError> {
+        keel::load_table(txn, META, input)?;
+        keel::load_table(txn, KV, input)
+    }
+}
+
+/// Applies one write request at revision `revision`; `wrote` records whether it changed anything
+/// (only then does the store's revision move).
+struct Writer<'a, 't> {
+    kv: &'a mut keel::redb::Table<'t, &'static [u8], &'static [u8]>,
+    revision: i64,
+    wrote: bool,
+}
+
+type Applied = Result<Result<OpResult, KvError>, StateMachineError>;
+
+impl Writer<'_, '_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Record>, StateMachineError> {
+        match self.kv.get(key)? {
+            Some(v) => Ok(Some(Record::decode(v.value()).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&mut self, put: &Put) -> Applied {
+        if put.lease != 0 && !put.ignore_lease {
+            return Ok(Err(KvError::LeaseNotFound));
+        }
+        let prev = self.get(&put.key)?;
+        if (put.ignore_value || put.ignore_lease) && prev.is_none() {
+            return Ok(Err(KvError::KeyNotFound));
+        }
+        let record = match &prev {
+            Some(p) => Record {
+                create_revision: p.create_revision,
+                mod_revision: self.revision,
+                version: p.version + 1,
+                lease: if put.ignore_lease { p.lease } else { put.lease },
+                value: if put.ignore_value { p.value.clone() } else { put.value.clone() },
+            },
+            None => Record {
+                create_revision: self.revision,
+                mod_revision: self.revision,
+                version: 1,
+                lease: put.lease,
+                value: put.value.clone(),
+            },
+        };
+        self.kv.insert(put.key.as_slice(), record.encode().as_slice())?;
+        self.wrote = true;
+        let prev_kv = if put.prev_kv { prev.map(|p| p.into_kv(put.key.clone(), false)) } else { None };
+        Ok(Ok(OpResult::Put { prev_kv }))
+    }
+
+    fn delete(&mut self, del: &DeleteRange) -> Applied {
+        let mut doomed = Vec::new();
+        scan(&*self.kv, key_range(&del.key, &del.range_end), |k, v| {
+            let prev = if del.prev_kv {
+                Some(Record::decode(v).map_err(corrupt)?.into_kv(k.to_vec(), false))
+            } else {
+                None
+            };
+            doomed.push((k.to_vec(), prev));
+            Ok(true)
+        })?;
+        let mut prev_kvs = Vec::new();
+        for (key, prev) in &doomed {
+            self.kv.remove(key.as_slice())?;
+            prev_kvs.extend(prev.clone());
+        }
+        if !doomed.is_empty() {
+            self.wrote = true;
+        }
+        Ok(Ok(OpResult::DeleteRange { deleted: doomed.len() as i64, prev_kvs }))
+    }
+
+    fn txn(&mut self, t: &Txn) -> Applied {
+        let mut succeeded = true;
+        for cmp in &t.compare {
+            if !self.compare(cmp)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded { &t.success } else { &t.failure };
+        // Refuse before writing anything: a refused request must change nothing.
+        if let Some(err) = self.check_ops(ops, self.revision - 1)? {
+            return Ok(Err(err));
+        }
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            let r = match op {
+                Op::Range(r) => {
+                    // Reads inside a txn see the txn's earlier writes; the revision is the new one.
+                    let current = if self.wrote { self.revision } else { self.revision - 1 };
+                    range_table(&*self.kv, r, current)?
+                }
+                Op::Put(p) => self.put(p)?,
+                Op::DeleteRange(d) => self.delete(d)?,
+                Op::Txn(inner) => self.txn(inner)?,
+            };
+            match r {
+                Ok(r) => responses.push(r),
+                // check_ops rules out refusals after a write; one here is a bug, not a client error.
+                Err(e) => return Err(StateMachineError::other(format!("txn op refused mid-way: {e}"))),
+            }
+        }
+        Ok(Ok(OpResult::Txn(TxnResult { succeeded, responses })))
+    }
+
+    /// Why a txn's ops would be refused, judged on the state before the txn (as etcd does): a put
+    /// with a lease, `ignore_value`/`ignore_lease` on a missing key, a read at a revision other
+    /// than the current one. Checked before any op runs, so a refused txn writes nothing.
+    fn check_ops(&self, ops: &[Op], current: i64) -> Result<Option<KvError>, StateMachineError> {
+        for op in ops {
+            let refused = match op {
+                Op::Put(p) if p.lease != 0 && !p.ignore_lease => Some(KvError::LeaseNotFound),
+                Op::Put(p) if (p.ignore_value || p.ignore_lease) && self.get(&p.key)?.is_none() => {
+                    Some(KvError::KeyNotFound)
+                }
+                Op::Range(r) => check_revision(r.revision, current).err(),
+                Op::Txn(t) => match self.check_ops(&t.success, current)? {
+                    Some(e) => Some(e),
+                    None => self.check_ops(&t.failure, current)?,
+                },
+                _ => None,
+            };
+            if refused.is_some() {
+                return Ok(refused);
+            }
+        }
+        Ok(None)
+    }
+
+    fn compare(&self, cmp: &Compare) -> Result<bool, StateMachineError> {
+        let mut all = true;
+        let mut any = false;
+        let mut check = |rec: Option<Record>| {
+            any = true;
+            all &= compare_one(rec.as_ref(), cmp);
+        };
+        match key_range(&cmp.key, &cmp.range_end) {
+            KeyRange::One(key) => check(self.get(key)?),
+            range => scan(&*self.kv, range, |_, v| {
+                check(Some(Record::decode(v).map_err(corrupt)?));
+                Ok(true)
+            })?,
+        }
+        // etcd: a compare on an empty range holds only if it would hold for a missing key.
+        if !any {
+            return Ok(compare_one(None, cmp));
+        }
+        Ok(all)
+    }
+}
+
+fn compare_one(rec: Option<&Record>, cmp: &Compare) -> bool {
+    use std::cmp::Ordering;
+    let ord = match (&cmp.target, rec) {
+        (CompareTarget::Value(v), Some(r)) => r.value.as_slice().cmp(v.as_slice()),
+        // A missing key has no value: no value compare holds (etcd).
+        (CompareTarget::Value(_), None) => return false,
+        (CompareTarget::Version(n), r) => r.map_or(0, |r| r.version).cmp(n),
+        (CompareTarget::Create(n), r) => r.map_or(0, |r| r.create_revision).cmp(n),
+        (CompareTarget::Mod(n), r) => r.map_or(0, |r| r.mod_revision).cmp(n),
+        (CompareTarget::Lease(n), r) => r.map_or(0, |r| r.lease).cmp(n),
+    };
+    match cmp.result {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+fn check_revision(requested: i64, current: i64) -> Result<(), KvError> {
+    if requested <= 0 || requested == current {
+        Ok(())
+    } else if requested > current {
+        Err(KvError::FutureRevision { requested, current })
+    } else {
+        Err(KvError::Compacted { requested, current })
+    }
+}
+
+fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    table: &T,
+    r: &Range,
+    current: i64,
+) -> Applied {
+    if let Err(e) = check_revision(r.revision, current) {
+        return Ok(Err(e));
+    }
+    let filtered = r.min_mod_revision > 0
+        || r.max_mod_revision > 0
+        || r.min_create_revision > 0
+        || r.max_create_revision > 0;
+    let sorted = r.sort_target != SortTarget::Key || r.sort_order == SortOrder::Descend;
+    let limit = usize::try_from(r.limit).ok().filter(|&l| l > 0);
+    let mut result = RangeResult::default();
+    let keep = |rec: &Record| {
+        (r.min_mod_revision <= 0 || rec.mod_revision >= r.min_mod_revision)
+            && (r.max_mod_revision <= 0 || rec.mod_revision <= r.max_mod_revision)
+            && (r.min_create_revision <= 0 || rec.create_revision >= r.min_create_revision)
+            && (r.max_create_revision <= 0 || rec.create_revision <= r.max_create_revision)
+    };
+    scan(table, key_range(&r.key, &r.range_end), |k, v| {
+        let decode = filtered || !r.count_only;
+        let rec = if decode { Some(Record::decode(v).map_err(corrupt)?) } else { None };
+        if let Some(rec) = rec.as_ref().filter(|_| filtered) {
+            if !keep(rec) {
+                return Ok(true);
+            }
+        }
+        result.count += 1;
+        if r.count_only {
+            return Ok(true);
+        }
+        // Without sorting, stop collecting at the limit but keep counting.
+        if sorted || limit.is_none_or(|l| result.kvs.len() < l) {
+            if let Some(rec) = rec {
+                result.kvs.push(rec.into_kv(k.to_vec(), r.keys_only));
+            }
+        }
+        Ok(true)
+    })?;
+    if sorted {
+        let key = |kv: &KeyValue| -> (Vec<u8>, i64) {
+            match r.sort_target {
+                SortTarget::Key => (kv.key.clone(), 0),
+                SortTarget::Version => (Vec::new(), kv.version),
+                SortTarget::Create => (Vec::new(), kv.create_revision),
+                SortTarget::Mod => (Vec::new(), kv.mod_revision),
+                SortTarget::Value => (kv.value.clone(), 0),
+            }
+        };
+        result.kvs.sort_by_key(|kv| key(kv));
+        if r.sort_order == SortOrder::Descend {
+            result.kvs.reverse();
+        }
+        if let Some(l) = limit {
+            result.kvs.truncate(l);
+        }
+    }
+    result.more = limit.is_some_and(|l| result.count as usize > l);
+    Ok(Ok(OpResult::Range(result)))
+}
+
+/// The store's current revision in `txn` (0 before the first write).
+pub fn revision(txn: &ReadTransaction) -> Result<i64, StateMachineError> {
+    match txn.open_table(META) {
+        Ok(t) => Ok(t.get(REVISION)?.map_or(0, |v| v.value())),
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The number of keys in `txn`.
+pub fn key_count(txn: &ReadTransaction) -> Result<u64, StateMachineError> {
+    use keel::redb::ReadableTableMetadata;
+    match txn.open_table(KV) {
+        Ok(t) => Ok(t.len()?),
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Serves a range read from `txn`; answers the store's revision with the result.
+pub fn range(
+    txn: &ReadTransaction,
+    r: &Range,
+) -> Result<(i64, Result<RangeResult, KvError>), StateMachineError> {
+    let current = revision(txn)?;
+    let table = match txn.open_table(KV) {
+        Ok(t) => t,
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => {
+            return Ok((current, check_revision(r.revision, current).map(|()| RangeResult::default())))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let result = range_table(&table, r, current)?.map(|op| match op {
+        OpResult::Range(r) => r,
+        _ => RangeResult::default(),
+    });
+    Ok((current, result))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_range_end_increments_the_last_byte_below_0xff() {
+        assert_eq!(b"abd".to_vec(), prefix_range_end(b"abc"));
+        assert_eq!(b"b".to_vec(), prefix_range_end(b"a\xff"));
+        assert_eq!(vec![0], prefix_range_end(b"\xff\xff"));
+        assert_eq!(vec![0], prefix_range_end(b""));
+    }
+
+    #[test]
+    fn record_round_trips_and_short_records_are_errors() {
+        let r = Record { create_revision: 3, mod_revision: 9, version: 4, lease: 0, value: b"v".to_vec() };
+        assert_eq!(r, Record::decode(&r.encode()).expect("decodes"));
+        assert!(Record::decode(&[1, 2, 3]).is_err());
+    }
+}
