@@ -69,10 +69,11 @@ impl From<ProposeError> for ApiError {
         match e {
             ProposeError::NotLeader(nl) => ApiError::NoLeader(nl.to_string()),
             ProposeError::Discarded(m) => {
-                ApiError::Unavailable(format!("proposal dropped by a leader change: {m}"))
+                ApiError::Unknown(format!("proposal dropped by a leader change: {m}"))
             }
             ProposeError::InvalidCommand(m) => ApiError::BadRequest(m),
-            ProposeError::Stopped(m) => ApiError::Unavailable(format!("node stopped: {m}")),
+            // Stopping mid-proposal: the entry may already be in the leader's log.
+            ProposeError::Stopped(m) => ApiError::Unknown(format!("node stopped: {m}")),
             ProposeError::Unknown(m) => ApiError::Unknown(m),
         }
     }
@@ -434,12 +435,18 @@ impl KvApi {
         self.node.check_readable().map_err(|e| e.to_string())
     }
 
-    /// Whether this node is a member that has applied what its leader had committed.
+    /// Whether this node is a member that has published its client address and applied what its
+    /// leader had committed.
     pub fn ready(&self) -> Result<(), String> {
         self.health()?;
         let m = self.node.metrics();
-        if m.membership_config.membership().get_node(&m.id).is_none() {
+        let Some(me) = m.membership_config.membership().get_node(&m.id) else {
             return Err("not a member of any cluster yet".into());
+        };
+        // As etcd, which is ready only once it has published its attributes: until then
+        // `member list` shows this node unstarted and clients cannot find it.
+        if me.client_addr != self.advertise.client_addr {
+            return Err("client address not published in the membership yet".into());
         }
         let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
         let committed = m.local_committed.as_ref().map_or(0, |l| l.index);

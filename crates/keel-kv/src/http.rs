@@ -240,7 +240,12 @@ async fn put_key(State(api): State<KvApi>, uri: Uri, body: Result<Bytes, BytesRe
         let put = store::Put { key, value, prev_kv: flag(&q, "prev_kv")?, ..Default::default() };
         match api.write(KvCommand::Put(put)).await? {
             (revision, OpResult::Put { prev_kv }) => {
-                ok(&api, json!({"revision": revision, "prev_kv": prev_kv.map(|kv| kv_json(&kv, true))}))
+                // `prev_kv` only when there is one (docs/http-api.md: `"prev_kv": KV?`).
+                let mut body = json!({"revision": revision});
+                if let (Some(kv), Value::Object(obj)) = (prev_kv, &mut body) {
+                    obj.insert("prev_kv".into(), kv_json(&kv, true));
+                }
+                ok(&api, body)
             }
             (_, other) => Err(ApiError::Internal(format!("put answered {other:?}")).into()),
         }
@@ -446,16 +451,17 @@ fn compare_of(c: CompareBody) -> Result<store::Compare, HttpError> {
     Ok(store::Compare { key, range_end: Vec::new(), result, target })
 }
 
-fn op_result_json(r: &OpResult) -> Value {
+/// One txn response; `revision` is the txn's (a put's `{"revision": R}` in docs/http-api.md).
+fn op_result_json(r: &OpResult, revision: i64) -> Value {
     match r {
         OpResult::Range(r) => {
             let kvs: Vec<Value> = r.kvs.iter().map(|kv| kv_json(kv, true)).collect();
             json!({"get": {"kvs": kvs, "count": r.count}})
         }
-        OpResult::Put { .. } => json!({"put": {}}),
+        OpResult::Put { .. } => json!({"put": {"revision": revision}}),
         OpResult::DeleteRange { deleted, .. } => json!({"delete": {"deleted": deleted}}),
         OpResult::Txn(t) => {
-            json!({"txn": {"succeeded": t.succeeded, "responses": t.responses.iter().map(op_result_json).collect::<Vec<_>>()}})
+            json!({"txn": {"succeeded": t.succeeded, "responses": t.responses.iter().map(|r| op_result_json(r, revision)).collect::<Vec<_>>()}})
         }
     }
 }
@@ -470,7 +476,7 @@ async fn txn(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> R
         };
         match api.write(KvCommand::Txn(t)).await? {
             (revision, OpResult::Txn(t)) => {
-                let responses: Vec<Value> = t.responses.iter().map(op_result_json).collect();
+                let responses: Vec<Value> = t.responses.iter().map(|r| op_result_json(r, revision)).collect();
                 ok(&api, json!({"revision": revision, "succeeded": t.succeeded, "responses": responses}))
             }
             (_, other) => Err(ApiError::Internal(format!("txn answered {other:?}")).into()),

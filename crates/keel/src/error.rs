@@ -52,14 +52,15 @@ pub enum StartError {
     Raft(String),
 }
 
-/// A proposal failed. Only `NotLeader` and `Stopped` say nothing about whether it was applied:
-/// `NotLeader` means it was never appended; after `Stopped` it may or may not have been.
+/// A proposal failed. `NotLeader` and `InvalidCommand` mean it was never appended; after
+/// `Discarded`, `Stopped` and `Unknown` it may or may not have been applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
     #[error(transparent)]
     NotLeader(#[from] NotLeader),
-    /// A leader change discarded the entry before it committed: it was not applied. Retry.
-    #[error("proposal discarded by a leader change, not applied; retry: {0}")]
+    /// A leader change dropped the entry from this node's log before it learned its fate: it may
+    /// still have committed through the new leader (openraft: commit status unknown).
+    #[error("proposal dropped from the log by a leader change; it may or may not have been applied: {0}")]
     Discarded(String),
     /// The command could not be encoded; it was not proposed.
     #[error("command cannot be encoded: {0}")]
@@ -109,7 +110,7 @@ pub enum AdminError {
 impl ProposeError {
     /// Whether retrying (at another node, or later) can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::NotLeader(_) | Self::Discarded(_))
+        matches!(self, Self::NotLeader(_))
     }
 }
 

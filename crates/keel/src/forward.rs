@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 
+use openraft::errors::ChangeMembershipError;
 use openraft::errors::ClientWriteError;
 use openraft::errors::LinearizableReadError;
 use openraft::errors::RaftError;
@@ -66,8 +67,11 @@ pub enum ForwardReply {
 pub enum ForwardFailure {
     #[error("{}", NotLeader { leader_id: *leader_id, leader: leader.clone() })]
     NotLeader { leader_id: Option<NodeId>, leader: Option<NodeInfo> },
-    #[error("discarded by a leader change, not applied; retry: {0}")]
+    #[error("dropped from the log by a leader change; it may or may not have been applied: {0}")]
     Discarded(String),
+    /// Another membership change is still in progress; retry once it has committed.
+    #[error("another membership change is in progress; retry: {0}")]
+    Busy(String),
     #[error("leadership not confirmed by a quorum: {0}")]
     QuorumUnavailable(String),
     #[error("rejected: {0}")]
@@ -119,10 +123,10 @@ pub(crate) async fn serve<SM: StateMachine>(
         }
         ForwardRequest::ReadIndex => local_read_index(raft, timing).await.map(ForwardReply::ReadIndex),
         ForwardRequest::AddLearner { id, node, blocking } => {
-            raft.add_learner(id, node, blocking).await.map(|_| ForwardReply::Done).map_err(write_failure)
+            local_add_learner(raft, timing, id, node, blocking).await.map(|()| ForwardReply::Done)
         }
         ForwardRequest::ChangeMembers { change, retain } => {
-            raft.change_membership(change, retain).await.map(|_| ForwardReply::Done).map_err(write_failure)
+            local_change_members(raft, timing, change, retain).await.map(|()| ForwardReply::Done)
         }
         ForwardRequest::TransferLeader { to } => {
             local_transfer_leader(raft, timing, to).await.map(|()| ForwardReply::Done)
@@ -130,6 +134,61 @@ pub(crate) async fn serve<SM: StateMachine>(
         ForwardRequest::Promote { id } => local_promote(raft, id).await.map(|()| ForwardReply::Done),
     };
     result.unwrap_or_else(ForwardReply::Failed)
+}
+
+/// How long a membership change waits for one already in progress to commit.
+const MEMBERSHIP_BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs a membership change on this node (the leader); while another change is still in
+/// progress (e.g. a member publishing its address), waits for it to commit and tries again.
+async fn retry_while_busy<F, Fut>(
+    raft: &Raft<impl openraft::storage::RaftStateMachine<KeelTypes>>,
+    change: F,
+) -> Result<(), ForwardFailure>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ForwardFailure>>,
+{
+    let deadline = tokio::time::Instant::now() + MEMBERSHIP_BUSY_WAIT;
+    loop {
+        match change().await {
+            Err(ForwardFailure::Busy(m)) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!("membership change waits for the one in progress: {m}");
+                let committed =
+                    |m: &RaftMetrics| m.membership_config.log_id() == m.committed_membership_config.log_id();
+                let _ = raft
+                    .wait(Some(Duration::from_millis(200)))
+                    .metrics(committed, "membership committed")
+                    .await;
+            }
+            other => return other,
+        }
+    }
+}
+
+pub(crate) async fn local_add_learner<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    _timing: Timing,
+    id: NodeId,
+    node: NodeInfo,
+    blocking: bool,
+) -> Result<(), ForwardFailure> {
+    retry_while_busy(raft, || async {
+        raft.add_learner(id, node.clone(), blocking).await.map(|_| ()).map_err(write_failure)
+    })
+    .await
+}
+
+pub(crate) async fn local_change_members<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    _timing: Timing,
+    change: ChangeMembers<NodeId, NodeInfo>,
+    retain: bool,
+) -> Result<(), ForwardFailure> {
+    retry_while_busy(raft, || async {
+        raft.change_membership(change.clone(), retain).await.map(|_| ()).map_err(write_failure)
+    })
+    .await
 }
 
 /// Proposes `cmd` on this node, which must be the leader.
@@ -201,7 +260,10 @@ pub(crate) async fn local_promote<SM: StateMachine>(
         )));
     }
     let change = ChangeMembers::AddVoterIds([id].into_iter().collect());
-    raft.change_membership(change, true).await.map(|_| ()).map_err(write_failure)
+    retry_while_busy(raft, || async {
+        raft.change_membership(change.clone(), true).await.map(|_| ()).map_err(write_failure)
+    })
+    .await
 }
 
 /// Asks this node (the leader) to hand leadership to `to`, and waits until it has moved.
@@ -241,6 +303,9 @@ pub(crate) fn write_failure(e: RaftError<KeelTypes, ClientWriteError<KeelTypes>>
         RaftError::APIError(e @ ClientWriteError::LogEntryDiscarded(_)) => {
             ForwardFailure::Discarded(e.to_string())
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            e @ ChangeMembershipError::InProgress(_),
+        )) => ForwardFailure::Busy(e.to_string()),
         RaftError::APIError(e) => ForwardFailure::Rejected(e.to_string()),
         RaftError::Fatal(f) => ForwardFailure::Stopped(f.to_string()),
     }
@@ -276,7 +341,7 @@ impl From<ForwardFailure> for ProposeError {
                 ProposeError::NotLeader(NotLeader { leader_id, leader })
             }
             ForwardFailure::Discarded(m) => ProposeError::Discarded(m),
-            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Rejected(m) => {
+            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Rejected(m) | ForwardFailure::Busy(m) => {
                 ProposeError::Stopped(format!("unexpected write error: {m}"))
             }
             ForwardFailure::Stopped(m) => ProposeError::Stopped(m),
@@ -290,7 +355,7 @@ impl From<ForwardFailure> for ReadError {
             ForwardFailure::NotLeader { leader_id, leader } => {
                 ReadError::NotLeader(NotLeader { leader_id, leader })
             }
-            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Discarded(m) => {
+            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Discarded(m) | ForwardFailure::Busy(m) => {
                 ReadError::QuorumUnavailable(m)
             }
             ForwardFailure::Rejected(m) | ForwardFailure::Stopped(m) => ReadError::Stopped(m),
@@ -304,7 +369,8 @@ impl From<ForwardFailure> for AdminError {
             ForwardFailure::NotLeader { leader_id, leader } => {
                 AdminError::NotLeader(NotLeader { leader_id, leader })
             }
-            ForwardFailure::Discarded(m) | ForwardFailure::QuorumUnavailable(m) => AdminError::Retry(m),
+            ForwardFailure::Discarded(m) => AdminError::Unknown(m),
+            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Busy(m) => AdminError::Retry(m),
             ForwardFailure::Rejected(m) => AdminError::Rejected(m),
             ForwardFailure::Stopped(m) => AdminError::Stopped(m),
         }

@@ -23,7 +23,6 @@ use crate::error::StartError;
 use crate::error::WaitTimeout;
 use crate::forward;
 use crate::forward::leader_ready;
-use crate::forward::write_failure;
 use crate::forward::ForwardError;
 use crate::forward::ForwardFailure;
 use crate::forward::ForwardReply;
@@ -188,9 +187,7 @@ impl<SM: StateMachine> Node<SM> {
         wait_caught_up: bool,
     ) -> Result<(), AdminError> {
         let req = ForwardRequest::AddLearner { id, node: info.clone(), blocking: wait_caught_up };
-        let local = || async {
-            self.raft.add_learner(id, info.clone(), wait_caught_up).await.map(|_| ()).map_err(write_failure)
-        };
+        let local = || forward::local_add_learner(&self.raft, self.timing, id, info.clone(), wait_caught_up);
         self.on_leader(local, req, done).await
     }
 
@@ -207,9 +204,7 @@ impl<SM: StateMachine> Node<SM> {
         retain: bool,
     ) -> Result<(), AdminError> {
         let req = ForwardRequest::ChangeMembers { change: change.clone(), retain };
-        let local = || async {
-            self.raft.change_membership(change.clone(), retain).await.map(|_| ()).map_err(write_failure)
-        };
+        let local = || forward::local_change_members(&self.raft, self.timing, change.clone(), retain);
         self.on_leader(local, req, done).await
     }
 
