@@ -1,0 +1,224 @@
+//! The KV state machine against a model of etcd's semantics: random puts, deletes (single and
+//! prefix) and transactions, applied in random batches, must give the same answers, revisions and
+//! final state as a `BTreeMap` that follows etcd's rules.
+
+use std::collections::BTreeMap;
+
+use keel::redb::Database;
+use keel::redb::ReadableDatabase;
+use keel::StateMachine;
+use keel_kv::store::*;
+use proptest::prelude::*;
+
+#[derive(Clone, Debug, PartialEq)]
+struct Meta {
+    create: i64,
+    modified: i64,
+    version: i64,
+    value: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Model {
+    kv: BTreeMap<Vec<u8>, Meta>,
+    revision: i64,
+}
+
+impl Model {
+    fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+        match end {
+            [] => key == start,
+            [0] => key >= start,
+            e => key >= start && key < e,
+        }
+    }
+
+    fn put(&mut self, rev: i64, key: &[u8], value: &[u8]) -> Option<Meta> {
+        let prev = self.kv.get(key).cloned();
+        let meta = match &prev {
+            Some(p) => {
+                Meta { create: p.create, modified: rev, version: p.version + 1, value: value.to_vec() }
+            }
+            None => Meta { create: rev, modified: rev, version: 1, value: value.to_vec() },
+        };
+        self.kv.insert(key.to_vec(), meta);
+        prev
+    }
+
+    fn delete(&mut self, start: &[u8], end: &[u8]) -> i64 {
+        let doomed: Vec<Vec<u8>> =
+            self.kv.keys().filter(|k| Self::in_range(k, start, end)).cloned().collect();
+        for k in &doomed {
+            self.kv.remove(k);
+        }
+        doomed.len() as i64
+    }
+
+    /// Applies `cmd`; answers (revision after, a summary of the result).
+    fn apply(&mut self, cmd: &KvCommand) -> (i64, String) {
+        let rev = self.revision + 1;
+        let mut wrote = false;
+        let summary = match cmd {
+            KvCommand::Put(p) => {
+                wrote = true;
+                format!("put prev={:?}", self.put(rev, &p.key, &p.value).map(|m| m.value))
+            }
+            KvCommand::DeleteRange(d) => {
+                let n = self.delete(&d.key, &d.range_end);
+                wrote = n > 0;
+                format!("deleted {n}")
+            }
+            KvCommand::Txn(t) => {
+                let ok = t.compare.iter().all(|c| {
+                    let m = self.kv.get(&c.key);
+                    match (&c.target, m) {
+                        (CompareTarget::Value(v), Some(m)) => m.value == *v,
+                        (CompareTarget::Value(_), None) => false,
+                        (CompareTarget::Version(n), m) => m.map_or(0, |m| m.version) == *n,
+                        _ => unreachable!("the generator only makes value and version compares"),
+                    }
+                });
+                let ops = if ok { &t.success } else { &t.failure };
+                let mut parts = vec![format!("txn {ok}")];
+                for op in ops {
+                    match op {
+                        Op::Put(p) => {
+                            wrote = true;
+                            self.put(rev, &p.key, &p.value);
+                            parts.push("put".into());
+                        }
+                        Op::DeleteRange(d) => {
+                            let n = self.delete(&d.key, &d.range_end);
+                            wrote |= n > 0;
+                            parts.push(format!("deleted {n}"));
+                        }
+                        _ => unreachable!(),
+                    }
+                }
+                parts.join(",")
+            }
+            KvCommand::Compact { .. } => unreachable!(),
+        };
+        if wrote {
+            self.revision = rev;
+        }
+        (self.revision, summary)
+    }
+}
+
+fn summarize(r: &KvResponse) -> (i64, String) {
+    let s = match &r.result {
+        Ok(OpResult::Put { prev_kv }) => {
+            format!("put prev={:?}", prev_kv.as_ref().map(|kv| kv.value.clone()))
+        }
+        Ok(OpResult::DeleteRange { deleted, .. }) => format!("deleted {deleted}"),
+        Ok(OpResult::Txn(t)) => {
+            let mut parts = vec![format!("txn {}", t.succeeded)];
+            for r in &t.responses {
+                parts.push(match r {
+                    OpResult::Put { .. } => "put".into(),
+                    OpResult::DeleteRange { deleted, .. } => format!("deleted {deleted}"),
+                    other => format!("{other:?}"),
+                });
+            }
+            parts.join(",")
+        }
+        other => format!("{other:?}"),
+    };
+    (r.revision, s)
+}
+
+fn key() -> impl Strategy<Value = Vec<u8>> {
+    // A small key space with shared prefixes, so ops collide and prefixes matter.
+    prop::sample::select(vec![
+        b"a".to_vec(),
+        b"ab".to_vec(),
+        b"abc".to_vec(),
+        b"b".to_vec(),
+        b"b\xff".to_vec(),
+        b"c".to_vec(),
+    ])
+}
+
+fn value() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 0..4)
+}
+
+fn delete() -> impl Strategy<Value = DeleteRange> {
+    (key(), any::<bool>()).prop_map(|(key, prefix)| {
+        let range_end = if prefix { prefix_range_end(&key) } else { Vec::new() };
+        DeleteRange { key, range_end, prev_kv: true }
+    })
+}
+
+fn put() -> impl Strategy<Value = Put> {
+    (key(), value()).prop_map(|(key, value)| Put { key, value, prev_kv: true, ..Default::default() })
+}
+
+fn command() -> impl Strategy<Value = KvCommand> {
+    let op = || prop_oneof![put().prop_map(Op::Put), delete().prop_map(Op::DeleteRange)];
+    let compare = (
+        key(),
+        prop_oneof![value().prop_map(CompareTarget::Value), (0i64..3).prop_map(CompareTarget::Version)],
+    )
+        .prop_map(|(key, target)| Compare {
+            key,
+            range_end: Vec::new(),
+            result: CompareResult::Equal,
+            target,
+        });
+    let txn = (
+        prop::collection::vec(compare, 0..2),
+        prop::collection::vec(op(), 0..3),
+        prop::collection::vec(op(), 0..3),
+    )
+        .prop_filter("a txn may not put one key twice", |(_, s, f)| {
+            [s, f].iter().all(|ops| {
+                let keys: Vec<&Vec<u8>> =
+                    ops.iter().filter_map(|o| if let Op::Put(p) = o { Some(&p.key) } else { None }).collect();
+                keys.iter().collect::<std::collections::BTreeSet<_>>().len() == keys.len()
+            })
+        })
+        .prop_map(|(compare, success, failure)| KvCommand::Txn(Txn { compare, success, failure }));
+    prop_oneof![3 => put().prop_map(KvCommand::Put), 1 => delete().prop_map(KvCommand::DeleteRange), 2 => txn]
+}
+
+/// redb on its in-memory backend: the same engine and transactions, without fsync per case.
+fn memory_db() -> Database {
+    Database::builder()
+        .create_with_backend(keel::redb::backends::InMemoryBackend::new())
+        .expect("in-memory db")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_agrees_with_model(batches in prop::collection::vec(prop::collection::vec(command(), 1..8), 1..12)) {
+        let db = memory_db();
+        let mut model = Model::default();
+        for batch in batches {
+            let expected: Vec<(i64, String)> = batch.iter().map(|c| model.apply(c)).collect();
+            let txn = db.begin_write().expect("write txn");
+            let got = KvStore.apply(&txn, batch).expect("apply");
+            txn.commit().expect("commit");
+            prop_assert_eq!(expected, got.iter().map(summarize).collect::<Vec<_>>());
+        }
+        let read = db.begin_read().expect("read txn");
+        let all = Range { key: vec![0], range_end: vec![0], ..Range::default() };
+        let (revision, result) = range(&read, &all).expect("range");
+        let result = result.expect("current revision");
+        prop_assert_eq!(model.revision, revision);
+        let got: Vec<(Vec<u8>, Meta)> = result.kvs.into_iter().map(|kv| (kv.key, Meta { create: kv.create_revision, modified: kv.mod_revision, version: kv.version, value: kv.value })).collect();
+        prop_assert_eq!(model.kv.into_iter().collect::<Vec<_>>(), got);
+        // Snapshot and restore reproduce the same state.
+        let mut snap = Vec::new();
+        KvStore.snapshot(&read, &mut snap).expect("snapshot");
+        let db2 = memory_db();
+        let txn = db2.begin_write().expect("write txn");
+        KvStore.restore(&txn, &mut snap.as_slice()).expect("restore");
+        txn.commit().expect("commit");
+        let read2 = db2.begin_read().expect("read txn");
+        prop_assert_eq!(range(&read, &all).expect("range"), range(&read2, &all).expect("range"));
+    }
+}
