@@ -133,28 +133,51 @@ pub fn with_query(path: &str, params: &[(&str, Vec<u8>)]) -> String {
 // Errors
 // ---------------------------------------------------------------------------------------------
 
-/// Why one endpoint did not answer. Each of these moves the client on to the next endpoint.
+/// Why one endpoint did not answer. Whether the client may then try the next endpoint depends
+/// on the request: see [`may_fail_over`].
 #[derive(Debug)]
 pub enum Unreachable {
-    /// No complete answer within `--timeout`.
+    /// No complete answer within `--timeout`. The request may have been sent and carried out:
+    /// keel cannot tell whether the deadline struck while connecting or after sending.
     TimedOut(Duration),
-    /// Connecting or exchanging the request failed.
+    /// Connecting failed (refused, unroutable): nothing was sent.
+    Connect(hyper_util::client::legacy::Error),
+    /// The exchange failed after connecting (reset, closed before the answer): the request may
+    /// have been sent and carried out.
     Transport(hyper_util::client::legacy::Error),
-    /// The answer's body could not be read to the end.
+    /// The answer's body could not be read to the end: the request was carried out or refused,
+    /// keel cannot tell which.
     Body(Box<dyn StdError + Send + Sync>),
-    /// `503` with `"retryable": true`: this node cannot serve now, another may.
+    /// `503` with `"retryable": true`: this node did not carry the request out; another may.
     Retryable { code: String, message: String },
+}
+
+impl Unreachable {
+    /// Whether the node certainly did not carry the request out, so sending it elsewhere cannot
+    /// apply it twice.
+    pub fn certainly_not_applied(&self) -> bool {
+        matches!(self, Unreachable::Connect(_) | Unreachable::Retryable { .. })
+    }
 }
 
 impl fmt::Display for Unreachable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Unreachable::TimedOut(d) => write!(f, "timed out after {}", format_duration(*d)),
-            Unreachable::Transport(e) => f.write_str(&describe_cause(e)),
+            Unreachable::Connect(e) | Unreachable::Transport(e) => f.write_str(&describe_cause(e)),
             Unreachable::Body(e) => write!(f, "answer cut short: {}", describe_cause(e.as_ref())),
             Unreachable::Retryable { code, message } => write!(f, "{message} ({code})"),
         }
     }
+}
+
+/// Whether `request`, having failed with `failure` on one endpoint, may be sent to the next.
+///
+/// Reads may go anywhere. A write goes to another endpoint only when this one certainly did not
+/// carry it out; otherwise a retry could apply it twice (a `txn` whose compares see its own first
+/// run, a membership change made twice), so the caller must learn that the outcome is unknown.
+pub fn may_fail_over(request: &ApiRequest, failure: &Unreachable) -> bool {
+    request.is_read() || failure.certainly_not_applied()
 }
 
 /// One failed attempt, for the "no endpoint answered" message.
@@ -164,11 +187,25 @@ pub struct Attempt {
     pub failure: Unreachable,
 }
 
-/// Why a request failed. `NoEndpoint` means nobody could serve it; the others are final answers.
+fn write_attempts(f: &mut fmt::Formatter<'_>, attempts: &[Attempt]) -> fmt::Result {
+    for (i, a) in attempts.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{} ({})", a.endpoint, a.failure)?;
+    }
+    Ok(())
+}
+
+/// Why a request failed. `NoEndpoint` means nobody carried it out; `OutcomeUnknown` that a write
+/// may or may not have been carried out; the others are final answers.
 #[derive(Debug)]
 pub enum ClientError {
     /// Every endpoint was unreachable or said "retry elsewhere".
     NoEndpoint(Vec<Attempt>),
+    /// A write reached `last` and no complete answer came back: it may have been applied, so it
+    /// was not sent to another endpoint. `before` are the endpoints that certainly did not apply it.
+    OutcomeUnknown { before: Vec<Attempt>, last: Attempt },
     /// The server refused the request with a non-retryable error (`docs/http-api.md`, Errors).
     Server { code: String, message: String },
     /// An error status without the JSON error body (a proxy, or not a keeld).
@@ -194,11 +231,19 @@ impl fmt::Display for ClientError {
         match self {
             ClientError::NoEndpoint(attempts) => {
                 f.write_str("no endpoint answered: ")?;
-                for (i, a) in attempts.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(", ")?;
-                    }
-                    write!(f, "{} ({})", a.endpoint, a.failure)?;
+                write_attempts(f, attempts)
+            }
+            ClientError::OutcomeUnknown { before, last } => {
+                write!(
+                    f,
+                    "{} ({}): the outcome is unknown, the request may or may not have been applied; \
+                     it was not sent to another endpoint",
+                    last.endpoint, last.failure
+                )?;
+                if !before.is_empty() {
+                    f.write_str(" (tried before: ")?;
+                    write_attempts(f, before)?;
+                    f.write_str(")")?;
                 }
                 Ok(())
             }
@@ -324,6 +369,12 @@ impl ApiRequest {
     pub fn post_empty(path: String) -> ApiRequest {
         ApiRequest { method: Method::POST, path, body: Bytes::new(), content_type: None }
     }
+
+    /// A read changes nothing on the server, so sending it twice is harmless. Every `GET` of the
+    /// API is one; every other method is a write.
+    pub fn is_read(&self) -> bool {
+        self.method == Method::GET
+    }
 }
 
 /// A successful (2xx) answer: which endpoint gave it and its JSON body.
@@ -363,18 +414,22 @@ impl Client {
         Client { endpoints, timeout, http }
     }
 
-    /// Tries the endpoints in order. A connection failure, a timeout or a retryable `503` moves
-    /// on to the next one; any other answer (success or error) is final.
-    ///
-    /// A write that timed out may still have been applied by that node; it is retried on the next
-    /// endpoint like any other request (as etcdctl does), so a txn may be evaluated twice.
+    /// Tries the endpoints in order. A read moves on to the next one after any failure to
+    /// answer; a write only when the endpoint certainly did not carry it out ([`may_fail_over`]),
+    /// and otherwise stops with [`ClientError::OutcomeUnknown`]. Any answer (success or error) is
+    /// final.
     pub async fn call(&self, request: &ApiRequest) -> Result<Answer, ClientError> {
         let mut attempts = Vec::new();
         for endpoint in &self.endpoints {
             match self.call_endpoint(endpoint, request).await {
                 Outcome::Final(result) => return result,
                 Outcome::Unreachable(failure) => {
-                    attempts.push(Attempt { endpoint: endpoint.clone(), failure })
+                    let fail_over = may_fail_over(request, &failure);
+                    let attempt = Attempt { endpoint: endpoint.clone(), failure };
+                    if !fail_over {
+                        return Err(ClientError::OutcomeUnknown { before: attempts, last: attempt });
+                    }
+                    attempts.push(attempt);
                 }
             }
         }
@@ -386,7 +441,12 @@ impl Client {
         match self.call_endpoint(endpoint, request).await {
             Outcome::Final(result) => result,
             Outcome::Unreachable(failure) => {
-                Err(ClientError::NoEndpoint(vec![Attempt { endpoint: endpoint.clone(), failure }]))
+                let attempt = Attempt { endpoint: endpoint.clone(), failure };
+                Err(if may_fail_over(request, &attempt.failure) {
+                    ClientError::NoEndpoint(vec![attempt])
+                } else {
+                    ClientError::OutcomeUnknown { before: Vec::new(), last: attempt }
+                })
             }
         }
     }
@@ -404,7 +464,13 @@ impl Client {
         };
         // One deadline covers connecting, sending and reading the whole answer.
         let exchange = async {
-            let response = self.http.request(http_request).await.map_err(Unreachable::Transport)?;
+            let response = self.http.request(http_request).await.map_err(|e| {
+                if e.is_connect() {
+                    Unreachable::Connect(e)
+                } else {
+                    Unreachable::Transport(e)
+                }
+            })?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
@@ -748,6 +814,71 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "no endpoint answered: 127.0.0.1:2379 (no leader (no_leader)), 127.0.0.1:22379 (timed out after 5s)"
+        );
+    }
+
+    #[test]
+    fn reads_fail_over_on_anything_writes_only_when_certainly_not_applied() {
+        let get = ApiRequest::get("/v1/kv/k".into());
+        let writes = [
+            ApiRequest::put_bytes("/v1/kv/k".into(), b"v".to_vec()),
+            ApiRequest::delete("/v1/kv/k".into()),
+            ApiRequest::post_json("/v1/txn".into(), &serde_json::json!({})),
+            ApiRequest::post_json("/v1/cluster/promote".into(), &serde_json::json!({"id": 4})),
+            ApiRequest::post_empty("/v1/cluster/init".into()),
+        ];
+        let retryable = || Unreachable::Retryable { code: "no_leader".into(), message: "retry".into() };
+        let timed_out = || Unreachable::TimedOut(Duration::from_secs(1));
+        let cut_off = || Unreachable::Body("connection reset".into());
+        for failure in [retryable(), timed_out(), cut_off()] {
+            assert!(may_fail_over(&get, &failure), "a GET moves on after {failure}");
+        }
+        for write in &writes {
+            assert!(!write.is_read(), "{} is a write", write.method);
+            assert!(may_fail_over(write, &retryable()), "{} moves on after a retryable 503", write.path);
+            assert!(!may_fail_over(write, &timed_out()), "{} stops after a timeout", write.path);
+            assert!(!may_fail_over(write, &cut_off()), "{} stops after a cut-off answer", write.path);
+        }
+    }
+
+    /// A real connect failure (nothing listens on the port) is the one transport error after
+    /// which a write moves on; any other transport error stops it.
+    #[tokio::test]
+    async fn connect_errors_are_told_apart_from_errors_after_sending() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind port 0")
+            .port();
+        let client = Client::new(Vec::new(), Duration::from_secs(5));
+        let ep = Endpoint::parse(&format!("127.0.0.1:{port}")).expect("valid endpoint");
+        let put = ApiRequest::put_bytes("/v1/kv/k".into(), b"v".to_vec());
+        match client.call_endpoint(&ep, &put).await {
+            Outcome::Unreachable(failure @ Unreachable::Connect(_)) => {
+                assert_eq!(failure.to_string(), "connection refused");
+                assert!(may_fail_over(&put, &failure));
+            }
+            Outcome::Unreachable(other) => panic!("expected a connect error, got {other}"),
+            Outcome::Final(r) => panic!("expected a connect error, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_outcome_says_so_and_names_the_endpoints() {
+        let err = ClientError::OutcomeUnknown {
+            before: vec![Attempt {
+                endpoint: Endpoint::parse("127.0.0.1:2379").expect("valid endpoint"),
+                failure: Unreachable::Retryable { code: "no_leader".into(), message: "no leader".into() },
+            }],
+            last: Attempt {
+                endpoint: Endpoint::parse("127.0.0.1:22379").expect("valid endpoint"),
+                failure: Unreachable::TimedOut(Duration::from_millis(500)),
+            },
+        };
+        assert_eq!(
+            err.to_string(),
+            "127.0.0.1:22379 (timed out after 500ms): the outcome is unknown, the request may or may \
+             not have been applied; it was not sent to another endpoint (tried before: 127.0.0.1:2379 \
+             (no leader (no_leader)))"
         );
     }
 

@@ -7,8 +7,8 @@
 //! - `txn.rs`: etcdctl's txn syntax into the `POST /v1/txn` body.
 //! - `output.rs`: text and JSON output.
 //!
-//! Exit codes: 0 success, 1 the request failed (no endpoint answered, the server refused, a
-//! malformed answer), 2 bad usage or bad input (clap's code, also a txn syntax error).
+//! Exit codes: 0 success, 1 the request failed (no endpoint answered, a write's outcome is
+//! unknown, the server refused, a malformed answer), 2 bad usage or bad input (clap's code, also a txn syntax error).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 

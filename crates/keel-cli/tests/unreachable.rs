@@ -1,5 +1,6 @@
-//! The real `keel` binary against addresses where no keeld answers: exit codes and the messages a
-//! user sees. (Tests against a running keeld live with keeld.)
+//! The real `keel` binary against addresses where no keeld answers (nothing listens, a listener
+//! that never answers, one that hangs up): exit codes, failover, and the messages a user sees.
+//! Tests against a running keeld cluster are in `cluster.rs`.
 
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -76,14 +77,29 @@ fn usage_errors_exit_2() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end(), "error: the key must not be empty");
 }
 
+/// A listener that never accepts: the kernel completes the handshake and no answer ever comes.
+fn silent_endpoint() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let addr = listener.local_addr().expect("bound address").to_string();
+    (listener, addr)
+}
+
+/// Whether anything connected to `listener` (left in its backlog, never accepted).
+fn was_contacted(listener: &TcpListener) -> bool {
+    listener.set_nonblocking(true).expect("set nonblocking");
+    match listener.accept() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("accept: {e}"),
+    }
+}
+
 #[test]
-fn a_silent_endpoint_times_out_and_the_next_is_tried() {
-    // Listening but never accepting: the kernel completes the handshake and no answer ever comes.
-    let silent = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    let silent_addr = silent.local_addr().expect("bound address").to_string();
+fn a_read_that_times_out_moves_on_to_the_next_endpoint() {
+    let (silent, silent_addr) = silent_endpoint();
     let dead = dead_endpoint();
     let endpoints = format!("{silent_addr},{dead}");
-    let out = keel(&["--timeout", "0.2", "--endpoints", &endpoints, "del", "k"], b"");
+    let out = keel(&["--timeout", "0.2", "--endpoints", &endpoints, "get", "k"], b"");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim_end(),
@@ -92,4 +108,56 @@ fn a_silent_endpoint_times_out_and_the_next_is_tried() {
         )
     );
     drop(silent);
+}
+
+#[test]
+fn a_write_that_times_out_is_not_sent_elsewhere() {
+    let dead = dead_endpoint();
+    let (silent, silent_addr) = silent_endpoint();
+    let (next, next_addr) = silent_endpoint();
+    // The refused endpoint certainly did not apply the delete, so the silent one is tried; after
+    // its timeout the delete may have been applied, so `next` must never be contacted.
+    let endpoints = format!("{dead},{silent_addr},{next_addr}");
+    let out = keel(&["--timeout", "0.2", "--endpoints", &endpoints, "del", "k"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "error: {silent_addr} (timed out after 200ms): the outcome is unknown, the request may or \
+             may not have been applied; it was not sent to another endpoint (tried before: {dead} \
+             (connection refused))"
+        )
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!was_contacted(&next), "the write was sent on after a timeout");
+    drop(silent);
+}
+
+#[test]
+fn a_write_whose_answer_is_cut_off_is_not_sent_elsewhere() {
+    // Reads the request, then closes the connection without answering.
+    let hangup = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let hangup_addr = hangup.local_addr().expect("bound address").to_string();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = hangup.accept().expect("accept");
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match std::io::Read::read(&mut conn, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        request
+    });
+    let (next, next_addr) = silent_endpoint();
+    let endpoints = format!("{hangup_addr},{next_addr}");
+    let out = keel(&["--endpoints", &endpoints, "txn"], b"\nput k v\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.starts_with(&format!("error: {hangup_addr} (")), "{stderr}");
+    assert!(stderr.contains("the outcome is unknown"), "{stderr}");
+    let request = server.join().expect("hang-up server");
+    assert!(request.starts_with(b"POST /v1/txn "), "{}", String::from_utf8_lossy(&request));
+    assert!(!was_contacted(&next), "the write was sent on after a cut-off answer");
 }

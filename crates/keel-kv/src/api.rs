@@ -24,6 +24,9 @@ use crate::store::OpResult;
 use crate::store::Range;
 use crate::store::RangeResult;
 
+/// How long the answer to a membership change waits for this node to see the change.
+const MEMBERSHIP_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// etcd's limit on operations in one txn.
 pub const MAX_TXN_OPS: usize = 128;
 
@@ -320,6 +323,8 @@ impl KvApi {
             let change = ChangeMembers::AddVoterIds([id].into_iter().collect());
             self.node.change_members(change, true).await?;
         }
+        self.await_membership(|m| m.get_node(&id).is_some() && (learner || m.voter_ids().any(|v| v == id)))
+            .await;
         Ok(Member { id, peer_addr, client_addr: client_addr.to_string(), voter: !learner })
     }
 
@@ -330,7 +335,31 @@ impl KvApi {
         } else {
             ChangeMembers::RemoveNodes([id].into_iter().collect())
         };
-        Ok(self.node.change_members(change, false).await?)
+        self.node.change_members(change, false).await?;
+        // A node removed from the cluster may never hear of its own removal: do not wait for it.
+        if id != self.member_id() {
+            self.await_membership(|m| m.get_node(&id).is_none()).await;
+        }
+        Ok(())
+    }
+
+    /// After a change the leader has committed, waits (bounded) until this node's own view of the
+    /// membership shows it, so the answer lists the members as they now are. A follower that
+    /// forwarded the change learns of it with the leader's next replication. The change is done
+    /// either way: past the wait, the answer shows this node's view as it is.
+    async fn await_membership(
+        &self,
+        shows: impl Fn(&keel::openraft::Membership<NodeId, NodeInfo>) -> bool + Send,
+    ) {
+        let seen = self
+            .node
+            .wait_for(MEMBERSHIP_VIEW_WAIT, "the membership change", move |m| {
+                shows(m.membership_config.membership())
+            })
+            .await;
+        if let Err(e) = seen {
+            tracing::warn!("answering a membership change before this node sees it: {e}");
+        }
     }
 
     pub async fn promote(&self, id: NodeId) -> Result<(), ApiError> {
@@ -338,7 +367,9 @@ impl KvApi {
         if member.voter {
             return Err(ApiError::Rejected(format!("can only promote a learner member; {id} is a voter")));
         }
-        Ok(self.node.promote(id).await?)
+        self.node.promote(id).await?;
+        self.await_membership(|m| m.voter_ids().any(|v| v == id)).await;
+        Ok(())
     }
 
     pub async fn change_voters(&self, voters: std::collections::BTreeSet<NodeId>) -> Result<(), ApiError> {
@@ -349,7 +380,9 @@ impl KvApi {
         if voters.is_empty() {
             return Err(ApiError::BadRequest("voters must not be empty".into()));
         }
-        Ok(self.node.change_membership(voters).await?)
+        self.node.change_membership(voters.clone()).await?;
+        self.await_membership(|m| m.voter_ids().collect::<std::collections::BTreeSet<_>>() == voters).await;
+        Ok(())
     }
 
     /// Updates member `id`'s peer address (etcd's MemberUpdate).

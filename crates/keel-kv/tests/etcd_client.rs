@@ -237,7 +237,6 @@ impl tonic::codec::Decoder for RawCodec {
 mod bytes_buf {
     pub use prost::bytes::Buf;
     pub use prost::bytes::BufMut;
-    pub use tonic::codec::DecodeBuf;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
