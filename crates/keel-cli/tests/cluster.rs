@@ -421,7 +421,7 @@ fn key_value_commands_print_as_documented() {
     // Each write through the follower is one revision, applied by the leader.
     assert_eq!(keel(&follower, &["put", "greeting", "hello"]).ok(), "OK\n");
     assert_eq!(keel(&follower, &["put", "greeting", "hey", "--prev-kv"]).ok(), "OK\ngreeting\nhello\n");
-    assert_eq!(keel(&follower, &["put", "greeting", "hi", "--json"]).json(), json!({"revision": 3}));
+    assert_eq!(keel(&follower, &["put", "greeting", "hi", "--json"]).json(), json!({"revision": 4}));
     for (key, value) in [("app/1", "x"), ("app/2", "y"), ("app/3", "z")] {
         assert_eq!(keel(&follower, &["put", key, value]).ok(), "OK\n");
     }
@@ -434,8 +434,8 @@ fn key_value_commands_print_as_documented() {
     assert_eq!(keel(&follower, &["get", "greeting", "--count-only"]).ok(), "1\n");
     assert_eq!(
         keel(&follower, &["get", "greeting", "--json"]).json(),
-        json!({"count": 1, "more": false, "revision": 7, "kvs": [
-            {"key": "greeting", "value": "hi", "create_revision": 1, "mod_revision": 3, "version": 3}]})
+        json!({"count": 1, "more": false, "revision": 8, "kvs": [
+            {"key": "greeting", "value": "hi", "create_revision": 2, "mod_revision": 4, "version": 3}]})
     );
 
     // A missing key prints nothing and succeeds, as etcdctl does; --json keeps the range shape.
@@ -460,9 +460,9 @@ fn key_value_commands_print_as_documented() {
     );
     assert_eq!(
         keel(&follower, &["get", "app/", "--prefix", "--limit", "2", "--keys-only", "--json"]).json(),
-        json!({"count": 3, "more": true, "revision": 7, "kvs": [
-            {"key": "app/1", "create_revision": 4, "mod_revision": 4, "version": 1},
-            {"key": "app/2", "create_revision": 5, "mod_revision": 5, "version": 1}]})
+        json!({"count": 3, "more": true, "revision": 8, "kvs": [
+            {"key": "app/1", "create_revision": 5, "mod_revision": 5, "version": 1},
+            {"key": "app/2", "create_revision": 6, "mod_revision": 6, "version": 1}]})
     );
 
     // Serializable reads answer from the contacted node's own state: the leader applied every
@@ -490,7 +490,7 @@ fn key_value_commands_print_as_documented() {
     );
     assert_eq!(
         keel(&follower, &["del", "notes", "--json"]).json(),
-        json!({"revision": 10, "deleted": 1, "prev_kvs": []})
+        json!({"revision": 11, "deleted": 1, "prev_kvs": []})
     );
     assert_eq!(keel(&on_leader, &["get", "", "--prefix"]).ok(), "");
 
@@ -538,10 +538,10 @@ fn txn_runs_one_branch() {
         keel_with_input(&follower, &["txn", "--json"], b"version(\"f\") = 1\n\nput g 1\nget f\n\ndel f\n");
     assert_eq!(
         run.json(),
-        json!({"revision": 8, "succeeded": true, "responses": [
-            {"put": {"revision": 8}},
+        json!({"revision": 9, "succeeded": true, "responses": [
+            {"put": {"revision": 9}},
             {"get": {"count": 1, "kvs": [
-                {"key": "f", "value": "v", "create_revision": 7, "mod_revision": 7, "version": 1}]}}]})
+                {"key": "f", "value": "v", "create_revision": 8, "mod_revision": 8, "version": 1}]}}]})
     );
 }
 

@@ -48,6 +48,17 @@ pub enum ApiError {
     /// The cluster refused a membership or leadership change.
     #[error("{0}")]
     Rejected(String),
+    #[error("can only promote a learner member; {0} is a voter")]
+    NotLearner(NodeId),
+    /// A learner must catch up before promotion. Retryable later.
+    #[error("{0}")]
+    LearnerNotReady(String),
+    #[error("peer address {0} is already used by member {1}")]
+    PeerAddrExists(String, NodeId),
+    #[error("member {0} already exists")]
+    MemberExists(NodeId),
+    #[error("bad leader transferee: {0} is a learner")]
+    BadTransferee(NodeId),
     /// No leader could be reached in time. Retryable.
     #[error("no leader: {0}")]
     NoLeader(String),
@@ -99,6 +110,7 @@ impl From<AdminError> for ApiError {
             AdminError::NotLeader(nl) => ApiError::NoLeader(nl.to_string()),
             AdminError::Retry(m) => ApiError::Unavailable(m),
             AdminError::Rejected(m) => ApiError::Rejected(m),
+            AdminError::NotReady(m) => ApiError::LearnerNotReady(m),
             AdminError::Stopped(m) => ApiError::Unavailable(format!("node stopped: {m}")),
             AdminError::Unknown(m) => ApiError::Unknown(m),
         }
@@ -224,7 +236,7 @@ impl KvApi {
             KvCommand::Put(p) => self.check_key(&p.key),
             KvCommand::DeleteRange(d) => self.check_key(&d.key),
             KvCommand::Txn(t) => self.check_txn(t),
-            KvCommand::Compact { .. } => Ok(()),
+            KvCommand::Compact { .. } | KvCommand::AllocateMemberId { .. } => Ok(()),
         }
     }
 
@@ -304,18 +316,23 @@ impl KvApi {
         }
         let members = self.members();
         if let Some(m) = members.iter().find(|m| m.peer_addr == peer_addr) {
-            return Err(ApiError::Rejected(format!(
-                "peer address {peer_addr} is already used by member {}",
-                m.id
-            )));
+            return Err(ApiError::PeerAddrExists(peer_addr, m.id));
         }
         let id = match id {
             Some(0) => return Err(ApiError::BadRequest("node id 0 is not allowed".into())),
-            Some(id) if members.iter().any(|m| m.id == id) => {
-                return Err(ApiError::Rejected(format!("member {id} already exists")))
-            }
+            Some(id) if members.iter().any(|m| m.id == id) => return Err(ApiError::MemberExists(id)),
             Some(id) => id,
-            None => members.iter().map(|m| m.id).max().unwrap_or(0) + 1,
+            // A Raft-replicated counter: an id once handed out is never handed out again, even
+            // after its member was removed (a removed node must not come back under it).
+            None => {
+                let above = members.iter().map(|m| m.id).max().unwrap_or(0);
+                match self.node.propose(KvCommand::AllocateMemberId { above }).await?.result {
+                    Ok(OpResult::MemberId(id)) => id,
+                    other => {
+                        return Err(ApiError::Internal(format!("member id allocation answered {other:?}")))
+                    }
+                }
+            }
         };
         let info = NodeInfo::new(peer_addr.clone(), crate::config::bare_addr(client_addr));
         self.node.add_learner(id, info, false).await?;
@@ -365,7 +382,7 @@ impl KvApi {
     pub async fn promote(&self, id: NodeId) -> Result<(), ApiError> {
         let member = self.member(id)?;
         if member.voter {
-            return Err(ApiError::Rejected(format!("can only promote a learner member; {id} is a voter")));
+            return Err(ApiError::NotLearner(id));
         }
         self.node.promote(id).await?;
         self.await_membership(|m| m.voter_ids().any(|v| v == id)).await;
@@ -396,7 +413,7 @@ impl KvApi {
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ApiError> {
         let member = self.member(to)?;
         if !member.voter {
-            return Err(ApiError::Rejected(format!("bad leader transferee: {to} is a learner")));
+            return Err(ApiError::BadTransferee(to));
         }
         Ok(self.node.transfer_leader(to).await?)
     }

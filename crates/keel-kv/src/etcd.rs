@@ -35,41 +35,61 @@ pub const SERVER_VERSION: &str = concat!("3.5.0-keel.", env!("CARGO_PKG_VERSION"
 /// Room for gRPC framing and the request's own fields beyond a maximal key and value (etcd's).
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// etcd's error: its exact gRPC code and message (etcd clients turn known messages back into typed
+/// errors, so the text must match), with Keel's explanation in the `keel-detail` metadata.
+fn etcd_error(code: tonic::Code, message: &str, detail: &str) -> Status {
+    let mut status = Status::new(code, message);
+    let ascii: String =
+        detail.chars().map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' }).collect();
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(ascii.as_str()) {
+        status.metadata_mut().insert("keel-detail", v);
+    }
+    status
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
+        use tonic::Code;
         let detail = e.to_string();
-        match e {
-            ApiError::BadRequest(m) => Status::invalid_argument(format!("etcdserver: {m}")),
-            ApiError::KeyTooLarge { .. } => {
-                Status::invalid_argument(format!("etcdserver: key is too large ({detail})"))
-            }
-            ApiError::RequestTooLarge { .. } => {
-                Status::invalid_argument(format!("etcdserver: request is too large ({detail})"))
-            }
+        let (code, message) = match &e {
+            ApiError::BadRequest(m) => return Status::invalid_argument(format!("etcdserver: {m}")),
+            ApiError::KeyTooLarge { .. } => (Code::InvalidArgument, "etcdserver: key is too large"),
+            ApiError::RequestTooLarge { .. } => (Code::InvalidArgument, "etcdserver: request is too large"),
             ApiError::KeyNotFound | ApiError::Kv(KvError::KeyNotFound) => {
-                Status::invalid_argument("etcdserver: key not found")
+                (Code::InvalidArgument, "etcdserver: key not found")
             }
-            ApiError::UnknownMember(id) => {
-                Status::not_found(format!("etcdserver: member not found ({id:x})"))
+            ApiError::UnknownMember(_) => (Code::NotFound, "etcdserver: member not found"),
+            ApiError::Kv(KvError::Compacted { .. }) => {
+                (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")
             }
-            ApiError::Kv(KvError::Compacted { .. }) => Status::out_of_range(format!(
-                "etcdserver: mvcc: required revision has been compacted ({detail})"
-            )),
-            ApiError::Kv(KvError::FutureRevision { .. }) => Status::out_of_range(format!(
-                "etcdserver: mvcc: required revision is a future revision ({detail})"
-            )),
-            ApiError::Kv(KvError::LeaseNotFound) => {
-                Status::not_found("etcdserver: requested lease not found")
+            ApiError::Kv(KvError::FutureRevision { .. }) => {
+                (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision")
             }
-            ApiError::Kv(KvError::InvalidRequest(m)) => Status::invalid_argument(format!("etcdserver: {m}")),
-            ApiError::Rejected(m) => Status::failed_precondition(format!("etcdserver: {m}")),
-            ApiError::NoLeader(m) => Status::unavailable(format!("etcdserver: no leader ({m})")),
-            ApiError::Unavailable(m) => Status::unavailable(format!("etcdserver: request timed out ({m})")),
-            ApiError::Unknown(m) => Status::unavailable(format!(
-                "etcdserver: request timed out, possibly due to connection lost ({m})"
-            )),
-            ApiError::Internal(m) => Status::internal(format!("etcdserver: {m}")),
-        }
+            ApiError::Kv(KvError::LeaseNotFound) => (Code::NotFound, "etcdserver: requested lease not found"),
+            ApiError::Kv(KvError::InvalidRequest(m)) => {
+                return Status::invalid_argument(format!("etcdserver: {m}"))
+            }
+            ApiError::NotLearner(_) => {
+                (Code::FailedPrecondition, "etcdserver: can only promote a learner member")
+            }
+            ApiError::LearnerNotReady(_) => (
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member which is in sync with leader",
+            ),
+            ApiError::PeerAddrExists(..) => {
+                (Code::FailedPrecondition, "etcdserver: Peer URLs already exists")
+            }
+            ApiError::MemberExists(_) => (Code::FailedPrecondition, "etcdserver: member ID already exist"),
+            ApiError::BadTransferee(_) => (Code::FailedPrecondition, "etcdserver: bad leader transferee"),
+            ApiError::Rejected(m) => return Status::failed_precondition(format!("etcdserver: {m}")),
+            ApiError::NoLeader(_) => (Code::Unavailable, "etcdserver: no leader"),
+            ApiError::Unavailable(_) => (Code::Unavailable, "etcdserver: request timed out"),
+            ApiError::Unknown(_) => {
+                (Code::Unavailable, "etcdserver: request timed out, possibly due to connection lost")
+            }
+            ApiError::Internal(m) => return Status::internal(format!("etcdserver: {m}")),
+        };
+        etcd_error(code, message, &detail)
     }
 }
 
@@ -242,28 +262,34 @@ impl EtcdService {
             .responses
             .into_iter()
             .map(|r| rpc::ResponseOp {
-                response: Some(match r {
-                    OpResult::Range(r) => rpc::response_op::Response::ResponseRange(rpc::RangeResponse {
-                        header: self.header(revision),
-                        kvs: r.kvs.into_iter().map(kv).collect(),
-                        more: r.more,
-                        count: r.count,
-                    }),
-                    OpResult::Put { prev_kv } => rpc::response_op::Response::ResponsePut(rpc::PutResponse {
-                        header: self.header(revision),
-                        prev_kv: prev_kv.map(kv),
-                    }),
-                    OpResult::DeleteRange { deleted, prev_kvs } => {
-                        rpc::response_op::Response::ResponseDeleteRange(rpc::DeleteRangeResponse {
+                response: match r {
+                    OpResult::MemberId(_) => None,
+                    r => Some(match r {
+                        OpResult::Range(r) => rpc::response_op::Response::ResponseRange(rpc::RangeResponse {
                             header: self.header(revision),
-                            deleted,
-                            prev_kvs: prev_kvs.into_iter().map(kv).collect(),
-                        })
-                    }
-                    OpResult::Txn(t) => {
-                        rpc::response_op::Response::ResponseTxn(self.txn_response(revision, t))
-                    }
-                }),
+                            kvs: r.kvs.into_iter().map(kv).collect(),
+                            more: r.more,
+                            count: r.count,
+                        }),
+                        OpResult::Put { prev_kv } => {
+                            rpc::response_op::Response::ResponsePut(rpc::PutResponse {
+                                header: self.header(revision),
+                                prev_kv: prev_kv.map(kv),
+                            })
+                        }
+                        OpResult::DeleteRange { deleted, prev_kvs } => {
+                            rpc::response_op::Response::ResponseDeleteRange(rpc::DeleteRangeResponse {
+                                header: self.header(revision),
+                                deleted,
+                                prev_kvs: prev_kvs.into_iter().map(kv).collect(),
+                            })
+                        }
+                        OpResult::Txn(t) => {
+                            rpc::response_op::Response::ResponseTxn(self.txn_response(revision, t))
+                        }
+                        OpResult::MemberId(_) => return rpc::ResponseOp { response: None },
+                    }),
+                },
             })
             .collect();
         rpc::TxnResponse { header: self.header(revision), succeeded: t.succeeded, responses }

@@ -91,7 +91,12 @@ impl From<ApiError> for HttpError {
                 (StatusCode::BAD_REQUEST, "compacted")
             }
             ApiError::Kv(KvError::LeaseNotFound) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::Rejected(_) => (StatusCode::CONFLICT, "rejected"),
+            ApiError::Rejected(_)
+            | ApiError::NotLearner(_)
+            | ApiError::PeerAddrExists(..)
+            | ApiError::MemberExists(_)
+            | ApiError::BadTransferee(_) => (StatusCode::CONFLICT, "rejected"),
+            ApiError::LearnerNotReady(_) => (StatusCode::CONFLICT, "learner_not_ready"),
             ApiError::NoLeader(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Unknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
@@ -463,6 +468,7 @@ fn op_result_json(r: &OpResult, revision: i64) -> Value {
         OpResult::Txn(t) => {
             json!({"txn": {"succeeded": t.succeeded, "responses": t.responses.iter().map(|r| op_result_json(r, revision)).collect::<Vec<_>>()}})
         }
+        OpResult::MemberId(id) => json!({"member_id": id}),
     }
 }
 

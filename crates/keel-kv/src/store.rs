@@ -9,7 +9,7 @@
 //! Tables (in the database Keel hands the state machine):
 //! - `kv`: key → [`Record`] (`create_revision | mod_revision | version | lease`, 8 bytes each LE,
 //!   then the value).
-//! - `kv_meta`: `"revision"` and `"compact_revision"` → i64.
+//! - `kv_meta`: `"revision"`, `"compact_revision"` and `"last_member_id"` → i64.
 
 use std::io;
 
@@ -26,6 +26,9 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("kv_meta");
 const REVISION: &str = "revision";
 const COMPACT_REVISION: &str = "compact_revision";
+const LAST_MEMBER_ID: &str = "last_member_id";
+/// An empty store is at revision 1, as in etcd: the first write makes revision 2.
+const FIRST_REVISION: i64 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Requests and responses (the Raft log carries `KvCommand`s; keep them backward compatible)
@@ -36,7 +39,14 @@ pub enum KvCommand {
     Put(Put),
     DeleteRange(DeleteRange),
     Txn(Txn),
-    Compact { revision: i64 },
+    Compact {
+        revision: i64,
+    },
+    /// Hands out a member id never used before in this cluster: above every id handed out so far
+    /// and above `above` (the largest id in the current membership). Not a KV write.
+    AllocateMemberId {
+        above: u64,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -169,9 +179,16 @@ pub struct RangeResult {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
     Range(RangeResult),
-    Put { prev_kv: Option<KeyValue> },
-    DeleteRange { deleted: i64, prev_kvs: Vec<KeyValue> },
+    Put {
+        prev_kv: Option<KeyValue>,
+    },
+    DeleteRange {
+        deleted: i64,
+        prev_kvs: Vec<KeyValue>,
+    },
     Txn(TxnResult),
+    /// The answer to [`KvCommand::AllocateMemberId`].
+    MemberId(u64),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,7 +354,7 @@ impl StateMachine for KvStore {
     ) -> Result<Vec<KvResponse>, StateMachineError> {
         let mut kv = txn.open_table(KV)?;
         let mut meta = txn.open_table(META)?;
-        let mut revision = meta.get(REVISION)?.map_or(0, |v| v.value());
+        let mut revision = meta.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value());
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             let mut w = Writer { kv: &mut kv, revision: revision + 1, wrote: false };
@@ -353,6 +370,12 @@ impl StateMachine for KvStore {
                         meta.insert(COMPACT_REVISION, target.max(compacted))?;
                         Ok(Ok(OpResult::Txn(TxnResult::default())))
                     }
+                }
+                KvCommand::AllocateMemberId { above } => {
+                    let last = meta.get(LAST_MEMBER_ID)?.map_or(0, |v| v.value());
+                    let id = (last.max(0) as u64).max(above) + 1;
+                    meta.insert(LAST_MEMBER_ID, id as i64)?;
+                    Ok(Ok(OpResult::MemberId(id)))
                 }
             }?;
             if w.wrote {
@@ -617,11 +640,11 @@ fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     Ok(Ok(OpResult::Range(result)))
 }
 
-/// The store's current revision in `txn` (0 before the first write).
+/// The store's current revision in `txn` (1 before the first write, as in etcd).
 pub fn revision(txn: &ReadTransaction) -> Result<i64, StateMachineError> {
     match txn.open_table(META) {
-        Ok(t) => Ok(t.get(REVISION)?.map_or(0, |v| v.value())),
-        Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Ok(t) => Ok(t.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value())),
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(FIRST_REVISION),
         Err(e) => Err(e.into()),
     }
 }

@@ -248,7 +248,7 @@ async fn admin_status_and_operations_endpoints() {
         .any(|m| m["id"] == json!(7) && m["voter"] == json!(false)));
     let (s, v) = h.post("/v1/cluster/promote", json!({"id": 7})).await;
     assert_eq!(
-        (StatusCode::CONFLICT, "rejected"),
+        (StatusCode::CONFLICT, "learner_not_ready"),
         (s, error_code(&v)),
         "a learner that never ran is not in sync: {v}"
     );

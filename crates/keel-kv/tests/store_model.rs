@@ -22,6 +22,7 @@ struct Meta {
 struct Model {
     kv: BTreeMap<Vec<u8>, Meta>,
     revision: i64,
+    last_member_id: u64,
 }
 
 impl Model {
@@ -97,6 +98,10 @@ impl Model {
                 }
                 parts.join(",")
             }
+            KvCommand::AllocateMemberId { above } => {
+                self.last_member_id = self.last_member_id.max(*above) + 1;
+                format!("member id {}", self.last_member_id)
+            }
             KvCommand::Compact { .. } => unreachable!(),
         };
         if wrote {
@@ -123,6 +128,7 @@ fn summarize(r: &KvResponse) -> (i64, String) {
             }
             parts.join(",")
         }
+        Ok(OpResult::MemberId(id)) => format!("member id {id}"),
         other => format!("{other:?}"),
     };
     (r.revision, s)
@@ -180,7 +186,7 @@ fn command() -> impl Strategy<Value = KvCommand> {
             })
         })
         .prop_map(|(compare, success, failure)| KvCommand::Txn(Txn { compare, success, failure }));
-    prop_oneof![3 => put().prop_map(KvCommand::Put), 1 => delete().prop_map(KvCommand::DeleteRange), 2 => txn]
+    prop_oneof![1 => (0u64..6).prop_map(|above| KvCommand::AllocateMemberId { above }), 3 => put().prop_map(KvCommand::Put), 1 => delete().prop_map(KvCommand::DeleteRange), 2 => txn]
 }
 
 /// redb on its in-memory backend: the same engine and transactions, without fsync per case.
@@ -196,7 +202,7 @@ proptest! {
     #[test]
     fn store_agrees_with_model(batches in prop::collection::vec(prop::collection::vec(command(), 1..8), 1..12)) {
         let db = memory_db();
-        let mut model = Model::default();
+        let mut model = Model { revision: 1, ..Model::default() };
         for batch in batches {
             let expected: Vec<(i64, String)> = batch.iter().map(|c| model.apply(c)).collect();
             let txn = db.begin_write().expect("write txn");

@@ -100,6 +100,9 @@ pub enum AdminError {
     /// change already in progress, an unknown node id).
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The change needs a learner that has caught up with the leader; retry later.
+    #[error("not ready: {0}")]
+    NotReady(String),
     #[error("node stopped: {0}")]
     Stopped(String),
     /// Forwarded to the leader, and the connection failed before the answer: it may have happened.
@@ -117,7 +120,7 @@ impl ProposeError {
 impl AdminError {
     /// Whether retrying (at another node, or later) can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::NotLeader(_) | Self::Retry(_))
+        matches!(self, Self::NotLeader(_) | Self::Retry(_) | Self::NotReady(_))
     }
 }
 

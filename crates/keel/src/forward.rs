@@ -69,6 +69,9 @@ pub enum ForwardFailure {
     NotLeader { leader_id: Option<NodeId>, leader: Option<NodeInfo> },
     #[error("dropped from the log by a leader change; it may or may not have been applied: {0}")]
     Discarded(String),
+    /// A learner is not caught up enough to be promoted; retry later.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// Another membership change is still in progress; retry once it has committed.
     #[error("another membership change is in progress; retry: {0}")]
     Busy(String),
@@ -255,7 +258,7 @@ pub(crate) async fn local_promote<SM: StateMachine>(
     let matched = replication.get(&id).cloned().flatten().map_or(0, |l| l.index);
     let leader_last = m.last_log_index.unwrap_or(0);
     if (matched as f64) < leader_last as f64 * PROMOTE_READY_RATIO {
-        return Err(ForwardFailure::Rejected(format!(
+        return Err(ForwardFailure::NotReady(format!(
             "learner {id} is not in sync with the leader yet (has {matched} of {leader_last} entries); retry later"
         )));
     }
@@ -341,9 +344,10 @@ impl From<ForwardFailure> for ProposeError {
                 ProposeError::NotLeader(NotLeader { leader_id, leader })
             }
             ForwardFailure::Discarded(m) => ProposeError::Discarded(m),
-            ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Rejected(m) | ForwardFailure::Busy(m) => {
-                ProposeError::Stopped(format!("unexpected write error: {m}"))
-            }
+            ForwardFailure::QuorumUnavailable(m)
+            | ForwardFailure::Rejected(m)
+            | ForwardFailure::Busy(m)
+            | ForwardFailure::NotReady(m) => ProposeError::Stopped(format!("unexpected write error: {m}")),
             ForwardFailure::Stopped(m) => ProposeError::Stopped(m),
         }
     }
@@ -358,7 +362,9 @@ impl From<ForwardFailure> for ReadError {
             ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Discarded(m) | ForwardFailure::Busy(m) => {
                 ReadError::QuorumUnavailable(m)
             }
-            ForwardFailure::Rejected(m) | ForwardFailure::Stopped(m) => ReadError::Stopped(m),
+            ForwardFailure::Rejected(m) | ForwardFailure::Stopped(m) | ForwardFailure::NotReady(m) => {
+                ReadError::Stopped(m)
+            }
         }
     }
 }
@@ -372,6 +378,7 @@ impl From<ForwardFailure> for AdminError {
             ForwardFailure::Discarded(m) => AdminError::Unknown(m),
             ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Busy(m) => AdminError::Retry(m),
             ForwardFailure::Rejected(m) => AdminError::Rejected(m),
+            ForwardFailure::NotReady(m) => AdminError::NotReady(m),
             ForwardFailure::Stopped(m) => AdminError::Stopped(m),
         }
     }
