@@ -6,12 +6,15 @@
 //! - `client.rs`: endpoints, failover, the wire types and the error a command reports.
 //! - `txn.rs`: etcdctl's txn syntax into the `POST /v1/txn` body.
 //! - `output.rs`: text and JSON output.
+//! - `bench.rs`, `bench/`: `keel bench`, a load generator over the etcd v3 gRPC API (not HTTP), so
+//!   that it measures etcd and Keel alike.
 //!
 //! Exit codes: 0 success, 1 the request failed (no endpoint answered, a write's outcome is
 //! unknown, the server refused, a malformed answer), 2 bad usage or bad input (clap's code, also a txn syntax error).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod bench;
 mod client;
 mod output;
 mod txn;
@@ -22,6 +25,7 @@ use std::io::{self, BufRead as _, IsTerminal as _, Read as _, Write as _};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use bench::{BenchArgs, BenchError};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
@@ -91,6 +95,9 @@ enum Command {
     /// Cluster administration.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Load generator over the etcd v3 gRPC API (works against etcd too): prints throughput and
+    /// latency percentiles. `--timeout` bounds each request.
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -208,13 +215,17 @@ enum CliError {
     Txn(TxnError),
     /// An empty key where the server requires one; exit 2.
     EmptyKey,
+    /// `keel bench` flags that do not fit together or exceed a cap; exit 2.
+    BenchUsage(String),
+    /// `keel bench` could not run, or no request succeeded; exit 1.
+    Bench(BenchError),
 }
 
 impl CliError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            CliError::Client(_) | CliError::Stdin(_) => ExitCode::from(1),
-            CliError::Txn(_) | CliError::EmptyKey => ExitCode::from(2),
+            CliError::Client(_) | CliError::Stdin(_) | CliError::Bench(_) => ExitCode::from(1),
+            CliError::Txn(_) | CliError::EmptyKey | CliError::BenchUsage(_) => ExitCode::from(2),
         }
     }
 }
@@ -226,6 +237,8 @@ impl fmt::Display for CliError {
             CliError::Stdin(e) => write!(f, "cannot read stdin: {e}"),
             CliError::Txn(e) => write!(f, "invalid txn: {e}"),
             CliError::EmptyKey => write!(f, "the key must not be empty"),
+            CliError::BenchUsage(e) => write!(f, "{e}"),
+            CliError::Bench(e) => write!(f, "{e}"),
         }
     }
 }
@@ -236,11 +249,19 @@ impl From<ClientError> for CliError {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = Client::new(cli.endpoints, cli.timeout);
-    match run(&client, cli.json, cli.command).await {
+    // One request at a time needs one thread; the load generator needs every core.
+    let runtime = if matches!(cli.command, Command::Bench(_)) {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => Err(CliError::Bench(BenchError::Runtime(e))),
+    };
+    match result {
         Ok(text) => match io::stdout().lock().write_all(text.as_bytes()) {
             // A closed pipe (`keel get --prefix "" | head`) is the reader's choice, not a failure.
             Ok(()) => ExitCode::SUCCESS,
@@ -258,13 +279,19 @@ async fn main() -> ExitCode {
 }
 
 /// Runs one command; returns what to print on stdout.
-async fn run(client: &Client, json: bool, command: Command) -> Result<String, CliError> {
-    match command {
+async fn run(cli: Cli) -> Result<String, CliError> {
+    let json = cli.json;
+    let client = &Client::new(cli.endpoints.clone(), cli.timeout);
+    match cli.command {
         Command::Put { key, value, prev_kv } => put(client, json, key, value, prev_kv).await,
         Command::Get(args) => get(client, json, args).await,
         Command::Del { key, prefix, prev_kv } => del(client, json, key, prefix, prev_kv).await,
         Command::Txn => run_txn(client, json).await,
         Command::Cluster(cmd) => cluster(client, json, cmd).await,
+        Command::Bench(args) => {
+            let plan = args.plan().map_err(CliError::BenchUsage)?;
+            bench::run(&cli.endpoints, cli.timeout, json, plan).await.map_err(CliError::Bench)
+        }
     }
 }
 

@@ -48,6 +48,13 @@ pub struct KeeldConfig {
     pub initial_cluster: String,
     #[serde(alias = "initial-cluster-state")]
     pub initial_cluster_state: ClusterState,
+    /// Client address of any member of an existing cluster to join: this node asks to be added
+    /// as a learner (with `id`, or an id the cluster assigns when `id` is 0), catches up, and is
+    /// promoted to voter automatically. Ignored once the data dir holds a cluster.
+    pub join: String,
+    /// On SIGTERM/SIGINT, remove this node from the cluster before stopping.
+    #[serde(alias = "leave-on-shutdown")]
+    pub leave_on_shutdown: bool,
     /// Largest request a client may send (bytes).
     #[serde(alias = "max-request-bytes")]
     pub max_request_bytes: usize,
@@ -70,6 +77,8 @@ impl Default for KeeldConfig {
             peer_addr: "127.0.0.1:2380".into(),
             initial_cluster: String::new(),
             initial_cluster_state: ClusterState::New,
+            join: String::new(),
+            leave_on_shutdown: false,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             raft: node.raft,
@@ -145,8 +154,25 @@ impl KeeldConfig {
         }
     }
 
+    /// Whether this node joins an existing cluster through `join`.
+    pub fn joins(&self) -> bool {
+        !self.join.trim().is_empty()
+    }
+
+    /// Checks the configuration. `id` 0 means "not chosen yet": allowed only when the data dir
+    /// already names the node or `join` lets the cluster assign an id (see `server::Server::start`).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.node_config().validate()?;
+        let mut node = self.node_config();
+        if node.id == 0 {
+            node.id = 1; // checked by whoever fills it in
+        }
+        node.validate()?;
+        if self.joins() && !bare_addr(&self.join).contains(':') {
+            return Err(invalid(
+                "join",
+                format!("{:?} is not the HOST:PORT of a member's client address", self.join),
+            ));
+        }
         for (field, addr) in [("client_addr", &self.client_addr), ("peer_addr", &self.peer_addr)] {
             if !bare_addr(addr).contains(':') {
                 return Err(invalid(field, format!("{addr:?} is not HOST:PORT")));
@@ -158,7 +184,7 @@ impl KeeldConfig {
         if self.max_request_bytes < 1024 || self.max_request_bytes > 64 << 20 {
             return Err(invalid("max_request_bytes", "must be between 1 KiB and 64 MiB"));
         }
-        if self.initial_cluster_state == ClusterState::New {
+        if self.initial_cluster_state == ClusterState::New && !self.joins() && self.id != 0 {
             self.initial_members()?;
         }
         Ok(())

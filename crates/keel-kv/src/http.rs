@@ -43,6 +43,7 @@ pub fn router(api: KvApi) -> Router {
         .route("/v1/txn", post(txn))
         .route("/v1/cluster/init", post(init))
         .route("/v1/cluster/add-learner", post(add_learner))
+        .route("/v1/cluster/join", post(join))
         .route("/v1/cluster/promote", post(promote))
         .route("/v1/cluster/remove", post(remove))
         .route("/v1/cluster/change-membership", post(change_membership))
@@ -521,6 +522,17 @@ struct LearnerBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct JoinBody {
+    #[serde(default)]
+    id: Option<NodeId>,
+    peer_addr: String,
+    #[serde(default)]
+    client_addr: String,
+    cluster_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct IdBody {
     id: NodeId,
 }
@@ -569,6 +581,26 @@ async fn add_learner(State(api): State<KvApi>, body: Result<Bytes, BytesRejectio
         let b: LearnerBody = parse_json(&api, body)?;
         api.add_member(Some(b.id), &b.peer_addr, b.client_addr.as_deref().unwrap_or(""), true).await?;
         ok(&api, members_json(&api))
+    }
+    .await;
+    counted(&api, r)
+}
+
+/// A new node asks to be added as a learner; the cluster assigns its id unless it brings one.
+async fn join(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    let r = async {
+        let b: JoinBody = parse_json(&api, body)?;
+        let ours = &api.node.config().cluster_name;
+        if &b.cluster_name != ours {
+            return Err(HttpError::bad(format!(
+                "this is cluster {ours:?}, the joining node is configured for {:?}",
+                b.cluster_name
+            )));
+        }
+        let member = api.add_member(b.id, &b.peer_addr, &b.client_addr, true).await?;
+        let mut answer = members_json(&api);
+        answer["id"] = member.id.into();
+        ok(&api, answer)
     }
     .await;
     counted(&api, r)

@@ -14,6 +14,7 @@ use keel::network::grpc::GrpcNetwork;
 use keel::network::grpc::PeerServer;
 use keel::openraft::ChangeMembers;
 use keel::Node;
+use keel::NodeId;
 use keel::NodeInfo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -40,9 +41,18 @@ pub enum RunError {
     Start(#[from] keel::StartError),
     #[error("cannot form the initial cluster: {0}")]
     Bootstrap(String),
+    #[error("cannot join the cluster through {via}: {reason}")]
+    Join { via: String, reason: String },
+    /// This node was removed from its cluster; its data dir must not be used to rejoin.
+    #[error("{0}")]
+    Removed(String),
     #[error("shutdown: {0}")]
     Shutdown(String),
 }
+
+/// Written to the data dir when the node learns it was removed from the cluster: a restart on the
+/// same data dir then refuses, rather than come back as a stale member nobody replicates to.
+pub const REMOVED_MARKER: &str = "REMOVED";
 
 /// A running node and its servers.
 pub struct Server {
@@ -55,6 +65,9 @@ pub struct Server {
     stop_peer: oneshot::Sender<()>,
     peer_server: JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<JoinHandle<()>>,
+    leave_on_shutdown: bool,
+    /// Completes if this node is removed from the cluster (see [`Server::removed`]).
+    removed: Option<oneshot::Receiver<String>>,
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
@@ -68,7 +81,26 @@ async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, RunError> {
 impl Server {
     /// Opens storage, starts Raft and both servers, and forms the initial cluster if this node
     /// founds it. Returns once the node serves (it may not have a leader yet).
-    pub async fn start(config: KeeldConfig) -> Result<Server, RunError> {
+    pub async fn start(mut config: KeeldConfig) -> Result<Server, RunError> {
+        config.validate()?;
+        let marker = config.data_dir.join(REMOVED_MARKER);
+        if let Ok(why) = std::fs::read_to_string(&marker) {
+            return Err(RunError::Removed(format!(
+                "{} Refusing to start on {}: remove the data dir to add this machine again as a new member.",
+                why.trim(),
+                config.data_dir.display()
+            )));
+        }
+        let stored = keel::storage::sm_store::stored_node_id(&config.data_dir)
+            .map_err(|e| RunError::Start(keel::StartError::StateMachine(e)))?;
+        match (config.id, stored) {
+            (0, Some(id)) => config.id = id,
+            (0, None) if config.joins() => {} // the cluster assigns one below
+            // A brand-new node given no id founds a cluster as node 1 (`keeld` with no flags).
+            (0, None) => config.id = 1,
+            _ => {}
+        }
+        // With the id known, check what depends on it (e.g. initial_cluster lists this node).
         config.validate()?;
         // Listen first: a taken port is the most common startup failure, and must not leave a
         // half-started node behind.
@@ -85,6 +117,11 @@ impl Server {
             source,
         })?;
         let advertise = NodeInfo::new(peer_addr.to_string(), client_addr.to_string());
+        let joining = stored.is_none() && config.joins();
+        if joining {
+            config.id = join_cluster(&config, &advertise).await?;
+            tracing::info!(id = config.id, via = %config.join, "added to the cluster as a learner");
+        }
 
         let node_config = config.node_config();
         let network = GrpcNetwork::new(node_config.cluster_name.clone(), node_config.id);
@@ -108,8 +145,15 @@ impl Server {
         });
 
         let mut background = Vec::new();
-        bootstrap(&config, &node, &advertise).await?;
+        if !joining {
+            bootstrap(&config, &node, &advertise).await?;
+        }
         background.push(tokio::spawn(publish_client_addr(node.clone(), advertise)));
+        if config.joins() {
+            background.push(tokio::spawn(promote_when_caught_up(node.clone())));
+        }
+        let (removed_tx, removed) = oneshot::channel();
+        background.push(tokio::spawn(watch_removal(node.clone(), marker, removed_tx)));
         tracing::info!(id = config.id, %client_addr, %peer_addr, "keeld serving");
         Ok(Server {
             api,
@@ -120,6 +164,8 @@ impl Server {
             stop_peer,
             peer_server,
             background,
+            leave_on_shutdown: config.leave_on_shutdown,
+            removed: Some(removed),
         })
     }
 
@@ -127,9 +173,33 @@ impl Server {
         &self.api.node
     }
 
+    /// Completes with the reason once this node learns it was removed from the cluster (it then
+    /// has nothing left to serve); never completes otherwise.
+    pub fn removed(&mut self) -> impl Future<Output = String> + use<> {
+        let rx = self.removed.take();
+        async move {
+            match rx {
+                Some(rx) => match rx.await {
+                    Ok(why) => why,
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Stops in order: client ingress, leadership hand-over, peer server, Raft, storage.
     pub async fn shutdown(self) -> Result<(), RunError> {
-        let Server { api, stop_client, client_server, stop_peer, peer_server, background, .. } = self;
+        let Server {
+            api,
+            stop_client,
+            client_server,
+            stop_peer,
+            peer_server,
+            background,
+            leave_on_shutdown,
+            ..
+        } = self;
         let id = api.node.id();
         tracing::info!(id, "shutting down: stopping client ingress");
         let _ = stop_client.send(());
@@ -140,10 +210,16 @@ impl Server {
             Ok(Err(e)) => tracing::warn!(id, "client server task: {e}"),
             Err(_) => tracing::warn!(id, "client requests still running after 10 s; stopping anyway"),
         }
+        // Background tasks hold the node: stop them and wait until they are gone.
         for task in background {
             task.abort();
+            let _ = task.await;
         }
-        hand_over_leadership(&api.node).await;
+        if leave_on_shutdown {
+            leave(&api).await;
+        } else {
+            hand_over_leadership(&api.node).await;
+        }
         tracing::info!(id, "stopping peer server");
         let _ = stop_peer.send(());
         let _ = tokio::time::timeout(Duration::from_secs(5), peer_server).await;
@@ -254,9 +330,200 @@ async fn hand_over_leadership(node: &Node<KvStore>) {
     }
 }
 
-/// Runs a node until `shutdown` completes, then stops it in order.
+/// Leaves the cluster before shutting down: hands leadership over if this node leads, then has
+/// the (new) leader remove it. Best effort: a failure is logged and shutdown goes on.
+async fn leave(api: &KvApi) {
+    let id = api.node.id();
+    hand_over_leadership(&api.node).await;
+    tracing::info!(id, "leaving the cluster");
+    match api.remove_member(id).await {
+        Ok(()) => {
+            tracing::info!(id, "removed from the cluster");
+            let marker = api.node.config().data_dir.join(REMOVED_MARKER);
+            let why =
+                format!("Node {id} left cluster {:?} (--leave-on-shutdown).", api.node.config().cluster_name);
+            if let Err(e) = std::fs::write(&marker, format!("{why}\n")) {
+                tracing::error!("cannot write {}: {e}", marker.display());
+            }
+        }
+        Err(e) => tracing::warn!(id, "could not leave the cluster: {e}"),
+    }
+}
+
+/// Asks a member (at `config.join`, a client address) to add this node as a learner; answers the
+/// node id (the configured one, or one the cluster assigned).
+async fn join_cluster(config: &KeeldConfig, me: &NodeInfo) -> Result<NodeId, RunError> {
+    use http_body_util::BodyExt;
+    let via = bare_addr(&config.join).to_string();
+    let fail = |reason: String| RunError::Join { via: via.clone(), reason };
+    let mut body = serde_json::json!({
+        "peer_addr": me.peer_addr,
+        "client_addr": me.client_addr,
+        "cluster_name": config.cluster_name,
+    });
+    if config.id != 0 {
+        body["id"] = config.id.into();
+    }
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let request = hyper::Request::post(format!("http://{via}/v1/cluster/join"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(body.to_string())))
+        .map_err(|e| fail(e.to_string()))?;
+    let answer = tokio::time::timeout(JOIN_TIMEOUT, async {
+        let resp = client.request(request).await.map_err(|e| fail(format!("no answer: {e}")))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| fail(e.to_string()))?.to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|_| fail(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))))?;
+        Ok::<_, RunError>((status, json))
+    })
+    .await
+    .map_err(|_| fail(format!("no answer within {JOIN_TIMEOUT:?}")))??;
+    match answer {
+        (status, json) if status.is_success() => json["id"]
+            .as_u64()
+            .filter(|id| *id != 0)
+            .ok_or_else(|| fail(format!("answer has no node id: {json}"))),
+        (status, json) => Err(fail(format!(
+            "HTTP {status}: {}",
+            json["error"]["message"].as_str().unwrap_or(&json.to_string())
+        ))),
+    }
+}
+
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A node that joined as a learner asks to be promoted to voter once it has caught up (the
+/// leader refuses until it holds 90% of the log). Stops once it is a voter.
+async fn promote_when_caught_up(node: Arc<Node<KvStore>>) {
+    let id = node.id();
+    loop {
+        let m = node.metrics();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            return;
+        }
+        if membership.get_node(&id).is_some() && m.current_leader.is_some() {
+            match node.promote(id).await {
+                Ok(()) => {
+                    tracing::info!(id, "caught up; promoted to voter");
+                    return;
+                }
+                Err(keel::AdminError::NotReady(why)) => tracing::debug!(id, "not promoted yet: {why}"),
+                Err(e) => tracing::info!(id, "promotion failed, will retry: {e}"),
+            }
+        }
+        // Look again after the log moves on (or half a second).
+        let applied = m.last_applied;
+        let _ = node
+            .wait_for(Duration::from_millis(500), "catching up", move |m| m.last_applied != applied)
+            .await;
+    }
+}
+
+/// Watches for this node's removal from the cluster. A removed node may never receive the entry
+/// that removes it (the leader stops replicating to it), so besides its own view of the membership
+/// it asks the leader, every few election timeouts, whether it is still a member. Once
+/// removed, it marks the data dir (a restart then refuses) and reports it.
+async fn watch_removal(
+    node: Arc<Node<KvStore>>,
+    marker: std::path::PathBuf,
+    removed: oneshot::Sender<String>,
+) {
+    let id = node.id();
+    let interval = Duration::from_millis(node.config().raft.election_timeout_max_ms * 3);
+    let mut was_member = false;
+    loop {
+        let m = node.metrics();
+        if m.running_state.is_err() {
+            return;
+        }
+        let membership = m.membership_config.membership();
+        let member_here = membership.get_node(&id).is_some();
+        let gone = if member_here {
+            was_member = true;
+            // Not the leader: ask the leader whether it still counts this node (it stops sending
+            // to a node it removed, so this node's own view may never change).
+            if m.current_leader != Some(id) {
+                let peers: Vec<NodeInfo> =
+                    membership.nodes().filter(|(n, _)| **n != id).map(|(_, info)| info.clone()).collect();
+                removed_per_peers(id, &node.config().cluster_name, &peers).await
+            } else {
+                None
+            }
+        } else if was_member {
+            Some(format!(
+                "membership at log index {}",
+                m.membership_config.log_id().as_ref().map_or(0, |l| l.index)
+            ))
+        } else {
+            None
+        };
+        if let Some(evidence) = gone {
+            let why =
+                format!("Node {id} was removed from cluster {:?} ({evidence}).", node.config().cluster_name);
+            tracing::error!("{why} It stops serving.");
+            if let Err(e) = std::fs::write(&marker, format!("{why}\n")) {
+                tracing::error!("cannot write {}: {e}", marker.display());
+            }
+            let _ = removed.send(why);
+            return;
+        }
+        let (leader, members) = (m.current_leader, m.membership_config.clone());
+        let _ = node
+            .wait_for(interval, "leader or membership change", move |m| {
+                m.current_leader != leader || m.membership_config != members
+            })
+            .await;
+    }
+}
+
+/// Asks `peers` (by their client address) for their status. Answers the evidence if the leader of
+/// the same cluster does not list `id`. Only the leader's word counts: it appends a membership
+/// change before anyone else sees it, so another member may not list a node that just joined.
+async fn removed_per_peers(id: NodeId, cluster: &str, peers: &[NodeInfo]) -> Option<String> {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+    for peer in peers.iter().filter(|p| !p.client_addr.is_empty()) {
+        let ask = async {
+            let uri = format!("http://{}/v1/cluster/status", peer.client_addr);
+            let resp = client.get(uri.parse().ok()?).await.ok()?;
+            let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+        };
+        let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(2), ask).await else { continue };
+        let same_cluster = status["cluster_name"].as_str() == Some(cluster);
+        let leads = status["state"].as_str() == Some("leader");
+        let members = status["members"].as_array();
+        if same_cluster && leads {
+            if let Some(members) = members {
+                if !members.iter().any(|m| m["id"].as_u64() == Some(id)) {
+                    let who = status["id"].as_u64().unwrap_or(0);
+                    return Some(format!(
+                        "the leader, node {who} at {}, no longer lists it",
+                        peer.client_addr
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Runs a node until `shutdown` completes (or the node is removed from its cluster), then stops
+/// it in order.
 pub async fn run(config: KeeldConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let server = Server::start(config).await?;
-    shutdown.await;
-    server.shutdown().await
+    let mut server = Server::start(config).await?;
+    let removed = server.removed();
+    let outcome = tokio::select! {
+        () = shutdown => None,
+        why = removed => Some(why),
+    };
+    server.shutdown().await?;
+    match outcome {
+        Some(why) => Err(RunError::Removed(why)),
+        None => Ok(()),
+    }
 }

@@ -20,7 +20,8 @@ struct Flags {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// This node's id: a positive integer, unique in the cluster and never reused.
+    /// This node's id: a positive integer, unique in the cluster and never reused. Default: the
+    /// id the data dir belongs to; for a new node 1, or one the cluster assigns with --join.
     #[arg(long)]
     id: Option<u64>,
     /// Where the node keeps its log, state and snapshots [default: ./keel-data].
@@ -39,6 +40,13 @@ struct Flags {
     /// `new`: found the cluster in --initial-cluster; `existing`: wait to be added by a member.
     #[arg(long, value_enum)]
     initial_cluster_state: Option<ClusterState>,
+    /// Join an existing cluster through any member's client address (HOST:PORT): this node is
+    /// added as a learner, catches up and is promoted to voter. Without --id the cluster assigns one.
+    #[arg(long, value_name = "HOST:PORT")]
+    join: Option<String>,
+    /// On SIGTERM/SIGINT, remove this node from the cluster before stopping.
+    #[arg(long)]
+    leave_on_shutdown: bool,
     /// A name shared by all members; messages from another cluster are refused [default: keel].
     #[arg(long)]
     cluster_name: Option<String>,
@@ -51,14 +59,32 @@ struct Flags {
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
-    let mut c = match &flags.config {
-        Some(path) => KeeldConfig::load(path)?,
-        None => KeeldConfig::default(),
+    let (mut c, file_sets_id) = match &flags.config {
+        Some(path) => {
+            let c = KeeldConfig::load(path)?;
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let sets_id = text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("id"));
+            (c, sets_id)
+        }
+        None => (KeeldConfig::default(), false),
     };
+    if flags.leave_on_shutdown {
+        c.leave_on_shutdown = true;
+    }
+    if flags.id == Some(0) || (file_sets_id && c.id == 0) {
+        return Err(keel::config::ConfigError::Invalid {
+            field: "id",
+            reason: "must be a positive integer".into(),
+        });
+    }
+    // No id given: the data dir's own id, else one the cluster assigns (--join), else 1.
+    if flags.id.is_none() && !file_sets_id {
+        c.id = 0;
+    }
     macro_rules! set {
         ($($f:ident),*) => {$( if let Some(v) = flags.$f { c.$f = v; } )*};
     }
-    set!(id, data_dir, client_addr, peer_addr, initial_cluster, initial_cluster_state, cluster_name);
+    set!(id, data_dir, client_addr, peer_addr, initial_cluster, initial_cluster_state, cluster_name, join);
     set!(max_request_bytes, max_key_bytes);
     c.validate()?;
     Ok(c)
@@ -106,6 +132,10 @@ fn main() -> ExitCode {
         Ok(()) => {
             tracing::info!("stopped cleanly");
             ExitCode::SUCCESS
+        }
+        Err(e @ keel_kv::server::RunError::Config(_)) => {
+            eprintln!("keeld: {e}");
+            ExitCode::from(2)
         }
         Err(e) => {
             eprintln!("keeld: {e}");

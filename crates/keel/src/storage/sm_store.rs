@@ -447,3 +447,25 @@ impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
         .await
     }
 }
+
+/// The node id a data dir belongs to, without starting a node: `None` for a data dir no node has
+/// used yet. (The node must not be running: this opens the database.)
+pub fn stored_node_id(data_dir: &Path) -> Result<Option<NodeId>, SmOpenError> {
+    let path = data_dir.join("state.redb");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let db_err = |e: redb::Error| SmOpenError::Database { path: path.clone(), source: e };
+    let db = redb::Database::open(&path).map_err(|e| db_err(e.into()))?;
+    let txn = redb::ReadableDatabase::begin_read(&db).map_err(|e| db_err(e.into()))?;
+    let table = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(db_err(e.into())),
+    };
+    read_meta::<NodeId>(&table, KEY_NODE_ID).map_err(|source| SmOpenError::BadMeta {
+        path: path.clone(),
+        key: KEY_NODE_ID,
+        source,
+    })
+}

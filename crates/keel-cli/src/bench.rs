@@ -1,0 +1,514 @@
+//! `keel bench`: a load generator over the etcd v3 gRPC API, so one tool measures Keel and etcd.
+//!
+//! This file owns the command line and the plan it validates into, the workload (which key, which
+//! operation) and the errors; `bench/load.rs` sends the requests, `bench/report.rs` turns the
+//! latencies into the table and the JSON line. Everything here is pure: tests assert on values.
+
+mod load;
+mod report;
+
+use std::fmt;
+use std::io::Write as _;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use rand::Rng;
+
+use crate::client::Endpoint;
+
+/// Most clients (in-flight requests) one run may have.
+pub const MAX_CLIENTS: u64 = 10_000;
+/// Largest key space: keys are `key-%08d`, so past 10^8 they simply grow a digit.
+pub const MAX_KEY_SPACE: u64 = 1_000_000_000;
+/// Largest value: 1 MiB, under etcd's (and Keel's) default 1.5 MiB request limit.
+pub const MAX_VALUE_SIZE: usize = 1024 * 1024;
+/// Measured time when neither `--duration` nor `--ops` is given.
+pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+/// The hard cap on measured time, also for a run bounded by `--ops` alone.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+/// The hard cap on measured requests, also for a run bounded by `--duration` alone.
+pub const MAX_OPS: u64 = 1_000_000_000;
+/// Longest warm-up.
+pub const MAX_WARMUP: Duration = Duration::from_secs(600);
+/// In-flight puts while preloading (or `--clients`, if more).
+pub const PRELOAD_CLIENTS: usize = 256;
+
+/// `keel bench` flags (the global `--endpoints`, `--timeout` and `--json` apply too).
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Requests in flight: each client sends one request, awaits the answer, sends the next.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub clients: u64,
+    /// gRPC connections (HTTP/2), spread over the endpoints; clients are spread over them.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub conns: u64,
+    /// What each request is.
+    #[arg(long, value_enum, default_value_t = OpArg::Put)]
+    pub op: OpArg,
+    /// With `--op mixed`: the fraction of requests that are gets (0 to 1) [default: 0.5].
+    #[arg(long, value_name = "FRACTION")]
+    pub read_ratio: Option<f64>,
+    /// How gets read: through the leader, or from the contacted member's state (maybe stale).
+    #[arg(long, value_enum, default_value_t = Consistency::Linearizable)]
+    pub consistency: Consistency,
+    /// Keys are `key-00000000` .. `key-<N-1>`, each request picking one uniformly at random.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub key_space: u64,
+    /// Bytes in each put's value (random bytes).
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    pub value_size: usize,
+    /// Measured seconds [default: 10, or up to 3600 with --ops].
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS", value_parser = parse_positive_secs)]
+    pub duration: Option<Duration>,
+    /// Measured requests (successful or not); the run ends at --duration or --ops, whichever first.
+    #[arg(long, value_name = "N")]
+    pub ops: Option<u64>,
+    /// Seconds of unmeasured load before the measurement.
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    pub warmup: Duration,
+    /// Send only to the leader, found by asking every endpoint for its Maintenance.Status.
+    #[arg(long)]
+    pub target_leader: bool,
+    /// First put keys 0..N of the key space (256 in flight), so that gets find them.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub preload: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpArg {
+    Put,
+    Get,
+    Mixed,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    Linearizable,
+    Serializable,
+}
+
+impl Consistency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Serializable => "serializable",
+        }
+    }
+}
+
+/// The mix of operations one run sends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Workload {
+    Put,
+    Get,
+    /// Each request is a get with probability `read_ratio`, else a put.
+    Mixed {
+        read_ratio: f64,
+    },
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Put => "put",
+            Workload::Get => "get",
+            Workload::Mixed { .. } => "mixed",
+        }
+    }
+
+    /// The next request's operation.
+    pub fn next_op(self, rng: &mut impl Rng) -> Op {
+        match self {
+            Workload::Put => Op::Put,
+            Workload::Get => Op::Get,
+            Workload::Mixed { read_ratio } => {
+                if rng.gen_bool(read_ratio) {
+                    Op::Get
+                } else {
+                    Op::Put
+                }
+            }
+        }
+    }
+}
+
+/// One request's operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Get,
+}
+
+/// A validated run: every bound is known, every count fits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub workload: Workload,
+    pub consistency: Consistency,
+    pub clients: usize,
+    pub conns: usize,
+    pub key_space: u64,
+    pub value_size: usize,
+    /// Measured time; the run also stops after `ops` measured requests.
+    pub duration: Duration,
+    pub ops: u64,
+    pub warmup: Duration,
+    pub preload: u64,
+    pub target_leader: bool,
+}
+
+impl BenchArgs {
+    /// Checks the flags against each other and the caps; the message names the flag.
+    pub fn plan(&self) -> Result<Plan, String> {
+        if self.clients == 0 || self.clients > MAX_CLIENTS {
+            return Err(format!("--clients must be 1 to {MAX_CLIENTS}, not {}", self.clients));
+        }
+        if self.conns == 0 || self.conns > self.clients {
+            return Err(format!(
+                "--conns must be 1 to --clients ({}), not {}: a connection without a client sends nothing",
+                self.clients, self.conns
+            ));
+        }
+        let workload = match (self.op, self.read_ratio) {
+            (OpArg::Put, None) => Workload::Put,
+            (OpArg::Get, None) => Workload::Get,
+            (OpArg::Mixed, ratio) => {
+                let read_ratio = ratio.unwrap_or(0.5);
+                if !(0.0..=1.0).contains(&read_ratio) {
+                    return Err(format!("--read-ratio must be between 0 and 1, not {read_ratio}"));
+                }
+                Workload::Mixed { read_ratio }
+            }
+            (_, Some(_)) => return Err("--read-ratio applies to --op mixed only".to_owned()),
+        };
+        if self.key_space == 0 || self.key_space > MAX_KEY_SPACE {
+            return Err(format!("--key-space must be 1 to {MAX_KEY_SPACE}, not {}", self.key_space));
+        }
+        if self.value_size > MAX_VALUE_SIZE {
+            return Err(format!(
+                "--value-size must be at most {MAX_VALUE_SIZE} bytes, not {}",
+                self.value_size
+            ));
+        }
+        if self.preload > self.key_space {
+            return Err(format!(
+                "--preload ({}) must not exceed --key-space ({})",
+                self.preload, self.key_space
+            ));
+        }
+        let ops = match self.ops {
+            Some(0) => return Err("--ops must be at least 1".to_owned()),
+            Some(n) if n > MAX_OPS => return Err(format!("--ops must be at most {MAX_OPS}, not {n}")),
+            Some(n) => n,
+            None => MAX_OPS,
+        };
+        let duration = match (self.duration, self.ops) {
+            (Some(d), _) if d > MAX_DURATION => {
+                return Err(format!("--duration must be at most {}s", MAX_DURATION.as_secs()))
+            }
+            (Some(d), _) => d,
+            (None, Some(_)) => MAX_DURATION,
+            (None, None) => DEFAULT_DURATION,
+        };
+        if self.warmup > MAX_WARMUP {
+            return Err(format!("--warmup must be at most {}s", MAX_WARMUP.as_secs()));
+        }
+        Ok(Plan {
+            workload,
+            consistency: self.consistency,
+            // Both are at most MAX_CLIENTS, which fits any usize.
+            clients: usize::try_from(self.clients).unwrap_or(usize::MAX),
+            conns: usize::try_from(self.conns).unwrap_or(usize::MAX),
+            key_space: self.key_space,
+            value_size: self.value_size,
+            duration,
+            ops,
+            warmup: self.warmup,
+            preload: self.preload,
+            target_leader: self.target_leader,
+        })
+    }
+}
+
+/// Key `i` of the key space: `key-%08d`, as etcd's benchmark names keys (byte order is numeric
+/// order below 10^8).
+pub fn key(i: u64) -> Vec<u8> {
+    format!("key-{i:08}").into_bytes()
+}
+
+/// A key drawn uniformly from the key space.
+pub fn random_key(rng: &mut impl Rng, key_space: u64) -> Vec<u8> {
+    key(rng.gen_range(0..key_space))
+}
+
+/// `size` random bytes: one value per client, sent with each of its puts (as etcd's benchmark does,
+/// so that generating values costs the load generator nothing during the run).
+pub fn random_value(rng: &mut impl Rng, size: usize) -> Vec<u8> {
+    let mut value = vec![0; size];
+    rng.fill(value.as_mut_slice());
+    value
+}
+
+/// The connection each client uses (round robin), and the endpoint each connection goes to.
+pub fn spread(index: usize, over: usize) -> usize {
+    index % over.max(1)
+}
+
+/// What `--target-leader` learned from one endpoint's Maintenance.Status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    /// The answering member's own id (the response header's `member_id`).
+    pub member_id: u64,
+    /// The member it believes leads (0: none known).
+    pub leader: u64,
+}
+
+/// The endpoint whose member is the leader: the one that answers with its own id as the leader.
+/// Other answers only help explain a failure.
+pub fn pick_leader(views: &[(Endpoint, Result<MemberView, String>)]) -> Result<Endpoint, BenchError> {
+    if let Some((endpoint, _)) =
+        views.iter().find(|(_, v)| matches!(v, Ok(view) if view.leader != 0 && view.member_id == view.leader))
+    {
+        return Ok(endpoint.clone());
+    }
+    let reasons = views
+        .iter()
+        .map(|(endpoint, view)| {
+            let why = match view {
+                Ok(MemberView { member_id, leader: 0 }) => format!("member {member_id:x}, no leader known"),
+                Ok(MemberView { member_id, leader }) => format!("member {member_id:x}, leader {leader:x}"),
+                Err(e) => e.clone(),
+            };
+            format!("{endpoint} ({why})")
+        })
+        .collect();
+    Err(BenchError::NoLeader(reasons))
+}
+
+/// Why `keel bench` could not run or measured nothing (exit 1). Request errors during the run are
+/// not here: they are counted and reported.
+#[derive(Debug)]
+pub enum BenchError {
+    /// The endpoint could not be connected to before the run.
+    Connect { endpoint: String, source: tonic::transport::Error },
+    /// `--target-leader`: no endpoint is the leader; one reason per endpoint.
+    NoLeader(Vec<String>),
+    /// The runtime could not start.
+    Runtime(std::io::Error),
+    /// Every measured request failed (the first distinct errors are printed above).
+    NothingSucceeded { errors: u64 },
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BenchError::Connect { endpoint, source } => {
+                write!(f, "cannot connect to {endpoint}: {}", error_chain(source))
+            }
+            BenchError::NoLeader(reasons) => {
+                write!(f, "no endpoint is the leader (--target-leader): {}", reasons.join(", "))
+            }
+            BenchError::Runtime(e) => write!(f, "cannot start the runtime: {e}"),
+            BenchError::NothingSucceeded { errors } => {
+                write!(f, "no request succeeded ({errors} errors)")
+            }
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated (tonic's own text is only "transport error").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        // Wrappers often repeat their cause's text; say it once.
+        let said = e.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.trim().parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if secs.is_nan() || secs < 0.0 {
+        return Err(format!("'{text}' is not a number of seconds (0 or more)"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{text}' seconds is out of range"))
+}
+
+fn parse_positive_secs(text: &str) -> Result<Duration, String> {
+    match parse_secs(text)? {
+        Duration::ZERO => Err("must be more than 0 seconds".to_owned()),
+        d => Ok(d),
+    }
+}
+
+/// Runs the bench and returns what to print on stdout: the table, or with `json` the JSON line.
+/// What it is doing, and the errors it met, go to stderr.
+pub async fn run(
+    endpoints: &[Endpoint],
+    timeout: Duration,
+    json: bool,
+    plan: Plan,
+) -> Result<String, BenchError> {
+    let _ = writeln!(std::io::stderr(), "{}", plan.describe(endpoints));
+    let (row, errors) = load::run(endpoints, timeout, plan).await?;
+    let _ = write!(std::io::stderr(), "{}", errors.describe());
+    if row.ops == 0 && errors.total > 0 {
+        return Err(BenchError::NothingSucceeded { errors: errors.total });
+    }
+    Ok(if json { row.json_line() } else { row.table() })
+}
+
+impl Plan {
+    /// One line saying what the run will do.
+    pub fn describe(&self, endpoints: &[Endpoint]) -> String {
+        let endpoints: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+        let op = match self.workload {
+            Workload::Put => "put".to_owned(),
+            Workload::Get => format!("get ({})", self.consistency.name()),
+            Workload::Mixed { read_ratio } => {
+                format!("mixed, {:.0}% get ({})", read_ratio * 100.0, self.consistency.name())
+            }
+        };
+        let bound = if self.ops == MAX_OPS {
+            format!("{}s", self.duration.as_secs_f64())
+        } else {
+            format!("{} requests or {}s", self.ops, self.duration.as_secs_f64())
+        };
+        format!(
+            "bench: {op}, {} clients over {} conns to {}{}, key space {}, {}-byte values, preload {}, warm-up {}s, then {bound}",
+            self.clients,
+            self.conns,
+            endpoints.join(","),
+            if self.target_leader { " (the leader only)" } else { "" },
+            self.key_space,
+            self.value_size,
+            self.preload,
+            self.warmup.as_secs_f64(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng as _;
+
+    fn args(extra: &[&str]) -> Result<Plan, String> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let cmd = Cmd::try_parse_from(std::iter::once("bench").chain(extra.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        cmd.bench.plan()
+    }
+
+    #[test]
+    fn defaults_are_bounded() {
+        let plan = args(&[]).expect("valid");
+        assert_eq!(plan.workload, Workload::Put);
+        assert_eq!((plan.clients, plan.conns), (1, 1));
+        assert_eq!(plan.duration, DEFAULT_DURATION);
+        assert_eq!(plan.ops, MAX_OPS);
+        assert_eq!(plan.warmup, Duration::from_secs(1));
+        assert_eq!((plan.key_space, plan.value_size, plan.preload), (100_000, 256, 0));
+    }
+
+    #[test]
+    fn ops_alone_is_capped_in_time_and_duration_alone_in_count() {
+        let plan = args(&["--ops", "500"]).expect("valid");
+        assert_eq!((plan.ops, plan.duration), (500, MAX_DURATION));
+        let plan = args(&["--duration", "2.5"]).expect("valid");
+        assert_eq!((plan.ops, plan.duration), (MAX_OPS, Duration::from_millis(2500)));
+        let plan = args(&["--duration", "3", "--ops", "7"]).expect("valid");
+        assert_eq!((plan.ops, plan.duration), (7, Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn invalid_flags_are_refused_with_the_flag_named() {
+        let refused = |a: &[&str]| args(a).expect_err("refused");
+        assert!(refused(&["--clients", "0"]).contains("--clients"));
+        assert!(refused(&["--clients", "10001"]).contains("--clients"));
+        assert!(refused(&["--clients", "4", "--conns", "5"]).contains("--conns"));
+        assert!(refused(&["--conns", "0"]).contains("--conns"));
+        assert!(refused(&["--read-ratio", "0.5"]).contains("--op mixed"));
+        assert!(refused(&["--op", "mixed", "--read-ratio", "1.5"]).contains("--read-ratio"));
+        assert!(refused(&["--op", "mixed", "--read-ratio", "NaN"]).contains("--read-ratio"));
+        assert!(refused(&["--key-space", "0"]).contains("--key-space"));
+        assert!(refused(&["--value-size", "2000000"]).contains("--value-size"));
+        assert!(refused(&["--key-space", "10", "--preload", "11"]).contains("--preload"));
+        assert!(refused(&["--ops", "0"]).contains("--ops"));
+        assert!(refused(&["--ops", "1000000001"]).contains("--ops"));
+        assert!(refused(&["--duration", "0"]).contains("--duration"));
+        assert!(refused(&["--duration", "-2"]).contains("--duration"));
+        assert!(refused(&["--duration", "3601"]).contains("--duration"));
+        assert!(refused(&["--warmup", "-1"]).contains("--warmup"));
+        assert!(refused(&["--warmup", "601"]).contains("--warmup"));
+        assert!(refused(&["--op", "delete"]).contains("--op"));
+        assert!(refused(&["--consistency", "eventual"]).contains("--consistency"));
+    }
+
+    #[test]
+    fn mixed_defaults_to_half_reads_and_accepts_the_extremes() {
+        assert_eq!(args(&["--op", "mixed"]).expect("valid").workload, Workload::Mixed { read_ratio: 0.5 });
+        for ratio in ["0", "1"] {
+            assert!(args(&["--op", "mixed", "--read-ratio", ratio]).is_ok());
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        let all_reads = Workload::Mixed { read_ratio: 1.0 };
+        assert!((0..100).all(|_| all_reads.next_op(&mut rng) == Op::Get));
+        let all_writes = Workload::Mixed { read_ratio: 0.0 };
+        assert!((0..100).all(|_| all_writes.next_op(&mut rng) == Op::Put));
+    }
+
+    #[test]
+    fn keys_are_zero_padded_and_stay_in_the_key_space() {
+        assert_eq!(key(0), b"key-00000000");
+        assert_eq!(key(42), b"key-00000042");
+        assert_eq!(key(99_999_999), b"key-99999999");
+        assert_eq!(key(123_456_789), b"key-123456789");
+        let seed = rand::random::<u64>();
+        let mut rng = StdRng::seed_from_u64(seed);
+        for _ in 0..1000 {
+            let k = random_key(&mut rng, 3);
+            assert!([key(0), key(1), key(2)].contains(&k), "seed {seed}: {k:?} outside the key space");
+        }
+        assert_eq!(random_value(&mut rng, 256).len(), 256);
+        assert!(random_value(&mut rng, 0).is_empty());
+    }
+
+    #[test]
+    fn clients_and_connections_spread_round_robin() {
+        let conns: Vec<usize> = (0..5).map(|c| spread(c, 2)).collect();
+        assert_eq!(conns, [0, 1, 0, 1, 0]);
+        assert_eq!(spread(3, 0), 0);
+    }
+
+    #[test]
+    fn the_leader_is_the_endpoint_that_names_itself() {
+        let ep = |s: &str| Endpoint::parse(s).expect("endpoint");
+        let views = vec![
+            (ep("127.0.0.1:1"), Ok(MemberView { member_id: 1, leader: 2 })),
+            (ep("127.0.0.1:2"), Err("connection refused".to_owned())),
+            (ep("127.0.0.1:3"), Ok(MemberView { member_id: 2, leader: 2 })),
+        ];
+        assert_eq!(pick_leader(&views).expect("leader").to_string(), "127.0.0.1:3");
+        let views = vec![
+            (ep("127.0.0.1:1"), Ok(MemberView { member_id: 1, leader: 0 })),
+            (ep("127.0.0.1:2"), Err("connection refused".to_owned())),
+        ];
+        assert_eq!(
+            pick_leader(&views).expect_err("no leader").to_string(),
+            "no endpoint is the leader (--target-leader): 127.0.0.1:1 (member 1, no leader known), \
+             127.0.0.1:2 (connection refused)"
+        );
+    }
+}

@@ -1,0 +1,240 @@
+//! The load itself: gRPC connections, finding the leader, the preload, and the clients, each a task
+//! sending one request at a time on one of the connections.
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_kv::etcd::pb::etcdserverpb::kv_client::KvClient;
+use keel_kv::etcd::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+use keel_kv::etcd::pb::etcdserverpb::{PutRequest, RangeRequest, StatusRequest};
+use rand::rngs::StdRng;
+use rand::SeedableRng as _;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
+
+use super::report::{ErrorTally, Row, Tally};
+use super::{
+    error_chain, key, pick_leader, random_key, random_value, spread, BenchError, Consistency, MemberView, Op,
+    Plan, PRELOAD_CLIENTS,
+};
+use crate::client::Endpoint;
+
+/// A client that got an error waits this long before its next request, so that an endpoint that
+/// refuses at once (down, no leader) is not hammered in a tight loop that starves the others.
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
+
+/// Runs `plan` against `endpoints`; `timeout` bounds each connect and each request. Notes on
+/// progress go to stderr; the result is the row (printed by the caller) and the errors.
+pub async fn run(
+    endpoints: &[Endpoint],
+    timeout: Duration,
+    plan: Plan,
+) -> Result<(Row, ErrorTally), BenchError> {
+    let targets = if plan.target_leader {
+        let leader = find_leader(endpoints, timeout).await?;
+        note(&format!("leader: {leader}"));
+        vec![leader]
+    } else {
+        endpoints.to_vec()
+    };
+    let mut channels = Vec::with_capacity(plan.conns);
+    for conn in 0..plan.conns {
+        // spread() is below len() for a non-empty list; clap guarantees at least one endpoint.
+        if let Some(endpoint) = targets.get(spread(conn, targets.len())) {
+            channels.push(connect(endpoint, timeout).await?);
+        }
+    }
+    let plan = Arc::new(plan);
+
+    if plan.preload > 0 {
+        let started = Instant::now();
+        let errors = preload(&channels, &plan).await;
+        note(&format!(
+            "preloaded keys 0..{} in {:.1}s ({} errors)",
+            plan.preload,
+            started.elapsed().as_secs_f64(),
+            errors.total
+        ));
+        if errors.total > 0 {
+            note(&errors.describe());
+        }
+    }
+
+    let start = Instant::now() + plan.warmup;
+    let window = Arc::new(Window { start, end: start + plan.duration, issued: AtomicU64::new(0) });
+    let mut tasks = Vec::with_capacity(plan.clients);
+    for client in 0..plan.clients {
+        let Some(channel) = channels.get(spread(client, channels.len())) else { break };
+        let kv = KvClient::new(channel.clone());
+        tasks.push(tokio::spawn(client_loop(
+            kv,
+            Arc::clone(&plan),
+            Arc::clone(&window),
+            StdRng::from_entropy(),
+        )));
+    }
+    let mut total = Tally::default();
+    let mut finished = start;
+    for task in tasks {
+        match task.await {
+            Ok((tally, done)) => {
+                total.merge(&tally);
+                finished = finished.max(done);
+            }
+            Err(e) => total.errors.add(format!("client task failed: {e}")),
+        }
+    }
+    let row = Row::new(&plan, &total, finished.saturating_duration_since(start));
+    Ok((row, total.errors))
+}
+
+fn note(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{}", text.trim_end());
+}
+
+/// The measured window, shared by the clients.
+struct Window {
+    /// Requests sent before this are warm-up: sent, not measured.
+    start: Instant,
+    /// No request is sent at or after this.
+    end: Instant,
+    /// Measured requests sent so far; none is sent once it reaches `plan.ops`.
+    issued: AtomicU64,
+}
+
+/// One client: send, await the answer, record, repeat until the window ends or the measured
+/// request count is reached. Returns the tally and when its last answer came.
+async fn client_loop(
+    mut kv: KvClient<Channel>,
+    plan: Arc<Plan>,
+    window: Arc<Window>,
+    mut rng: StdRng,
+) -> (Tally, Instant) {
+    let value = random_value(&mut rng, plan.value_size);
+    let serializable = plan.consistency == Consistency::Serializable;
+    let mut tally = Tally::default();
+    loop {
+        let now = Instant::now();
+        if now >= window.end {
+            break;
+        }
+        let measured = now >= window.start;
+        if measured && window.issued.fetch_add(1, Ordering::Relaxed) >= plan.ops {
+            break;
+        }
+        let op = plan.workload.next_op(&mut rng);
+        let key = random_key(&mut rng, plan.key_space);
+        let sent = Instant::now();
+        let result = send(&mut kv, op, key, &value, serializable).await;
+        let took = sent.elapsed();
+        match result {
+            Ok(()) if measured => tally.record(took),
+            Ok(()) => {}
+            Err(status) => {
+                if measured {
+                    tally.errors.add(describe(&status));
+                }
+                tokio::time::sleep(ERROR_PAUSE).await;
+            }
+        }
+    }
+    (tally, Instant::now())
+}
+
+async fn send(
+    kv: &mut KvClient<Channel>,
+    op: Op,
+    key: Vec<u8>,
+    value: &[u8],
+    serializable: bool,
+) -> Result<(), tonic::Status> {
+    match op {
+        Op::Put => kv.put(PutRequest { key, value: value.to_vec(), ..Default::default() }).await.map(drop),
+        Op::Get => kv.range(RangeRequest { key, serializable, ..Default::default() }).await.map(drop),
+    }
+}
+
+/// An error as counted: gRPC code and message (etcd's and Keel's messages are stable texts).
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Puts keys `0..plan.preload` with `PRELOAD_CLIENTS` (or `--clients`, if more) in flight, spread
+/// over the connections. Failed puts are counted, not retried: a missing key only makes a get
+/// find nothing.
+async fn preload(channels: &[Channel], plan: &Arc<Plan>) -> ErrorTally {
+    let next = Arc::new(AtomicU64::new(0));
+    let workers = PRELOAD_CLIENTS.max(plan.clients).min(usize::try_from(plan.preload).unwrap_or(usize::MAX));
+    let mut tasks = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let Some(channel) = channels.get(spread(worker, channels.len())) else { break };
+        let mut kv = KvClient::new(channel.clone());
+        let (next, plan) = (Arc::clone(&next), Arc::clone(plan));
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::from_entropy();
+            let value = random_value(&mut rng, plan.value_size);
+            let mut errors = ErrorTally::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= plan.preload {
+                    break;
+                }
+                if let Err(status) = send(&mut kv, Op::Put, key(i), &value, false).await {
+                    errors.add(describe(&status));
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = ErrorTally::default();
+    for task in tasks {
+        match task.await {
+            Ok(e) => errors.merge(&e),
+            Err(e) => errors.add(format!("preload task failed: {e}")),
+        }
+    }
+    errors
+}
+
+/// One HTTP/2 connection to `endpoint`, made now so that an unreachable endpoint fails the run
+/// before it starts; `timeout` bounds the connect and, later, every request on it.
+async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, BenchError> {
+    let failed = |source| BenchError::Connect { endpoint: endpoint.to_string(), source };
+    GrpcEndpoint::from_shared(format!("http://{endpoint}"))
+        .map_err(failed)?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(failed)
+}
+
+/// Asks every endpoint (all at once) for its Maintenance.Status and returns the one that leads.
+async fn find_leader(endpoints: &[Endpoint], timeout: Duration) -> Result<Endpoint, BenchError> {
+    let mut queries = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let endpoint = endpoint.clone();
+        queries.push(tokio::spawn(async move {
+            let channel = connect(&endpoint, timeout).await.map_err(|e| match e {
+                BenchError::Connect { source, .. } => format!("cannot connect: {}", error_chain(&source)),
+                other => other.to_string(),
+            })?;
+            let status = MaintenanceClient::new(channel)
+                .status(StatusRequest {})
+                .await
+                .map_err(|s| describe(&s))?
+                .into_inner();
+            let member_id = status.header.map_or(0, |h| h.member_id);
+            Ok::<_, String>(MemberView { member_id, leader: status.leader })
+        }));
+    }
+    let mut views = Vec::with_capacity(endpoints.len());
+    for (endpoint, query) in endpoints.iter().zip(queries) {
+        let view = query.await.unwrap_or_else(|e| Err(format!("status query failed: {e}")));
+        views.push((endpoint.clone(), view));
+    }
+    pick_leader(&views)
+}

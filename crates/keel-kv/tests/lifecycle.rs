@@ -1,0 +1,84 @@
+//! Joining a running cluster with `join` (id assigned by the cluster, promoted once caught up),
+//! leaving with `leave_on_shutdown`, and a removed node that stops and will not come back on its
+//! old data.
+
+mod support;
+
+use keel_kv::server::RunError;
+use keel_kv::server::Server;
+use keel_kv::server::REMOVED_MARKER;
+use support::Cluster;
+use support::WAIT;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_assigns_an_id_promotes_and_leave_removes() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader();
+    for i in 0..50 {
+        c.servers[&leader].api.node.propose(put(i)).await.expect("write");
+    }
+    let via = c.servers[&c.follower()].client_addr.to_string();
+    let mut config = support::config(0, c.dir.path(), support::free_port(), support::free_port(), "");
+    config.data_dir = c.dir.path().join("joiner");
+    config.join = via;
+    config.leave_on_shutdown = true;
+    let joiner = Server::start(config.clone()).await.expect("join");
+    let id = joiner.node().id();
+    assert_eq!(4, id, "the cluster assigned the next unused id");
+    joiner
+        .node()
+        .wait_for(WAIT, "promoted to voter", move |m| {
+            m.membership_config.membership().voter_ids().any(|v| v == id)
+        })
+        .await
+        .expect("the joiner is promoted once caught up");
+    let r = keel_kv::store::Range {
+        key: b"k/".to_vec(),
+        range_end: keel_kv::store::prefix_range_end(b"k/"),
+        ..Default::default()
+    };
+    let (_, got) = joiner.api.range(&r, false).await.expect("linearizable read on the joiner");
+    assert_eq!(50, got.count, "the joiner serves everything written before it joined");
+
+    joiner.shutdown().await.expect("leave and stop");
+    let members = c.servers[&leader].api.members();
+    assert!(!members.iter().any(|m| m.id == id), "the node left: {members:?}");
+    match Server::start(config).await {
+        Err(RunError::Removed(why)) => assert!(why.contains("left cluster"), "{why}"),
+        Err(other) => panic!("expected a refusal to rejoin, got {other}"),
+        Ok(_) => panic!("a node that left restarted on its old data"),
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_node_stops_and_refuses_to_restart_on_its_data() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let victim = c.follower();
+    let mut server = c.servers.remove(&victim).expect("victim");
+    let removed = server.removed();
+    let api = c.servers.values().next().expect("a survivor").api.clone();
+    api.remove_member(victim).await.expect("member remove");
+    drop(api); // the cluster's shutdown needs the only handle to each node
+    let why = tokio::time::timeout(WAIT, removed).await.expect("the removed node notices");
+    assert!(why.contains(&format!("Node {victim} was removed")), "{why}");
+    let data_dir = server.node().config().data_dir.clone();
+    let ports = (server.peer_addr.port(), server.client_addr.port());
+    server.shutdown().await.expect("stop");
+    assert!(data_dir.join(REMOVED_MARKER).exists(), "the data dir is marked");
+    let config = support::config(victim, c.dir.path(), ports.0, ports.1, "");
+    match Server::start(config).await {
+        Err(RunError::Removed(why)) => assert!(why.contains("Refusing to start"), "{why}"),
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("a removed node restarted on its old data"),
+    }
+    c.shutdown().await;
+}
+
+fn put(i: u32) -> keel_kv::store::KvCommand {
+    keel_kv::store::KvCommand::Put(keel_kv::store::Put {
+        key: format!("k/{i:04}").into_bytes(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    })
+}
