@@ -7,7 +7,7 @@
 # keel and keeld (cargo build --release -p keel-cli -p keel-kv).
 #
 # Knobs (environment): DURATION=10 REPS=3 PRELOAD=100000 WARMUP=1 VALUE_SIZE=256 CONNS=8
-# ROWS="put-1 put-64 put-256 get-l-1 get-l-64 get-s-64" PORT_BASE=41000 KEEP=0
+# ROWS="put-1 put-64 put-256 get-l-1 get-l-64 get-s-64" PORT_BASE=21000 KEEP=0
 # KEEL=target/release/keel KEELD=target/release/keeld ETCD=$(command -v etcd)
 # KEEL_BENCH_DIR=target/tmp (data dirs; not tmpfs, or fsync costs nothing) RESULTS=<file.jsonl>
 # Quick run: DURATION=2 REPS=1 PRELOAD=10000 bench/compare-etcd.sh
@@ -23,7 +23,7 @@ WARMUP=${WARMUP:-1}
 VALUE_SIZE=${VALUE_SIZE:-256}
 CONNS=${CONNS:-8}
 ROWS=${ROWS:-put-1 put-64 put-256 get-l-1 get-l-64 get-s-64}
-PORT_BASE=${PORT_BASE:-41000}
+PORT_BASE=${PORT_BASE:-21000}
 KEEP=${KEEP:-0}
 KEEL=${KEEL:-$root/target/release/keel}
 KEELD=${KEELD:-$root/target/release/keeld}
@@ -41,8 +41,11 @@ for bin in "$KEEL" "$KEELD"; do
     [[ -x $bin ]] ||
         die "$bin not found: build it with 'cargo build --release -p keel-cli -p keel-kv' (or set KEEL=, KEELD=)"
 done
-for n in "$DURATION" "$REPS" "$PRELOAD" "$VALUE_SIZE" "$CONNS" "$PORT_BASE"; do
-    [[ $n =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "'$n' is not a number (DURATION, REPS, PRELOAD, VALUE_SIZE, CONNS, PORT_BASE)"
+for knob in DURATION WARMUP; do
+    [[ ${!knob} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$knob='${!knob}' is not a number of seconds"
+done
+for knob in REPS PRELOAD VALUE_SIZE CONNS PORT_BASE; do
+    [[ ${!knob} =~ ^[0-9]+$ ]] || die "$knob='${!knob}' is not a whole number"
 done
 ((REPS >= 1 && PRELOAD >= 1)) || die "REPS and PRELOAD must be at least 1"
 
@@ -172,7 +175,7 @@ wait_ready() {
 
 check_alive() { # system rep
     for pid in "${pids[@]}"; do
-        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$work/$1-$2"/*.log >&2; die "a $1 member exited"; }
+        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$work/$1-$2"/*.log >&2; die "$1: a member exited (its log is above)"; }
     done
 }
 

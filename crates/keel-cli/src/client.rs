@@ -73,6 +73,13 @@ impl Endpoint {
     }
 }
 
+impl From<std::net::SocketAddr> for Endpoint {
+    /// A socket address is always a valid `host:port` (IPv6 in brackets).
+    fn from(addr: std::net::SocketAddr) -> Endpoint {
+        Endpoint { authority: addr.to_string() }
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.authority)

@@ -137,7 +137,13 @@ impl Server {
         let (stop_client, client_stopped) = oneshot::channel::<()>();
         let router = client_router(api.clone());
         let client_server = tokio::spawn(async move {
-            axum::serve(client_listener, router)
+            // Without TCP_NODELAY a small answer waits for the client's delayed ACK (~40 ms).
+            let listener = axum::serve::ListenerExt::tap_io(client_listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("TCP_NODELAY on a client connection: {e}");
+                }
+            });
+            axum::serve(listener, router)
                 .with_graceful_shutdown(async {
                     let _ = client_stopped.await;
                 })

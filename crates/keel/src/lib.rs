@@ -15,6 +15,7 @@
 //! - [`network`]: the peer transport seam ([`network::RaftService`]), the gRPC
 //!   transport (tonic) and the in-process transport.
 //! - [`forward`]: how a follower hands writes, read indexes and membership changes to the leader.
+//! - [`inspect`]: offline inspection of a data dir.
 //! - [`error`]: one error enum per operation family.
 //! - [`codec`]: the byte encodings on disk.
 
@@ -22,6 +23,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod inspect;
 pub mod network;
 pub mod node;
 pub mod state_machine;

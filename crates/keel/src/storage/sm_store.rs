@@ -448,6 +448,15 @@ impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
     }
 }
 
+/// The node id recorded in a read transaction of the state machine database.
+pub(crate) fn node_id_in(txn: &redb::ReadTransaction) -> io::Result<Option<NodeId>> {
+    match txn.open_table(META) {
+        Ok(t) => read_meta::<NodeId>(&t, KEY_NODE_ID),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
 /// The node id a data dir belongs to, without starting a node: `None` for a data dir no node has
 /// used yet. (The node must not be running: this opens the database.)
 pub fn stored_node_id(data_dir: &Path) -> Result<Option<NodeId>, SmOpenError> {

@@ -332,6 +332,29 @@ impl SnapshotDir {
         Ok(Self { dir: dir.to_path_buf(), current: Mutex::new(current), seq: AtomicU64::new(0) })
     }
 
+    /// The newest snapshot in `dir`, verified, without changing anything (for offline inspection).
+    pub fn peek(dir: &Path) -> Result<Option<(SnapshotMeta, PathBuf)>, SnapshotFileError> {
+        let io_err =
+            |e: io::Error| SnapshotFileError { path: dir.to_path_buf(), offset: 0, reason: e.to_string() };
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        let mut newest: Option<(String, PathBuf)> = None;
+        for entry in entries {
+            let path = entry.map_err(io_err)?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if name.ends_with(SNAP_SUFFIX) && newest.as_ref().is_none_or(|(n, _)| name > *n) {
+                newest = Some((name, path));
+            }
+        }
+        match newest {
+            Some((_, path)) => Ok(Some((verify_file(&path)?, path))),
+            None => Ok(None),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<(SnapshotMeta, PathBuf)>> {
         self.current.lock().expect("snapshot dir mutex poisoned by an earlier panic")
     }
