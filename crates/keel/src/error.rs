@@ -31,6 +31,15 @@ impl fmt::Display for NotLeader {
 
 impl std::error::Error for NotLeader {}
 
+impl NotLeader {
+    /// The leader `m` knows (if any) and its address from the membership.
+    pub fn from_metrics(m: &crate::types::RaftMetrics) -> Self {
+        let leader_id = m.current_leader;
+        let leader = leader_id.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        Self { leader_id, leader }
+    }
+}
+
 impl From<openraft::errors::ForwardToLeader<crate::types::KeelTypes>> for NotLeader {
     fn from(f: openraft::errors::ForwardToLeader<crate::types::KeelTypes>) -> Self {
         Self { leader_id: f.leader_id, leader: f.leader_node }

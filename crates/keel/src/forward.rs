@@ -241,12 +241,8 @@ pub(crate) async fn local_promote<SM: StateMachine>(
     id: NodeId,
 ) -> Result<(), ForwardFailure> {
     let m = raft.metrics().borrow_watched().clone();
-    let leader_only = || ForwardFailure::NotLeader {
-        leader_id: m.current_leader,
-        leader: m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned()),
-    };
     let Some(replication) = m.replication.as_ref().filter(|_| m.current_leader == Some(m.id)) else {
-        return Err(leader_only());
+        return Err(not_leader_failure(&m));
     };
     let membership = m.membership_config.membership();
     if membership.get_node(&id).is_none() {
@@ -277,10 +273,7 @@ pub(crate) async fn local_transfer_leader<SM: StateMachine>(
 ) -> Result<(), ForwardFailure> {
     let m = raft.metrics().borrow_watched().clone();
     if m.current_leader != Some(m.id) {
-        return Err(ForwardFailure::NotLeader {
-            leader_id: m.current_leader,
-            leader: m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned()),
-        });
+        return Err(not_leader_failure(&m));
     }
     if to == m.id {
         return Ok(());
@@ -382,6 +375,12 @@ impl From<ForwardFailure> for AdminError {
             ForwardFailure::Stopped(m) => AdminError::Stopped(m),
         }
     }
+}
+
+/// "Not the leader", naming the leader `m` knows and its address.
+pub(crate) fn not_leader_failure(m: &RaftMetrics) -> ForwardFailure {
+    let NotLeader { leader_id, leader } = NotLeader::from_metrics(m);
+    ForwardFailure::NotLeader { leader_id, leader }
 }
 
 /// Whether `m` says this node is a leader whose leadership a quorum has acknowledged (a new

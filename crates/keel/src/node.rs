@@ -410,8 +410,7 @@ impl<SM: StateMachine> Node<SM> {
         let m = self
             .wait_for(timeout, "a leader is known", |m| {
                 // A leader counts once a quorum acknowledged it: before that it refuses writes.
-                m.current_leader.is_some_and(|l| Some(l) != not)
-                    && (m.current_leader != Some(m.id) || m.last_quorum_acked.is_some())
+                m.current_leader.is_some_and(|l| Some(l) != not) && leader_ready(m)
             })
             .await?;
         m.current_leader.ok_or_else(|| WaitTimeout("leader vanished".into()))
@@ -420,13 +419,7 @@ impl<SM: StateMachine> Node<SM> {
     /// The current leader's id, if this node is not it.
     pub fn not_leader(&self) -> Option<NotLeader> {
         let m = self.metrics();
-        match m.current_leader {
-            Some(l) if l == self.id => None,
-            leader_id => {
-                let leader = leader_id.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
-                Some(NotLeader { leader_id, leader })
-            }
-        }
+        (m.current_leader != Some(self.id)).then(|| NotLeader::from_metrics(&m))
     }
 
     /// Stops Raft and closes storage. Everything acknowledged is already durable, so this only
