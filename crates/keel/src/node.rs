@@ -89,6 +89,32 @@ impl Forwardable for AdminError {
     }
 }
 
+/// Purges the log up to `keep` entries behind the snapshot on disk, if a previous run did not.
+///
+/// openraft purges only right after it builds or installs a snapshot; a node stopped between
+/// publishing a snapshot and purging behind it would otherwise keep that log until the next
+/// snapshot. (openraft clamps the request to the snapshot it loaded, and defers it while a
+/// replication stream still reads the range.)
+async fn purge_behind_snapshot<SM: StateMachine>(
+    raft: &Raft<SmStore<SM>>,
+    shared: &SmShared<SM>,
+    log: &LogStore,
+    keep: u64,
+) -> Result<(), StartError> {
+    let Some(snapshot) = shared.snapshots.current().and_then(|(meta, _)| meta.last_log_id) else {
+        return Ok(());
+    };
+    let Some(upto) = snapshot.index.checked_sub(keep) else {
+        return Ok(());
+    };
+    let (_, purged, _, _) = log.state();
+    if purged.is_some_and(|p| p.index >= upto) {
+        return Ok(());
+    }
+    tracing::info!(upto, snapshot = %snapshot, "purging the log behind the snapshot left by the last run");
+    raft.trigger().purge_log(upto).await.map_err(|e| StartError::Raft(e.to_string()))
+}
+
 impl<SM: StateMachine> Node<SM> {
     /// Opens (or creates) the node's storage in `config.data_dir` and starts Raft.
     ///
@@ -131,6 +157,7 @@ impl<SM: StateMachine> Node<SM> {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        purge_behind_snapshot(&raft, &shared, &log, config.raft.logs_to_keep_after_snapshot).await?;
         tracing::info!(id = config.id, data_dir = %config.data_dir.display(), "node started");
         Ok(Self {
             id: config.id,
