@@ -7,7 +7,6 @@ use std::io::Read;
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
-use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -66,19 +65,23 @@ impl Drop for Kill {
 #[test]
 fn no_flags_is_a_single_node_cluster_that_restarts_with_its_data() {
     let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("keeld.log");
     let start = || {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open log");
         Command::new(KEELD)
             .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out.try_clone().expect("clone log handle"))
+            .stderr(out)
             .spawn()
             .expect("spawn keeld")
     };
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     let addr = "127.0.0.1:2379";
     let mut node = Kill(start());
     wait_ready(addr, &mut node.0);
     assert_eq!(Some(200), http(addr, "PUT", "/v1/kv/k", "v1").map(|r| r.0));
-    assert!(terminate(&mut node.0).success(), "SIGTERM stops keeld cleanly (exit 0)");
+    let status = terminate(&mut node.0);
+    assert!(status.success(), "SIGTERM stops keeld cleanly (exit 0), not {status}:\n{}", logged());
     assert!(dir.path().join("keel-data").is_dir(), "data lives in ./keel-data");
 
     let mut node = Kill(start());
@@ -86,7 +89,8 @@ fn no_flags_is_a_single_node_cluster_that_restarts_with_its_data() {
     let (status, body) = http(addr, "GET", "/v1/kv/k", "").expect("answer");
     assert_eq!(200, status, "{body}");
     assert!(body.contains("\"value\":\"v1\""), "the write survived the restart: {body}");
-    assert!(terminate(&mut node.0).success());
+    let status = terminate(&mut node.0);
+    assert!(status.success(), "the restarted keeld stops cleanly too, not {status}:\n{}", logged());
 }
 
 #[test]
