@@ -90,19 +90,23 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
     Ok(c)
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (the default action would kill keeld mid-start) and
+/// returns what completes when one arrives. Must be called inside the runtime.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::signal;
     use tokio::signal::unix::SignalKind;
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot install signal handlers; stop keeld with SIGKILL");
-        return std::future::pending().await;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!("{name} received");
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop keeld with SIGKILL");
+            return std::future::pending().await;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received");
+    }
 }
 
 fn main() -> ExitCode {
@@ -128,7 +132,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(keel_kv::server::run(config, shutdown_signal())) {
+    match runtime.block_on(async { keel_kv::server::run(config, shutdown_signal()).await }) {
         Ok(()) => {
             tracing::info!("stopped cleanly");
             ExitCode::SUCCESS
