@@ -51,6 +51,41 @@ async fn join_assigns_an_id_promotes_and_leave_removes() {
     c.shutdown().await;
 }
 
+/// A node that must receive more in log entries than one AppendEntries call can carry within the
+/// heartbeat interval (here 120 values of 256 KiB, 30 MiB; openraft would send them in one call)
+/// gets them in 1 MiB calls and catches up; it used to time out and retry the same call forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joiner_catches_up_on_large_entries() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader();
+    for i in 0..120u32 {
+        let put = keel_kv::store::KvCommand::Put(keel_kv::store::Put {
+            key: format!("big/{i:04}").into_bytes(),
+            value: vec![i as u8; 256 * 1024],
+            ..Default::default()
+        });
+        c.servers[&leader].api.node.propose(put).await.expect("write");
+    }
+    let via = c.servers[&c.follower()].client_addr.to_string();
+    let mut config = support::config(0, c.dir.path(), support::free_port(), support::free_port(), "");
+    config.data_dir = c.dir.path().join("joiner");
+    config.join = via;
+    let joiner = Server::start(config).await.expect("join");
+    let id = joiner.node().id();
+    let leader_applied = c.servers[&leader].node().metrics().last_applied.expect("applied");
+    joiner.node().wait_applied(leader_applied.index, WAIT).await.expect("the joiner catches up");
+    let r = keel_kv::store::Range {
+        key: b"big/".to_vec(),
+        range_end: keel_kv::store::prefix_range_end(b"big/"),
+        ..Default::default()
+    };
+    let (_, got) = joiner.api.range(&r, true).await.expect("serializable read on the joiner");
+    assert_eq!(120, got.count, "node {id} holds every large value");
+    assert!(got.kvs.iter().enumerate().all(|(i, kv)| kv.value == vec![i as u8; 256 * 1024]));
+    joiner.shutdown().await.expect("stop");
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_removed_node_stops_and_refuses_to_restart_on_its_data() {
     let mut c = Cluster::start(3, |_| {}).await;

@@ -83,6 +83,17 @@ pub mod proto {
 /// exceed tonic's 4 MiB default).
 pub const MAX_MESSAGE_BYTES: usize = codec::MAX_VALUE_BYTES;
 
+/// The most bytes of commands one AppendEntries call carries (etcd's `MaxSizePerMsg` is 1 MiB).
+/// openraft hands over up to `max_payload_entries` entries at once and gives the call its
+/// heartbeat interval: 300 commands of 1 MiB could never arrive in time, and a follower behind by
+/// that much would retry forever. A larger batch is cut after this many bytes (always at least one
+/// entry) and reported as a partial success; openraft sends the rest next.
+pub const MAX_APPEND_BYTES: usize = 1 << 20;
+
+/// Time added to an AppendEntries call's deadline per byte of commands, for one large entry on
+/// a slow link: 1 ms per 16 KiB (16 MiB/s).
+const APPEND_BYTES_PER_MS: usize = 16 << 10;
+
 /// How long a connection attempt to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -454,10 +465,22 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<KeelTypes>,
+        mut rpc: AppendEntriesRequest<KeelTypes>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<KeelTypes>, RPCError<KeelTypes>> {
-        self.call(Method::AppendEntries, &rpc, &option).await
+        let (keep, bytes) = entries_within(&rpc.entries, MAX_APPEND_BYTES);
+        let option =
+            RPCOption::new(option.hard_ttl() + Duration::from_millis((bytes / APPEND_BYTES_PER_MS) as u64));
+        if keep == rpc.entries.len() {
+            return self.call(Method::AppendEntries, &rpc, &option).await;
+        }
+        rpc.entries.truncate(keep);
+        let last = rpc.entries.last().map(|e| e.log_id);
+        let reply: AppendEntriesResponse<KeelTypes> = self.call(Method::AppendEntries, &rpc, &option).await?;
+        Ok(match reply {
+            AppendEntriesResponse::Success => AppendEntriesResponse::PartialSuccess(last),
+            other => other,
+        })
     }
 
     async fn vote(
@@ -553,4 +576,22 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
     ) -> Result<TransferLeaderResponse<KeelTypes>, RPCError<KeelTypes>> {
         self.call(Method::TransferLeader, &req, &option).await
     }
+}
+
+/// How many of `entries`, from the first, fit in `budget` bytes of commands (at least one), and
+/// their size.
+fn entries_within(entries: &[crate::types::Entry], budget: usize) -> (usize, usize) {
+    let mut bytes = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let size = match &e.payload {
+            openraft::EntryPayload::Normal(cmd) => cmd.0.len(),
+            openraft::EntryPayload::Membership(m) => 64 * m.nodes().count(),
+            openraft::EntryPayload::Blank => 0,
+        } + 32;
+        if i > 0 && bytes + size > budget {
+            return (i, bytes);
+        }
+        bytes += size;
+    }
+    (entries.len(), bytes)
 }
