@@ -111,8 +111,10 @@ impl Default for RaftConfig {
             heartbeat_interval_ms: 100,
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 1000,
-            snapshot_every: 10_000,
-            logs_to_keep_after_snapshot: 1_000,
+            // etcd's defaults (--snapshot-count, and the entries it keeps for catching up): at
+            // 10k, snapshots of a 100k-key store every few seconds under load tripled put p99.
+            snapshot_every: 100_000,
+            logs_to_keep_after_snapshot: 5_000,
             max_payload_entries: 512,
             read_policy: ReadPolicy::ReadIndex,
             pre_vote: true,
