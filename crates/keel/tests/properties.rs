@@ -1075,13 +1075,22 @@ proptest! {
     }
 }
 
+/// Drops `log` and waits until the WAL is closed: the last handle may be dropped by the log's own
+/// committer thread a moment later, and until then the directory stays locked.
+async fn close(log: LogStore, closed: tokio::sync::oneshot::Receiver<()>) -> Result<(), TestCaseError> {
+    drop(log);
+    // The sender is dropped, never used: the receiver completing (with `RecvError`) is the signal.
+    let _ = closed.await;
+    Ok(())
+}
+
 async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().or_fail("temp dir")?;
     let config = LogConfig::default();
     let vote = Vote::new_committed(1, 1);
     let mut written = Vec::new();
     {
-        let mut log = LogStore::open(dir.path(), &config).or_fail("open log")?;
+        let (mut log, closed) = LogStore::open_with_close_signal(dir.path(), &config).or_fail("open log")?;
         log.save_vote(&vote).await.or_fail("save vote")?;
         for batch in batches {
             let first = written.len() as u64;
@@ -1099,6 +1108,7 @@ async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<
         prop_assert_eq!(v, Some(vote));
         prop_assert_eq!(c, Some(lid(written.len() as u64 - 1)));
         prop_assert_eq!(e.len(), written.len());
+        close(log, closed).await?;
     }
 
     let files = wal_files(dir.path());
@@ -1112,8 +1122,8 @@ async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<
     // A short tail is what a crash leaves: the contract is that it is cut off, not an error. (So
     // should a zero-filled one be, but see `log_with_zero_filled_torn_record_opens`.)
     let torn = matches!(damage, Damage::Truncate { .. });
-    let mut log = match LogStore::open(dir.path(), &config) {
-        Ok(log) => log,
+    let (mut log, closed) = match LogStore::open_with_close_signal(dir.path(), &config) {
+        Ok(opened) => opened,
         // A torn tail is what a crash leaves: the contract is that it is cut off, not an error.
         Err(e) if torn => {
             return Err(TestCaseError::fail(format!("torn log ({damage:?}) does not open: {e}")))
@@ -1137,7 +1147,7 @@ async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<
     let next = got.len() as u64;
     let extra = Entry::new(log_id::<KeelTypes>(2, 1, next), EntryPayload::Normal(Command(b"after".to_vec())));
     append_and_wait(&mut log, vec![extra.clone()]).await.or_fail("append after reopen")?;
-    drop(log);
+    close(log, closed).await?;
     let mut log = LogStore::open(dir.path(), &config).or_fail("reopen after append")?;
     let (_, _, again) = read_back(&mut log).await.or_fail("read back after append")?;
     prop_assert_eq!(again.len(), got.len() + 1, "entries after append and reopen");
@@ -1157,12 +1167,14 @@ fn log_with_zero_filled_torn_record_is_refused_with_offset() {
     let config = LogConfig::default();
     let vote = Vote::new_committed(1, 1);
     let (after_vote, after_entry) = current_thread_runtime().block_on(async {
-        let mut log = LogStore::open(dir.path(), &config).expect("open");
+        let (mut log, closed) = LogStore::open_with_close_signal(dir.path(), &config).expect("open");
         log.save_vote(&vote).await.expect("save vote");
         let after_vote = std::fs::metadata(&wal_files(dir.path())[0]).expect("stat").len();
         let entry = Entry::new(lid(0), EntryPayload::Normal(Command(vec![7; 15])));
         append_and_wait(&mut log, vec![entry]).await.expect("append");
-        (after_vote, std::fs::metadata(&wal_files(dir.path())[0]).expect("stat").len())
+        let after_entry = std::fs::metadata(&wal_files(dir.path())[0]).expect("stat").len();
+        close(log, closed).await.expect("close the log");
+        (after_vote, after_entry)
     });
     let chunk = &wal_files(dir.path())[0];
     let mut bytes = std::fs::read(chunk).expect("read chunk");
