@@ -355,11 +355,12 @@ pub const WRITE_GIVE_UP: Duration = Duration::from_secs(30);
 pub struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
-    writers: Vec<JoinHandle<WriterReport>>,
+    writers: Vec<JoinHandle<LoadReport>>,
 }
 
+/// What writers did: each writer's own, and all of them merged by [`Load::stop`].
 #[derive(Default)]
-pub struct WriterReport {
+pub struct LoadReport {
     /// key → value of every acknowledged write.
     pub acked: BTreeMap<String, String>,
     /// Writes that failed on every retry for `WRITE_GIVE_UP`: what the last attempt answered.
@@ -369,14 +370,6 @@ pub struct WriterReport {
     /// Failed attempts that a retry then covered.
     pub retried: u64,
     /// The longest time one write took to be acknowledged, retries included.
-    pub longest: Duration,
-}
-
-pub struct LoadReport {
-    pub acked: BTreeMap<String, String>,
-    pub gave_up: Vec<String>,
-    pub refused: Vec<String>,
-    pub retried: u64,
     pub longest: Duration,
 }
 
@@ -419,13 +412,7 @@ impl Load {
     /// its current attempt.
     pub fn stop(self) -> LoadReport {
         self.stop.store(true, Ordering::Relaxed);
-        let mut report = LoadReport {
-            acked: BTreeMap::new(),
-            gave_up: vec![],
-            refused: vec![],
-            retried: 0,
-            longest: Duration::ZERO,
-        };
+        let mut report = LoadReport::default();
         for w in self.writers {
             let r = w.join().expect("a writer panicked");
             report.acked.extend(r.acked);
@@ -444,8 +431,8 @@ fn write_loop(
     endpoints: &[String],
     stop: &AtomicBool,
     acked: &AtomicU64,
-) -> WriterReport {
-    let mut report = WriterReport::default();
+) -> LoadReport {
+    let mut report = LoadReport::default();
     let mut at = w % endpoints.len();
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
