@@ -304,9 +304,10 @@ impl RaftLogStorage<KeelTypes> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         if let Some(committed) = committed {
             let mut w = self.lock();
+            // Buffered only: it reaches disk with the next synced write (an append's group
+            // flush). Writing it out on its own would cost a hand-off to the flush thread and a
+            // write(2) per commit, for a record that is allowed to be lost.
             w.log.commit(WalLogId(committed))?;
-            // No fsync of its own: it reaches disk with the next synced write.
-            w.log.flush(false, None)?;
         }
         Ok(())
     }
