@@ -271,6 +271,10 @@ impl KvApi {
     /// Reads a range: linearizable unless `serializable`. Answers the revision the read saw.
     pub async fn range(&self, r: &Range, serializable: bool) -> Result<(i64, RangeResult), ApiError> {
         self.check_key(&r.key)?;
+        // Planted bug (debug builds, KEEL_FAULT_INJECTION=stale-reads): every read is served as a
+        // serializable one, from whatever this node has applied.
+        #[cfg(debug_assertions)]
+        let serializable = serializable || self.node.config().faults.stale_reads;
         if !serializable {
             self.node.linearize().await?;
         }

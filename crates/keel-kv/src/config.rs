@@ -8,6 +8,7 @@ use keel::config::ConfigError;
 use keel::config::LogConfig;
 use keel::config::RaftConfig;
 use keel::config::StateMachineConfig;
+use keel::faults::Faults;
 use keel::NodeId;
 use serde::Deserialize;
 use serde::Serialize;
@@ -64,6 +65,10 @@ pub struct KeeldConfig {
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
+    /// Planted bugs for fault tests (debug builds only): never from TOML or flags; `keeld` sets
+    /// them from `KEEL_FAULT_INJECTION` (see [`keel::faults`]).
+    #[serde(skip)]
+    pub faults: Faults,
 }
 
 impl Default for KeeldConfig {
@@ -84,6 +89,7 @@ impl Default for KeeldConfig {
             raft: node.raft,
             log: node.log,
             state_machine: node.state_machine,
+            faults: node.faults,
         }
     }
 }
@@ -117,6 +123,7 @@ impl KeeldConfig {
             raft: self.raft.clone(),
             log: self.log.clone(),
             state_machine: self.state_machine.clone(),
+            faults: self.faults,
         }
     }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::faults::Faults;
 use crate::types::NodeId;
 
 /// Why a configuration was refused. Each variant names the file or field at fault.
@@ -43,6 +44,10 @@ pub struct Config {
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
+    /// Planted bugs for fault tests (debug builds only). Never read from TOML: a test sets it, or
+    /// `keeld` from `KEEL_FAULT_INJECTION` (see [`crate::faults`]).
+    #[serde(skip)]
+    pub faults: Faults,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -101,6 +106,7 @@ impl Default for Config {
             raft: RaftConfig::default(),
             log: LogConfig::default(),
             state_machine: StateMachineConfig::default(),
+            faults: Faults::default(),
         }
     }
 }

@@ -8,6 +8,8 @@
 //!
 //! - [`types`]: the openraft type configuration and Raft vocabulary (`NodeId`, `LogIndex`, …).
 //! - [`config`]: TOML-loadable, validated node configuration.
+//! - [`faults`]: planted bugs for fault-test negative controls (`KEEL_FAULT_INJECTION`, debug
+//!   builds only).
 //! - [`state_machine`]: the trait users implement.
 //! - [`node`]: `Node<SM>` — start, propose, read, membership, metrics, shutdown.
 //! - [`storage`]: the durable Raft log (raft-log WAL), the state machine adapter (redb), snapshot
@@ -22,6 +24,7 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod forward;
 pub mod inspect;
 pub mod network;

@@ -135,6 +135,21 @@ impl<SM: StateMachine> Node<SM> {
             .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
 
         let (log, log_closed) = LogStore::open_with_close_signal(&data_dir.join("log"), &config.log)?;
+        #[cfg(debug_assertions)]
+        if config.faults.any() {
+            tracing::warn!(
+                id = config.id,
+                faults = %config.faults,
+                "FAULT INJECTION ACTIVE: this node breaks Raft's guarantees on purpose (a fault test's \
+                 negative control); never run it with data you care about"
+            );
+        }
+        #[cfg(debug_assertions)]
+        if config.faults.ack_before_fsync {
+            log.plant_ack_before_fsync(crate::faults::ACK_BEFORE_FSYNC_HOLD).map_err(|source| {
+                crate::storage::log_store::LogOpenError { dir: data_dir.join("log"), source }
+            })?;
+        }
         let (id, sm_config) = (config.id, config.state_machine.clone());
         let mut shared = tokio::task::spawn_blocking(move || SmShared::open(&data_dir, id, &sm_config, sm))
             .await

@@ -124,8 +124,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = match config(flags) {
+    let mut config = match config(flags) {
         Ok(c) => c,
+        Err(e) => {
+            eprintln!("keeld: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Test-only planted bugs (debug builds); a release build refuses the variable outright.
+    config.faults = match keel::faults::Faults::from_env() {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("keeld: {e}");
             return ExitCode::from(2);

@@ -112,6 +112,10 @@ pub struct Procs {
     pub dir: tempfile::TempDir,
     config: PathBuf,
     pub nodes: BTreeMap<u64, Proc>,
+    /// `KEEL_FAULT_INJECTION` for every node spawned from now on (planted bugs, debug builds
+    /// only). `None`: the variable is removed, so a node never inherits it from the test's
+    /// environment.
+    pub fault_injection: Option<String>,
 }
 
 impl Procs {
@@ -149,7 +153,7 @@ impl Procs {
                 (id, node)
             })
             .collect();
-        Procs { dir, config: config_path, nodes }
+        Procs { dir, config: config_path, nodes, fault_injection: None }
     }
 
     pub fn node(&self, id: u64) -> &Proc {
@@ -176,7 +180,12 @@ impl Procs {
         assert!(node.child.is_none(), "node {id} is already running");
         let out = OpenOptions::new().create(true).append(true).open(&node.log).expect("open the node's log");
         let err = out.try_clone().expect("clone the log handle");
-        let child = Command::new(KEELD)
+        let mut keeld = Command::new(KEELD);
+        match &self.fault_injection {
+            Some(faults) => keeld.env("KEEL_FAULT_INJECTION", faults),
+            None => keeld.env_remove("KEEL_FAULT_INJECTION"),
+        };
+        let child = keeld
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")

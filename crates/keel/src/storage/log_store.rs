@@ -14,6 +14,9 @@
 //!   when it is all zeros from its first byte (a file extended before its data landed). A record
 //!   whose head is on disk but whose tail is not what was written (zeros included) fails the open
 //!   with the chunk and offset, like damage anywhere else: Keel never guesses which bytes to drop.
+//!
+//! A debug build can break the `append` contract on purpose, for fault tests' negative controls:
+//! see [`LogStore::plant_ack_before_fsync`].
 
 use std::fmt::Debug;
 use std::io;
@@ -144,6 +147,10 @@ struct Wal {
     waiting: Vec<IOFlushed<KeelTypes>>,
     /// Tells the committer thread a group flush finished.
     group_done: std::sync::mpsc::Sender<()>,
+    /// Set only by [`LogStore::plant_ack_before_fsync`]: appends are acknowledged at once and
+    /// flushed late. `None` keeps the contract.
+    #[cfg(debug_assertions)]
+    late_flush: Option<LateFlush>,
     /// Declared last, so dropped after `log` (whose drop joins the WAL worker and releases the
     /// directory lock): its receiver learns the log is fully closed.
     _closed: tokio::sync::oneshot::Sender<()>,
@@ -190,6 +197,8 @@ impl LogStore {
             group_in_flight: false,
             waiting: Vec::new(),
             group_done,
+            #[cfg(debug_assertions)]
+            late_flush: None,
             _closed: closed_tx,
         }));
         let weak = Arc::downgrade(&wal);
@@ -323,6 +332,12 @@ impl RaftLogStorage<KeelTypes> for LogStore {
     {
         let mut w = self.lock();
         w.log.append(entries.into_iter().map(|e| (WalLogId(e.log_id), WalPayload(e.payload))))?;
+        #[cfg(debug_assertions)]
+        if let Some(late) = &mut w.late_flush {
+            // The planted bug: "durable" while the entries exist only in this process's memory.
+            callback.io_completed(Ok(()));
+            return late.schedule();
+        }
         if w.group_in_flight {
             w.waiting.push(callback);
             return Ok(());
@@ -350,5 +365,71 @@ impl RaftLogStorage<KeelTypes> for LogStore {
         w.log.purge(WalLogId(log_id))?;
         // A sync flush is what lets the WAL delete chunk files the purge made obsolete.
         w.log.flush(true, None)
+    }
+}
+
+/// The `ack-before-fsync` planted bug's flusher: one thread that writes and fsyncs what appends
+/// left in the WAL buffer, `hold` after the first of them.
+#[cfg(debug_assertions)]
+struct LateFlush {
+    /// Wakes the late-flush thread.
+    wake: std::sync::mpsc::Sender<()>,
+    /// Invariant: true from a wake-up until the thread has issued the flush that covers every
+    /// append made before it; so at most one wake-up is ever queued.
+    scheduled: bool,
+}
+
+#[cfg(debug_assertions)]
+impl LateFlush {
+    fn schedule(&mut self) -> io::Result<()> {
+        if self.scheduled {
+            return Ok(());
+        }
+        // The thread stops only when a flush failed: then, as in `run_committer`, the append
+        // fails and openraft halts.
+        self.wake.send(()).map_err(|_| io::Error::other("raft log late-flush thread stopped"))?;
+        self.scheduled = true;
+        Ok(())
+    }
+}
+
+/// Planted bugs for fault tests (debug builds only; see [`crate::faults`]).
+#[cfg(debug_assertions)]
+impl LogStore {
+    /// Breaks the durability contract of `append`, for a fault-testing runner's negative control
+    /// (`KEEL_FAULT_INJECTION=ack-before-fsync`): from now on, `append` calls openraft's flush
+    /// callback with `Ok` at once, while the entries are only in the WAL's user-space buffer, and
+    /// they are written and fsync'ed `hold` later (sooner if a vote, truncation or purge flushes
+    /// first). A `kill -9` within `hold` of an acknowledgement loses the entries. A clean shutdown
+    /// still writes them (closing the WAL flushes its buffer).
+    pub fn plant_ack_before_fsync(&self, hold: Duration) -> io::Result<()> {
+        let (wake, woken) = std::sync::mpsc::channel();
+        let wal = Arc::downgrade(&self.log);
+        std::thread::Builder::new()
+            .name("keel-log-late-flush".into())
+            .spawn(move || Self::run_late_flush(wal, woken, hold))?;
+        self.lock().late_flush = Some(LateFlush { wake, scheduled: false });
+        Ok(())
+    }
+
+    /// Each wake-up: waits `hold` (the point of the planted bug), then flushes the WAL buffer with
+    /// an fsync. Exits when the log is dropped.
+    fn run_late_flush(
+        wal: std::sync::Weak<Mutex<Wal>>,
+        woken: std::sync::mpsc::Receiver<()>,
+        hold: Duration,
+    ) {
+        while woken.recv().is_ok() {
+            std::thread::sleep(hold);
+            let Some(wal) = wal.upgrade() else { return };
+            let mut w = wal.lock().expect("raft log mutex poisoned by an earlier panic");
+            if let Some(late) = &mut w.late_flush {
+                late.scheduled = false;
+            }
+            if let Err(e) = w.log.flush(true, None) {
+                tracing::error!("raft log late flush failed: {e}");
+                return;
+            }
+        }
     }
 }
