@@ -1,0 +1,21 @@
+//! keel-chaos: Jepsen-style fault runs. Real `keeld` processes (or etcd's, to validate the harness
+//! against a known-good system), each in its own network namespace; concurrent clients on a few
+//! keys; a nemesis that kills, pauses, partitions and replaces nodes; then every history is checked
+//! for linearizability by `keel-check`, every acknowledged write looked for in the final state, and
+//! the replicas' states compared.
+//!
+//! # Layout
+//!
+//! - [`net`]: namespaces, veths, the bridge, and iptables cuts between nodes
+//! - [`cluster`]: the processes (keeld or etcd), their status, kill / pause / restart / replace
+//! - [`workload`]: the clients and the history they record
+//! - [`nemesis`]: the faults and the healing
+//! - [`run`](mod@run): one run end to end, with its files (history, final state, faults, report)
+//! - [`suite`]: many runs, the summary, and the negative controls (planted bugs must be caught)
+
+pub mod cluster;
+pub mod nemesis;
+pub mod net;
+pub mod run;
+pub mod suite;
+pub mod workload;

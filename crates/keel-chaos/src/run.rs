@@ -1,0 +1,224 @@
+//! One run: network, cluster, clients and nemesis for a while; then heal, wait for the nodes to
+//! agree, read every key from every node, and check the history.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_check::CheckOptions;
+use keel_check::History;
+use keel_check::KeyValues;
+use keel_check::Report;
+use keel_check::Verdict;
+use rand::rngs::StdRng;
+use rand::Rng as _;
+use rand::SeedableRng as _;
+use tokio::time::Instant;
+
+use crate::cluster::Cluster;
+use crate::cluster::ClusterError;
+use crate::cluster::System;
+use crate::nemesis;
+use crate::nemesis::Nemesis;
+use crate::nemesis::Schedule;
+use crate::net::Net;
+use crate::workload;
+use crate::workload::Recorder;
+use crate::workload::Workload;
+
+/// Everything that defines a run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub system: System,
+    pub nodes: usize,
+    pub nemesis: Nemesis,
+    pub duration: Duration,
+    pub workload: Workload,
+    pub schedule: Schedule,
+    /// The run's files (history, final state, node logs, report) go here.
+    pub dir: PathBuf,
+    /// Keeps concurrent runs' namespaces apart (1..=250).
+    pub net_id: u8,
+    pub check_budget: Duration,
+}
+
+/// What a run found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunResult {
+    pub system: String,
+    pub nemesis: String,
+    pub nodes: usize,
+    pub seed: u64,
+    pub ops: usize,
+    pub ok: usize,
+    pub fail: usize,
+    pub unknown: usize,
+    /// Acknowledged writes missing from the final state, and other final-state findings.
+    pub lost_writes: usize,
+    /// Whether every node agreed on leader, applied index and revision once healed.
+    pub converged: bool,
+    /// Nodes whose state differed from the leader's once healed.
+    pub diverged_nodes: usize,
+    pub verdict: String,
+    pub faults: Vec<String>,
+    pub dir: PathBuf,
+}
+
+impl RunResult {
+    /// True if the run proves a bug: a violation, a lost write, diverged replicas, or a cluster
+    /// that did not converge once every fault was healed.
+    pub fn failed(&self) -> bool {
+        self.verdict == Verdict::NotLinearizable.to_string()
+            || self.lost_writes > 0
+            || self.diverged_nodes > 0
+            || !self.converged
+    }
+}
+
+impl std::fmt::Display for RunResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} ops ({} ok, {} fail, {} unknown), lost writes {}, diverged nodes {}{}",
+            self.verdict,
+            self.ops,
+            self.ok,
+            self.fail,
+            self.unknown,
+            self.lost_writes,
+            self.diverged_nodes,
+            if self.converged { "" } else { ", NOT CONVERGED" }
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("final read: {0}")]
+    FinalRead(String),
+    #[error("checker: {0}")]
+    Check(String),
+}
+
+/// Runs `spec` and checks its history. The report, history and final state are written to
+/// `spec.dir`; `log` gets progress lines.
+pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunResult, Report), RunError> {
+    std::fs::create_dir_all(&spec.dir)
+        .map_err(|source| RunError::Io { what: format!("create {}", spec.dir.display()), source })?;
+    let net = Net::create(spec.net_id, spec.nodes).map_err(ClusterError::from)?;
+    let mut cluster = Cluster::start(spec.system.clone(), net, &spec.dir).await?;
+    let endpoints: Vec<String> = (1..=spec.nodes).map(|i| cluster.client_addr(i)).collect();
+    let _ = writeln!(
+        log,
+        "run {} on {} nodes of {}, nemesis {}, {:?}, seed {}, files in {}",
+        spec.dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        spec.nodes,
+        spec.system.name(),
+        spec.nemesis.name(),
+        spec.duration,
+        spec.workload.seed,
+        spec.dir.display()
+    );
+
+    let epoch = Instant::now();
+    let recorder = Arc::new(Recorder::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let clients = tokio::spawn(workload::run(
+        spec.workload.clone(),
+        endpoints.clone(),
+        epoch,
+        stop_rx,
+        recorder.clone(),
+    ));
+
+    let mut rng = StdRng::seed_from_u64(spec.workload.seed);
+    let mut faults = Vec::new();
+    let end = epoch + spec.duration;
+    let event = |faults: &mut Vec<String>, log: &mut dyn std::io::Write, what: String| {
+        let line = format!("{:>7.3}s {what}", epoch.elapsed().as_secs_f64());
+        let _ = writeln!(log, "  {line}");
+        faults.push(line);
+    };
+    while spec.nemesis != Nemesis::None && Instant::now() + spec.schedule.quiet < end {
+        tokio::time::sleep(spec.schedule.quiet).await;
+        let what = match nemesis::inject(spec.nemesis, &mut cluster, &mut rng).await {
+            Ok(w) => w,
+            Err(e) => format!("fault not injected: {e}"),
+        };
+        event(&mut faults, log, what);
+        let hold = rng.gen_range(spec.schedule.fault_min..=spec.schedule.fault_max);
+        tokio::time::sleep(hold.min(end.saturating_duration_since(Instant::now()))).await;
+        let what = nemesis::heal(&mut cluster)?;
+        event(&mut faults, log, what);
+    }
+    tokio::time::sleep_until(end).await;
+    let _ = stop_tx.send(true);
+    let _ = clients.await;
+    let what = nemesis::heal(&mut cluster)?;
+    event(&mut faults, log, format!("end of load; {what}"));
+
+    // Everything healed: the nodes must agree and hold the same data.
+    // A cluster that does not converge once healed is a finding (a replica stuck behind, or a
+    // lost leader), not a harness failure: the run goes on to compare states and check history.
+    let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
+    let converged = match cluster.wait_converged(Duration::from_secs(60)).await {
+        Ok(()) => true,
+        Err(e) => {
+            let _ = writeln!(log, "  NOT CONVERGED: {e}");
+            false
+        }
+    };
+    let mut states = Vec::new();
+    for addr in &endpoints {
+        states.push(workload::read_all_local(addr, spec.workload.keys).await.map_err(RunError::FinalRead)?);
+    }
+    // The leader's state is the final state the history is checked against; the others must equal it.
+    let reference = states[leader - 1].clone();
+    let diverged_nodes = states.iter().filter(|s| **s != reference).count();
+    if diverged_nodes > 0 {
+        for (i, s) in states.iter().enumerate() {
+            let _ = writeln!(log, "  node {} state: {s:?}", i + 1);
+        }
+    }
+    let final_state: KeyValues = reference.into_iter().collect::<BTreeMap<_, _>>();
+    drop(cluster);
+
+    let history = History { initial: KeyValues::new(), ops: recorder.take() };
+    let write = |name: &str, f: &dyn Fn(&mut std::fs::File) -> std::io::Result<()>| {
+        let path = spec.dir.join(name);
+        std::fs::File::create(&path)
+            .and_then(|mut file| f(&mut file))
+            .map_err(|source| RunError::Io { what: format!("write {}", path.display()), source })
+    };
+    write("history.jsonl", &|f| history.write_to(f).map_err(std::io::Error::other))?;
+    write("final.json", &|f| serde_json::to_writer_pretty(f, &final_state).map_err(std::io::Error::other))?;
+    write("faults.txt", &|f| f.write_all(faults.join("\n").as_bytes()))?;
+
+    let report =
+        keel_check::check(&history, Some(&final_state), &CheckOptions::with_budget(spec.check_budget))
+            .map_err(|e| RunError::Check(e.to_string()))?;
+    write("report.json", &|f| serde_json::to_writer_pretty(f, &report).map_err(std::io::Error::other))?;
+    let result = RunResult {
+        system: spec.system.name().to_string(),
+        nemesis: spec.nemesis.name(),
+        nodes: spec.nodes,
+        seed: spec.workload.seed,
+        ops: report.summary.ops,
+        ok: report.summary.ok,
+        fail: report.summary.fail,
+        unknown: report.summary.unknown,
+        lost_writes: report.final_state.as_ref().map_or(0, Vec::len),
+        converged,
+        diverged_nodes,
+        verdict: report.verdict.to_string(),
+        faults,
+        dir: spec.dir.clone(),
+    };
+    Ok((result, report))
+}
