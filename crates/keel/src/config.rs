@@ -140,8 +140,8 @@ impl Default for StateMachineConfig {
         Self {
             verify_on_start: true,
             cache_bytes: 256 << 20,
-            sync_every_entries: 10_000,
-            sync_interval_ms: 100,
+            sync_every_entries: 100_000,
+            sync_interval_ms: 5_000,
         }
     }
 }
