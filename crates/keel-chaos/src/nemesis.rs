@@ -142,10 +142,7 @@ pub async fn inject(n: Nemesis, cluster: &mut Cluster, rng: &mut StdRng) -> Resu
         Nemesis::PartitionHalves => {
             let mut shuffled = all.clone();
             shuffled.shuffle(rng);
-            let (minority, majority) = shuffled.split_at(nodes / 2);
-            let (mut a, mut b) = (minority.to_vec(), majority.to_vec());
-            a.sort();
-            b.sort();
+            let (a, b) = split_sorted(&shuffled, nodes / 2);
             cluster.net.partition(&a, &b)?;
             format!("partition minority {a:?} | majority {b:?}")
         }
@@ -154,10 +151,7 @@ pub async fn inject(n: Nemesis, cluster: &mut Cluster, rng: &mut StdRng) -> Resu
             shuffled.shuffle(rng);
             let bridge = shuffled[0];
             let rest = &shuffled[1..];
-            let (a, b) = rest.split_at(rest.len() / 2);
-            let (mut a, mut b) = (a.to_vec(), b.to_vec());
-            a.sort();
-            b.sort();
+            let (a, b) = split_sorted(rest, rest.len() / 2);
             cluster.net.partition(&a, &b)?;
             format!("bridge: {a:?} | {b:?}, node {bridge} reaches both")
         }
@@ -187,6 +181,14 @@ pub async fn inject(n: Nemesis, cluster: &mut Cluster, rng: &mut StdRng) -> Resu
         cluster.mark(i, &format!("fault: {what}"));
     }
     Ok(what)
+}
+
+/// `nodes[..at]` and `nodes[at..]`, each sorted (for readable fault descriptions).
+fn split_sorted(nodes: &[usize], at: usize) -> (Vec<usize>, Vec<usize>) {
+    let (mut a, mut b) = (nodes[..at].to_vec(), nodes[at..].to_vec());
+    a.sort();
+    b.sort();
+    (a, b)
 }
 
 /// Undoes every fault: links restored, paused nodes resumed, killed nodes restarted.

@@ -15,13 +15,7 @@ fn stale_read_after_an_acknowledged_write() {
     // "a" is written once and the read still needs it: the search will not let "b" bury it.
     assert_eq!(v.linearized.len(), 1, "{v}");
     assert_eq!(v.register.as_deref(), Some("a"));
-    assert!(
-        v.stuck.iter().any(|s| matches!(
-            &s.why,
-            StuckReason::WouldHide { value, needed_by: keel_check::KeyOp::History { index: 2, .. } } if value == "a"
-        )),
-        "{v}"
-    );
+    assert_stuck_hiding_a_for_op_2(v);
 }
 
 #[test]
@@ -147,13 +141,7 @@ fn cas_succeeded_though_its_expect_was_not_current() {
     let report = assert_caught(&h, None, &[Found::Wgl]);
     let v = report.linearizability.violation.as_ref().expect("a violation report");
     // The search stops as soon as "b" would bury the "a" the cas still needs.
-    assert!(
-        v.stuck.iter().any(|s| matches!(
-            &s.why,
-            StuckReason::WouldHide { value, needed_by: keel_check::KeyOp::History { index: 2, .. } } if value == "a"
-        )),
-        "{v}"
-    );
+    assert_stuck_hiding_a_for_op_2(v);
 }
 
 #[test]
@@ -301,4 +289,15 @@ fn the_violation_report_reads_well() {
     }
     // Relative times: the read is shown at 40..50.
     assert!(text.contains("40 ..       50]"), "{text}");
+}
+
+/// The search gave up because placing the next write would bury "a", which op #2 still has to see.
+fn assert_stuck_hiding_a_for_op_2(v: &keel_check::Violation) {
+    assert!(
+        v.stuck.iter().any(|s| matches!(
+            &s.why,
+            StuckReason::WouldHide { value, needed_by: keel_check::KeyOp::History { index: 2, .. } } if value == "a"
+        )),
+        "{v}"
+    );
 }
