@@ -236,6 +236,14 @@ impl Config {
             max_in_snapshot_log_to_keep: r.logs_to_keep_after_snapshot,
             max_payload_entries: r.max_payload_entries,
             enable_pre_vote: Some(r.pre_vote),
+            // A restarted leader stands for election like any node instead of resuming its term.
+            // Resuming is unsafe here (openraft says so for a state machine that is not fsync'ed
+            // per apply and a commit index saved lazily, both true of Keel), and it breaks Raft
+            // even with a perfect state machine: a leader killed before its own fsync loses log
+            // entries its followers already hold, then reuses their (term, index) for new entries,
+            // and the replicas diverge. Found by keel-chaos kill-all: stale reads right after a
+            // restart, and two replicas at the same applied index with different revisions.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         config.validate().map_err(|e| ConfigError::Invalid { field: "raft", reason: e.to_string() })
