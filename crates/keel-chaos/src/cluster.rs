@@ -245,12 +245,15 @@ impl Cluster {
         }
     }
 
-    /// Restarts node `i` on its data dir if it is not running; resumes it if paused.
+    /// Restarts node `i` on its data dir if it is not running; resumes it if paused. A member that
+    /// joined (not a founder) restarts with `--join` again: ignored once its data dir holds the
+    /// cluster, and it finishes joining if it was killed before that.
     pub fn revive(&mut self, i: usize) -> Result<(), ClusterError> {
         self.resume(i);
         if !self.is_running(i) {
             self.slots[i - 1].child = None;
-            self.spawn(i, None)?;
+            let join = (self.slots[i - 1].generation > 0).then(|| self.client_addr(1 + i % self.nodes()));
+            self.spawn(i, join)?;
         }
         Ok(())
     }
