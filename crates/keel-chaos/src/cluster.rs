@@ -1,7 +1,6 @@
 //! The system under test: real `keeld` (or etcd) processes, one per network namespace, and what
 //! the nemesis does to them (SIGKILL, SIGSTOP/SIGCONT, restart, replace a member).
 
-use std::fs::File;
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::path::PathBuf;
@@ -375,15 +374,10 @@ impl Cluster {
         Ok(format!("member {old} removed, member {new} joined in slot {i}"))
     }
 
-    /// The log file of node `i`.
-    pub fn log_file(&self, i: usize) -> PathBuf {
-        self.log_path(i)
-    }
-
-    /// Opens node `i`'s log for appending a marker line (nemesis events), best effort.
+    /// Appends a marker line (a nemesis event) to node `i`'s log, best effort.
     pub fn mark(&self, i: usize, line: &str) {
         use std::io::Write as _;
-        if let Ok(mut f) = OpenOptions::new().append(true).open(self.log_path(i)).map(|f: File| f) {
+        if let Ok(mut f) = OpenOptions::new().append(true).open(self.log_path(i)) {
             let _ = writeln!(f, "=== keel-chaos: {line}");
         }
     }

@@ -61,7 +61,7 @@ pub struct RunResult {
     pub converged: bool,
     /// Nodes whose state differed from the leader's once healed.
     pub diverged_nodes: usize,
-    pub verdict: String,
+    pub verdict: Verdict,
     pub faults: Vec<String>,
     pub dir: PathBuf,
 }
@@ -70,7 +70,7 @@ impl RunResult {
     /// True if the run proves a bug: a violation, a lost write, diverged replicas, or a cluster
     /// that did not converge once every fault was healed.
     pub fn failed(&self) -> bool {
-        self.verdict == Verdict::NotLinearizable.to_string()
+        self.verdict == Verdict::NotLinearizable
             || self.lost_writes > 0
             || self.diverged_nodes > 0
             || !self.converged
@@ -216,7 +216,7 @@ pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunRes
         lost_writes: report.final_state.as_ref().map_or(0, Vec::len),
         converged,
         diverged_nodes,
-        verdict: report.verdict.to_string(),
+        verdict: report.verdict,
         faults,
         dir: spec.dir.clone(),
     };

@@ -64,10 +64,10 @@ impl Summary {
         self.runs += 1;
         self.operations += r.ops;
         self.unknown += r.unknown;
-        self.violations += usize::from(r.verdict == keel_check::Verdict::NotLinearizable.to_string());
+        self.violations += usize::from(r.verdict == keel_check::Verdict::NotLinearizable);
         self.lost_writes += r.lost_writes;
         self.diverged_runs += usize::from(r.diverged_nodes > 0 || !r.converged);
-        self.undecided += usize::from(r.verdict == keel_check::Verdict::Unknown.to_string());
+        self.undecided += usize::from(r.verdict == keel_check::Verdict::Unknown);
         if r.failed() {
             self.failed_runs.push(r.dir.clone());
         }
