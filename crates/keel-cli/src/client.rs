@@ -852,10 +852,7 @@ mod tests {
     /// which a write moves on; any other transport error stops it.
     #[tokio::test]
     async fn connect_errors_are_told_apart_from_errors_after_sending() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind port 0")
-            .port();
+        let port = keel_testkit::free_port();
         let client = Client::new(Vec::new(), Duration::from_secs(5));
         let ep = Endpoint::parse(&format!("127.0.0.1:{port}")).expect("valid endpoint");
         let put = ApiRequest::put_bytes("/v1/kv/k".into(), b"v".to_vec());

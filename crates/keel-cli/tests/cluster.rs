@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keel_testkit::free_ports;
 use serde_json::{json, Value};
 
 /// How long a node may take to become ready, or a cluster change to show.
@@ -34,13 +35,6 @@ fn wait_until<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T 
             Err(_) => std::thread::sleep(POLL),
         }
     }
-}
-
-/// `n` distinct loopback ports that were free a moment ago: all bound at once, then released.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind port 0")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("bound address").port()).collect()
 }
 
 /// A `GET` over plain HTTP/1.0: the status code and the body.

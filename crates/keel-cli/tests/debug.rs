@@ -9,6 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 use std::time::Instant;
 
+use keel_testkit::free_port;
+
 fn keel() -> &'static str {
     env!("CARGO_BIN_EXE_keel")
 }
@@ -17,10 +19,6 @@ fn keeld() -> std::path::PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_keel")).with_file_name("keeld");
     assert!(p.exists(), "{} is missing: build it with `cargo build -p keel-kv`", p.display());
     p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn http(addr: &str, method: &str, path: &str, body: &str) -> Option<u16> {

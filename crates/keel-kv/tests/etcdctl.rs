@@ -9,7 +9,6 @@ use std::fs::File;
 use std::io::Read;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::net::TcpListener;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Child;
@@ -26,10 +25,9 @@ use keel_kv::etcd::SERVER_VERSION;
 const DEADLINE: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
 
-/// A loopback address on a port that was free a moment ago (bound, read, released).
+/// A loopback address on a port reserved for this test process ([`keel_testkit::free_port`]).
 fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr")
+    SocketAddr::from(([127, 0, 0, 1], keel_testkit::free_port()))
 }
 
 /// Polls `check` until it answers `Ok`, or fails the test with its last answer after `DEADLINE`.
@@ -69,7 +67,8 @@ struct Keeld {
 }
 
 /// A keeld exited because another process took one of the ports picked for it before it bound
-/// them (a port released by `free_addr` is free for anyone): start it again on other ports.
+/// them (`free_addr` keeps them from Keel's tests, not from anything else): start it again on
+/// other ports.
 #[derive(Debug)]
 struct PortTaken(String);
 

@@ -11,7 +11,6 @@ use std::fs::File;
 use std::fs::OpenOptions;
 use std::io::Read as _;
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Child;
@@ -48,13 +47,6 @@ pub fn wait_until<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> 
             Err(_) => std::thread::sleep(POLL),
         }
     }
-}
-
-/// `n` distinct loopback ports that were free a moment ago: all bound at once, then released.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind port 0")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("bound address").port()).collect()
 }
 
 /// One HTTP/1.0 exchange: (status, body). `Err` when nothing answered in `timeout`.
@@ -139,7 +131,7 @@ impl Procs {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("keeld.toml");
         std::fs::write(&config_path, config).expect("write the config");
-        let ports = free_ports(2 * total as usize);
+        let ports = keel_testkit::free_ports(2 * total as usize);
         let nodes = (1..=total)
             .zip(ports.chunks(2))
             .map(|(id, p)| {

@@ -12,11 +12,7 @@ use keel_kv::server::Server;
 /// How long a test waits for a condition before it fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// A free loopback port (bound, read, released: the OS does not hand it out again at once).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
+pub use keel_testkit::free_port;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
