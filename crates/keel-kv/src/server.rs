@@ -124,7 +124,8 @@ impl Server {
         }
 
         let node_config = config.node_config();
-        let network = GrpcNetwork::new(node_config.cluster_name.clone(), node_config.id);
+        let network = GrpcNetwork::new(node_config.cluster_name.clone(), node_config.id)
+            .with_append_timeout(Duration::from_millis(node_config.raft.election_timeout_max_ms));
         let node = Arc::new(Node::start(node_config, KvStore, network).await?);
 
         let (stop_peer, peer_stopped) = oneshot::channel::<()>();

@@ -305,10 +305,12 @@ async fn bad_or_dead_addresses_are_unreachable() {
     assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
 }
 
-/// A fake node that records the snapshot chunks it receives and is otherwise stopped.
+/// A fake node that records the snapshot chunks it receives; with an `append_delay`, it accepts
+/// every AppendEntries that long after it arrived (a slow link); otherwise it is stopped.
 #[derive(Default)]
 struct SnapshotSink {
     chunks: std::sync::Mutex<Vec<usize>>,
+    append_delay: Option<std::time::Duration>,
 }
 
 impl keel::network::RaftService for SnapshotSink {
@@ -319,7 +321,16 @@ impl keel::network::RaftService for SnapshotSink {
         '_,
         Result<openraft::raft::AppendEntriesResponse<keel::types::KeelTypes>, keel::network::ServiceError>,
     > {
-        Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
+        let delay = self.append_delay;
+        Box::pin(async move {
+            match delay {
+                Some(d) => {
+                    tokio::time::sleep(d).await;
+                    Ok(openraft::raft::AppendEntriesResponse::Success)
+                }
+                None => Err(keel::network::ServiceError::Stopped("fake node".into())),
+            }
+        })
     }
 
     fn forward(
@@ -377,6 +388,57 @@ impl keel::network::RaftService for SnapshotSink {
     > {
         Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
     }
+}
+
+/// On a link whose round trip is longer than the deadline openraft gives an AppendEntries (its
+/// heartbeat interval), entries are still delivered and acknowledged: the call is given the
+/// append timeout. Without that, nothing could commit over such a link. A heartbeat keeps the
+/// short deadline.
+#[tokio::test]
+async fn entries_are_acknowledged_over_a_link_slower_than_the_heartbeat() {
+    use keel::openraft::errors::RPCError;
+    use keel::openraft::network::v2::RaftNetworkV2;
+    use keel::openraft::network::RPCOption;
+    use keel::openraft::network::RaftNetworkFactory;
+    use keel::openraft::raft::AppendEntriesRequest;
+    use keel::types::Entry;
+    use keel::types::EntryPayload;
+    use std::time::Duration;
+
+    let slow = std::sync::Arc::new(SnapshotSink {
+        append_delay: Some(Duration::from_millis(300)),
+        ..SnapshotSink::default()
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(grpc::serve(listener, PeerServer::new(CLUSTER, 2, slow), async {
+        let _ = stopped.await;
+    }));
+
+    let mut network = GrpcNetwork::new(CLUSTER, 1).with_append_timeout(Duration::from_secs(5));
+    let mut conn = network.new_client(2, &NodeInfo::new(addr.to_string(), "")).await;
+    let heartbeat_interval = RPCOption::new(Duration::from_millis(100));
+    let vote = keel::types::Vote::new(1, 1);
+    let entry = Entry {
+        log_id: openraft::testing::log_id::<keel::types::KeelTypes>(1, 1, 1),
+        payload: EntryPayload::Blank,
+    };
+    let with_entries = AppendEntriesRequest {
+        vote: vote.clone(),
+        prev_log_id: None,
+        entries: vec![entry],
+        leader_commit: None,
+    };
+    let reply = conn.append_entries(with_entries, heartbeat_interval.clone()).await;
+    assert!(matches!(reply, Ok(openraft::raft::AppendEntriesResponse::Success)), "{reply:?}");
+
+    let heartbeat = AppendEntriesRequest { vote, prev_log_id: None, entries: vec![], leader_commit: None };
+    let err = conn.append_entries(heartbeat, heartbeat_interval).await.expect_err("a heartbeat times out");
+    assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("server stops cleanly");
 }
 
 #[tokio::test]

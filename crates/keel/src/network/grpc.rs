@@ -94,6 +94,12 @@ pub const MAX_APPEND_BYTES: usize = 1 << 20;
 /// a slow link: 1 ms per 16 KiB (16 MiB/s).
 const APPEND_BYTES_PER_MS: usize = 16 << 10;
 
+/// The least time an AppendEntries call that carries entries is given (see
+/// [`GrpcNetwork::with_append_timeout`]). openraft gives it its heartbeat interval (and the
+/// transport three quarters of that: 75 ms by default), so on a link whose round trip is longer,
+/// no entry would ever be acknowledged and nothing could commit; etcd only slows down there.
+pub const DEFAULT_APPEND_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a connection attempt to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -243,12 +249,27 @@ pub async fn serve(
 pub struct GrpcNetwork {
     cluster: String,
     from: NodeId,
+    append_timeout: Duration,
     forward_clients: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
 }
 
 impl GrpcNetwork {
     pub fn new(cluster: impl Into<String>, from: NodeId) -> Self {
-        Self { cluster: cluster.into(), from, forward_clients: Arc::default() }
+        Self {
+            cluster: cluster.into(),
+            from,
+            append_timeout: DEFAULT_APPEND_TIMEOUT,
+            forward_clients: Arc::default(),
+        }
+    }
+
+    /// The least time an AppendEntries call that carries entries may take before it counts as
+    /// failed ([`DEFAULT_APPEND_TIMEOUT`] unless set; keeld uses its maximum election timeout:
+    /// a follower that answers later than that has started an election anyway). Heartbeats keep
+    /// openraft's own limit, the heartbeat interval: set that above the round trip, as for etcd.
+    pub fn with_append_timeout(mut self, timeout: Duration) -> Self {
+        self.append_timeout = timeout;
+        self
     }
 
     /// A lazily connected channel to `node`'s peer address.
@@ -288,7 +309,13 @@ impl RaftNetworkFactory<KeelTypes> for GrpcNetwork {
     /// Does not connect: the channel connects on first use and reconnects after failures.
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
         let client = self.connect(target, node);
-        GrpcConnection { cluster: self.cluster.clone(), from: self.from, target, client }
+        GrpcConnection {
+            cluster: self.cluster.clone(),
+            from: self.from,
+            target,
+            append_timeout: self.append_timeout,
+            client,
+        }
     }
 }
 
@@ -366,6 +393,7 @@ pub struct GrpcConnection {
     cluster: String,
     from: NodeId,
     target: NodeId,
+    append_timeout: Duration,
     /// `Err` if the peer's address is invalid: every call then answers `Unreachable`.
     client: Result<RaftPeerClient<Channel>, String>,
 }
@@ -469,8 +497,13 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<KeelTypes>, RPCError<KeelTypes>> {
         let (keep, bytes) = entries_within(&rpc.entries, MAX_APPEND_BYTES);
-        let option =
-            RPCOption::new(option.hard_ttl() + Duration::from_millis((bytes / APPEND_BYTES_PER_MS) as u64));
+        // Heartbeats (no entries) keep openraft's deadline; it cancels them at that anyway.
+        let base = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(self.append_timeout)
+        };
+        let option = RPCOption::new(base + Duration::from_millis((bytes / APPEND_BYTES_PER_MS) as u64));
         if keep == rpc.entries.len() {
             return self.call(Method::AppendEntries, &rpc, &option).await;
         }
