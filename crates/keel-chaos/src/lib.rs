@@ -7,6 +7,7 @@
 //! # Layout
 //!
 //! - [`net`]: namespaces, veths, the bridge, and iptables cuts between nodes
+//! - [`proxy`]: the delaying proxy on every link between nodes (the latency fault)
 //! - [`cluster`]: the processes (keeld or etcd), their status, kill / pause / restart / replace
 //! - [`workload`]: the clients and the history they record
 //! - [`nemesis`]: the faults and the healing
@@ -16,6 +17,7 @@
 pub mod cluster;
 pub mod nemesis;
 pub mod net;
+pub mod proxy;
 pub mod run;
 pub mod suite;
 pub mod workload;

@@ -12,6 +12,7 @@ use rand::Rng as _;
 
 use crate::cluster::Cluster;
 use crate::cluster::ClusterError;
+use crate::proxy::Delay;
 
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -40,7 +41,12 @@ pub enum Nemesis {
     /// Drop 20-40 % of the packets between all nodes: retransmissions delay and bunch messages
     /// (`tc netem` is not available here to add latency directly).
     Lossy,
-    /// Replace a random member by a new one (remove, then a fresh node joins), Keel only.
+    /// Delay the bytes between nodes through the proxy: every link by 20-150 ms (plus up to half
+    /// that again of jitter), or every link of one node (the leader half the time) by 100-400 ms.
+    Latency,
+    /// Replace a random member by a new one (remove, then a fresh node joins), Keel only. Most
+    /// times during another fault: the member killed or cut off first (an operator replacing a
+    /// dead or unreachable node), the links slowed, or the leader killed as the new member joins.
     Membership,
     /// A random one of the above each time.
     Mixed,
@@ -48,7 +54,7 @@ pub enum Nemesis {
 
 impl Nemesis {
     /// Every single nemesis (not `None`, not `Mixed`).
-    pub const SINGLE: [Nemesis; 11] = [
+    pub const SINGLE: [Nemesis; 12] = [
         Nemesis::KillRandom,
         Nemesis::KillLeader,
         Nemesis::KillMajority,
@@ -59,6 +65,7 @@ impl Nemesis {
         Nemesis::PartitionBridge,
         Nemesis::PartitionOneWay,
         Nemesis::Lossy,
+        Nemesis::Latency,
         Nemesis::Membership,
     ];
 
@@ -169,11 +176,26 @@ pub async fn inject(n: Nemesis, cluster: &mut Cluster, rng: &mut StdRng) -> Resu
             cluster.net.lossy(percent)?;
             format!("{percent} % of packets between nodes dropped")
         }
+        Nemesis::Latency => {
+            if rng.gen_bool(0.5) {
+                let delay = slow_all(cluster, rng, 20..=150);
+                format!("every link slowed by {delay}")
+            } else {
+                let v = if rng.gen_bool(0.5) { leader.unwrap_or(random) } else { random };
+                let base = Duration::from_millis(rng.gen_range(100..=400));
+                let delay = Delay { base, jitter: base / 4 };
+                for x in all.iter().copied().filter(|&x| x != v) {
+                    cluster.net.slow(v, x, delay);
+                    cluster.net.slow(x, v, delay);
+                }
+                format!("node {v}'s links slowed by {}", describe(delay))
+            }
+        }
         Nemesis::Membership => {
             if cluster.system.name() != "keel" {
                 "membership change skipped (keel only)".to_string()
             } else {
-                cluster.replace(random).await?
+                membership_change(cluster, rng, random, &all).await?
             }
         }
     };
@@ -181,6 +203,77 @@ pub async fn inject(n: Nemesis, cluster: &mut Cluster, rng: &mut StdRng) -> Resu
         cluster.mark(i, &format!("fault: {what}"));
     }
     Ok(what)
+}
+
+/// Slows every link by a base delay drawn from `millis` plus up to half of it again; describes it.
+fn slow_all(cluster: &mut Cluster, rng: &mut StdRng, millis: std::ops::RangeInclusive<u64>) -> String {
+    let base = Duration::from_millis(rng.gen_range(millis));
+    let delay = Delay { base, jitter: base / 2 };
+    let n = cluster.nodes();
+    for from in 1..=n {
+        for to in (1..=n).filter(|&to| to != from) {
+            cluster.net.slow(from, to, delay);
+        }
+    }
+    describe(delay)
+}
+
+fn describe(d: Delay) -> String {
+    format!("{} ms + up to {} ms", d.base.as_millis(), d.jitter.as_millis())
+}
+
+/// Replaces member `victim`, alone or during another fault (left in place: the heal undoes it).
+async fn membership_change(
+    cluster: &mut Cluster,
+    rng: &mut StdRng,
+    victim: usize,
+    all: &[usize],
+) -> Result<String, ClusterError> {
+    let during = match rng.gen_range(0..5) {
+        0 => None,
+        1 => {
+            cluster.kill(victim);
+            Some(format!("kill -9 node {victim}"))
+        }
+        2 => {
+            let rest: Vec<usize> = all.iter().copied().filter(|&x| x != victim).collect();
+            cluster.net.partition(&[victim], &rest)?;
+            // Ask the others' leader, not a cut-off one that still believes it leads.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while cluster.leader().await.is_none_or(|l| l == victim) && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(format!("isolate node {victim} from {rest:?}"))
+        }
+        3 => Some(format!("every link slowed by {}", slow_all(cluster, rng, 20..=100))),
+        _ => {
+            // The leader dies right after the new member asked it to join.
+            let replaced = replace_or_say(cluster, victim).await;
+            let what = match cluster.leader().await {
+                Some(l) => {
+                    cluster.kill(l);
+                    format!("kill -9 leader node {l}")
+                }
+                None => "no leader to kill".to_string(),
+            };
+            return Ok(format!("{replaced}; then {what}"));
+        }
+    };
+    let replaced = replace_or_say(cluster, victim).await;
+    Ok(match during {
+        Some(fault) => format!("{fault}; then {replaced}"),
+        None => replaced,
+    })
+}
+
+/// Replaces `victim`; a failure is described, not returned: the fault before it stays in place
+/// and must be healed like any other.
+async fn replace_or_say(cluster: &mut Cluster, victim: usize) -> String {
+    match cluster.replace(victim).await {
+        Ok(what) => what,
+        Err(e) => format!("replacing node {victim} failed: {e}"),
+    }
 }
 
 /// `nodes[..at]` and `nodes[at..]`, each sorted (for readable fault descriptions).

@@ -5,10 +5,16 @@
 //! holds `10.99.<id>.254`, the address every client connects from. Partitions drop packets in
 //! the receiving node's INPUT chain by source address, so clients (from the bridge address) always
 //! reach every node: a partition separates nodes from each other, never from their clients.
+//! Every connection between nodes goes through a proxy of this process ([`crate::proxy`]) that
+//! can delay it: the latency fault.
 //! Everything is removed on drop, and a namespace left by a crashed run is removed before reuse.
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::sync::Arc;
+
+use crate::proxy::Delay;
+use crate::proxy::Proxies;
 
 /// A command that set up or changed the network failed.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +23,8 @@ pub enum NetError {
     Command { cmd: String, detail: String },
     #[error("network namespaces need root (this runs as uid {0}); run as root, as CI does")]
     NotRoot(u32),
+    #[error("latency proxy: {0}")]
+    Proxy(String),
 }
 
 fn run(args: &[&str]) -> Result<(), NetError> {
@@ -54,6 +62,8 @@ pub struct Net {
     cut: BTreeSet<(usize, usize)>,
     /// Whether random packet loss is on (see [`Net::lossy`]).
     lossy: bool,
+    /// The delaying proxies on the links between nodes (stopped before the namespaces go).
+    proxies: Option<Proxies>,
 }
 
 impl Net {
@@ -63,7 +73,7 @@ impl Net {
         if uid != 0 {
             return Err(NetError::NotRoot(uid));
         }
-        let net = Net { id, nodes, cut: BTreeSet::new(), lossy: false };
+        let mut net = Net { id, nodes, cut: BTreeSet::new(), lossy: false, proxies: None };
         net.remove();
         let br = net.bridge();
         let br_addr = format!("{}/24", net.client_ip());
@@ -80,6 +90,17 @@ impl Net {
             run(&["ip", "-n", &ns, "addr", "add", &addr, "dev", &ns_end])?;
             run(&["ip", "-n", &ns, "link", "set", &ns_end, "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        let ns_of = |i: usize| format!("kc{id}n{i}");
+        let ip_of = move |j: usize| std::net::Ipv4Addr::new(10, 99, id, j as u8);
+        net.proxies = Some(Proxies::start(nodes, ns_of, Arc::new(ip_of)).map_err(NetError::Proxy)?);
+        for i in 1..=nodes {
+            for j in (1..=nodes).filter(|&j| j != i) {
+                let mut args =
+                    vec!["ip".to_string(), "netns".into(), "exec".into(), net.ns(i), "iptables".into()];
+                args.extend(crate::proxy::redirect_rule(&net.ip(j), j));
+                run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+            }
         }
         Ok(net)
     }
@@ -146,18 +167,32 @@ impl Net {
         Ok(())
     }
 
+    /// Delays the bytes from node `from` to node `to` by `delay` (through the proxy).
+    pub fn slow(&mut self, from: usize, to: usize, delay: Delay) {
+        if let Some(p) = &self.proxies {
+            p.delays.set(from, to, delay);
+        }
+    }
+
     /// The links cut now, as `from->to` pairs.
     pub fn cuts(&self) -> Vec<(usize, usize)> {
         self.cut.iter().copied().collect()
     }
 
-    /// Whether any link is cut or lossy.
+    fn slowed(&self) -> bool {
+        self.proxies.as_ref().is_some_and(|p| p.delays.any())
+    }
+
+    /// Whether any link is cut, lossy or slow.
     pub fn faulty(&self) -> bool {
-        !self.cut.is_empty() || self.lossy
+        !self.cut.is_empty() || self.lossy || self.slowed()
     }
 
     /// Restores every link.
     pub fn heal(&mut self) -> Result<(), NetError> {
+        if let Some(p) = &self.proxies {
+            p.delays.clear();
+        }
         if self.cut.is_empty() && !self.lossy {
             return Ok(());
         }
@@ -181,6 +216,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        self.proxies = None;
         self.remove();
     }
 }

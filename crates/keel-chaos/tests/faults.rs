@@ -100,6 +100,11 @@ fn lossy() {
 }
 
 #[test]
+fn latency() {
+    keel_run(26, "latency");
+}
+
+#[test]
 fn membership() {
     keel_run(19, "membership");
 }
