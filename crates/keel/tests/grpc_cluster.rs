@@ -424,12 +424,8 @@ async fn entries_are_acknowledged_over_a_link_slower_than_the_heartbeat() {
         log_id: openraft::testing::log_id::<keel::types::KeelTypes>(1, 1, 1),
         payload: EntryPayload::Blank,
     };
-    let with_entries = AppendEntriesRequest {
-        vote: vote.clone(),
-        prev_log_id: None,
-        entries: vec![entry],
-        leader_commit: None,
-    };
+    let with_entries =
+        AppendEntriesRequest { vote, prev_log_id: None, entries: vec![entry], leader_commit: None };
     let reply = conn.append_entries(with_entries, heartbeat_interval.clone()).await;
     assert!(matches!(reply, Ok(openraft::raft::AppendEntriesResponse::Success)), "{reply:?}");
 
