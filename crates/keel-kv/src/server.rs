@@ -82,6 +82,19 @@ impl Server {
     /// Opens storage, starts Raft and both servers, and forms the initial cluster if this node
     /// founds it. Returns once the node serves (it may not have a leader yet).
     pub async fn start(mut config: KeeldConfig) -> Result<Server, RunError> {
+        let stored = if config.data_dir.as_os_str().is_empty() {
+            None // validate() names the missing field
+        } else {
+            keel::storage::sm_store::stored_node_id(&config.data_dir)
+                .map_err(|e| RunError::Start(keel::StartError::StateMachine(e)))?
+        };
+        // A data dir that holds a cluster ignores initial_cluster (as etcd does), so a member that
+        // joined later may restart with the founders' list, which does not name it: the list is
+        // checked only if the cluster turns out not to be formed yet (see `bootstrap`).
+        let initial_cluster = match stored {
+            Some(_) => std::mem::take(&mut config.initial_cluster),
+            None => String::new(),
+        };
         config.validate()?;
         let marker = config.data_dir.join(REMOVED_MARKER);
         if let Ok(why) = std::fs::read_to_string(&marker) {
@@ -91,8 +104,6 @@ impl Server {
                 config.data_dir.display()
             )));
         }
-        let stored = keel::storage::sm_store::stored_node_id(&config.data_dir)
-            .map_err(|e| RunError::Start(keel::StartError::StateMachine(e)))?;
         match (config.id, stored) {
             (0, Some(id)) => config.id = id,
             (0, None) if config.joins() => {} // the cluster assigns one below
@@ -102,6 +113,9 @@ impl Server {
         }
         // With the id known, check what depends on it (e.g. initial_cluster lists this node).
         config.validate()?;
+        if stored.is_some() {
+            config.initial_cluster = initial_cluster;
+        }
         // Listen first: a taken port is the most common startup failure, and must not leave a
         // half-started node behind.
         let peer_listener = bind("peer", &config.peer_addr).await?;

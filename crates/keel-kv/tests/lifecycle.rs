@@ -51,6 +51,43 @@ async fn join_assigns_an_id_promotes_and_leave_removes() {
     c.shutdown().await;
 }
 
+/// A member that joined restarts with the founders' `initial_cluster` (the same flags as theirs,
+/// say), which does not list it: its data dir holds the cluster, so the list is ignored, as etcd
+/// ignores it. It used to be refused for not being listed.
+#[tokio::test]
+async fn a_joined_member_restarts_with_an_initial_cluster_that_lacks_it() {
+    let c = Cluster::start(3, |_| {}).await;
+    let founders =
+        c.servers.iter().map(|(id, s)| format!("{id}={}", s.peer_addr)).collect::<Vec<_>>().join(",");
+    let via = c.servers[&c.follower()].client_addr.to_string();
+    let mut config = support::config(0, c.dir.path(), support::free_port(), support::free_port(), "");
+    config.data_dir = c.dir.path().join("joiner");
+    config.join = via;
+    let joiner = Server::start(config.clone()).await.expect("join");
+    let id = joiner.node().id();
+    joiner
+        .node()
+        .wait_for(WAIT, "promoted to voter", move |m| {
+            m.membership_config.membership().voter_ids().any(|v| v == id)
+        })
+        .await
+        .expect("the joiner is promoted once caught up");
+    joiner.shutdown().await.expect("stop");
+
+    config.id = id;
+    config.join = String::new();
+    config.initial_cluster = founders;
+    let again = Server::start(config).await.expect("restarts on its data dir despite the list");
+    again
+        .node()
+        .wait_for(WAIT, "follows the leader", |m| m.current_leader.is_some())
+        .await
+        .expect("back in the cluster");
+    c.servers[&c.leader()].api.node.propose(put(1)).await.expect("write with the member back");
+    again.shutdown().await.expect("stop");
+    c.shutdown().await;
+}
+
 /// A node that must receive more in log entries than one AppendEntries call can carry within the
 /// heartbeat interval (here 120 values of 256 KiB, 30 MiB; openraft would send them in one call)
 /// gets them in 1 MiB calls and catches up; it used to time out and retry the same call forever.
