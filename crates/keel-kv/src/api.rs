@@ -349,6 +349,27 @@ impl KvApi {
         Ok(Member { id, peer_addr, client_addr: client_addr.to_string(), voter: !learner })
     }
 
+    /// A new node asks to be added as a learner (`keeld --join`). A node whose first request was
+    /// carried out but whose answer was lost (the leader died, a timeout) asks again: if it is
+    /// already a learner at that peer address, under the id it asks for or under any when it
+    /// asks for none, it gets the same answer. A voter at that address is not a retry (a voter
+    /// that lost its data must be removed and added anew) and is refused, as is any other member
+    /// there.
+    pub async fn join(
+        &self,
+        id: Option<NodeId>,
+        peer_addr: &str,
+        client_addr: &str,
+    ) -> Result<Member, ApiError> {
+        let bare = crate::config::bare_addr(peer_addr);
+        if let Some(m) = self.members().into_iter().find(|m| m.peer_addr == bare) {
+            if !m.voter && id.is_none_or(|id| id == m.id) {
+                return Ok(m);
+            }
+        }
+        self.add_member(id, peer_addr, client_addr, true).await
+    }
+
     pub async fn remove_member(&self, id: NodeId) -> Result<(), ApiError> {
         let member = self.member(id)?;
         let change = if member.voter {

@@ -597,7 +597,7 @@ async fn join(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> 
                 b.cluster_name
             )));
         }
-        let member = api.add_member(b.id, &b.peer_addr, &b.client_addr, true).await?;
+        let member = api.join(b.id, &b.peer_addr, &b.client_addr).await?;
         let mut answer = members_json(&api);
         answer["id"] = member.id.into();
         ok(&api, answer)

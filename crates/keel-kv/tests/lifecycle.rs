@@ -88,6 +88,44 @@ async fn a_joined_member_restarts_with_an_initial_cluster_that_lacks_it() {
     c.shutdown().await;
 }
 
+/// A join whose answer was lost (the leader died after adding the learner) is asked again when
+/// keeld restarts with `--join`: it gets the same id instead of "peer address already used".
+/// Found by the fault runs. A voter at the address is not a retry and is still refused.
+#[tokio::test]
+async fn a_join_whose_answer_was_lost_is_answered_again() {
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = &c.servers[&c.leader()];
+    let peer = support::free_port();
+    let (peer_addr, client_addr) =
+        (format!("127.0.0.1:{peer}"), format!("127.0.0.1:{}", support::free_port()));
+    // The first request, carried out; its answer never reached the node.
+    let first = leader.api.join(None, &peer_addr, &client_addr).await.expect("added as a learner");
+    assert!(!first.voter);
+
+    let mut config = support::config(0, c.dir.path(), peer, support::free_port(), "");
+    config.data_dir = c.dir.path().join("joiner");
+    config.join = c.servers[&c.follower()].client_addr.to_string();
+    let joiner = Server::start(config).await.expect("the retried join is answered");
+    let id = joiner.node().id();
+    assert_eq!(first.id, id, "the same member, not a second one");
+    joiner
+        .node()
+        .wait_for(WAIT, "promoted to voter", move |m| {
+            m.membership_config.membership().voter_ids().any(|v| v == id)
+        })
+        .await
+        .expect("the joiner is promoted once caught up");
+    assert_eq!(4, leader.api.members().len(), "{:?}", leader.api.members());
+
+    // Now a voter: a fresh node at its address is refused.
+    match leader.api.join(None, &peer_addr, &client_addr).await {
+        Err(keel_kv::api::ApiError::PeerAddrExists(_, m)) => assert_eq!(id, m),
+        other => panic!("a voter's address must be refused, got {other:?}"),
+    }
+    joiner.shutdown().await.expect("stop");
+    c.shutdown().await;
+}
+
 /// A node that must receive more in log entries than one AppendEntries call can carry within the
 /// heartbeat interval (here 120 values of 256 KiB, 30 MiB; openraft would send them in one call)
 /// gets them in 1 MiB calls and catches up; it used to time out and retry the same call forever.
