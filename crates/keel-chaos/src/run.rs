@@ -174,13 +174,23 @@ pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunRes
             false
         }
     };
+    // A node that does not answer is already a finding when the cluster did not converge; the
+    // others' states and the history are still checked.
     let mut states = Vec::new();
-    for addr in &endpoints {
-        states.push(workload::read_all_local(addr, spec.workload.keys).await.map_err(RunError::FinalRead)?);
+    for (i, addr) in endpoints.iter().enumerate() {
+        match workload::read_all_local(addr, spec.workload.keys).await {
+            Ok(state) => states.push(Some(state)),
+            Err(e) if !converged => {
+                let _ = writeln!(log, "  node {} not read: {e}", i + 1);
+                states.push(None);
+            }
+            Err(e) => return Err(RunError::FinalRead(e)),
+        }
     }
     // The leader's state is the final state the history is checked against; the others must equal it.
-    let reference = states[leader - 1].clone();
-    let diverged_nodes = states.iter().filter(|s| **s != reference).count();
+    let reference =
+        states[leader - 1].clone().ok_or_else(|| RunError::FinalRead("the leader did not answer".into()))?;
+    let diverged_nodes = states.iter().flatten().filter(|s| **s != reference).count();
     if diverged_nodes > 0 {
         for (i, s) in states.iter().enumerate() {
             let _ = writeln!(log, "  node {} state: {s:?}", i + 1);
