@@ -24,6 +24,8 @@ use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU8;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
@@ -102,7 +104,7 @@ impl raft_log::Types for WalTypes {
 /// Who is told when a WAL flush completes.
 pub enum FlushCallback {
     /// openraft's notifications that appended entries are durable: one group commit.
-    Group(Vec<IOFlushed<KeelTypes>>, std::sync::mpsc::Sender<()>),
+    Group(Vec<IOFlushed<KeelTypes>>, Arc<GroupCommit>),
     /// A caller of this module waiting for its own write (vote, truncation) to be durable.
     Wait(tokio::sync::oneshot::Sender<io::Result<()>>),
 }
@@ -110,16 +112,14 @@ pub enum FlushCallback {
 impl raft_log::Callback for FlushCallback {
     fn send(self, res: Result<(), io::Error>) {
         match self {
-            FlushCallback::Group(waiters, next) => {
+            FlushCallback::Group(waiters, group) => {
                 for w in waiters {
                     w.io_completed(match &res {
                         Ok(()) => Ok(()),
                         Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                     });
                 }
-                // Runs on the WAL's flush worker thread: the next group flush is issued from the
-                // committer thread, never from here (a flush may block on the worker's queue).
-                let _ = next.send(());
+                group.flushed();
             }
             FlushCallback::Wait(tx) => {
                 // The waiter may have gone away (its task was cancelled); nothing to tell then.
@@ -138,15 +138,41 @@ pub struct LogOpenError {
     pub source: io::Error,
 }
 
+/// No group flush is queued or running.
+const IDLE: u8 = 0;
+/// One is, and no append waits for the next.
+const FLUSHING: u8 = 1;
+/// One is, and appends wait in [`Wal::waiting`] for the next.
+const PENDING: u8 = 2;
+
+/// Where group commit stands, shared with the flush callback. The callback runs on the WAL's
+/// flush worker thread and must not take the log's lock nor issue a flush (a flush may block on
+/// that worker's queue), so the next group flush, when appends wait for one, is issued by the
+/// committer thread; when none waits, the callback only marks the log idle: a lone append costs
+/// no wake-up of another thread.
+pub struct GroupCommit {
+    state: AtomicU8,
+    /// Wakes the committer thread.
+    wake: std::sync::mpsc::Sender<()>,
+}
+
+impl GroupCommit {
+    /// A group flush completed.
+    fn flushed(&self) {
+        if self.state.compare_exchange(FLUSHING, IDLE, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // PENDING: appends wait; the committer flushes them.
+            let _ = self.wake.send(());
+        }
+    }
+}
+
 /// The WAL plus the group-commit state that must change atomically with it.
 struct Wal {
     log: RaftLog<WalTypes>,
-    /// Invariant: true while a synced flush carrying a `Group` callback is queued or running.
-    group_in_flight: bool,
-    /// Appends made while a group flush was in flight; the next group flush covers them.
+    /// Appends made while a group flush was in flight; the next group flush covers them. Changed
+    /// only under the lock, with `group.state` set to PENDING after a push.
     waiting: Vec<IOFlushed<KeelTypes>>,
-    /// Tells the committer thread a group flush finished.
-    group_done: std::sync::mpsc::Sender<()>,
+    group: Arc<GroupCommit>,
     /// Set only by [`LogStore::plant_ack_before_fsync`]: appends are acknowledged at once and
     /// flushed late. `None` keeps the contract.
     #[cfg(debug_assertions)]
@@ -190,13 +216,12 @@ impl LogStore {
             log_cache_capacity: Some(config.cache_max_bytes as usize),
         };
         let log = RaftLog::open(Arc::new(raft_config)).map_err(open_error)?;
-        let (group_done, done_rx) = std::sync::mpsc::channel();
+        let (wake, done_rx) = std::sync::mpsc::channel();
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
         let wal = Arc::new(Mutex::new(Wal {
             log,
-            group_in_flight: false,
             waiting: Vec::new(),
-            group_done,
+            group: Arc::new(GroupCommit { state: AtomicU8::new(IDLE), wake }),
             #[cfg(debug_assertions)]
             late_flush: None,
             _closed: closed_tx,
@@ -209,22 +234,25 @@ impl LogStore {
         Ok((Self { log: wal }, closed_rx))
     }
 
-    /// Issues the next group flush each time one completes; exits when the log is dropped.
+    /// Issues the next group flush each time one completes with appends waiting; exits when the
+    /// log is dropped. No flush callback can run meanwhile: the last one woke this thread, and the
+    /// next group flush is issued here (appends, under the same lock, see PENDING).
     fn run_committer(wal: std::sync::Weak<Mutex<Wal>>, done: std::sync::mpsc::Receiver<()>) {
         while done.recv().is_ok() {
             let Some(wal) = wal.upgrade() else { return };
             let mut w = wal.lock().expect("raft log mutex poisoned by an earlier panic");
             if w.waiting.is_empty() {
-                w.group_in_flight = false;
+                w.group.state.store(IDLE, Ordering::Release);
                 continue;
             }
             let waiters = std::mem::take(&mut w.waiting);
-            let cb = FlushCallback::Group(waiters, w.group_done.clone());
+            w.group.state.store(FLUSHING, Ordering::Release);
+            let cb = FlushCallback::Group(waiters, w.group.clone());
             if let Err(e) = w.log.flush(true, Some(cb)) {
                 // The callback was dropped with the failed request; nobody will be told. Stopping
                 // here is what makes openraft see the append as never flushed: it halts.
                 tracing::error!("raft log flush failed: {e}");
-                w.group_in_flight = false;
+                w.group.state.store(IDLE, Ordering::Release);
                 return;
             }
         }
@@ -338,13 +366,30 @@ impl RaftLogStorage<KeelTypes> for LogStore {
             callback.io_completed(Ok(()));
             return late.schedule();
         }
-        if w.group_in_flight {
-            w.waiting.push(callback);
-            return Ok(());
+        w.waiting.push(callback);
+        // Only the flush callback changes the state meanwhile (FLUSHING to IDLE, without the lock).
+        loop {
+            let state = &w.group.state;
+            match state.load(Ordering::Acquire) {
+                IDLE => {
+                    if state.compare_exchange(IDLE, FLUSHING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                        let waiters = std::mem::take(&mut w.waiting);
+                        let cb = FlushCallback::Group(waiters, w.group.clone());
+                        return w
+                            .log
+                            .flush(true, Some(cb))
+                            .inspect_err(|_| w.group.state.store(IDLE, Ordering::Release));
+                    }
+                }
+                FLUSHING => {
+                    if state.compare_exchange(FLUSHING, PENDING, Ordering::AcqRel, Ordering::Acquire).is_ok()
+                    {
+                        return Ok(());
+                    }
+                }
+                _ => return Ok(()), // PENDING: the committer will flush it with the others
+            }
         }
-        w.group_in_flight = true;
-        let cb = FlushCallback::Group(vec![callback], w.group_done.clone());
-        w.log.flush(true, Some(cb)).inspect_err(|_| w.group_in_flight = false)
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
