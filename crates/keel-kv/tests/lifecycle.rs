@@ -25,13 +25,7 @@ async fn join_assigns_an_id_promotes_and_leave_removes() {
     let joiner = Server::start(config.clone()).await.expect("join");
     let id = joiner.node().id();
     assert_eq!(4, id, "the cluster assigned the next unused id");
-    joiner
-        .node()
-        .wait_for(WAIT, "promoted to voter", move |m| {
-            m.membership_config.membership().voter_ids().any(|v| v == id)
-        })
-        .await
-        .expect("the joiner is promoted once caught up");
+    wait_promoted(&joiner).await;
     let r = keel_kv::store::Range {
         key: b"k/".to_vec(),
         range_end: keel_kv::store::prefix_range_end(b"k/"),
@@ -65,13 +59,7 @@ async fn a_joined_member_restarts_with_an_initial_cluster_that_lacks_it() {
     config.join = via;
     let joiner = Server::start(config.clone()).await.expect("join");
     let id = joiner.node().id();
-    joiner
-        .node()
-        .wait_for(WAIT, "promoted to voter", move |m| {
-            m.membership_config.membership().voter_ids().any(|v| v == id)
-        })
-        .await
-        .expect("the joiner is promoted once caught up");
+    wait_promoted(&joiner).await;
     joiner.shutdown().await.expect("stop");
 
     config.id = id;
@@ -108,13 +96,7 @@ async fn a_join_whose_answer_was_lost_is_answered_again() {
     let joiner = Server::start(config).await.expect("the retried join is answered");
     let id = joiner.node().id();
     assert_eq!(first.id, id, "the same member, not a second one");
-    joiner
-        .node()
-        .wait_for(WAIT, "promoted to voter", move |m| {
-            m.membership_config.membership().voter_ids().any(|v| v == id)
-        })
-        .await
-        .expect("the joiner is promoted once caught up");
+    wait_promoted(&joiner).await;
     assert_eq!(4, leader.api.members().len(), "{:?}", leader.api.members());
 
     // Now a voter: a fresh node at its address is refused.
@@ -191,4 +173,16 @@ fn put(i: u32) -> keel_kv::store::KvCommand {
         value: b"v".to_vec(),
         ..Default::default()
     })
+}
+
+/// Waits until `joiner` (a node that joined as a learner) has promoted itself to voter.
+async fn wait_promoted(joiner: &Server) {
+    let id = joiner.node().id();
+    joiner
+        .node()
+        .wait_for(WAIT, "promoted to voter", move |m| {
+            m.membership_config.membership().voter_ids().any(|v| v == id)
+        })
+        .await
+        .expect("the joiner is promoted once caught up");
 }
