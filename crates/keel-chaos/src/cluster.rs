@@ -129,7 +129,7 @@ impl Cluster {
     }
 
     fn peer_addr(&self, i: usize) -> String {
-        format!("{}:2380", self.net.ip(i))
+        format!("{}:{}", self.net.ip(i), crate::proxy::PEER_PORT)
     }
 
     fn data_dir(&self, i: usize) -> PathBuf {

@@ -53,6 +53,11 @@ fn uid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
+/// Node `i`'s address in the network of run `id`.
+fn node_addr(id: u8, i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 99, id, i as u8)
+}
+
 /// The namespaces, veths and bridge of one run.
 #[derive(Debug)]
 pub struct Net {
@@ -91,9 +96,8 @@ impl Net {
             run(&["ip", "-n", &ns, "link", "set", &ns_end, "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
-        let ns_of = |i: usize| format!("kc{id}n{i}");
-        let ip_of = move |j: usize| std::net::Ipv4Addr::new(10, 99, id, j as u8);
-        net.proxies = Some(Proxies::start(nodes, ns_of, Arc::new(ip_of)).map_err(NetError::Proxy)?);
+        let proxies = Proxies::start(nodes, |i| net.ns(i), Arc::new(move |j| node_addr(id, j)));
+        net.proxies = Some(proxies.map_err(NetError::Proxy)?);
         for i in 1..=nodes {
             for j in (1..=nodes).filter(|&j| j != i) {
                 let mut args =
@@ -120,7 +124,7 @@ impl Net {
 
     /// Node `i`'s address.
     pub fn ip(&self, i: usize) -> String {
-        format!("10.99.{}.{i}", self.id)
+        node_addr(self.id, i).to_string()
     }
 
     /// The address clients connect from (the bridge's).
