@@ -227,7 +227,7 @@ median() { # numbers on stdin -> median (mean of the middle two for an even coun
 
 # ---- the run --------------------------------------------------------------------------------
 
-note "etcd: $("$ETCD" --version | head -n 1), keeld: $("$KEELD" --version)"
+note "etcd: $("$ETCD" --version | sed -n 1p), keeld: $("$KEELD" --version)"
 note "matrix: $ROWS; ${DURATION}s each after ${WARMUP}s warm-up, $REPS repetition(s), $PRELOAD keys, ${VALUE_SIZE}-byte values"
 load_before=$(uptime)
 for rep in $(seq "$REPS"); do
