@@ -231,6 +231,21 @@ async fn misaddressed_and_malformed_messages_are_refused() {
         .expect_err("garbage payload is refused");
     assert_eq!(tonic::Code::InvalidArgument, status.code(), "{status:?}");
 
+    // On the replication stream, a refused request is the stream's last word.
+    for (target_id, payload, code) in [
+        (wrong_id, payload.clone(), tonic::Code::FailedPrecondition),
+        (follower, vec![0xff; 7], tonic::Code::InvalidArgument),
+    ] {
+        let request = PeerRequest { target_id, cluster: CLUSTER.into(), payload };
+        let mut replies = client
+            .stream_append(futures_util::stream::iter(vec![request]))
+            .await
+            .expect("the stream opens")
+            .into_inner();
+        let status = replies.message().await.expect_err("the request is refused");
+        assert_eq!(code, status.code(), "{status:?}");
+    }
+
     // The cluster keeps working, through the follower that saw the bad requests.
     let (_, index) = c.node(leader).propose_indexed(Append(1)).await.expect("propose after bad requests");
     c.converge(index).await;
@@ -390,6 +405,120 @@ impl keel::network::RaftService for SnapshotSink {
     }
 }
 
+/// Log id `index` of term 1's leader, node 1.
+fn log_id(index: u64) -> keel::types::LogId {
+    openraft::testing::log_id::<keel::types::KeelTypes>(1, 1, index)
+}
+
+/// An AppendEntries of leader 1 in term 1 after `prev`, with a command of `size` bytes per entry
+/// for `indexes`.
+fn append(
+    prev: Option<u64>,
+    indexes: impl IntoIterator<Item = u64>,
+    size: usize,
+) -> openraft::raft::AppendEntriesRequest<keel::types::KeelTypes> {
+    use keel::types::Command;
+    use keel::types::Entry;
+    use keel::types::EntryPayload;
+    let entries = indexes
+        .into_iter()
+        .map(|i| Entry { log_id: log_id(i), payload: EntryPayload::Normal(Command(vec![7; size])) })
+        .collect();
+    openraft::raft::AppendEntriesRequest {
+        vote: keel::types::Vote::new_committed(1, 1),
+        prev_log_id: prev.map(log_id),
+        entries,
+        leader_commit: None,
+    }
+}
+
+/// The replication stream over gRPC to a real node: requests go out without waiting for replies,
+/// a request larger than one message's worth travels in pieces, and each request gets exactly
+/// one reply, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_stream_answers_each_request_once_in_order() {
+    use keel::openraft::network::v2::RaftNetworkV2;
+    use keel::openraft::network::RPCOption;
+    use keel::openraft::network::RaftNetworkFactory;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let follower = start_peer(2, dir.path(), &|_| {}).await;
+    let mut network = GrpcNetwork::new(CLUSTER, 1);
+    let mut conn = network.new_client(2, &follower.info()).await;
+
+    // Entry 0, then three entries of 700 KB (more than one message may carry: three pieces),
+    // then a request with no entries (as a commit update is).
+    let big = 700 << 10;
+    assert!(2 * big > grpc::MAX_APPEND_BYTES, "the second request must be cut into pieces");
+    let requests = vec![append(None, 0..=0, 10), append(Some(0), 1..=3, big), append(Some(3), [], 0)];
+    let option = RPCOption::new(std::time::Duration::from_secs(5));
+    let replies =
+        conn.stream_append(futures_util::stream::iter(requests), option).await.expect("stream opens");
+    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
+    let replies: Vec<_> = replies.into_iter().map(|r| r.expect("no transport error")).collect();
+    assert_eq!(vec![Ok(Some(log_id(0))), Ok(Some(log_id(3))), Ok(Some(log_id(3)))], replies);
+
+    let m = follower.node.metrics();
+    assert_eq!(Some(3), m.last_log_index, "the follower stored every piece");
+    follower.shutdown().await;
+}
+
+/// A follower that refuses a request (its log does not hold the request's predecessor) answers
+/// it with the conflict, and the stream ends there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_stream_ends_at_a_conflict() {
+    use keel::openraft::network::v2::RaftNetworkV2;
+    use keel::openraft::network::RPCOption;
+    use keel::openraft::network::RaftNetworkFactory;
+    use keel::openraft::raft::StreamAppendError;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let follower = start_peer(2, dir.path(), &|_| {}).await;
+    let mut conn = GrpcNetwork::new(CLUSTER, 1).new_client(2, &follower.info()).await;
+    let requests = vec![append(None, 0..=1, 10), append(Some(5), 6..=6, 10), append(Some(1), 2..=2, 10)];
+    let option = RPCOption::new(std::time::Duration::from_secs(5));
+    let replies =
+        conn.stream_append(futures_util::stream::iter(requests), option).await.expect("stream opens");
+    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
+    let replies: Vec<_> = replies.into_iter().map(|r| r.expect("no transport error")).collect();
+    assert_eq!(vec![Ok(Some(log_id(1))), Err(StreamAppendError::Conflict(log_id(5)))], replies);
+    follower.shutdown().await;
+}
+
+/// Stopping a peer server ends the replication streams open to it: a leader keeps its stream
+/// open, and the server's graceful shutdown, which waits for requests in flight, must not wait
+/// for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_the_server_ends_open_replication_streams() {
+    use futures_util::StreamExt;
+    use keel::openraft::network::v2::RaftNetworkV2;
+    use keel::openraft::network::RPCOption;
+    use keel::openraft::network::RaftNetworkFactory;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let follower = start_peer(2, dir.path(), &|_| {}).await;
+    let mut conn = GrpcNetwork::new(CLUSTER, 1).new_client(2, &follower.info()).await;
+    // One request, then the stream stays open, as a leader's does between writes.
+    let requests =
+        futures_util::stream::iter(vec![append(None, 0..=0, 10)]).chain(futures_util::stream::pending());
+    let option = RPCOption::new(std::time::Duration::from_secs(5));
+    let mut replies = conn.stream_append(Box::pin(requests), option).await.expect("stream opens");
+    let first = replies.next().await.expect("a reply").expect("no transport error");
+    assert_eq!(Ok(Some(log_id(0))), first);
+
+    let Peer { node, stop, server, .. } = follower;
+    let _ = stop.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .expect("the server stops without waiting for the open stream")
+        .expect("server task")
+        .expect("server stops cleanly");
+    let end =
+        tokio::time::timeout(std::time::Duration::from_secs(5), replies.next()).await.expect("stream ends");
+    assert!(!matches!(end, Some(Ok(_))), "no reply after the server stopped: {end:?}");
+    node.shutdown().await.expect("clean node shutdown");
+}
+
 /// On a link whose round trip is longer than the deadline openraft gives an AppendEntries (its
 /// heartbeat interval), entries are still delivered and acknowledged: the call is given the
 /// append timeout. Without that, nothing could commit over such a link. A heartbeat keeps the
@@ -430,8 +559,24 @@ async fn entries_are_acknowledged_over_a_link_slower_than_the_heartbeat() {
     assert!(matches!(reply, Ok(openraft::raft::AppendEntriesResponse::Success)), "{reply:?}");
 
     let heartbeat = AppendEntriesRequest { vote, prev_log_id: None, entries: vec![], leader_commit: None };
-    let err = conn.append_entries(heartbeat, heartbeat_interval).await.expect_err("a heartbeat times out");
+    let err =
+        conn.append_entries(heartbeat, heartbeat_interval.clone()).await.expect_err("a heartbeat times out");
     assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
+
+    // The replication stream gives each request the same time.
+    let stream = |n: u64| {
+        let requests: Vec<_> = (0..n).map(|i| append(i.checked_sub(1), i..=i, 10)).collect();
+        futures_util::stream::iter(requests)
+    };
+    let replies = conn.stream_append(stream(2), heartbeat_interval.clone()).await.expect("stream opens");
+    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
+    assert!(matches!(replies[..], [Ok(Ok(_)), Ok(Ok(_))]), "{replies:?}");
+    // With a floor below the link's delay, the stalled stream ends with a timeout.
+    let mut hasty = GrpcNetwork::new(CLUSTER, 1).with_append_timeout(Duration::from_millis(50));
+    let mut conn = hasty.new_client(2, &NodeInfo::new(addr.to_string(), "")).await;
+    let replies = conn.stream_append(stream(1), heartbeat_interval).await.expect("stream opens");
+    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
+    assert!(matches!(replies[..], [Err(RPCError::Timeout(_))]), "{replies:?}");
 
     let _ = stop.send(());
     server.await.expect("server task").expect("server stops cleanly");
@@ -496,4 +641,78 @@ async fn snapshot_stream_is_checked_chunk_by_chunk() {
 
     let _ = stop.send(());
     server.await.expect("server task").expect("server stops cleanly");
+}
+
+/// A peer of a version before the replication stream: serves every `RaftPeer` call but
+/// `StreamAppend`, which it answers "unimplemented", as tonic does for an unknown method.
+#[derive(Clone)]
+struct WithoutStreaming(grpc::proto::raft_peer_server::RaftPeerServer<PeerServer>);
+
+impl tonic::server::NamedService for WithoutStreaming {
+    const NAME: &'static str = "keel.peer.v1.RaftPeer";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for WithoutStreaming {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path().ends_with("/StreamAppend") {
+            return Box::pin(async { Ok(tonic::Status::unimplemented("no such method").into_http()) });
+        }
+        let mut inner = self.0.clone();
+        Box::pin(async move { inner.call(req).await })
+    }
+}
+
+/// Replicating to a peer that lacks the stream (an older version, during a rolling upgrade):
+/// after its "unimplemented", the connection sends AppendEntries one call at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_without_the_stream_is_replicated_to_call_by_call() {
+    use keel::openraft::errors::RPCError;
+    use keel::openraft::network::v2::RaftNetworkV2;
+    use keel::openraft::network::RPCOption;
+    use keel::openraft::network::RaftNetworkFactory;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = Node::start(test_config(2, &dir.path().join("n2")), Ledger, GrpcNetwork::new(CLUSTER, 2))
+        .await
+        .expect("node starts");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let old = WithoutStreaming(PeerServer::new(CLUSTER, 2, node.service()).into_service());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder().add_service(old).serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped.await;
+        }),
+    );
+
+    let mut conn = GrpcNetwork::new(CLUSTER, 1).new_client(2, &NodeInfo::new(addr.to_string(), "")).await;
+    let option = RPCOption::new(std::time::Duration::from_secs(5));
+    let first = vec![append(None, 0..=0, 10)];
+    let err = conn
+        .stream_append(futures_util::stream::iter(first), option.clone())
+        .await
+        .err()
+        .expect("the stream is refused");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+
+    let requests = vec![append(None, 0..=0, 10), append(Some(0), 1..=2, 10)];
+    let replies =
+        conn.stream_append(futures_util::stream::iter(requests), option).await.expect("call by call");
+    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
+    let replies: Vec<_> = replies.into_iter().map(|r| r.expect("no transport error")).collect();
+    assert_eq!(vec![Ok(Some(log_id(0))), Ok(Some(log_id(2)))], replies);
+    assert_eq!(Some(2), node.metrics().last_log_index);
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("server stops cleanly");
+    node.shutdown().await.expect("clean node shutdown");
 }

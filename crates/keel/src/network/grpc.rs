@@ -4,6 +4,9 @@
 //!   `proto/peer.proto`; [`serve`] runs it on a bound listener until a shutdown signal.
 //! - Sending: [`GrpcNetwork`] is the node's `RaftNetworkFactory`; each [`GrpcConnection`] is a
 //!   lazily connected channel to one peer (`NodeInfo::peer_addr`) that reconnects on its own.
+//! - Replication runs over one `StreamAppend` stream per follower and session: openraft's pipelined
+//!   AppendEntries go out as they are produced, one message each instead of one call each (on 2
+//!   cores, the call per entry and the commit update after it were the largest cost of a write).
 //!
 //! Messages travel as the postcard encoding ([`crate::codec`]) of the openraft types, wrapped in a
 //! request that names the target node and the cluster: a node refuses (`FAILED_PRECONDITION`) a
@@ -11,15 +14,19 @@
 //! stream as a header followed by chunks of at most [`SNAPSHOT_CHUNK_BYTES`], read from the file
 //! at most two chunks ahead of the network.
 
+use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
+use futures_util::Stream;
 use futures_util::StreamExt;
+use openraft::base::BoxFuture as OpenraftBoxFuture;
+use openraft::base::BoxStream;
 use openraft::errors::NetworkError;
 use openraft::errors::RPCError;
 use openraft::errors::ReplicationClosed;
@@ -33,6 +40,7 @@ use openraft::network::RaftNetworkFactory;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -56,6 +64,7 @@ use self::proto::PeerRequest;
 use self::proto::SnapshotChunk;
 use self::proto::SnapshotHeader;
 use super::snapshot_chunks;
+use super::AppendStream;
 use super::BoxFuture;
 use super::RaftService;
 use super::ServiceError;
@@ -117,12 +126,31 @@ pub struct PeerServer {
     cluster: String,
     node_id: NodeId,
     service: Arc<dyn RaftService>,
+    /// Set by [`Self::close_streams`]: open replication streams end.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl PeerServer {
     /// `cluster` and `node_id` are what every incoming message must name as its target.
     pub fn new(cluster: impl Into<String>, node_id: NodeId, service: Arc<dyn RaftService>) -> Self {
-        Self { cluster: cluster.into(), node_id, service }
+        let closing = Arc::new(tokio::sync::watch::Sender::new(false));
+        Self { cluster: cluster.into(), node_id, service, closing }
+    }
+
+    /// Ends the replication streams open now and later (each after the replies already due), so
+    /// that a graceful server shutdown, which waits for requests in flight, is not held up by
+    /// them: a leader keeps its stream open for as long as it leads. [`serve`] calls it when
+    /// shutdown begins; call it yourself if you serve [`Self::into_service`] on your own server.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Completes once [`Self::close_streams`] was called.
+    fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
     }
 
     /// The tonic service, to add to a `tonic::transport::Server` of your own.
@@ -145,7 +173,10 @@ impl PeerServer {
 
     /// Checks the recipient and decodes the payload.
     fn decode<T: DeserializeOwned>(&self, request: Request<PeerRequest>) -> Result<T, Status> {
-        let req = request.into_inner();
+        self.decode_message(request.into_inner())
+    }
+
+    fn decode_message<T: DeserializeOwned>(&self, req: PeerRequest) -> Result<T, Status> {
         self.check(req.target_id, &req.cluster)?;
         codec::from_bytes(&req.payload)
             .map_err(|e| Status::invalid_argument(format!("payload does not decode: {e}")))
@@ -165,11 +196,52 @@ fn service_status(e: ServiceError) -> Status {
     }
 }
 
+/// The replies of a replication stream.
+pub type StreamAppendReplies = Pin<Box<dyn Stream<Item = Result<PeerReply, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl RaftPeer for PeerServer {
     async fn append_entries(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
         let rpc: AppendEntriesRequest<KeelTypes> = self.decode(request)?;
         reply(&self.service.append_entries(rpc).await.map_err(service_status)?)
+    }
+
+    type StreamAppendStream = StreamAppendReplies;
+
+    /// Hands the requests to the node as they arrive; replies as they are stored, in order. A
+    /// request that is refused (wrong recipient, undecodable) ends the input, and its reason is
+    /// the stream's last word, after the replies to the requests before it.
+    async fn stream_append(
+        &self,
+        request: Request<tonic::Streaming<PeerRequest>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let refused: Arc<Mutex<Option<Status>>> = Arc::default();
+        let slot = refused.clone();
+        let server = self.clone();
+        // Closing ends both halves: the request half is what holds the HTTP/2 stream open.
+        let input = request.into_inner().take_until(self.closed()).scan((), move |(), msg| {
+            let rpc = msg.and_then(|req| server.decode_message::<AppendEntriesRequest<KeelTypes>>(req));
+            futures_util::future::ready(match rpc {
+                Ok(rpc) => Some(rpc),
+                Err(status) => {
+                    if let Ok(mut slot) = slot.lock() {
+                        *slot = Some(status);
+                    }
+                    None
+                }
+            })
+        });
+        let input: AppendStream = Box::pin(input);
+        let replies = self.service.clone().stream_append(input).map(|result| match result {
+            Ok(result) => codec::to_bytes(&result)
+                .map(|payload| PeerReply { payload })
+                .map_err(|e| Status::internal(format!("reply does not encode: {e}"))),
+            Err(e) => Err(service_status(e)),
+        });
+        let last_word =
+            futures_util::stream::once(async move { refused.lock().ok().and_then(|mut s| s.take()) })
+                .filter_map(|refusal| futures_util::future::ready(refusal.map(Err)));
+        Ok(Response::new(Box::pin(replies.chain(last_word).take_until(self.closed()))))
     }
 
     async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
@@ -232,6 +304,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let streams = server.clone();
+    let shutdown = async move {
+        shutdown.await;
+        streams.close_streams();
+    };
     tonic::transport::Server::builder()
         .serve_with_incoming_shutdown(server.into_service(), incoming, shutdown)
         .await
@@ -315,6 +392,7 @@ impl RaftNetworkFactory<KeelTypes> for GrpcNetwork {
             target,
             append_timeout: self.append_timeout,
             client,
+            peer_lacks_streaming: false,
         }
     }
 }
@@ -396,6 +474,9 @@ pub struct GrpcConnection {
     append_timeout: Duration,
     /// `Err` if the peer's address is invalid: every call then answers `Unreachable`.
     client: Result<RaftPeerClient<Channel>, String>,
+    /// The peer answered `StreamAppend` with "unimplemented" (a version before it): replicate to
+    /// it one AppendEntries call at a time.
+    peer_lacks_streaming: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -480,12 +561,186 @@ impl GrpcConnection {
             }
             Ok(Err(status)) => status,
         };
-        Err(match Failure::from_status(self.target, &status) {
-            Failure::Timeout => self.timeout(method.rpc_type(), ttl).into(),
-            Failure::Network(msg) => NetworkError::from_string(msg).into(),
-            Failure::Unreachable(msg) => Unreachable::from_string(msg).into(),
-        })
+        Err(rpc_error(self.from, self.target, method.rpc_type(), ttl, &status))
     }
+}
+
+/// What a failed call (`status`) that was given `timeout` means to openraft.
+fn rpc_error(
+    from: NodeId,
+    target: NodeId,
+    action: RPCTypes,
+    timeout: Duration,
+    status: &Status,
+) -> RPCError<KeelTypes> {
+    match Failure::from_status(target, status) {
+        Failure::Timeout => Timeout { action, id: from, target, timeout }.into(),
+        Failure::Network(msg) => NetworkError::from_string(msg).into(),
+        Failure::Unreachable(msg) => Unreachable::from_string(msg).into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication stream (client side)
+
+/// The messages of one replication stream that are not answered yet, oldest first.
+#[derive(Default)]
+struct Unanswered {
+    parts: Mutex<VecDeque<SentPart>>,
+    /// Wakes the receiving side when a message goes out, so that it starts timing it.
+    sent: tokio::sync::Notify,
+    /// Why the stream stopped sending (a request that does not encode).
+    broken: Mutex<Option<String>>,
+}
+
+/// One message on the wire: a whole request, or a piece of one cut at [`MAX_APPEND_BYTES`].
+struct SentPart {
+    /// When the stream counts as stalled if this message is still unanswered.
+    deadline: tokio::time::Instant,
+    /// Whether its reply answers the request (the last piece); earlier pieces' replies are not
+    /// passed on: openraft expects one reply per request.
+    last_piece: bool,
+}
+
+impl Unanswered {
+    fn oldest_deadline(&self) -> Option<tokio::time::Instant> {
+        self.parts.lock().ok().and_then(|p| p.front().map(|part| part.deadline))
+    }
+
+    fn answered(&self) -> Option<SentPart> {
+        self.parts.lock().ok().and_then(|mut p| p.pop_front())
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.broken.lock().ok().and_then(|b| b.clone())
+    }
+}
+
+/// Cuts `rpc` into requests that follow on from one another, each with at most
+/// [`MAX_APPEND_BYTES`] of commands (at least one entry); with each one's size in bytes.
+fn split_append(rpc: AppendEntriesRequest<KeelTypes>) -> Vec<(AppendEntriesRequest<KeelTypes>, usize)> {
+    let AppendEntriesRequest { vote, mut prev_log_id, entries, leader_commit } = rpc;
+    if entries.is_empty() {
+        return vec![(AppendEntriesRequest { vote, prev_log_id, entries, leader_commit }, 0)];
+    }
+    let mut pieces = Vec::new();
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let (keep, bytes) = entries_within(&rest, MAX_APPEND_BYTES);
+        let tail = rest.split_off(keep);
+        let last = rest.last().map(|e| e.log_id);
+        pieces.push((AppendEntriesRequest { vote, prev_log_id, entries: rest, leader_commit }, bytes));
+        prev_log_id = last;
+        rest = tail;
+    }
+    pieces
+}
+
+/// The wire messages for openraft's request stream `input`: each request encoded (in pieces, if
+/// large) and recorded in `unanswered` with the time its reply may take, `window` plus time
+/// for its bytes.
+fn outbound<S>(
+    input: S,
+    target: NodeId,
+    cluster: String,
+    window: Duration,
+    unanswered: Arc<Unanswered>,
+) -> impl Stream<Item = PeerRequest> + Send + 'static
+where
+    S: Stream<Item = AppendEntriesRequest<KeelTypes>> + Send + Unpin + 'static,
+{
+    input
+        .map(move |rpc| {
+            let now = tokio::time::Instant::now();
+            let pieces = split_append(rpc);
+            let n = pieces.len();
+            let mut messages = Vec::with_capacity(n);
+            let mut bytes = 0;
+            for (i, (piece, size)) in pieces.into_iter().enumerate() {
+                bytes += size;
+                let payload = match codec::to_bytes(&piece) {
+                    Ok(payload) => payload,
+                    Err(e) => {
+                        if let Ok(mut broken) = unanswered.broken.lock() {
+                            *broken = Some(format!("AppendEntries to node {target} does not encode: {e}"));
+                        }
+                        unanswered.sent.notify_one();
+                        return None;
+                    }
+                };
+                messages.push(PeerRequest { target_id: target, cluster: cluster.clone(), payload });
+                let deadline = now + window + Duration::from_millis((bytes / APPEND_BYTES_PER_MS) as u64);
+                if let Ok(mut parts) = unanswered.parts.lock() {
+                    parts.push_back(SentPart { deadline, last_piece: i + 1 == n });
+                }
+            }
+            unanswered.sent.notify_one();
+            Some(messages)
+        })
+        .take_while(|messages| futures_util::future::ready(messages.is_some()))
+        .flat_map(|messages| futures_util::stream::iter(messages.unwrap_or_default()))
+}
+
+/// openraft's response stream: one result per request, in order. It ends with an error when the
+/// oldest unanswered message is past its deadline (a stalled peer or link), when the stream
+/// breaks, or after a refusal (conflict, higher vote), as openraft expects.
+fn inbound(
+    replies: tonic::Streaming<PeerReply>,
+    unanswered: Arc<Unanswered>,
+    from: NodeId,
+    target: NodeId,
+    window: Duration,
+) -> BoxStream<'static, Result<StreamAppendResult<KeelTypes>, RPCError<KeelTypes>>> {
+    type Item = Result<StreamAppendResult<KeelTypes>, RPCError<KeelTypes>>;
+    let stall = move |timeout| -> Item {
+        Err(Timeout { action: RPCTypes::AppendEntries, id: from, target, timeout }.into())
+    };
+    let next = move |(mut replies, unanswered): (tonic::Streaming<PeerReply>, Arc<Unanswered>)| async move {
+        loop {
+            if let Some(why) = unanswered.broken() {
+                return Some((Err(NetworkError::from_string(why).into()), None));
+            }
+            let oldest = unanswered.oldest_deadline();
+            let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+            let msg = tokio::select! {
+                msg = replies.message() => msg,
+                _ = unanswered.sent.notified(), if oldest.is_none() => continue,
+                _ = tokio::time::sleep_until(oldest.unwrap_or(far)), if oldest.is_some() => {
+                    return Some((stall(window), None));
+                }
+            };
+            let reply = match msg {
+                Ok(Some(reply)) => reply,
+                // The peer ended the stream: what is unanswered is sent again in a new one.
+                Ok(None) => return None,
+                Err(status) => {
+                    return Some((
+                        Err(rpc_error(from, target, RPCTypes::AppendEntries, window, &status)),
+                        None,
+                    ))
+                }
+            };
+            let Some(part) = unanswered.answered() else {
+                let msg = format!("node {target} answered an AppendEntries that was not sent");
+                return Some((Err(Unreachable::from_string(msg).into()), None));
+            };
+            let result: StreamAppendResult<KeelTypes> = match codec::from_bytes(&reply.payload) {
+                Ok(result) => result,
+                Err(e) => {
+                    let msg = format!("reply from node {target} does not decode: {e}");
+                    return Some((Err(Unreachable::from_string(msg).into()), None));
+                }
+            };
+            if result.is_ok() && !part.last_piece {
+                continue;
+            }
+            let go_on = result.is_ok();
+            return Some((Ok(result), go_on.then_some((replies, unanswered))));
+        }
+    };
+    Box::pin(futures_util::stream::unfold(Some((replies, unanswered)), move |state| async move {
+        next(state?).await
+    }))
 }
 
 impl RaftNetworkV2<KeelTypes> for GrpcConnection {
@@ -513,6 +768,60 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
         Ok(match reply {
             AppendEntriesResponse::Success => AppendEntriesResponse::PartialSuccess(last),
             other => other,
+        })
+    }
+
+    /// One long-lived gRPC stream per replication session: requests go out as openraft produces
+    /// them, without waiting for replies, and each costs one message rather than a call. A reply
+    /// may take `max(heartbeat interval, append timeout)` plus time for its bytes, as with
+    /// [`Self::append_entries`]; an older peer without the stream is replicated to call by call.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> OpenraftBoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<KeelTypes>, RPCError<KeelTypes>>>,
+            RPCError<KeelTypes>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<KeelTypes>> + OptionalSend + Unpin + 'static,
+    {
+        if self.peer_lacks_streaming {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let mut client = self.client()?;
+            // The stream opens once there is a request to send. Taking it first also lets
+            // openraft's back-off (applied while it produces a request) pace reconnection
+            // attempts to a peer that is down.
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                return Ok(Box::pin(futures_util::stream::empty()) as BoxStream<'s, _>);
+            };
+            let input = futures_util::stream::once(futures_util::future::ready(first)).chain(input);
+            let window = option.hard_ttl().max(self.append_timeout);
+            let unanswered = Arc::new(Unanswered::default());
+            let requests = outbound(input, self.target, self.cluster.clone(), window, unanswered.clone());
+            let replies = match tokio::time::timeout(window, client.stream_append(requests)).await {
+                Err(_) => return Err(self.timeout(RPCTypes::AppendEntries, window).into()),
+                Ok(Ok(resp)) => resp.into_inner(),
+                Ok(Err(status)) => {
+                    if status.code() == Code::Unimplemented {
+                        tracing::warn!(
+                            from = self.from,
+                            target = self.target,
+                            "peer does not serve StreamAppend (an older version): replicating to it \
+                             one AppendEntries call at a time"
+                        );
+                        self.peer_lacks_streaming = true;
+                    }
+                    return Err(rpc_error(self.from, self.target, RPCTypes::AppendEntries, window, &status));
+                }
+            };
+            Ok(inbound(replies, unanswered, self.from, self.target, window))
         })
     }
 
@@ -594,11 +903,10 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
                 ))
                 .into()
             }),
-            Err(status) => Err(match Failure::from_status(self.target, &status) {
-                Failure::Timeout => self.timeout(RPCTypes::InstallSnapshot, Duration::ZERO).into(),
-                Failure::Network(msg) => NetworkError::from_string(msg).into(),
-                Failure::Unreachable(msg) => Unreachable::from_string(msg).into(),
-            }),
+            Err(status) => {
+                Err(rpc_error(self.from, self.target, RPCTypes::InstallSnapshot, Duration::ZERO, &status)
+                    .into())
+            }
         }
     }
 

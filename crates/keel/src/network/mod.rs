@@ -14,12 +14,14 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::Stream;
 use futures_util::StreamExt;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -44,6 +46,13 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A snapshot file in transit, as a stream of byte chunks (at most [`SNAPSHOT_CHUNK_BYTES`] each).
 pub type SnapshotChunks = Pin<Box<dyn Stream<Item = io::Result<Vec<u8>>> + Send>>;
 
+/// A leader's AppendEntries requests to one follower, in the order it sent them.
+pub type AppendStream = Pin<Box<dyn Stream<Item = AppendEntriesRequest<KeelTypes>> + Send>>;
+/// One result per request of an [`AppendStream`], in order: the last log id the follower now
+/// holds (flushed), or why not (conflict, higher vote), after which the stream ends.
+pub type AppendResults =
+    Pin<Box<dyn Stream<Item = Result<StreamAppendResult<KeelTypes>, ServiceError>> + Send>>;
+
 /// Largest chunk a snapshot travels in. Senders read at most a couple of chunks ahead.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -64,6 +73,33 @@ pub trait RaftService: Send + Sync + 'static {
         &self,
         rpc: AppendEntriesRequest<KeelTypes>,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<KeelTypes>, ServiceError>>;
+
+    /// Serves a leader's replication stream (openraft's `Raft::stream_append`): requests are taken
+    /// in as they arrive, without waiting for earlier ones to be answered.
+    ///
+    /// The default serves them one at a time through [`Self::append_entries`].
+    fn stream_append(self: Arc<Self>, input: AppendStream) -> AppendResults {
+        Box::pin(futures_util::stream::unfold(Some((self, input)), |state| async move {
+            let (service, mut input) = state?;
+            let rpc = input.next().await?;
+            let prev = rpc.prev_log_id;
+            let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+            match service.append_entries(rpc).await {
+                // Nothing precedes the first entry, so there is nothing to conflict with.
+                Ok(AppendEntriesResponse::Conflict) if prev.is_none() => {
+                    Some((Err(stopped("follower reported a conflict before the first log entry")), None))
+                }
+                Ok(resp) => {
+                    let partial = matches!(resp, AppendEntriesResponse::PartialSuccess(_));
+                    let result = resp.into_stream_result(prev, last);
+                    // After a refusal or a partial append, later requests no longer follow on.
+                    let go_on = result.is_ok() && !partial;
+                    Some((Ok(result), go_on.then_some((service, input))))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        }))
+    }
 
     fn vote(
         &self,
@@ -191,6 +227,10 @@ impl<SM: StateMachine> RaftService for LocalService<SM> {
         rpc: AppendEntriesRequest<KeelTypes>,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<KeelTypes>, ServiceError>> {
         Box::pin(async move { self.raft.append_entries(rpc).await.map_err(stopped) })
+    }
+
+    fn stream_append(self: Arc<Self>, input: AppendStream) -> AppendResults {
+        Box::pin(self.raft.stream_append(input).map(|r| r.map_err(stopped)))
     }
 
     fn vote(
