@@ -432,9 +432,8 @@ fn append(
     }
 }
 
-/// The replication stream over gRPC to a real node: requests go out without waiting for replies,
-/// a request larger than one message's worth travels in pieces, and each request gets exactly
-/// one reply, in order.
+/// The replication stream over gRPC to a real node: a request larger than one message's worth
+/// travels in pieces, and each request gets exactly one reply, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replication_stream_answers_each_request_once_in_order() {
     use keel::openraft::network::v2::RaftNetworkV2;
