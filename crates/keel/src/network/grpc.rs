@@ -138,9 +138,10 @@ impl PeerServer {
         Self { cluster: cluster.into(), node_id, service, closing }
     }
 
-    /// Ends the replication streams open now and later (each after the replies already due), so
-    /// that a graceful server shutdown, which waits for requests in flight, is not held up by
-    /// them: a leader keeps its stream open for as long as it leads. [`serve`] calls it when
+    /// Ends the replication streams open now and later, so that a graceful server shutdown,
+    /// which waits for requests in flight, is not held up by them: a leader keeps its stream open
+    /// for as long as it leads. A reply not sent yet is dropped; the leader sends the request
+    /// again. [`serve`] calls it when
     /// shutdown begins; call it yourself if you serve [`Self::into_service`] on your own server.
     pub fn close_streams(&self) {
         self.closing.send_replace(true);
