@@ -432,29 +432,36 @@ fn append(
     }
 }
 
-/// The replication stream over gRPC to a real node: a request larger than one message's worth
-/// travels in pieces, and each request gets exactly one reply, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replication_stream_answers_each_request_once_in_order() {
+/// Streams `requests` to `follower` as node 1 and collects the replies, none of which may be a
+/// transport error.
+async fn stream_to(
+    follower: &Peer,
+    requests: Vec<openraft::raft::AppendEntriesRequest<keel::types::KeelTypes>>,
+) -> Vec<openraft::raft::StreamAppendResult<keel::types::KeelTypes>> {
     use keel::openraft::network::v2::RaftNetworkV2;
     use keel::openraft::network::RPCOption;
     use keel::openraft::network::RaftNetworkFactory;
 
+    let mut conn = GrpcNetwork::new(CLUSTER, 1).new_client(2, &follower.info()).await;
+    let option = RPCOption::new(std::time::Duration::from_secs(5));
+    let replies =
+        conn.stream_append(futures_util::stream::iter(requests), option).await.expect("stream opens");
+    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
+    replies.into_iter().map(|r| r.expect("no transport error")).collect()
+}
+
+/// The replication stream over gRPC to a real node: a request larger than one message's worth
+/// travels in pieces, and each request gets exactly one reply, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replication_stream_answers_each_request_once_in_order() {
     let dir = tempfile::tempdir().expect("temp dir");
     let follower = start_peer(2, dir.path(), &|_| {}).await;
-    let mut network = GrpcNetwork::new(CLUSTER, 1);
-    let mut conn = network.new_client(2, &follower.info()).await;
-
     // Entry 0, then three entries of 700 KB (more than one message may carry: three pieces),
     // then a request with no entries (as a commit update is).
     let big = 700 << 10;
     assert!(2 * big > grpc::MAX_APPEND_BYTES, "the second request must be cut into pieces");
     let requests = vec![append(None, 0..=0, 10), append(Some(0), 1..=3, big), append(Some(3), [], 0)];
-    let option = RPCOption::new(std::time::Duration::from_secs(5));
-    let replies =
-        conn.stream_append(futures_util::stream::iter(requests), option).await.expect("stream opens");
-    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
-    let replies: Vec<_> = replies.into_iter().map(|r| r.expect("no transport error")).collect();
+    let replies = stream_to(&follower, requests).await;
     assert_eq!(vec![Ok(Some(log_id(0))), Ok(Some(log_id(3))), Ok(Some(log_id(3)))], replies);
 
     let m = follower.node.metrics();
@@ -466,20 +473,12 @@ async fn replication_stream_answers_each_request_once_in_order() {
 /// it with the conflict, and the stream ends there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replication_stream_ends_at_a_conflict() {
-    use keel::openraft::network::v2::RaftNetworkV2;
-    use keel::openraft::network::RPCOption;
-    use keel::openraft::network::RaftNetworkFactory;
     use keel::openraft::raft::StreamAppendError;
 
     let dir = tempfile::tempdir().expect("temp dir");
     let follower = start_peer(2, dir.path(), &|_| {}).await;
-    let mut conn = GrpcNetwork::new(CLUSTER, 1).new_client(2, &follower.info()).await;
     let requests = vec![append(None, 0..=1, 10), append(Some(5), 6..=6, 10), append(Some(1), 2..=2, 10)];
-    let option = RPCOption::new(std::time::Duration::from_secs(5));
-    let replies =
-        conn.stream_append(futures_util::stream::iter(requests), option).await.expect("stream opens");
-    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
-    let replies: Vec<_> = replies.into_iter().map(|r| r.expect("no transport error")).collect();
+    let replies = stream_to(&follower, requests).await;
     assert_eq!(vec![Ok(Some(log_id(1))), Err(StreamAppendError::Conflict(log_id(5)))], replies);
     follower.shutdown().await;
 }

@@ -592,7 +592,6 @@ fn rpc_error(
 const MAX_UNANSWERED_REQUESTS: usize = 1;
 
 /// The messages of one replication stream that are not answered yet, oldest first.
-#[derive(Default)]
 struct Unanswered {
     parts: Mutex<VecDeque<SentPart>>,
     /// Wakes the receiving side when a message goes out, so that it starts timing it.
@@ -601,6 +600,9 @@ struct Unanswered {
     broken: Mutex<Option<String>>,
     /// Wakes the sending side when a request is answered.
     answered: tokio::sync::Notify,
+    /// Set when openraft drops the receiving side (the session is over): the sending side must
+    /// stop taking requests from openraft, whose next session takes them now, and end.
+    gone: tokio::sync::watch::Sender<bool>,
 }
 
 /// One message on the wire: a whole request, or a piece of one cut at [`MAX_APPEND_BYTES`].
@@ -613,6 +615,16 @@ struct SentPart {
 }
 
 impl Unanswered {
+    fn new() -> Self {
+        Self {
+            parts: Mutex::default(),
+            sent: tokio::sync::Notify::new(),
+            broken: Mutex::default(),
+            answered: tokio::sync::Notify::new(),
+            gone: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
     fn oldest_deadline(&self) -> Option<tokio::time::Instant> {
         self.parts.lock().ok().and_then(|p| p.front().map(|part| part.deadline))
     }
@@ -667,15 +679,28 @@ fn outbound<S>(
 where
     S: Stream<Item = AppendEntriesRequest<KeelTypes>> + Send + Unpin + 'static,
 {
-    futures_util::stream::unfold(input, move |mut input| {
+    let gone = unanswered.gone.subscribe();
+    futures_util::stream::unfold((input, gone), move |(mut input, mut gone)| {
         let unanswered = unanswered.clone();
         let cluster = cluster.clone();
         async move {
             // openraft's next request takes every entry appended by the time it is asked for.
-            while unanswered.requests() >= MAX_UNANSWERED_REQUESTS {
-                unanswered.answered.notified().await;
+            loop {
+                if *gone.borrow() {
+                    return None;
+                }
+                if unanswered.requests() < MAX_UNANSWERED_REQUESTS {
+                    break;
+                }
+                tokio::select! {
+                    _ = unanswered.answered.notified() => {}
+                    _ = gone.changed() => {}
+                }
             }
-            let rpc = input.next().await?;
+            let rpc = tokio::select! {
+                rpc = input.next() => rpc?,
+                _ = gone.wait_for(|gone| *gone) => return None,
+            };
             let now = tokio::time::Instant::now();
             let pieces = split_append(rpc);
             let n = pieces.len();
@@ -700,7 +725,7 @@ where
                 }
             }
             unanswered.sent.notify_one();
-            Some((messages, input))
+            Some((messages, (input, gone)))
         }
     })
     .flat_map(futures_util::stream::iter)
@@ -720,7 +745,8 @@ fn inbound(
     let stall = move |timeout| -> Item {
         Err(Timeout { action: RPCTypes::AppendEntries, id: from, target, timeout }.into())
     };
-    let next = move |(mut replies, unanswered): (tonic::Streaming<PeerReply>, Arc<Unanswered>)| async move {
+    let next = move |mut receiving: Receiving| async move {
+        let Receiving { replies, unanswered } = &mut receiving;
         loop {
             if let Some(why) = unanswered.broken() {
                 return Some((Err(NetworkError::from_string(why).into()), None));
@@ -760,12 +786,24 @@ fn inbound(
                 continue;
             }
             let go_on = result.is_ok();
-            return Some((Ok(result), go_on.then_some((replies, unanswered))));
+            return Some((Ok(result), go_on.then_some(receiving)));
         }
     };
-    Box::pin(futures_util::stream::unfold(Some((replies, unanswered)), move |state| async move {
-        next(state?).await
-    }))
+    let receiving = Receiving { replies, unanswered };
+    Box::pin(futures_util::stream::unfold(Some(receiving), move |state| async move { next(state?).await }))
+}
+
+/// The receiving half of a replication stream. openraft drops it when the session is over; then
+/// the sending half, which hyper polls on its own, must stop too (see [`Unanswered::gone`]).
+struct Receiving {
+    replies: tonic::Streaming<PeerReply>,
+    unanswered: Arc<Unanswered>,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.unanswered.gone.send_replace(true);
+    }
 }
 
 impl RaftNetworkV2<KeelTypes> for GrpcConnection {
@@ -828,7 +866,7 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
             };
             let input = futures_util::stream::once(futures_util::future::ready(first)).chain(input);
             let window = option.hard_ttl().max(self.append_timeout);
-            let unanswered = Arc::new(Unanswered::default());
+            let unanswered = Arc::new(Unanswered::new());
             let requests = outbound(input, self.target, self.cluster.clone(), window, unanswered.clone());
             let replies = match tokio::time::timeout(window, client.stream_append(requests)).await {
                 Err(_) => return Err(self.timeout(RPCTypes::AppendEntries, window).into()),
