@@ -104,6 +104,11 @@ pub const MAX_APPEND_BYTES: usize = 1 << 20;
 /// a slow link: 1 ms per 16 KiB (16 MiB/s).
 const APPEND_BYTES_PER_MS: usize = 16 << 10;
 
+/// The time added to an AppendEntries' deadline for `bytes` of commands, on a call or the stream.
+fn time_for_bytes(bytes: usize) -> Duration {
+    Duration::from_millis((bytes / APPEND_BYTES_PER_MS) as u64)
+}
+
 /// The least time an AppendEntries call that carries entries is given (see
 /// [`GrpcNetwork::with_append_timeout`]). openraft gives it its heartbeat interval (and the
 /// transport three quarters of that: 75 ms by default), so on a link whose round trip is longer,
@@ -719,7 +724,7 @@ where
                     }
                 };
                 messages.push(PeerRequest { target_id: target, cluster: cluster.clone(), payload });
-                let deadline = now + window + Duration::from_millis((bytes / APPEND_BYTES_PER_MS) as u64);
+                let deadline = now + window + time_for_bytes(bytes);
                 if let Ok(mut parts) = unanswered.parts.lock() {
                     parts.push_back(SentPart { deadline, last_piece: i + 1 == n });
                 }
@@ -821,7 +826,7 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
         } else {
             option.hard_ttl().max(self.append_timeout)
         };
-        let option = RPCOption::new(base + Duration::from_millis((bytes / APPEND_BYTES_PER_MS) as u64));
+        let option = RPCOption::new(base + time_for_bytes(bytes));
         if keep == rpc.entries.len() {
             return self.call(Method::AppendEntries, &rpc, &option).await;
         }
