@@ -1,9 +1,11 @@
 //! The trait a user implements to replicate their own state.
 //!
 //! A state machine keeps its state in the redb database Keel hands it: `apply` writes through a
-//! [`WriteTransaction`], reads and snapshots see a [`ReadTransaction`]. Keel commits each applied
+//! [`WriteTransaction`], reads and snapshots see a [`ReadTransaction`]. Keel writes each applied
 //! batch in the same transaction as its own record of the last applied log id and the membership,
-//! so the state and the position it describes can never disagree after a crash.
+//! so the state and the position it describes can never disagree after a crash. Consecutive
+//! batches may share one transaction: Keel commits it before anything reads, so every read sees
+//! every batch applied before it began.
 
 use std::fmt::Debug;
 use std::io;
@@ -14,7 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// A user state machine. Keel calls `apply` for one batch at a time, in log order, on a blocking
-/// thread; reads and snapshots run concurrently with it on their own read transactions.
+/// thread. A read or snapshot first commits what was applied before it (waiting for a batch being
+/// applied), then runs on its own read transaction, concurrently with later applies.
 ///
 /// All state must live in the database: on restart Keel resumes from what the database holds, and
 /// a follower that installs a snapshot gets only what `snapshot` wrote. Fields of `Self` are for

@@ -2,13 +2,21 @@
 //!
 //! # Durability contract
 //!
-//! - Each applied batch commits in one redb transaction that also records `last_applied` and the
-//!   membership: state and position always agree, and a restart resumes from there without
-//!   re-applying anything already applied.
+//! - Each applied batch is written in a redb write transaction that also records `last_applied`
+//!   and the membership: state and position always agree, and a restart resumes from there
+//!   without re-applying anything already applied.
+//! - That transaction stays open for the batches that follow, and is committed before anything
+//!   reads the database (`SmShared::publish`: reads, snapshots, installs, close), or once it
+//!   holds `OPEN_MAX_ENTRIES` entries or `OPEN_MAX_BYTES` of commands. For a batch of one put,
+//!   beginning and committing a transaction of its own was over half the cost of applying it.
 //! - Commits are fsync'ed every `sync_every_entries` / `sync_interval_ms` and on close; between
 //!   syncs the entries are still in the durable log (it is purged only behind a durable snapshot),
 //!   so a crash reverts to the last durable commit and openraft re-applies the rest.
-//! - Responses to proposers are sent only after the commit.
+//! - Responses to proposers are sent once their batch is applied; any read begun after that sees
+//!   it, because it commits the open transaction first.
+//! - If applying fails, the open transaction is lost with the batches in it, so the store refuses
+//!   every read and apply from then on (openraft stops the node); a restart re-applies from the
+//!   log.
 //! - A snapshot reads one redb read transaction: a point-in-time view while applies continue.
 //! - Installing a snapshot publishes the file first (rename + dir fsync) and then loads it in one
 //!   transaction. A crash between the two leaves `last_applied` behind the snapshot, and openraft
@@ -88,7 +96,27 @@ struct SyncState {
     last_sync: std::time::Instant,
     /// Entries committed without fsync since `last_sync`.
     unsynced: u64,
+    /// The applied position after the last applied batch (committed or open), once read.
+    applied: Option<AppliedState>,
+    /// Applied batches not yet committed: readers commit them first ([`SmShared::publish`]).
+    open: Option<OpenBatches>,
+    /// Why applying failed. The open transaction was lost with the failing batch, so this
+    /// database no longer holds everything openraft counts as applied: reads are refused.
+    failed: Option<String>,
 }
+
+/// A write transaction that holds applied batches, kept open so that the next batch need not
+/// begin and commit its own (together over half of an apply's cost for a single put).
+struct OpenBatches {
+    txn: redb::WriteTransaction,
+    entries: u64,
+    bytes: usize,
+}
+
+/// An open transaction is committed once it holds this many entries...
+const OPEN_MAX_ENTRIES: u64 = 1024;
+/// ...or this many bytes of commands, whichever comes first; or when anything reads.
+const OPEN_MAX_BYTES: usize = 4 << 20;
 
 /// The applied position recorded in a state machine database.
 #[derive(Debug, Clone, Default)]
@@ -122,6 +150,21 @@ fn applied_state_from(table: &impl ReadableTable<&'static str, &'static [u8]>) -
         last_applied: read_meta(table, KEY_LAST_APPLIED)?.flatten(),
         membership: read_meta(table, KEY_MEMBERSHIP)?.unwrap_or_default(),
     })
+}
+
+/// Records `state` in `txn`: the membership only if it changed (decoding and re-encoding it for
+/// every batch cost a put a tenth of its apply).
+fn write_last_applied(
+    txn: &redb::WriteTransaction,
+    state: &AppliedState,
+    membership: bool,
+) -> Result<(), StateMachineError> {
+    if membership {
+        return write_meta(txn, state);
+    }
+    let mut table = txn.open_table(META)?;
+    table.insert(KEY_LAST_APPLIED, codec::to_bytes(&state.last_applied)?.as_slice())?;
+    Ok(())
 }
 
 fn write_meta(txn: &redb::WriteTransaction, state: &AppliedState) -> Result<(), StateMachineError> {
@@ -183,30 +226,80 @@ impl<SM: StateMachine> SmShared<SM> {
                 interval: std::time::Duration::from_millis(config.sync_interval_ms),
                 last_sync: std::time::Instant::now(),
                 unsynced: 0,
+                applied: None,
+                open: None,
+                failed: None,
             }),
             closed: None,
         })
     }
 
+    /// Commits the applied batches held open, so that a read transaction begun after this sees
+    /// every batch applied so far. Every read of the database goes through here first.
+    pub(crate) fn publish(&self) -> io::Result<()> {
+        let mut sync = self.sync.lock().expect("sync state mutex poisoned by an earlier panic");
+        if let Some(why) = &sync.failed {
+            return Err(io::Error::other(format!("the state machine failed to apply: {why}")));
+        }
+        if let Some(open) = sync.open.take() {
+            commit(&mut sync, open.txn, false).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
     pub fn applied_state(&self) -> io::Result<AppliedState> {
+        self.publish()?;
         let txn = self.db.begin_read().map_err(io::Error::other)?;
         applied_state_in(&txn)
     }
 
     /// Applies one batch of committed entries in one transaction; returns the replies in order.
     fn apply_batch(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<Reply>, StateMachineError> {
-        let n_entries = entries.len() as u64;
         let mut sync = self.sync.lock().expect("sync state mutex poisoned by an earlier panic");
-        let durable =
-            sync.unsynced + n_entries >= sync.every_entries || sync.last_sync.elapsed() >= sync.interval;
-        let mut txn = self.db.begin_write()?;
-        if !durable {
-            // The log holds these entries durably until a snapshot covers them; a crash reverts
-            // this database to its last durable commit (state and `last_applied` together) and
-            // openraft re-applies the rest from the log.
-            txn.set_durability(redb::Durability::None).map_err(StateMachineError::other)?;
+        if let Some(why) = &sync.failed {
+            return Err(StateMachineError::other(format!("the state machine failed earlier: {why}")));
         }
-        let mut state = applied_state_in_write(&txn)?;
+        let result = self.apply_in_open(&mut sync, entries);
+        if let Err(e) = &result {
+            // Dropping the open transaction aborted the batches before this one too.
+            sync.open = None;
+            sync.applied = None;
+            sync.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    fn apply_in_open(
+        &self,
+        sync: &mut SyncState,
+        entries: Vec<crate::types::Entry>,
+    ) -> Result<Vec<Reply>, StateMachineError> {
+        let n_entries = entries.len() as u64;
+        let n_bytes: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(Command(bytes)) => bytes.len(),
+                _ => 0,
+            })
+            .sum();
+        let open = match sync.open.take() {
+            Some(open) => open,
+            None => {
+                let mut txn = self.db.begin_write()?;
+                // Made durable at commit time when due; until then the log holds these entries
+                // (it is purged only behind a durable snapshot), a crash reverts this database to
+                // its last durable commit (state and `last_applied` together) and openraft
+                // re-applies the rest from the log.
+                txn.set_durability(redb::Durability::None).map_err(StateMachineError::other)?;
+                OpenBatches { txn, entries: 0, bytes: 0 }
+            }
+        };
+        let txn = &open.txn;
+        let mut state = match sync.applied.take() {
+            Some(state) => state,
+            None => applied_state_in_write(txn)?,
+        };
+        let mut membership_changed = false;
         let mut commands = Vec::new();
         // For each entry, whether its reply comes from the user's responses.
         let mut is_command = Vec::with_capacity(entries.len());
@@ -226,12 +319,13 @@ impl<SM: StateMachine> SmShared<SM> {
                 }
                 EntryPayload::Membership(m) => {
                     state.membership = StoredMembership::new(Some(entry.log_id), m);
+                    membership_changed = true;
                     is_command.push(false);
                 }
             }
         }
         let n_commands = commands.len();
-        let responses = if commands.is_empty() { Vec::new() } else { self.sm.apply(&txn, commands)? };
+        let responses = if commands.is_empty() { Vec::new() } else { self.sm.apply(txn, commands)? };
         if responses.len() != n_commands {
             return Err(StateMachineError::other(format!(
                 "StateMachine::apply returned {} responses for {} commands",
@@ -239,15 +333,16 @@ impl<SM: StateMachine> SmShared<SM> {
                 n_commands
             )));
         }
-        write_meta(&txn, &state)?;
-        txn.commit()?;
-        if durable {
-            sync.unsynced = 0;
-            sync.last_sync = std::time::Instant::now();
+        write_last_applied(txn, &state, membership_changed)?;
+        sync.applied = Some(state);
+        sync.unsynced += n_entries;
+        let open = OpenBatches { entries: open.entries + n_entries, bytes: open.bytes + n_bytes, ..open };
+        let durable = sync.unsynced >= sync.every_entries || sync.last_sync.elapsed() >= sync.interval;
+        if durable || open.entries >= OPEN_MAX_ENTRIES || open.bytes >= OPEN_MAX_BYTES {
+            commit(sync, open.txn, durable)?;
         } else {
-            sync.unsynced += n_entries;
+            sync.open = Some(open);
         }
-        drop(sync);
 
         let mut responses = responses.into_iter();
         is_command
@@ -265,6 +360,8 @@ impl<SM: StateMachine> SmShared<SM> {
     /// Replaces the whole state with a snapshot file's contents, in one transaction.
     fn restore_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
         let (_, mut reader) = SnapshotReader::open(path).map_err(io::Error::from)?;
+        self.publish()?;
+        self.sync.lock().expect("sync state mutex poisoned by an earlier panic").applied = None;
         let txn = self.db.begin_write()?;
         let user_tables: Vec<String> =
             txn.list_tables()?.map(|t| t.name().to_string()).filter(|n| n != META.name()).collect();
@@ -290,16 +387,49 @@ impl<SM: StateMachine> SmShared<SM> {
 impl<SM> Drop for SmShared<SM> {
     /// A clean close leaves nothing to re-apply: one last durable commit if anything is unsynced.
     fn drop(&mut self) {
-        let unsynced = self.sync.get_mut().map(|s| s.unsynced).unwrap_or(1);
-        if unsynced == 0 {
+        let Ok(sync) = self.sync.get_mut() else { return };
+        if sync.failed.is_some() {
+            return; // the open transaction is gone; the log re-applies on restart
+        }
+        let open = sync.open.take();
+        if sync.unsynced == 0 && open.is_none() {
             return;
         }
-        let res =
-            self.db.begin_write().map_err(redb::Error::from).and_then(|txn| txn.commit().map_err(Into::into));
+        let res = match open {
+            Some(open) => commit(sync, open.txn, true).map_err(|e| e.to_string()),
+            None => self
+                .db
+                .begin_write()
+                .map_err(redb::Error::from)
+                .and_then(|txn| txn.commit().map_err(Into::into))
+                .map_err(|e| e.to_string()),
+        };
         if let Err(e) = res {
             tracing::warn!("final state machine sync failed (the log re-applies on restart): {e}");
         }
     }
+}
+
+/// Commits `txn`, fsync'ed if `durable` (and then recorded in `sync`).
+fn commit(
+    sync: &mut SyncState,
+    mut txn: redb::WriteTransaction,
+    durable: bool,
+) -> Result<(), StateMachineError> {
+    if durable {
+        txn.set_durability(redb::Durability::Immediate).map_err(StateMachineError::other)?;
+    }
+    if let Err(e) = txn.commit() {
+        // The batches in it are gone, although openraft counts them as applied.
+        sync.applied = None;
+        sync.failed = Some(format!("commit failed: {e}"));
+        return Err(e.into());
+    }
+    if durable {
+        sync.unsynced = 0;
+        sync.last_sync = std::time::Instant::now();
+    }
+    Ok(())
 }
 
 fn applied_state_in_write(txn: &redb::WriteTransaction) -> Result<AppliedState, StateMachineError> {
@@ -330,6 +460,7 @@ impl<SM: StateMachine> SmStore<SM> {
 
     /// Runs `f` on a read transaction of the current state.
     pub fn read<R>(&self, f: impl FnOnce(&SM, &redb::ReadTransaction) -> R) -> io::Result<R> {
+        self.shared.publish()?;
         let txn = self.shared.db.begin_read().map_err(io::Error::other)?;
         Ok(f(&self.shared.sm, &txn))
     }
@@ -376,7 +507,7 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The read transaction is taken here, in the state machine worker, between two applies:
         // the snapshot is exactly the state after the last applied batch.
-        let txn = self.shared.db.begin_read().map_err(io::Error::other);
+        let txn = self.shared.publish().and_then(|()| self.shared.db.begin_read().map_err(io::Error::other));
         SnapshotBuilder { shared: self.shared.clone(), txn: Some(txn) }
     }
 
