@@ -572,7 +572,7 @@ async fn entries_are_acknowledged_over_a_link_slower_than_the_heartbeat() {
     // With a floor below the link's delay, the stalled stream ends with a timeout.
     let mut hasty = GrpcNetwork::new(CLUSTER, 1).with_append_timeout(Duration::from_millis(50));
     let mut conn = hasty.new_client(2, &NodeInfo::new(addr.to_string(), "")).await;
-    let replies = conn.stream_append(stream(1), heartbeat_interval).await.expect("stream opens");
+    let replies = conn.stream_append(stream(2), heartbeat_interval).await.expect("stream opens");
     let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
     assert!(matches!(replies[..], [Err(RPCError::Timeout(_))]), "{replies:?}");
 
@@ -694,7 +694,15 @@ async fn a_peer_without_the_stream_is_replicated_to_call_by_call() {
 
     let mut conn = GrpcNetwork::new(CLUSTER, 1).new_client(2, &NodeInfo::new(addr.to_string(), "")).await;
     let option = RPCOption::new(std::time::Duration::from_secs(5));
-    let first = vec![append(None, 0..=0, 10)];
+    // A lone request (openraft's heartbeats come one to an input) travels as a call: no stream.
+    let lone = vec![append(None, 0..=0, 10)];
+    let replies = conn.stream_append(futures_util::stream::iter(lone), option.clone()).await.expect("a call");
+    let replies: Vec<_> = futures_util::StreamExt::collect(replies).await;
+    let replies: Vec<_> = replies.into_iter().map(|r| r.expect("no transport error")).collect();
+    assert_eq!(vec![Ok(Some(log_id(0)))], replies);
+
+    // More than one: a stream, which this peer refuses.
+    let first = vec![append(None, 0..=0, 10), append(Some(0), 1..=1, 10)];
     let err = conn
         .stream_append(futures_util::stream::iter(first), option.clone())
         .await
