@@ -89,12 +89,12 @@ pub(crate) struct SmShared<SM> {
     pub closed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-/// When applied state was last made durable.
+/// When applied state was last made durable, and the batches applied since.
 struct SyncState {
     every_entries: u64,
     interval: std::time::Duration,
     last_sync: std::time::Instant,
-    /// Entries committed without fsync since `last_sync`.
+    /// Entries applied since `last_sync` (held open, or committed without fsync).
     unsynced: u64,
     /// The applied position after the last applied batch (committed or open), once read.
     applied: Option<AppliedState>,
