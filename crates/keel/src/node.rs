@@ -400,8 +400,7 @@ impl<SM: StateMachine> Node<SM> {
 
     /// A serializable read of this node's applied state: no round trip, possibly stale.
     pub fn read_local<R>(&self, f: impl FnOnce(&SM, &ReadTransaction) -> R) -> Result<R, ReadError> {
-        self.shared.publish().map_err(|e| ReadError::Storage(e.to_string()))?;
-        let txn = self.shared.db.begin_read().map_err(|e| ReadError::Storage(e.to_string()))?;
+        let txn = self.shared.begin_read().map_err(|e| ReadError::Storage(e.to_string()))?;
         Ok(f(&self.shared.sm, &txn))
     }
 

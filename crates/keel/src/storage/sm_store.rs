@@ -6,9 +6,10 @@
 //!   and the membership: state and position always agree, and a restart resumes from there
 //!   without re-applying anything already applied.
 //! - That transaction stays open for the batches that follow, and is committed before anything
-//!   reads the database (`SmShared::publish`: reads, snapshots, installs, close), or once it
-//!   holds `OPEN_MAX_ENTRIES` entries or `OPEN_MAX_BYTES` of commands. For a batch of one put,
-//!   beginning and committing a transaction of its own was over half the cost of applying it.
+//!   reads the database (`SmShared::publish`, which `SmShared::begin_read` calls for every read and
+//!   snapshot; installs and close call it too), or once it holds `OPEN_MAX_ENTRIES` entries or
+//!   `OPEN_MAX_BYTES` of commands. For a batch of one put, beginning and committing a transaction
+//!   of its own was over half the cost of applying it.
 //! - Commits are fsync'ed every `sync_every_entries` / `sync_interval_ms` and on close; between
 //!   syncs the entries are still in the durable log (it is purged only behind a durable snapshot),
 //!   so a crash reverts to the last durable commit and openraft re-applies the rest.
@@ -235,8 +236,8 @@ impl<SM: StateMachine> SmShared<SM> {
     }
 
     /// Commits the applied batches held open, so that a read transaction begun after this sees
-    /// every batch applied so far. Every read of the database goes through here first.
-    pub(crate) fn publish(&self) -> io::Result<()> {
+    /// every batch applied so far.
+    fn publish(&self) -> io::Result<()> {
         let mut sync = self.sync.lock().expect("sync state mutex poisoned by an earlier panic");
         if let Some(why) = &sync.failed {
             return Err(io::Error::other(format!("the state machine failed to apply: {why}")));
@@ -247,10 +248,15 @@ impl<SM: StateMachine> SmShared<SM> {
         Ok(())
     }
 
-    pub fn applied_state(&self) -> io::Result<AppliedState> {
+    /// A read transaction that sees every batch applied so far: the only way this module and
+    /// [`crate::Node`] begin one.
+    pub(crate) fn begin_read(&self) -> io::Result<redb::ReadTransaction> {
         self.publish()?;
-        let txn = self.db.begin_read().map_err(io::Error::other)?;
-        applied_state_in(&txn)
+        self.db.begin_read().map_err(io::Error::other)
+    }
+
+    pub fn applied_state(&self) -> io::Result<AppliedState> {
+        applied_state_in(&self.begin_read()?)
     }
 
     /// Applies one batch of committed entries in one transaction; returns the replies in order.
@@ -261,9 +267,7 @@ impl<SM: StateMachine> SmShared<SM> {
         }
         let result = self.apply_in_open(&mut sync, entries);
         if let Err(e) = &result {
-            // Dropping the open transaction aborted the batches before this one too.
-            sync.open = None;
-            sync.applied = None;
+            // The open transaction was taken and dropped: the batches before this one are gone too.
             sync.failed = Some(e.to_string());
         }
         result
@@ -460,9 +464,7 @@ impl<SM: StateMachine> SmStore<SM> {
 
     /// Runs `f` on a read transaction of the current state.
     pub fn read<R>(&self, f: impl FnOnce(&SM, &redb::ReadTransaction) -> R) -> io::Result<R> {
-        self.shared.publish()?;
-        let txn = self.shared.db.begin_read().map_err(io::Error::other)?;
-        Ok(f(&self.shared.sm, &txn))
+        Ok(f(&self.shared.sm, &self.shared.begin_read()?))
     }
 }
 
@@ -507,7 +509,7 @@ impl<SM: StateMachine> RaftStateMachine<KeelTypes> for SmStore<SM> {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // The read transaction is taken here, in the state machine worker, between two applies:
         // the snapshot is exactly the state after the last applied batch.
-        let txn = self.shared.publish().and_then(|()| self.shared.db.begin_read().map_err(io::Error::other));
+        let txn = self.shared.begin_read();
         SnapshotBuilder { shared: self.shared.clone(), txn: Some(txn) }
     }
 
