@@ -44,6 +44,7 @@ pub struct Config {
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
+    pub limits: LimitsConfig,
     /// Planted bugs for fault tests (debug builds only). Never read from TOML: a test sets it, or
     /// `keeld` from `KEEL_FAULT_INJECTION` (see [`crate::faults`]).
     #[serde(skip)]
@@ -97,6 +98,24 @@ pub struct StateMachineConfig {
     pub sync_interval_ms: u64,
 }
 
+/// Bounds on what a node accepts from clients and peers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The largest encoded command a node proposes: a larger one is refused before it enters the
+    /// log. It also bounds every peer message (an AppendEntries carries at least one entry).
+    pub max_command_bytes: u64,
+    /// The largest snapshot a node accepts from a leader; a transfer past it is cut off and its
+    /// temp file removed. Set it above the state machine's largest expected size.
+    pub max_snapshot_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_command_bytes: 8 << 20, max_snapshot_bytes: 8 << 30 }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -106,6 +125,7 @@ impl Default for Config {
             raft: RaftConfig::default(),
             log: LogConfig::default(),
             state_machine: StateMachineConfig::default(),
+            limits: LimitsConfig::default(),
             faults: Faults::default(),
         }
     }
@@ -221,7 +241,23 @@ impl Config {
         if self.log.chunk_max_bytes < 1 << 20 {
             return invalid("log.chunk_max_bytes", "must be at least 1048576 (1 MiB)");
         }
+        if self.limits.max_command_bytes < 1024 || self.limits.max_command_bytes > 128 << 20 {
+            return invalid(
+                "limits.max_command_bytes",
+                "must be between 1024 (1 KiB) and 134217728 (128 MiB)",
+            );
+        }
+        if self.limits.max_snapshot_bytes < 1 << 20 {
+            return invalid("limits.max_snapshot_bytes", "must be at least 1048576 (1 MiB)");
+        }
         Ok(())
+    }
+
+    /// The largest peer message this node sends or accepts: one command of the largest size, or
+    /// an AppendEntries batch, with room for the framing.
+    pub fn max_peer_message_bytes(&self) -> usize {
+        let largest = (self.limits.max_command_bytes as usize).max(crate::network::grpc::MAX_APPEND_BYTES);
+        largest + (1 << 20)
     }
 
     /// The openraft configuration this node runs with.

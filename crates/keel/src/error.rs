@@ -71,9 +71,14 @@ pub enum ProposeError {
     /// still have committed through the new leader (openraft: commit status unknown).
     #[error("proposal dropped from the log by a leader change; it may or may not have been applied: {0}")]
     Discarded(String),
-    /// The command could not be encoded; it was not proposed.
-    #[error("command cannot be encoded: {0}")]
+    /// The command was refused before it was proposed: it does not encode or decode, is over
+    /// `limits.max_command_bytes`, or the state machine's `validate` refused it. Nothing changed.
+    #[error("command refused: {0}")]
     InvalidCommand(String),
+    /// The command was committed, but the state machine could not take it (it does not decode
+    /// as a command on the replicas): every replica answered this refusal and changed nothing.
+    #[error("committed but not applied: {0}")]
+    Refused(String),
     /// The node stopped (shut down, or a storage failure made it halt).
     #[error("node stopped: {0}")]
     Stopped(String),

@@ -24,7 +24,9 @@ use crate::error::AdminError;
 use crate::error::NotLeader;
 use crate::error::ProposeError;
 use crate::error::ReadError;
+use crate::network::guard::Transfer;
 use crate::network::BoxFuture;
+use crate::network::PeerState;
 use crate::state_machine::StateMachine;
 use crate::storage::SmStore;
 use crate::types::Command;
@@ -79,6 +81,10 @@ pub enum ForwardFailure {
     QuorumUnavailable(String),
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The leader refused to propose a command: it does not decode, is too large, or the state
+    /// machine's `validate` refused it. Nothing was appended.
+    #[error("command refused: {0}")]
+    Invalid(String),
     #[error("leader stopped: {0}")]
     Stopped(String),
 }
@@ -112,12 +118,17 @@ pub trait Forwarder: Send + Sync + 'static {
 pub(crate) struct Timing {
     pub election_timeout: Duration,
     pub read_policy: ReadPolicy,
+    /// The largest encoded command this node proposes (`limits.max_command_bytes`).
+    pub max_command_bytes: usize,
 }
 
 /// Serves a forwarded request on this node.
+///
+/// A `Write` must have passed [`check_command`] on this node.
 pub(crate) async fn serve<SM: StateMachine>(
     raft: &Raft<SmStore<SM>>,
     timing: Timing,
+    peer: &PeerState,
     req: ForwardRequest,
 ) -> ForwardReply {
     let result = match req {
@@ -132,7 +143,7 @@ pub(crate) async fn serve<SM: StateMachine>(
             local_change_members(raft, timing, change, retain).await.map(|()| ForwardReply::Done)
         }
         ForwardRequest::TransferLeader { to } => {
-            local_transfer_leader(raft, timing, to).await.map(|()| ForwardReply::Done)
+            local_transfer_leader(raft, timing, peer, to).await.map(|()| ForwardReply::Done)
         }
         ForwardRequest::Promote { id } => local_promote(raft, id).await.map(|()| ForwardReply::Done),
     };
@@ -194,7 +205,30 @@ pub(crate) async fn local_change_members<SM: StateMachine>(
     .await
 }
 
-/// Proposes `cmd` on this node, which must be the leader.
+/// Checks an encoded command as the leader does before it proposes one, whichever path it came
+/// by: within the size limit, decodes as the state machine's command, and passes its `validate`.
+pub(crate) fn check_command<SM: StateMachine>(
+    sm: &SM,
+    max_bytes: usize,
+    cmd: &Command,
+) -> Result<(), ForwardFailure> {
+    check_command_size(max_bytes, cmd.0.len())?;
+    let decoded: SM::Command = crate::codec::from_bytes(&cmd.0)
+        .map_err(|e| ForwardFailure::Invalid(format!("command does not decode: {e}")))?;
+    sm.validate(&decoded).map_err(|refusal| ForwardFailure::Invalid(refusal.0))
+}
+
+pub(crate) fn check_command_size(max_bytes: usize, len: usize) -> Result<(), ForwardFailure> {
+    if len > max_bytes {
+        return Err(ForwardFailure::Invalid(format!(
+            "command is {len} bytes, over the {max_bytes} byte limit (limits.max_command_bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// Proposes `cmd` on this node, which must be the leader. The caller has checked it
+/// ([`check_command`]).
 pub(crate) async fn local_write<SM: StateMachine>(
     raft: &Raft<SmStore<SM>>,
     timing: Timing,
@@ -266,9 +300,13 @@ pub(crate) async fn local_promote<SM: StateMachine>(
 }
 
 /// Asks this node (the leader) to hand leadership to `to`, and waits until it has moved.
+///
+/// The transfer is recorded in `peer` first: the target's vote request carries the transfer
+/// flag, which this node honours only for a transfer it knows of (see [`crate::network::guard`]).
 pub(crate) async fn local_transfer_leader<SM: StateMachine>(
     raft: &Raft<SmStore<SM>>,
     timing: Timing,
+    peer: &PeerState,
     to: NodeId,
 ) -> Result<(), ForwardFailure> {
     let m = raft.metrics().borrow_watched().clone();
@@ -281,6 +319,7 @@ pub(crate) async fn local_transfer_leader<SM: StateMachine>(
     if !m.membership_config.membership().voter_ids().any(|v| v == to) {
         return Err(ForwardFailure::Rejected(format!("node {to} is not a voter; only a voter can lead")));
     }
+    peer.announce_transfer(Transfer { term: m.current_term, to });
     raft.trigger().transfer_leader(to).await.map_err(|e| ForwardFailure::Stopped(e.to_string()))?;
     // The target campaigns at once; allow it a few election timeouts to win.
     raft.wait(Some(timing.election_timeout * 4))
@@ -337,6 +376,7 @@ impl From<ForwardFailure> for ProposeError {
                 ProposeError::NotLeader(NotLeader { leader_id, leader })
             }
             ForwardFailure::Discarded(m) => ProposeError::Discarded(m),
+            ForwardFailure::Invalid(m) => ProposeError::InvalidCommand(m),
             ForwardFailure::QuorumUnavailable(m)
             | ForwardFailure::Rejected(m)
             | ForwardFailure::Busy(m)
@@ -355,9 +395,10 @@ impl From<ForwardFailure> for ReadError {
             ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Discarded(m) | ForwardFailure::Busy(m) => {
                 ReadError::QuorumUnavailable(m)
             }
-            ForwardFailure::Rejected(m) | ForwardFailure::Stopped(m) | ForwardFailure::NotReady(m) => {
-                ReadError::Stopped(m)
-            }
+            ForwardFailure::Rejected(m)
+            | ForwardFailure::Stopped(m)
+            | ForwardFailure::NotReady(m)
+            | ForwardFailure::Invalid(m) => ReadError::Stopped(m),
         }
     }
 }
@@ -370,7 +411,7 @@ impl From<ForwardFailure> for AdminError {
             }
             ForwardFailure::Discarded(m) => AdminError::Unknown(m),
             ForwardFailure::QuorumUnavailable(m) | ForwardFailure::Busy(m) => AdminError::Retry(m),
-            ForwardFailure::Rejected(m) => AdminError::Rejected(m),
+            ForwardFailure::Rejected(m) | ForwardFailure::Invalid(m) => AdminError::Rejected(m),
             ForwardFailure::NotReady(m) => AdminError::NotReady(m),
             ForwardFailure::Stopped(m) => AdminError::Stopped(m),
         }

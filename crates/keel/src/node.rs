@@ -30,6 +30,7 @@ use crate::forward::ForwardRequest;
 use crate::forward::Forwarder;
 use crate::forward::Timing;
 use crate::network::LocalService;
+use crate::network::PeerState;
 use crate::network::RaftService;
 use crate::state_machine::StateMachine;
 use crate::storage::sm_store::SmShared;
@@ -55,6 +56,8 @@ pub struct Node<SM: StateMachine> {
     /// Sends requests to the leader when this node is not it.
     forwarder: Arc<dyn Forwarder>,
     timing: Timing,
+    /// What the peer service remembers between messages (shared with every `service()`).
+    peer: Arc<PeerState>,
     /// Complete when the log and the state machine database are closed.
     closed: (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Receiver<()>),
 }
@@ -162,6 +165,7 @@ impl<SM: StateMachine> Node<SM> {
         let timing = Timing {
             election_timeout: Duration::from_millis(config.raft.election_timeout_max_ms),
             read_policy: config.raft.read_policy,
+            max_command_bytes: config.limits.max_command_bytes as usize,
         };
         let raft = openraft::Raft::new(
             config.id,
@@ -173,6 +177,7 @@ impl<SM: StateMachine> Node<SM> {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
         purge_behind_snapshot(&raft, &shared, &log, config.raft.logs_to_keep_after_snapshot).await?;
+        let peer = Arc::new(PeerState::new(config.limits.max_snapshot_bytes));
         tracing::info!(id = config.id, data_dir = %config.data_dir.display(), "node started");
         Ok(Self {
             id: config.id,
@@ -182,6 +187,7 @@ impl<SM: StateMachine> Node<SM> {
             log,
             forwarder,
             timing,
+            peer,
             closed: (log_closed, sm_closed),
         })
     }
@@ -205,6 +211,8 @@ impl<SM: StateMachine> Node<SM> {
             raft: self.raft.clone(),
             shared: Arc::downgrade(&self.shared),
             timing: self.timing,
+            peer: self.peer.clone(),
+            server_metrics: self.raft.server_metrics(),
         })
     }
 
@@ -259,7 +267,7 @@ impl<SM: StateMachine> Node<SM> {
 
     /// Hands leadership to voter `to` and returns once it leads.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), AdminError> {
-        let local = || forward::local_transfer_leader(&self.raft, self.timing, to);
+        let local = || forward::local_transfer_leader(&self.raft, self.timing, &self.peer, to);
         self.on_leader(local, ForwardRequest::TransferLeader { to }, done).await
     }
 
@@ -273,16 +281,33 @@ impl<SM: StateMachine> Node<SM> {
 
     /// Like [`propose`](Self::propose), and also returns the command's log index: a client that
     /// then reads from another node can wait for it there (`wait_applied`) to read its own write.
+    ///
+    /// The command is checked first ([`StateMachine::validate`], `limits.max_command_bytes`); a
+    /// follower's leader checks it again before proposing it.
     pub async fn propose_indexed(&self, cmd: SM::Command) -> Result<(SM::Response, LogIndex), ProposeError> {
+        self.shared.sm.validate(&cmd).map_err(|refusal| ProposeError::InvalidCommand(refusal.0))?;
         let bytes = codec::to_bytes(&cmd).map_err(|e| ProposeError::InvalidCommand(e.to_string()))?;
-        let (reply, index) = self.propose_bytes(Command(bytes)).await?;
-        let response = codec::from_bytes(&reply.0)
-            .map_err(|e| ProposeError::Stopped(format!("state machine response does not decode: {e}")))?;
+        forward::check_command_size(self.timing.max_command_bytes, bytes.len())?;
+        let (reply, index) = self.propose_checked(Command(bytes)).await?;
+        let response = match reply {
+            Reply::Response(bytes) => codec::from_bytes(&bytes)
+                .map_err(|e| ProposeError::Stopped(format!("state machine response does not decode: {e}")))?,
+            Reply::Refused(why) => return Err(ProposeError::Refused(why)),
+        };
         Ok((response, index))
     }
 
-    /// Proposes an already encoded command (see [`codec`]) and answers the encoded reply.
+    /// Proposes an already encoded command (see [`codec`]) and answers the encoded reply. The
+    /// bytes must decode as the state machine's command and pass its `validate`, or the command
+    /// is refused ([`ProposeError::InvalidCommand`]) before it enters the log.
     pub async fn propose_bytes(&self, cmd: Command) -> Result<(Reply, LogIndex), ProposeError> {
+        forward::check_command(&self.shared.sm, self.timing.max_command_bytes, &cmd)?;
+        self.propose_checked(cmd).await
+    }
+
+    /// Proposes a command that was checked on this node; a leader it is forwarded to checks it
+    /// again.
+    async fn propose_checked(&self, cmd: Command) -> Result<(Reply, LogIndex), ProposeError> {
         let local = || forward::local_write(&self.raft, self.timing, cmd.clone());
         let written = |reply| match reply {
             ForwardReply::Written { reply, index } => Some((reply, index)),

@@ -13,6 +13,7 @@ use std::io;
 pub use redb::ReadTransaction;
 pub use redb::WriteTransaction;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde::Serialize;
 
 /// A user state machine. Keel calls `apply` for one batch at a time, in log order, on a blocking
@@ -28,11 +29,26 @@ pub trait StateMachine: Send + Sync + 'static {
     /// What `apply` answers for each command.
     type Response: Serialize + DeserializeOwned + Send + Sync + Debug + 'static;
 
+    /// Checks a command before it enters the log, and answers why not.
+    ///
+    /// The leader calls it for every command it proposes, whichever node the client reached: a
+    /// follower's forwarded command is decoded and checked again by the leader, so nothing that a
+    /// peer or client sends goes into the log unchecked. Put here every limit `apply` relies on
+    /// (sizes, counts, shapes). It may depend on configuration, since only the leader runs it;
+    /// `apply` must still take any command that decodes. The default accepts every command.
+    fn validate(&self, cmd: &Self::Command) -> Result<(), Refusal> {
+        let _ = cmd;
+        Ok(())
+    }
+
     /// Applies a batch of committed commands, in order, and returns one response per command.
     ///
     /// Must be deterministic: every replica applies the same commands and must reach the same
-    /// state. Business failures (a missing account, a failed compare) belong in `Response`; an
-    /// `Err` means the state machine cannot go on, and the node stops rather than diverge.
+    /// state. Business failures (a missing account, a failed compare, a command that makes no
+    /// sense) belong in `Response`. An `Err` is for storage failures only: it means this node
+    /// cannot go on, and Raft stops (the process should exit and be restarted) rather than let the
+    /// replicas diverge. A committed entry whose bytes do not decode as a `Command` never reaches
+    /// `apply`: Keel answers it [`Reply::Refused`](crate::types::Reply) on every replica.
     fn apply(
         &self,
         txn: &WriteTransaction,
@@ -45,6 +61,17 @@ pub trait StateMachine: Send + Sync + 'static {
     /// Rebuilds the state from bytes `snapshot` wrote. Keel has already deleted every user table
     /// in `txn`, so this only loads.
     fn restore(&self, txn: &WriteTransaction, input: &mut dyn io::Read) -> Result<(), StateMachineError>;
+}
+
+/// Why [`StateMachine::validate`] refuses a command: a message for the client that sent it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+impl Refusal {
+    pub fn new(why: impl Into<String>) -> Self {
+        Self(why.into())
+    }
 }
 
 /// A state machine failure. Any of these stops the node: it is never returned to a client as a

@@ -53,13 +53,32 @@ impl fmt::Display for Command {
     }
 }
 
-/// An encoded user response, as the state machine returns it to the proposer.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reply(#[serde(with = "serde_bytes")] pub Vec<u8>);
+/// What applying one log entry answered, as it travels back to the proposer.
+///
+/// Every replica computes the same `Reply` for the same entry: a committed entry that the state
+/// machine cannot take (its bytes do not decode as a command) is answered `Refused` on every node
+/// and skipped, so the replicas stay identical and the log never wedges.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The user's encoded response.
+    Response(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The entry was committed but not applied; why.
+    Refused(String),
+}
+
+impl Default for Reply {
+    /// The reply to entries that carry no command (blank, membership).
+    fn default() -> Self {
+        Reply::Response(Vec::new())
+    }
+}
 
 impl fmt::Debug for Reply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Reply({} bytes)", self.0.len())
+        match self {
+            Reply::Response(bytes) => write!(f, "Reply({} bytes)", bytes.len()),
+            Reply::Refused(why) => write!(f, "Refused({why:?})"),
+        }
     }
 }
 

@@ -207,3 +207,76 @@ async fn membership_grows_from_one_node_and_shrinks() {
     let err = nodes[&1].change_membership([1, 2, 9].into()).await.expect_err("9 was never added");
     assert!(matches!(err, keel::AdminError::Rejected(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_committed_entry_that_does_not_decode_is_refused_alike_and_the_cluster_goes_on() {
+    let mut c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader(None).await;
+    c.nodes[&leader].propose(Append(1)).await.expect("propose");
+    // What an older or broken leader could have put in the log: bytes that are no command. (A
+    // Keel leader refuses them before proposing: see the next test.)
+    let garbage = keel::types::Command(vec![0xff; 9]);
+    let written = c.nodes[&leader].raft().client_write(garbage).await.expect("committed");
+    assert!(
+        matches!(&written.data, keel::types::Reply::Refused(why) if why.contains("cannot decode")),
+        "{:?}",
+        written.data
+    );
+    let (seq, index) = c.nodes[&leader].propose_indexed(Append(2)).await.expect("the log goes on");
+    assert_eq!(1, seq, "the refused entry took no ledger slot");
+    let all = c.converge(index).await;
+    assert!(all.values().all(|rows| rows == &vec![1, 2]), "replicas diverge: {all:?}");
+
+    // A restart re-applies the entry the same way.
+    let follower = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
+    c.stop(follower).await;
+    let node = start_node(&c.router, follower, c.dir.path(), &|_: &mut keel::Config| {}).await;
+    c.nodes.insert(follower, node);
+    let all = c.converge(index).await;
+    assert_eq!(Some(&vec![1, 2]), all.get(&follower));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_refuses_what_validate_refuses_whichever_path_it_came_by() {
+    let c = Cluster::start(3, |config| config.limits.max_command_bytes = 1024).await;
+    let leader = c.leader(None).await;
+    let follower = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
+    for id in [leader, follower] {
+        match c.nodes[&id].propose(Append(support::RESERVED_ID)).await {
+            Err(ProposeError::InvalidCommand(why)) => assert!(why.contains("reserved"), "{why}"),
+            other => panic!("node {id}: a refused command must not be proposed, got {other:?}"),
+        }
+        let garbage = keel::types::Command(vec![0xff; 9]);
+        match c.nodes[&id].propose_bytes(garbage).await {
+            Err(ProposeError::InvalidCommand(why)) => assert!(why.contains("does not decode"), "{why}"),
+            other => panic!("node {id}: undecodable bytes must not be proposed, got {other:?}"),
+        }
+        let large = keel::types::Command(vec![0; 2048]);
+        match c.nodes[&id].propose_bytes(large).await {
+            Err(ProposeError::InvalidCommand(why)) => assert!(why.contains("max_command_bytes"), "{why}"),
+            other => panic!("node {id}: an oversized command must not be proposed, got {other:?}"),
+        }
+    }
+
+    // A forwarded write is checked by the leader itself, as a peer could send anything.
+    let service = c.nodes[&leader].service();
+    let reserved = keel::codec::to_bytes(&Append(support::RESERVED_ID)).expect("encodes");
+    let req = keel::forward::ForwardRequest::Write(keel::types::Command(reserved));
+    match service.forward(follower, req.clone()).await {
+        Ok(keel::forward::ForwardReply::Failed(keel::forward::ForwardFailure::Invalid(why))) => {
+            assert!(why.contains("reserved"), "{why}")
+        }
+        other => panic!("the leader must refuse a forwarded invalid command, got {other:?}"),
+    }
+    // ...and only from a member.
+    match service.forward(99, req).await {
+        Err(keel::network::ServiceError::Refused(why)) => {
+            assert!(why.to_string().contains("node 99"), "{why}")
+        }
+        other => panic!("a forward from a non-member must be refused, got {other:?}"),
+    }
+
+    let index = c.nodes[&follower].propose_indexed(Append(7)).await.expect("valid commands go on").1;
+    let all = c.converge(index).await;
+    assert!(all.values().all(|rows| rows == &vec![7]), "nothing refused was applied: {all:?}");
+}

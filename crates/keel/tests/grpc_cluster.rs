@@ -205,7 +205,12 @@ async fn misaddressed_and_malformed_messages_are_refused() {
 
     let wrong_id = follower + 10;
     let status = client
-        .vote(PeerRequest { target_id: wrong_id, cluster: CLUSTER.into(), payload: payload.clone() })
+        .vote(PeerRequest {
+            target_id: wrong_id,
+            cluster: CLUSTER.into(),
+            payload: payload.clone(),
+            from_id: 1,
+        })
         .await
         .expect_err("wrong target id is refused");
     assert_eq!(tonic::Code::FailedPrecondition, status.code(), "{status:?}");
@@ -218,6 +223,7 @@ async fn misaddressed_and_malformed_messages_are_refused() {
             target_id: follower,
             cluster: "other".into(),
             payload: payload.clone(),
+            from_id: 1,
         })
         .await
         .expect_err("wrong cluster is refused");
@@ -226,7 +232,12 @@ async fn misaddressed_and_malformed_messages_are_refused() {
     assert!(msg.contains(&format!("{CLUSTER:?}")) && msg.contains("\"other\""), "{msg}");
 
     let status = client
-        .append_entries(PeerRequest { target_id: follower, cluster: CLUSTER.into(), payload: vec![0xff; 7] })
+        .append_entries(PeerRequest {
+            target_id: follower,
+            cluster: CLUSTER.into(),
+            payload: vec![0xff; 7],
+            from_id: 1,
+        })
         .await
         .expect_err("garbage payload is refused");
     assert_eq!(tonic::Code::InvalidArgument, status.code(), "{status:?}");
@@ -236,7 +247,7 @@ async fn misaddressed_and_malformed_messages_are_refused() {
         (wrong_id, payload.clone(), tonic::Code::FailedPrecondition),
         (follower, vec![0xff; 7], tonic::Code::InvalidArgument),
     ] {
-        let request = PeerRequest { target_id, cluster: CLUSTER.into(), payload };
+        let request = PeerRequest { target_id, cluster: CLUSTER.into(), payload, from_id: 1 };
         let mut replies = client
             .stream_append(futures_util::stream::iter(vec![request]))
             .await
@@ -350,6 +361,7 @@ impl keel::network::RaftService for SnapshotSink {
 
     fn forward(
         &self,
+        _: keel::NodeId,
         _: keel::forward::ForwardRequest,
     ) -> keel::network::BoxFuture<'_, Result<keel::forward::ForwardReply, keel::network::ServiceError>> {
         Box::pin(async { Err(keel::network::ServiceError::Stopped("fake node".into())) })
@@ -634,7 +646,8 @@ async fn snapshot_stream_is_checked_chunk_by_chunk() {
     let payload =
         keel::codec::to_bytes(&openraft::raft::VoteRequest::<keel::types::KeelTypes>::new(vote, None))
             .expect("encode");
-    let status = client.vote(PeerRequest { target_id: 7, cluster: CLUSTER.into(), payload }).await;
+    let status =
+        client.vote(PeerRequest { target_id: 7, cluster: CLUSTER.into(), payload, from_id: 1 }).await;
     assert_eq!(tonic::Code::Unavailable, status.expect_err("stopped").code());
 
     let _ = stop.send(());

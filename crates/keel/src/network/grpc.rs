@@ -90,8 +90,8 @@ pub mod proto {
     tonic::include_proto!("keel.peer.v1");
 }
 
-/// The largest gRPC message either side accepts (an append-entries batch of large commands can
-/// exceed tonic's 4 MiB default).
+/// The largest gRPC reply a node accepts from a peer, and the largest message it sends. What a
+/// node accepts as a request is smaller: [`crate::Config::max_peer_message_bytes`].
 pub const MAX_MESSAGE_BYTES: usize = codec::MAX_VALUE_BYTES;
 
 /// The most bytes of commands one AppendEntries call carries (etcd's `MaxSizePerMsg` is 1 MiB).
@@ -132,6 +132,8 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PeerServer {
     cluster: String,
     node_id: NodeId,
+    /// The largest message accepted (see [`crate::Config::max_peer_message_bytes`]).
+    max_message_bytes: usize,
     service: Arc<dyn RaftService>,
     /// Set by [`Self::close_streams`]: open replication streams end.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
@@ -141,7 +143,16 @@ impl PeerServer {
     /// `cluster` and `node_id` are what every incoming message must name as its target.
     pub fn new(cluster: impl Into<String>, node_id: NodeId, service: Arc<dyn RaftService>) -> Self {
         let closing = Arc::new(tokio::sync::watch::Sender::new(false));
-        Self { cluster: cluster.into(), node_id, service, closing }
+        let max_message_bytes = crate::Config::default().max_peer_message_bytes();
+        Self { cluster: cluster.into(), node_id, service, closing, max_message_bytes }
+    }
+
+    /// Refuse messages larger than `bytes` (default: what the default
+    /// [`LimitsConfig`](crate::config::LimitsConfig) needs). Give it
+    /// [`Config::max_peer_message_bytes`](crate::Config::max_peer_message_bytes) of the node.
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
     }
 
     /// Ends the replication streams open now and later, so that a graceful server shutdown,
@@ -163,8 +174,9 @@ impl PeerServer {
 
     /// The tonic service, to add to a `tonic::transport::Server` of your own.
     pub fn into_service(self) -> RaftPeerServer<PeerServer> {
+        let limit = self.max_message_bytes;
         RaftPeerServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(limit)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
@@ -201,6 +213,7 @@ fn service_status(e: ServiceError) -> Status {
     match e {
         ServiceError::Stopped(_) => Status::unavailable(e.to_string()),
         ServiceError::Snapshot(_) => Status::data_loss(e.to_string()),
+        ServiceError::Refused(_) => Status::permission_denied(e.to_string()),
     }
 }
 
@@ -268,8 +281,9 @@ impl RaftPeer for PeerServer {
     }
 
     async fn forward(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let from = request.get_ref().from_id;
         let req: ForwardRequest = self.decode(request)?;
-        reply(&self.service.forward(req).await.map_err(service_status)?)
+        reply(&self.service.forward(from, req).await.map_err(service_status)?)
     }
 
     async fn install_snapshot(
@@ -451,7 +465,8 @@ impl Forwarder for GrpcNetwork {
                 }
             };
             let payload = codec::to_bytes(&req).map_err(|e| ForwardError::NotSent(format!("encode: {e}")))?;
-            let request = PeerRequest { target_id: target, cluster: self.cluster.clone(), payload };
+            let request =
+                PeerRequest { target_id: target, cluster: self.cluster.clone(), payload, from_id: self.from };
             let mut client = peer_client(channel);
             let answer = match tokio::time::timeout(FORWARD_TIMEOUT, client.forward(request)).await {
                 Err(_) => {
@@ -549,7 +564,12 @@ impl GrpcConnection {
     {
         let mut client = self.client()?;
         let payload = codec::to_bytes(rpc).map_err(|e| NetworkError::from_string(format!("encode: {e}")))?;
-        let req = PeerRequest { target_id: self.target, cluster: self.cluster.clone(), payload };
+        let req = PeerRequest {
+            target_id: self.target,
+            cluster: self.cluster.clone(),
+            payload,
+            from_id: self.from,
+        };
         let ttl = option.soft_ttl();
         let call = async move {
             match method {
@@ -677,6 +697,7 @@ fn split_append(rpc: AppendEntriesRequest<KeelTypes>) -> Vec<(AppendEntriesReque
 /// [`MAX_UNANSWERED_REQUESTS`] are unanswered.
 fn outbound<S>(
     input: S,
+    from: NodeId,
     target: NodeId,
     cluster: String,
     window: Duration,
@@ -724,7 +745,12 @@ where
                         return None;
                     }
                 };
-                messages.push(PeerRequest { target_id: target, cluster: cluster.clone(), payload });
+                messages.push(PeerRequest {
+                    target_id: target,
+                    cluster: cluster.clone(),
+                    payload,
+                    from_id: from,
+                });
                 let deadline = now + window + time_for_bytes(bytes);
                 if let Ok(mut parts) = unanswered.parts.lock() {
                     parts.push_back(SentPart { deadline, last_piece: i + 1 == n });
@@ -886,7 +912,8 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
                 .chain(input);
             let window = option.hard_ttl().max(self.append_timeout);
             let unanswered = Arc::new(Unanswered::new());
-            let requests = outbound(input, self.target, self.cluster.clone(), window, unanswered.clone());
+            let requests =
+                outbound(input, self.from, self.target, self.cluster.clone(), window, unanswered.clone());
             let replies = match tokio::time::timeout(window, client.stream_append(requests)).await {
                 Err(_) => return Err(self.timeout(RPCTypes::AppendEntries, window).into()),
                 Ok(Ok(resp)) => resp.into_inner(),

@@ -196,7 +196,7 @@ impl Forwarder for InProcessNetwork {
             let svc =
                 self.router.route(self.from, target).map_err(|e| ForwardError::NotSent(e.to_string()))?;
             // In process, a request is either served or refused before anything happens.
-            svc.forward(req).await.map_err(|e| ForwardError::NotSent(e.to_string()))
+            svc.forward(self.from, req).await.map_err(|e| ForwardError::NotSent(e.to_string()))
         })
     }
 }

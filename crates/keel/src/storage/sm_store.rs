@@ -305,26 +305,35 @@ impl<SM: StateMachine> SmShared<SM> {
         };
         let mut membership_changed = false;
         let mut commands = Vec::new();
-        // For each entry, whether its reply comes from the user's responses.
-        let mut is_command = Vec::with_capacity(entries.len());
+        // Each entry's reply: `None` where it comes from the user's responses, in order.
+        let mut replies: Vec<Option<Reply>> = Vec::with_capacity(entries.len());
         for entry in entries {
             state.last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Blank => is_command.push(false),
-                EntryPayload::Normal(Command(bytes)) => {
-                    let cmd = codec::from_bytes(&bytes).map_err(|e| {
-                        StateMachineError::other(format!(
+                EntryPayload::Blank => replies.push(Some(Reply::default())),
+                EntryPayload::Normal(Command(bytes)) => match codec::from_bytes(&bytes) {
+                    Ok(cmd) => {
+                        commands.push(cmd);
+                        replies.push(None);
+                    }
+                    // The leader decodes every command before proposing it, so this is an entry
+                    // from an older or a broken leader. Every replica decodes the same bytes the
+                    // same way: all refuse it alike, and the replicas stay identical.
+                    Err(e) => {
+                        tracing::warn!(
+                            log_id = %entry.log_id,
+                            "log entry holds a command this state machine cannot decode; refused: {e}"
+                        );
+                        replies.push(Some(Reply::Refused(format!(
                             "log entry {} holds a command this state machine cannot decode: {e}",
                             entry.log_id
-                        ))
-                    })?;
-                    commands.push(cmd);
-                    is_command.push(true);
-                }
+                        ))));
+                    }
+                },
                 EntryPayload::Membership(m) => {
                     state.membership = StoredMembership::new(Some(entry.log_id), m);
                     membership_changed = true;
-                    is_command.push(false);
+                    replies.push(Some(Reply::default()));
                 }
             }
         }
@@ -349,14 +358,14 @@ impl<SM: StateMachine> SmShared<SM> {
         }
 
         let mut responses = responses.into_iter();
-        is_command
+        replies
             .into_iter()
-            .map(|cmd| match cmd {
-                true => {
+            .map(|reply| match reply {
+                Some(reply) => Ok(reply),
+                None => {
                     let r = responses.next().expect("counted: one response per command");
-                    Ok(Reply(codec::to_bytes(&r)?))
+                    Ok(Reply::Response(codec::to_bytes(&r)?))
                 }
-                false => Ok(Reply::default()),
             })
             .collect()
     }

@@ -30,9 +30,19 @@ pub struct Ledger;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Append(pub u64);
 
+/// A command id the ledger refuses to take (its `validate` says so).
+pub const RESERVED_ID: u64 = u64::MAX;
+
 impl StateMachine for Ledger {
     type Command = Append;
     type Response = u64;
+
+    fn validate(&self, cmd: &Append) -> Result<(), keel::Refusal> {
+        match cmd {
+            Append(RESERVED_ID) => Err(keel::Refusal::new("command id u64::MAX is reserved")),
+            Append(_) => Ok(()),
+        }
+    }
 
     fn apply(&self, txn: &WriteTransaction, cmds: Vec<Append>) -> Result<Vec<u64>, StateMachineError> {
         let mut ledger = txn.open_table(LEDGER)?;
