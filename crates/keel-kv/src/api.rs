@@ -16,6 +16,8 @@ use keel::NodeInfo;
 use keel::ProposeError;
 use keel::ReadError;
 
+use crate::limits::LimitError;
+use crate::limits::Limits;
 use crate::store;
 use crate::store::KvCommand;
 use crate::store::KvError;
@@ -26,9 +28,6 @@ use crate::store::RangeResult;
 
 /// How long the answer to a membership change waits for this node to see the change.
 const MEMBERSHIP_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// etcd's limit on operations in one txn.
-pub const MAX_TXN_OPS: usize = 128;
 
 /// Why a client request failed. Each variant maps to one etcd gRPC error and one HTTP code.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -78,6 +77,18 @@ impl ApiError {
     }
 }
 
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match e {
+            LimitError::KeyTooLarge { size, limit } => ApiError::KeyTooLarge { size, limit },
+            e @ (LimitError::EmptyKey
+            | LimitError::TooManyOps
+            | LimitError::DuplicateKey
+            | LimitError::TooDeep) => ApiError::BadRequest(e.to_string()),
+        }
+    }
+}
+
 impl From<ProposeError> for ApiError {
     fn from(e: ProposeError) -> Self {
         match e {
@@ -86,6 +97,7 @@ impl From<ProposeError> for ApiError {
                 ApiError::Unknown(format!("proposal dropped by a leader change: {m}"))
             }
             ProposeError::InvalidCommand(m) => ApiError::BadRequest(m),
+            ProposeError::Refused(m) => ApiError::BadRequest(m),
             // Stopping mid-proposal: the entry may already be in the leader's log.
             ProposeError::Stopped(m) => ApiError::Unknown(format!("node stopped: {m}")),
             ProposeError::Unknown(m) => ApiError::Unknown(m),
@@ -203,15 +215,13 @@ impl KvApi {
         self.node.metrics().current_term
     }
 
+    fn limits(&self) -> Limits {
+        Limits { max_key_bytes: self.max_key_bytes }
+    }
+
     /// Refuses an empty or oversized key.
     pub fn check_key(&self, key: &[u8]) -> Result<(), ApiError> {
-        if key.is_empty() {
-            return Err(ApiError::BadRequest("key is not provided".into()));
-        }
-        if key.len() > self.max_key_bytes {
-            return Err(ApiError::KeyTooLarge { size: key.len(), limit: self.max_key_bytes });
-        }
-        Ok(())
+        Ok(self.limits().check_key(key)?)
     }
 
     pub fn check_size(&self, size: usize) -> Result<(), ApiError> {
@@ -222,50 +232,14 @@ impl KvApi {
     }
 
     /// Checks a write's keys and shape, proposes it, and answers the store's revision and result.
+    /// (The leader checks it again before proposing: see [`crate::limits`].)
     pub async fn write(&self, cmd: KvCommand) -> Result<(i64, OpResult), ApiError> {
-        self.check_command(&cmd)?;
+        self.limits().check(&cmd)?;
         let resp = self.node.propose(cmd).await?;
         match resp.result {
             Ok(r) => Ok((resp.revision, r)),
             Err(e) => Err(ApiError::Kv(e)),
         }
-    }
-
-    fn check_command(&self, cmd: &KvCommand) -> Result<(), ApiError> {
-        match cmd {
-            KvCommand::Put(p) => self.check_key(&p.key),
-            KvCommand::DeleteRange(d) => self.check_key(&d.key),
-            KvCommand::Txn(t) => self.check_txn(t),
-            KvCommand::Compact { .. } | KvCommand::AllocateMemberId { .. } => Ok(()),
-        }
-    }
-
-    fn check_txn(&self, t: &store::Txn) -> Result<(), ApiError> {
-        if t.compare.len() > MAX_TXN_OPS || t.success.len() > MAX_TXN_OPS || t.failure.len() > MAX_TXN_OPS {
-            return Err(ApiError::BadRequest(format!(
-                "too many operations in txn request (limit {MAX_TXN_OPS})"
-            )));
-        }
-        for c in &t.compare {
-            self.check_key(&c.key)?;
-        }
-        for ops in [&t.success, &t.failure] {
-            let mut put_keys = std::collections::HashSet::new();
-            for op in ops.iter() {
-                match op {
-                    store::Op::Range(r) => self.check_key(&r.key)?,
-                    store::Op::Put(p) => {
-                        self.check_key(&p.key)?;
-                        if !put_keys.insert(p.key.clone()) {
-                            return Err(ApiError::BadRequest("duplicate key given in txn request".into()));
-                        }
-                    }
-                    store::Op::DeleteRange(d) => self.check_key(&d.key)?,
-                    store::Op::Txn(inner) => self.check_txn(inner)?,
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Reads a range: linearizable unless `serializable`. Answers the revision the read saw.

@@ -62,6 +62,9 @@ pub struct KeeldConfig {
     /// Largest key (bytes).
     #[serde(alias = "max-key-bytes")]
     pub max_key_bytes: usize,
+    /// Largest snapshot this node accepts from a leader (bytes); a larger transfer is cut off.
+    #[serde(alias = "max-snapshot-bytes")]
+    pub max_snapshot_bytes: u64,
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
@@ -86,6 +89,7 @@ impl Default for KeeldConfig {
             leave_on_shutdown: false,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_snapshot_bytes: node.limits.max_snapshot_bytes,
             raft: node.raft,
             log: node.log,
             state_machine: node.state_machine,
@@ -123,8 +127,20 @@ impl KeeldConfig {
             raft: self.raft.clone(),
             log: self.log.clone(),
             state_machine: self.state_machine.clone(),
+            limits: keel::config::LimitsConfig {
+                // A command encodes no larger than the client request it came from (plus the
+                // gRPC framing allowance), so the leader's check never refuses what the client
+                // API admitted, and a forwarded command cannot exceed it.
+                max_command_bytes: (self.max_request_bytes + crate::etcd::GRPC_OVERHEAD_BYTES) as u64,
+                max_snapshot_bytes: self.max_snapshot_bytes,
+            },
             faults: self.faults,
         }
+    }
+
+    /// The state machine this node runs, with the limits its leader enforces.
+    pub fn state_machine(&self) -> crate::store::KvStore {
+        crate::store::KvStore::new(crate::limits::Limits { max_key_bytes: self.max_key_bytes })
     }
 
     /// The founding members by id → peer address; this node alone when `initial_cluster` is empty.

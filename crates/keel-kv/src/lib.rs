@@ -6,5 +6,6 @@ pub mod api;
 pub mod config;
 pub mod etcd;
 pub mod http;
+pub mod limits;
 pub mod server;
 pub mod store;

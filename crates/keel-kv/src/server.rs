@@ -140,10 +140,12 @@ impl Server {
         let node_config = config.node_config();
         let network = GrpcNetwork::new(node_config.cluster_name.clone(), node_config.id)
             .with_append_timeout(Duration::from_millis(node_config.raft.election_timeout_max_ms));
-        let node = Arc::new(Node::start(node_config, KvStore, network).await?);
+        let max_peer_message_bytes = node_config.max_peer_message_bytes();
+        let node = Arc::new(Node::start(node_config, config.state_machine(), network).await?);
 
         let (stop_peer, peer_stopped) = oneshot::channel::<()>();
-        let peer = PeerServer::new(config.cluster_name.clone(), config.id, node.service());
+        let peer = PeerServer::new(config.cluster_name.clone(), config.id, node.service())
+            .with_max_message_bytes(max_peer_message_bytes);
         let peer_server = tokio::spawn(grpc::serve(peer_listener, peer, async {
             let _ = peer_stopped.await;
         }));

@@ -17,10 +17,13 @@ use keel::redb::ReadTransaction;
 use keel::redb::ReadableTable;
 use keel::redb::TableDefinition;
 use keel::redb::WriteTransaction;
+use keel::Refusal;
 use keel::StateMachine;
 use keel::StateMachineError;
 use serde::Deserialize;
 use serde::Serialize;
+
+use crate::limits::Limits;
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("kv_meta");
@@ -147,11 +150,32 @@ pub enum Op {
     Txn(Txn),
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Decodes as its fields would with a derived `Deserialize`, but counts the nesting: a txn nested
+/// deeper than [`MAX_TXN_DEPTH`](crate::limits::MAX_TXN_DEPTH) does not decode (see
+/// [`DecodeDepth`](crate::limits::DecodeDepth)).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Txn {
     pub compare: Vec<Compare>,
     pub success: Vec<Op>,
     pub failure: Vec<Op>,
+}
+
+impl<'de> Deserialize<'de> for Txn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// The same fields, derived.
+        #[derive(Deserialize)]
+        #[serde(rename = "Txn")]
+        struct Fields {
+            compare: Vec<Compare>,
+            success: Vec<Op>,
+            failure: Vec<Op>,
+        }
+        let Some(_level) = crate::limits::DecodeDepth::enter() else {
+            return Err(serde::de::Error::custom(crate::limits::LimitError::TooDeep));
+        };
+        let Fields { compare, success, failure } = Fields::deserialize(deserializer)?;
+        Ok(Txn { compare, success, failure })
+    }
 }
 
 /// A key and its metadata, as reads and `prev_kv` answer it.
@@ -339,13 +363,26 @@ fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
 // ---------------------------------------------------------------------------------------------
 // The state machine
 
-/// etcd's data model as a Keel state machine. Holds no state itself: everything is in the tables.
+/// etcd's data model as a Keel state machine. Holds no state itself: everything is in the tables;
+/// its limits are what the leader checks before proposing a write.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct KvStore;
+pub struct KvStore {
+    limits: Limits,
+}
+
+impl KvStore {
+    pub fn new(limits: Limits) -> Self {
+        Self { limits }
+    }
+}
 
 impl StateMachine for KvStore {
     type Command = KvCommand;
     type Response = KvResponse;
+
+    fn validate(&self, cmd: &KvCommand) -> Result<(), Refusal> {
+        self.limits.check(cmd).map_err(|e| Refusal::new(e.to_string()))
+    }
 
     fn apply(
         &self,
@@ -495,8 +532,10 @@ impl Writer<'_, '_> {
             };
             match r {
                 Ok(r) => responses.push(r),
-                // check_ops rules out refusals after a write; one here is a bug, not a client error.
-                Err(e) => return Err(StateMachineError::other(format!("txn op refused mid-way: {e}"))),
+                // check_ops rules out refusals after a write; one here is a bug, not a client
+                // error. Every replica meets it alike (the ops before it stay applied on each), so
+                // it is answered, not a reason to stop.
+                Err(e) => return Ok(Err(KvError::InvalidRequest(format!("txn op refused mid-way: {e}")))),
             }
         }
         Ok(Ok(OpResult::Txn(TxnResult { succeeded, responses })))

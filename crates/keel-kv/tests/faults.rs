@@ -58,7 +58,8 @@ impl Cluster {
             config.raft.forward_timeout_ms = 1_000;
             config.state_machine.verify_on_start = false;
             config.faults = faults;
-            let node = Node::start(config, KvStore, router.network(id)).await.expect("node starts");
+            let node =
+                Node::start(config, KvStore::default(), router.network(id)).await.expect("node starts");
             router.register(id, node.service());
             let api = KvApi::new(
                 Arc::new(node),

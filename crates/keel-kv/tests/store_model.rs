@@ -206,7 +206,7 @@ proptest! {
         for batch in batches {
             let expected: Vec<(i64, String)> = batch.iter().map(|c| model.apply(c)).collect();
             let txn = db.begin_write().expect("write txn");
-            let got = KvStore.apply(&txn, batch).expect("apply");
+            let got = KvStore::default().apply(&txn, batch).expect("apply");
             txn.commit().expect("commit");
             prop_assert_eq!(expected, got.iter().map(summarize).collect::<Vec<_>>());
         }
@@ -219,10 +219,10 @@ proptest! {
         prop_assert_eq!(model.kv.into_iter().collect::<Vec<_>>(), got);
         // Snapshot and restore reproduce the same state.
         let mut snap = Vec::new();
-        KvStore.snapshot(&read, &mut snap).expect("snapshot");
+        KvStore::default().snapshot(&read, &mut snap).expect("snapshot");
         let db2 = memory_db();
         let txn = db2.begin_write().expect("write txn");
-        KvStore.restore(&txn, &mut snap.as_slice()).expect("restore");
+        KvStore::default().restore(&txn, &mut snap.as_slice()).expect("restore");
         txn.commit().expect("commit");
         let read2 = db2.begin_read().expect("read txn");
         prop_assert_eq!(range(&read, &all).expect("range"), range(&read2, &all).expect("range"));

@@ -62,6 +62,9 @@ struct Flags {
     /// Largest key in bytes [default: 8192].
     #[arg(long)]
     max_key_bytes: Option<usize>,
+    /// Largest snapshot accepted from a leader, in bytes [default: 8589934592 (8 GiB)].
+    #[arg(long)]
+    max_snapshot_bytes: Option<u64>,
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
@@ -91,7 +94,7 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
         ($($f:ident),*) => {$( if let Some(v) = flags.$f { c.$f = v; } )*};
     }
     set!(id, data_dir, client_addr, peer_addr, initial_cluster, initial_cluster_state, cluster_name, join);
-    set!(max_request_bytes, max_key_bytes);
+    set!(max_request_bytes, max_key_bytes, max_snapshot_bytes);
     c.validate()?;
     Ok(c)
 }

@@ -160,6 +160,11 @@ impl Procs {
         ids.into_iter().map(|id| self.client(id)).collect()
     }
 
+    /// The process id of node `id`, if it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.node(id).child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.node(id).child.is_some()
     }
