@@ -213,6 +213,7 @@ impl<SM: StateMachine> Node<SM> {
             timing: self.timing,
             peer: self.peer.clone(),
             server_metrics: self.raft.server_metrics(),
+            data_metrics: self.raft.data_metrics(),
         })
     }
 

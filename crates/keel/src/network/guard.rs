@@ -4,11 +4,17 @@
 //! message (`docs/security.md`). openraft trusts what it is handed, so Keel checks each message
 //! here first, on a view of this node's own Raft state:
 //!
-//! - **Senders are members.** A vote or pre-vote must come from a voter, replication and
-//!   snapshots from a voter (only a voter leads), a forwarded request from a member (voter or
-//!   learner) — of the effective or the last committed membership, so that a change in progress
-//!   cuts nobody off early. A node that is not yet a member of any cluster (empty membership)
-//!   takes messages from anyone: it is waiting to be added or initialized, and holds nothing.
+//! - **Senders are members, as far as this node can know.** A vote or pre-vote must come from a
+//!   voter, replication and snapshots from a voter (only a voter leads), a forwarded request from
+//!   a member (voter or learner) — of the effective or the last committed membership, so that a
+//!   change in progress cuts nobody off early. A node's view can lag the cluster's, though: a
+//!   member that was down while others joined does not know the leader they elected, and a node
+//!   being added replays old memberships before it reaches its own. Refusing those would keep it
+//!   behind for good (found by keel-chaos' membership runs), so an unknown sender still passes
+//!   where this node may be the one behind: a leader at a higher term than this node's, or the
+//!   leader it already follows; a candidate whose log is longer than this node's; anyone, while
+//!   this node is not in its own view (a fresh node, or one catching up to its own addition).
+//!   What the check stops is a stranger that claims nothing newer than this node has.
 //! - **Terms are reachable.** A term more than [`MAX_TERM_STEP`] above this node's is refused: no
 //!   run of real elections gets there, and a term near `u64::MAX` would make the next election
 //!   wrap (openraft then never elects again, or panics at start).
@@ -19,10 +25,11 @@
 //!
 //! The decisions are pure functions of a [`View`], so tests assert on values.
 
-use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use openraft::vote::RaftLeaderId;
 
+use crate::types::LogId;
 use crate::types::NodeId;
 use crate::types::StoredMembership;
 use crate::types::Term;
@@ -53,47 +60,49 @@ pub enum PeerRefusal {
     StaleSnapshot { sender: NodeId, vote: String, local: String },
 }
 
-/// This node's Raft state, as far as judging a peer's message needs it.
+/// This node's Raft state, as far as judging a peer's message needs it. Built for every message:
+/// it holds the memberships by `Arc`, and looks senders up in them without copying.
 #[derive(Clone, Debug)]
 pub struct View {
+    /// This node.
+    pub id: NodeId,
     pub vote: Vote,
     pub leader: Option<NodeId>,
-    pub voters: BTreeSet<NodeId>,
-    pub members: BTreeSet<NodeId>,
+    /// The last entry in this node's log.
+    pub last_log: Option<LogId>,
+    /// The effective and the last committed membership: a sender may belong to either.
+    pub memberships: [Arc<StoredMembership>; 2],
 }
 
 impl View {
-    /// The view of a node whose effective membership is `effective` and whose last committed
-    /// one is `committed`: a sender may belong to either.
     pub fn new(
+        id: NodeId,
         vote: Vote,
         leader: Option<NodeId>,
-        effective: &StoredMembership,
-        committed: &StoredMembership,
+        last_log: Option<LogId>,
+        effective: Arc<StoredMembership>,
+        committed: Arc<StoredMembership>,
     ) -> Self {
-        let (mut voters, mut members) = (BTreeSet::new(), BTreeSet::new());
-        for m in [effective.membership(), committed.membership()] {
-            voters.extend(m.voter_ids());
-            members.extend(m.nodes().map(|(id, _)| *id));
-        }
-        Self { vote, leader, voters, members }
+        Self { id, vote, leader, last_log, memberships: [effective, committed] }
+    }
+
+    fn is_voter(&self, id: NodeId) -> bool {
+        self.memberships.iter().any(|m| m.membership().voter_ids().any(|v| v == id))
+    }
+
+    fn is_member(&self, id: NodeId) -> bool {
+        self.memberships.iter().any(|m| m.membership().get_node(&id).is_some())
     }
 
     pub fn term(&self) -> Term {
         self.vote.leader_id().term()
     }
 
-    /// Not a member of any cluster yet: nothing to protect, and the first messages come from a
-    /// leader this node cannot know.
-    fn unformed(&self) -> bool {
-        self.members.is_empty()
-    }
-
-    fn check_voter(&self, sender: NodeId, what: &'static str) -> Result<(), PeerRefusal> {
-        if self.unformed() || self.voters.contains(&sender) {
-            return Ok(());
-        }
-        Err(PeerRefusal::NotAVoter { sender, what })
+    /// This node is not in its own view: it is fresh (no membership yet), or it replays a log
+    /// that has not reached its own addition. Its view says nothing about who leads now, and it
+    /// holds nothing yet to protect.
+    fn outside_own_view(&self) -> bool {
+        !self.is_member(self.id)
     }
 
     fn check_term(&self, sender: NodeId, term: Term) -> Result<(), PeerRefusal> {
@@ -104,18 +113,30 @@ impl View {
         Ok(())
     }
 
-    /// A vote or pre-vote request from the candidate of `vote`.
-    pub fn check_vote(&self, vote: &Vote) -> Result<(), PeerRefusal> {
+    /// A vote or pre-vote request from the candidate of `vote`, whose log ends at `last_log`.
+    pub fn check_vote(&self, vote: &Vote, last_log: Option<&LogId>) -> Result<(), PeerRefusal> {
         let sender = *vote.leader_id().node_id();
-        self.check_voter(sender, "stand for election")?;
-        self.check_term(sender, vote.leader_id().term())
+        self.check_term(sender, vote.leader_id().term())?;
+        // A candidate with entries this node lacks may be a voter of a membership among them.
+        let may_know_more = last_log > self.last_log.as_ref();
+        if self.is_voter(sender) || may_know_more || self.outside_own_view() {
+            return Ok(());
+        }
+        Err(PeerRefusal::NotAVoter { sender, what: "stand for election" })
     }
 
     /// Replication (AppendEntries) or a snapshot from the leader of `vote`.
     pub fn check_leader(&self, vote: &Vote) -> Result<(), PeerRefusal> {
         let sender = *vote.leader_id().node_id();
-        self.check_voter(sender, "lead")?;
-        self.check_term(sender, vote.leader_id().term())
+        let term = vote.leader_id().term();
+        self.check_term(sender, term)?;
+        // A leader elected while this node was away has a higher term; once this node follows
+        // it, it is `leader`.
+        let newer = term > self.term();
+        if self.is_voter(sender) || self.leader == Some(sender) || newer || self.outside_own_view() {
+            return Ok(());
+        }
+        Err(PeerRefusal::NotAVoter { sender, what: "lead" })
     }
 
     /// A snapshot from the leader of `vote`: as [`Self::check_leader`], and not older than
@@ -133,8 +154,9 @@ impl View {
     }
 
     /// A request that member `sender` forwards to this node as the leader.
+    /// The leader's view is the cluster's: a member it does not know is no member.
     pub fn check_forward(&self, sender: NodeId) -> Result<(), PeerRefusal> {
-        if self.unformed() || self.members.contains(&sender) {
+        if self.is_member(sender) || self.outside_own_view() {
             return Ok(());
         }
         Err(PeerRefusal::NotAMember { sender })
@@ -145,7 +167,7 @@ impl View {
     pub fn check_transfer(&self, from_leader: &Vote) -> Result<(), PeerRefusal> {
         let sender = *from_leader.leader_id().node_id();
         let term = from_leader.leader_id().term();
-        if self.leader == Some(sender) && term == self.term() && self.voters.contains(&sender) {
+        if self.leader == Some(sender) && term == self.term() {
             return Ok(());
         }
         Err(PeerRefusal::TransferNotFromLeader { sender, term, leader: self.leader, local: self.term() })
@@ -169,6 +191,7 @@ pub fn transfer_authorized(announced: Option<Transfer>, vote: &Vote) -> bool {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::collections::BTreeSet;
 
     use super::*;
     use crate::types::Membership;
@@ -178,6 +201,15 @@ mod tests {
         Vote::new(term, node)
     }
 
+    fn log_id(term: Term, index: u64) -> LogId {
+        LogId::new(
+            <openraft::alias::LeaderIdOf<crate::types::KeelTypes> as RaftLeaderId>::new(term, 1)
+                .to_committed(),
+            index,
+        )
+    }
+
+    /// Node 1's view, its log ending at (term, 10).
     fn view(voters: &[NodeId], learners: &[NodeId], term: Term, leader: Option<NodeId>) -> View {
         let membership = if voters.is_empty() {
             Membership::default()
@@ -187,18 +219,44 @@ mod tests {
             let voters: BTreeSet<NodeId> = voters.iter().copied().collect();
             Membership::new(vec![voters], nodes).expect("a valid membership")
         };
-        let stored = StoredMembership::new(None, membership);
-        View::new(vote(term, leader.unwrap_or(1)), leader, &stored, &stored)
+        let stored = Arc::new(StoredMembership::new(None, membership));
+        let last_log = Some(log_id(term, 10));
+        View::new(1, vote(term, leader.unwrap_or(1)), leader, last_log, stored.clone(), stored)
     }
 
     #[test]
-    fn only_voters_vote_and_lead() {
+    fn voters_vote_and_lead_strangers_claiming_nothing_newer_do_not() {
         let v = view(&[1, 2, 3], &[4], 5, Some(1));
-        assert_eq!(Ok(()), v.check_vote(&vote(6, 2)));
+        let short = Some(log_id(5, 10));
+        assert_eq!(Ok(()), v.check_vote(&vote(6, 2), short.as_ref()));
         assert_eq!(Ok(()), v.check_leader(&vote(5, 1)));
-        assert!(matches!(v.check_vote(&vote(6, 4)), Err(PeerRefusal::NotAVoter { sender: 4, .. })));
-        assert!(matches!(v.check_vote(&vote(6, 99)), Err(PeerRefusal::NotAVoter { sender: 99, .. })));
-        assert!(matches!(v.check_leader(&vote(6, 99)), Err(PeerRefusal::NotAVoter { .. })));
+        assert!(matches!(
+            v.check_vote(&vote(6, 4), short.as_ref()),
+            Err(PeerRefusal::NotAVoter { sender: 4, .. })
+        ));
+        assert!(matches!(v.check_vote(&vote(6, 99), None), Err(PeerRefusal::NotAVoter { sender: 99, .. })));
+        assert!(matches!(v.check_leader(&vote(5, 99)), Err(PeerRefusal::NotAVoter { .. })));
+    }
+
+    #[test]
+    fn a_member_behind_the_membership_still_follows_a_leader_it_does_not_know() {
+        // Node 1 was away while node 7 joined and was elected at term 9.
+        let v = view(&[1, 2, 3], &[], 5, None);
+        assert_eq!(Ok(()), v.check_leader(&vote(9, 7)), "a higher term: a leader elected meanwhile");
+        assert_eq!(Ok(()), v.check_vote(&vote(9, 7), Some(&log_id(9, 50))), "a longer log");
+        // Once it follows node 7, at node 7's term.
+        let following = view(&[1, 2, 3], &[], 9, Some(7));
+        assert_eq!(Ok(()), following.check_leader(&vote(9, 7)));
+        assert!(following.check_leader(&vote(9, 8)).is_err(), "another stranger at the same term");
+    }
+
+    #[test]
+    fn a_node_outside_its_own_view_takes_messages_from_anyone() {
+        for v in [view(&[], &[], 0, None), view(&[2, 3, 4], &[], 3, Some(2))] {
+            assert_eq!(Ok(()), v.check_vote(&vote(v.term() + 1, 7), None));
+            assert_eq!(Ok(()), v.check_leader(&vote(v.term(), 7)));
+            assert_eq!(Ok(()), v.check_forward(7));
+        }
     }
 
     #[test]
@@ -210,28 +268,24 @@ mod tests {
     }
 
     #[test]
-    fn an_unformed_node_takes_messages_from_anyone() {
-        let v = view(&[], &[], 0, None);
-        assert_eq!(Ok(()), v.check_vote(&vote(1, 7)));
-        assert_eq!(Ok(()), v.check_leader(&vote(1, 7)));
-        assert_eq!(Ok(()), v.check_forward(7));
-    }
-
-    #[test]
-    fn a_term_out_of_reach_is_refused_even_unformed() {
+    fn a_term_out_of_reach_is_refused_whoever_asks() {
         for v in [view(&[1, 2, 3], &[], 5, Some(1)), view(&[], &[], 0, None)] {
             let local = v.term();
-            assert_eq!(Ok(()), v.check_vote(&vote(local + MAX_TERM_STEP, 2)));
+            assert_eq!(Ok(()), v.check_vote(&vote(local + MAX_TERM_STEP, 2), Some(&log_id(local, 99))));
             for term in [local + MAX_TERM_STEP + 1, u64::MAX, u64::MAX - 1] {
+                let huge = Some(log_id(term, u64::MAX));
                 assert!(
-                    matches!(v.check_vote(&vote(term, 2)), Err(PeerRefusal::TermOutOfReach { .. })),
+                    matches!(
+                        v.check_vote(&vote(term, 2), huge.as_ref()),
+                        Err(PeerRefusal::TermOutOfReach { .. })
+                    ),
                     "term {term}"
                 );
                 assert!(matches!(v.check_leader(&vote(term, 2)), Err(PeerRefusal::TermOutOfReach { .. })));
             }
         }
         let high = view(&[1, 2, 3], &[], u64::MAX - 3, Some(1));
-        assert_eq!(Ok(()), high.check_vote(&vote(u64::MAX, 2)), "no overflow near the top");
+        assert_eq!(Ok(()), high.check_vote(&vote(u64::MAX, 2), None), "no overflow near the top");
     }
 
     #[test]

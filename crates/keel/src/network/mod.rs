@@ -239,6 +239,8 @@ pub(crate) struct LocalService<SM: StateMachine> {
     pub peer: Arc<PeerState>,
     pub server_metrics:
         openraft::alias::WatchReceiverOf<KeelTypes, openraft::metrics::RaftServerMetrics<KeelTypes>>,
+    pub data_metrics:
+        openraft::alias::WatchReceiverOf<KeelTypes, openraft::metrics::RaftDataMetrics<KeelTypes>>,
 }
 
 fn stopped(e: impl std::fmt::Display) -> ServiceError {
@@ -266,8 +268,16 @@ impl Drop for TempFile {
 impl<SM: StateMachine> LocalService<SM> {
     /// This node's Raft state, to judge a message by.
     fn view(&self) -> View {
+        let last_log = self.data_metrics.borrow_watched().last_log;
         let m = self.server_metrics.borrow_watched();
-        View::new(m.vote, m.current_leader, &m.membership_config, &m.committed_membership_config)
+        View::new(
+            m.id,
+            m.vote,
+            m.current_leader,
+            last_log,
+            m.membership_config.clone(),
+            m.committed_membership_config.clone(),
+        )
     }
 
     /// Passes `decision` through, logging a refusal.
@@ -356,7 +366,7 @@ impl<SM: StateMachine> RaftService for LocalService<SM> {
         mut rpc: VoteRequest<KeelTypes>,
     ) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>> {
         Box::pin(async move {
-            self.judge("vote", self.view().check_vote(&rpc.vote))?;
+            self.judge("vote", self.view().check_vote(&rpc.vote, rpc.last_log_id.as_ref()))?;
             if rpc.leadership_transfer
                 && !guard::transfer_authorized(self.peer.announced_transfer(), &rpc.vote)
             {
@@ -373,7 +383,7 @@ impl<SM: StateMachine> RaftService for LocalService<SM> {
         rpc: VoteRequest<KeelTypes>,
     ) -> BoxFuture<'_, Result<VoteResponse<KeelTypes>, ServiceError>> {
         Box::pin(async move {
-            self.judge("pre-vote", self.view().check_vote(&rpc.vote))?;
+            self.judge("pre-vote", self.view().check_vote(&rpc.vote, rpc.last_log_id.as_ref()))?;
             self.raft.pre_vote(rpc).await.map_err(stopped)
         })
     }
