@@ -62,6 +62,10 @@ struct Flags {
     /// Largest key in bytes [default: 8192].
     #[arg(long)]
     max_key_bytes: Option<usize>,
+    /// Space quota of the state machine database in bytes; a write that would take it there
+    /// raises the NOSPACE alarm and is refused (etcd's). 0: the default [default: 2147483648].
+    #[arg(long, value_name = "BYTES")]
+    quota_backend_bytes: Option<u64>,
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
@@ -91,7 +95,7 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
         ($($f:ident),*) => {$( if let Some(v) = flags.$f { c.$f = v; } )*};
     }
     set!(id, data_dir, client_addr, peer_addr, initial_cluster, initial_cluster_state, cluster_name, join);
-    set!(max_request_bytes, max_key_bytes);
+    set!(max_request_bytes, max_key_bytes, quota_backend_bytes);
     c.validate()?;
     Ok(c)
 }
