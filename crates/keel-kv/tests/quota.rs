@@ -183,7 +183,7 @@ fn the_nospace_alarm_is_replicated_to_every_member_and_caps_writes_everywhere() 
 }
 
 #[test]
-fn alarm_activate_from_a_client_caps_writes_and_deactivate_lifts_it() {
+fn http_alarm_activate_caps_writes_and_etcdctl_disarm_lifts_it() {
     let mut procs = Procs::start(1, 0, "");
     let c = procs.client(1);
     assert_eq!("OK\n", etcdctl_ok(&c, &["put", "k", "v"]));
@@ -350,5 +350,57 @@ fn a_node_whose_files_hit_the_size_limit_exits_non_zero_and_restarts_with_every_
     procs.restart(1);
     procs.wait_ready(1);
     assert_all_present(&procs, 1, "fill/", &acked, false);
+    assert!(procs.terminate(1).success());
+}
+
+#[test]
+fn grpc_alarm_activate_and_deactivate_work_as_etcds_and_the_refusal_is_resource_exhausted() {
+    use etcd_client::AlarmAction;
+    use etcd_client::AlarmOptions;
+    use etcd_client::AlarmType;
+    let mut procs = Procs::start(1, 0, "");
+    let endpoint = format!("http://{}", procs.client(1));
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.expect("connect");
+        let member = |id| {
+            let mut o = AlarmOptions::new();
+            o.with_member(id);
+            Some(o)
+        };
+        let raised = |r: &etcd_client::AlarmResponse| -> Vec<(u64, AlarmType)> {
+            r.alarms().iter().map(|a| (a.member_id(), a.alarm())).collect()
+        };
+
+        let r = client.alarm(AlarmAction::Activate, AlarmType::Nospace, member(7)).await.expect("activate");
+        assert_eq!(vec![(7, AlarmType::Nospace)], raised(&r));
+        // Activating a raised alarm changes nothing and answers none (etcd's AlarmStore).
+        let r = client.alarm(AlarmAction::Activate, AlarmType::Nospace, member(7)).await.expect("again");
+        assert_eq!(Vec::<(u64, AlarmType)>::new(), raised(&r));
+        let r = client.alarm(AlarmAction::Get, AlarmType::None, None).await.expect("get");
+        assert_eq!(vec![(7, AlarmType::Nospace)], raised(&r));
+
+        match client.put("k", "v", None).await {
+            Err(etcd_client::Error::GRpcStatus(s)) => {
+                assert_eq!((tonic::Code::ResourceExhausted, NO_SPACE), (s.code(), s.message()));
+            }
+            other => panic!("a put under NOSPACE answered {other:?}"),
+        }
+        // A txn of only deletes is not capped.
+        let txn = etcd_client::Txn::new().and_then([etcd_client::TxnOp::delete("k", None)]);
+        assert!(client.txn(txn).await.expect("a txn of deletes").succeeded());
+        // Keel raises only NOSPACE: CORRUPT is refused, not silently kept.
+        let corrupt = client.alarm(AlarmAction::Activate, AlarmType::Corrupt, member(7)).await;
+        assert!(
+            matches!(&corrupt, Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::InvalidArgument),
+            "{corrupt:?}"
+        );
+
+        let r = client.alarm(AlarmAction::Deactivate, AlarmType::Nospace, member(7)).await.expect("deactivate");
+        assert_eq!(vec![(7, AlarmType::Nospace)], raised(&r));
+        let r = client.alarm(AlarmAction::Get, AlarmType::None, None).await.expect("get");
+        assert_eq!(Vec::<(u64, AlarmType)>::new(), raised(&r));
+        client.put("k", "v", None).await.expect("a put once the alarm is cleared");
+    });
     assert!(procs.terminate(1).success());
 }
