@@ -19,6 +19,10 @@ use keel::ReadError;
 use crate::limits::LimitError;
 use crate::limits::Limits;
 use crate::store;
+use crate::store::AlarmAction;
+use crate::store::AlarmChange;
+use crate::store::AlarmKind;
+use crate::store::AlarmMember;
 use crate::store::KvCommand;
 use crate::store::KvError;
 use crate::store::KvStore;
@@ -28,6 +32,10 @@ use crate::store::RangeResult;
 
 /// How long the answer to a membership change waits for this node to see the change.
 const MEMBERSHIP_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The state machine database file in the data dir (opened by `keel::storage::sm_store`); the
+/// space quota is measured on its size.
+pub const DB_FILE: &str = "state.redb";
 
 /// Why a client request failed. Each variant maps to one etcd gRPC error and one HTTP code.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -182,6 +190,9 @@ pub struct Counters {
 #[derive(Clone)]
 pub struct KvApi {
     pub node: Arc<Node<KvStore>>,
+    /// The space quota on the state machine database file, in bytes (etcd's
+    /// `--quota-backend-bytes`, 0 already replaced by the default).
+    pub quota_backend_bytes: u64,
     /// etcd's cluster id: a hash of the cluster name.
     pub cluster_id: u64,
     pub max_request_bytes: usize,
@@ -204,7 +215,15 @@ impl KvApi {
         max_key_bytes: usize,
     ) -> Self {
         let cluster_id = cluster_id(&node.config().cluster_name);
-        Self { node, cluster_id, max_request_bytes, max_key_bytes, advertise, counters: Arc::default() }
+        Self {
+            node,
+            cluster_id,
+            quota_backend_bytes: crate::config::DEFAULT_QUOTA_BACKEND_BYTES,
+            max_request_bytes,
+            max_key_bytes,
+            advertise,
+            counters: Arc::default(),
+        }
     }
 
     pub fn member_id(&self) -> NodeId {
@@ -231,15 +250,77 @@ impl KvApi {
         Ok(())
     }
 
-    /// Checks a write's keys and shape, proposes it, and answers the store's revision and result.
-    /// (The leader checks it again before proposing: see [`crate::limits`].)
+    /// Checks a write's keys, shape and space, proposes it, and answers the store's revision and
+    /// result. (The leader checks the limits again before proposing: see [`crate::limits`].)
     pub async fn write(&self, cmd: KvCommand) -> Result<(i64, OpResult), ApiError> {
         self.limits().check(&cmd)?;
+        self.check_running()?;
+        self.check_quota(&cmd).await?;
         let resp = self.node.propose(cmd).await?;
         match resp.result {
             Ok(r) => Ok((resp.revision, r)),
             Err(e) => Err(ApiError::Kv(e)),
         }
+    }
+
+    /// Refuses a request, before proposing anything, once this node's Raft has stopped: the
+    /// client then learns that nothing happened (not "outcome unknown"). keeld exits soon after.
+    fn check_running(&self) -> Result<(), ApiError> {
+        match &self.node.metrics().running_state {
+            Ok(()) => Ok(()),
+            Err(fatal) => Err(ApiError::Unavailable(format!("raft stopped, nothing was proposed: {fatal}"))),
+        }
+    }
+
+    /// Bytes the state machine database file occupies (etcd's backend size).
+    pub fn db_size(&self) -> u64 {
+        std::fs::metadata(self.node.config().data_dir.join(DB_FILE)).map_or(0, |m| m.len())
+    }
+
+    /// etcd's quota check on the node that receives a write: if the database plus what the
+    /// request may add reaches the quota, raise the `NOSPACE` alarm (through Raft, so every
+    /// member refuses growing writes from then on) and refuse the request without proposing it.
+    async fn check_quota(&self, cmd: &KvCommand) -> Result<(), ApiError> {
+        let cost = store::cost(cmd);
+        if cost == 0 || self.db_size().saturating_add(cost) < self.quota_backend_bytes {
+            return Ok(());
+        }
+        let me = AlarmMember { member_id: self.member_id(), alarm: AlarmKind::NoSpace };
+        tracing::warn!(
+            db_size = self.db_size(),
+            quota = self.quota_backend_bytes,
+            "database space quota reached; raising the NOSPACE alarm"
+        );
+        // As etcd: the refusal does not depend on the alarm being raised (it is retried with the
+        // next refused write if this proposal fails).
+        if let Err(e) = self.change_alarm(AlarmAction::Activate, me).await {
+            tracing::warn!("raising the NOSPACE alarm: {e}");
+        }
+        Err(ApiError::Kv(KvError::NoSpace))
+    }
+
+    /// Raises or clears one alarm through Raft; answers the alarm changed (none if it already was
+    /// so).
+    pub async fn change_alarm(
+        &self,
+        action: AlarmAction,
+        member: AlarmMember,
+    ) -> Result<Vec<AlarmMember>, ApiError> {
+        self.check_running()?;
+        let resp = self.node.propose(KvCommand::Alarm(AlarmChange { action, member })).await?;
+        match resp.result {
+            Ok(OpResult::Alarms(changed)) => Ok(changed),
+            Ok(other) => Err(ApiError::Internal(format!("alarm change answered {other:?}"))),
+            Err(e) => Err(ApiError::Kv(e)),
+        }
+    }
+
+    /// The raised alarms (a linearizable read unless `serializable`).
+    pub async fn alarms(&self, serializable: bool) -> Result<Vec<AlarmMember>, ApiError> {
+        if !serializable {
+            self.node.linearize().await?;
+        }
+        Ok(self.node.read_local(|_, txn| store::alarms(txn))??)
     }
 
     /// Reads a range: linearizable unless `serializable`. Answers the revision the read saw.

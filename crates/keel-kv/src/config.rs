@@ -16,6 +16,10 @@ use serde::Serialize;
 /// etcd's default request size limit.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
 pub const DEFAULT_MAX_KEY_BYTES: usize = 8 * 1024;
+/// etcd's default space quota (`--quota-backend-bytes` 0 means this, as in etcd).
+pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 << 30;
+/// Above this etcd warns that the quota exceeds the maximum it recommends; Keel does too.
+pub const MAX_RECOMMENDED_QUOTA_BACKEND_BYTES: u64 = 8 << 30;
 
 /// Whether a node with an empty data dir founds a cluster or waits to be added to one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -65,6 +69,11 @@ pub struct KeeldConfig {
     /// Largest snapshot this node accepts from a leader (bytes); a larger transfer is cut off.
     #[serde(alias = "max-snapshot-bytes")]
     pub max_snapshot_bytes: u64,
+    /// The space quota on the state machine database file (bytes); 0: etcd's default, 2 GiB. A
+    /// write that would take the database to it raises the `NOSPACE` alarm (see docs/etcd-api.md).
+    /// Unsigned: etcd's negative "no quota" is refused (a quota is what stops ENOSPC).
+    #[serde(alias = "quota-backend-bytes")]
+    pub quota_backend_bytes: u64,
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
@@ -90,6 +99,7 @@ impl Default for KeeldConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             max_snapshot_bytes: node.limits.max_snapshot_bytes,
+            quota_backend_bytes: 0,
             raft: node.raft,
             log: node.log,
             state_machine: node.state_machine,
@@ -177,6 +187,14 @@ impl KeeldConfig {
         }
     }
 
+    /// The space quota in effect: `quota_backend_bytes`, or etcd's default for 0.
+    pub fn quota_backend_bytes(&self) -> u64 {
+        match self.quota_backend_bytes {
+            0 => DEFAULT_QUOTA_BACKEND_BYTES,
+            q => q,
+        }
+    }
+
     /// Whether this node joins an existing cluster through `join`.
     pub fn joins(&self) -> bool {
         !self.join.trim().is_empty()
@@ -242,6 +260,16 @@ mod tests {
             let e = c.initial_members().expect_err(bad).to_string();
             assert!(e.contains("initial_cluster"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn quota_zero_means_etcds_default_and_a_negative_one_is_refused() {
+        let c = KeeldConfig::default();
+        assert_eq!(2 << 30, c.quota_backend_bytes());
+        let c = KeeldConfig::from_toml("quota-backend-bytes = 4096\n", "t").expect("parses");
+        assert_eq!(4096, c.quota_backend_bytes());
+        let e = KeeldConfig::from_toml("quota_backend_bytes = -1\n", "t").expect_err("negative");
+        assert!(e.to_string().contains("quota_backend_bytes"), "{e}");
     }
 
     #[test]

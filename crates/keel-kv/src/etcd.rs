@@ -66,6 +66,9 @@ impl From<ApiError> for Status {
                 (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision")
             }
             ApiError::Kv(KvError::LeaseNotFound) => (Code::NotFound, "etcdserver: requested lease not found"),
+            ApiError::Kv(KvError::NoSpace) => {
+                (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded")
+            }
             ApiError::Kv(KvError::InvalidRequest(m)) => {
                 return Status::invalid_argument(format!("etcdserver: {m}"))
             }
@@ -140,6 +143,13 @@ fn member(m: &Member) -> rpc::Member {
         client_ur_ls: url(&m.client_addr),
         is_learner: !m.voter,
     }
+}
+
+fn alarm_member(a: store::AlarmMember) -> rpc::AlarmMember {
+    let alarm = match a.alarm {
+        store::AlarmKind::NoSpace => rpc::AlarmType::Nospace,
+    };
+    rpc::AlarmMember { member_id: a.member_id, alarm: alarm as i32 }
 }
 
 fn kv(k: store::KeyValue) -> mvccpb::KeyValue {
@@ -263,7 +273,7 @@ impl EtcdService {
             .into_iter()
             .map(|r| rpc::ResponseOp {
                 response: match r {
-                    OpResult::MemberId(_) => None,
+                    OpResult::MemberId(_) | OpResult::Alarms(_) => None,
                     r => Some(match r {
                         OpResult::Range(r) => rpc::response_op::Response::ResponseRange(rpc::RangeResponse {
                             header: self.header(revision),
@@ -287,7 +297,9 @@ impl EtcdService {
                         OpResult::Txn(t) => {
                             rpc::response_op::Response::ResponseTxn(self.txn_response(revision, t))
                         }
-                        OpResult::MemberId(_) => return rpc::ResponseOp { response: None },
+                        OpResult::MemberId(_) | OpResult::Alarms(_) => {
+                            return rpc::ResponseOp { response: None }
+                        }
                     }),
                 },
             })
@@ -470,15 +482,66 @@ impl rpc::cluster_server::Cluster for EtcdService {
 
 #[tonic::async_trait]
 impl rpc::maintenance_server::Maintenance for EtcdService {
-    async fn alarm(&self, _: Request<rpc::AlarmRequest>) -> Result<Response<rpc::AlarmResponse>, Status> {
-        // Keel raises no alarms (no space quota, no corruption alarm: corruption stops the node).
-        self.done(Ok(rpc::AlarmResponse { header: self.header(self.api.revision()), alarms: vec![] }))
+    /// etcd's alarms: GET lists them (a linearizable read; `alarm` NONE: every type), ACTIVATE
+    /// and DEACTIVATE change one through Raft and answer it if it changed. Keel knows only
+    /// NOSPACE: activating another type is refused, and nothing else is ever listed.
+    async fn alarm(
+        &self,
+        request: Request<rpc::AlarmRequest>,
+    ) -> Result<Response<rpc::AlarmResponse>, Status> {
+        use rpc::alarm_request::AlarmAction as A;
+        let req = request.into_inner();
+        let r = async {
+            let kind = match rpc::AlarmType::try_from(req.alarm) {
+                Ok(rpc::AlarmType::Nospace) => Some(store::AlarmKind::NoSpace),
+                Ok(rpc::AlarmType::None) | Ok(rpc::AlarmType::Corrupt) => None,
+                Err(_) => return Err(ApiError::BadRequest(format!("unknown alarm type {}", req.alarm))),
+            };
+            let member = |alarm| store::AlarmMember { member_id: req.member_id, alarm };
+            let alarms = match (A::try_from(req.action), kind) {
+                (Ok(A::Get), _) => {
+                    let all = self.api.alarms(false).await?;
+                    all.into_iter().filter(|a| kind.is_none_or(|k| a.alarm == k)).collect()
+                }
+                (Ok(A::Activate), Some(kind)) => {
+                    self.api.change_alarm(store::AlarmAction::Activate, member(kind)).await?
+                }
+                // etcd ignores activating NONE; CORRUPT is an alarm Keel does not raise (a
+                // corruption stops the node), so it is refused rather than silently ignored.
+                (Ok(A::Activate), None) if req.alarm == rpc::AlarmType::None as i32 => vec![],
+                (Ok(A::Activate), None) => {
+                    return Err(ApiError::BadRequest("Keel supports only the NOSPACE alarm".into()))
+                }
+                (Ok(A::Deactivate), Some(kind)) => {
+                    self.api.change_alarm(store::AlarmAction::Deactivate, member(kind)).await?
+                }
+                // No such alarm can be raised here: nothing to clear (etcd answers none too).
+                (Ok(A::Deactivate), None) => vec![],
+                (Err(_), _) => {
+                    return Err(ApiError::BadRequest(format!("unknown alarm action {}", req.action)))
+                }
+            };
+            Ok(rpc::AlarmResponse {
+                header: self.header(self.api.revision()),
+                alarms: alarms.into_iter().map(alarm_member).collect(),
+            })
+        }
+        .await;
+        self.done(r)
     }
 
     async fn status(&self, _: Request<rpc::StatusRequest>) -> Result<Response<rpc::StatusResponse>, Status> {
         let s = self.api.status();
-        let db_size = std::fs::metadata(self.api.node.config().data_dir.join("state.redb"))
-            .map_or(0, |m| m.len() as i64);
+        let db_size = self.api.db_size() as i64;
+        // As etcd: every raised alarm is listed among the errors (`etcdctl endpoint status`).
+        let alarms = self.api.alarms(true).await.unwrap_or_default();
+        let errors = self
+            .api
+            .health()
+            .err()
+            .into_iter()
+            .chain(alarms.iter().map(|a| format!("memberID:{} alarm:{}", a.member_id, a.alarm.name())))
+            .collect();
         let is_learner = !s.members.iter().any(|m| m.id == s.id && m.voter);
         self.done(Ok(rpc::StatusResponse {
             header: self.header(s.revision),
@@ -488,7 +551,7 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
             raft_index: s.committed_index,
             raft_term: s.term,
             raft_applied_index: s.applied_index,
-            errors: self.api.health().err().into_iter().collect(),
+            errors,
             db_size_in_use: db_size,
             is_learner,
             ..Default::default()

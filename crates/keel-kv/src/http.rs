@@ -50,6 +50,10 @@ pub fn router(api: KvApi) -> Router {
         .route("/v1/cluster/transfer-leader", post(transfer_leader))
         .route("/v1/cluster/members", get(members))
         .route("/v1/cluster/status", get(status))
+        .route("/v1/alarms", get(alarms))
+        .route("/v1/alarms/disarm", post(disarm))
+        .route("/v1/alarms/activate", post(activate))
+        .route("/v1/alarms/deactivate", post(deactivate))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -77,7 +81,11 @@ impl HttpError {
 impl From<ApiError> for HttpError {
     fn from(e: ApiError) -> Self {
         let retryable = e.retryable();
-        let message = e.to_string();
+        let message = match &e {
+            // etcd's own words, which clients and operators search for.
+            ApiError::Kv(KvError::NoSpace) => "etcdserver: mvcc: database space exceeded".to_string(),
+            e => e.to_string(),
+        };
         let (status, code) = match &e {
             ApiError::BadRequest(_) | ApiError::Kv(KvError::InvalidRequest(_)) => {
                 (StatusCode::BAD_REQUEST, "bad_request")
@@ -92,6 +100,8 @@ impl From<ApiError> for HttpError {
                 (StatusCode::BAD_REQUEST, "compacted")
             }
             ApiError::Kv(KvError::LeaseNotFound) => (StatusCode::BAD_REQUEST, "bad_request"),
+            // 507: the request is fine, the server has no room for it (until the alarm is cleared).
+            ApiError::Kv(KvError::NoSpace) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             ApiError::Rejected(_)
             | ApiError::NotLearner(_)
             | ApiError::PeerAddrExists(..)
@@ -470,6 +480,7 @@ fn op_result_json(r: &OpResult, revision: i64) -> Value {
             json!({"txn": {"succeeded": t.succeeded, "responses": t.responses.iter().map(|r| op_result_json(r, revision)).collect::<Vec<_>>()}})
         }
         OpResult::MemberId(id) => json!({"member_id": id}),
+        OpResult::Alarms(alarms) => json!({"alarms": alarms_json(alarms)}),
     }
 }
 
@@ -657,6 +668,76 @@ async fn status(State(api): State<KvApi>) -> Response {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Alarms
+
+fn alarms_json(alarms: &[store::AlarmMember]) -> Vec<Value> {
+    alarms.iter().map(|a| json!({"member_id": a.member_id, "alarm": a.alarm.name()})).collect()
+}
+
+/// `GET /v1/alarms`: the raised alarms (linearizable unless `consistency=serializable`).
+async fn alarms(State(api): State<KvApi>, uri: Uri) -> Response {
+    let r = async {
+        let raised = api.alarms(serializable(&query(&uri))?).await?;
+        ok(&api, json!({"alarms": alarms_json(&raised)}))
+    }
+    .await;
+    counted(&api, r)
+}
+
+/// `{"member_id": N, "alarm": "NOSPACE"}`: one alarm, as etcd's `AlarmRequest` names it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlarmBody {
+    member_id: u64,
+    alarm: String,
+}
+
+fn alarm_of(b: AlarmBody) -> Result<store::AlarmMember, HttpError> {
+    match b.alarm.as_str() {
+        "NOSPACE" => Ok(store::AlarmMember { member_id: b.member_id, alarm: store::AlarmKind::NoSpace }),
+        other => Err(HttpError::bad(format!("unknown alarm {other:?}: Keel raises only NOSPACE"))),
+    }
+}
+
+/// `POST /v1/alarms/activate` and `/v1/alarms/deactivate`: raise or clear one alarm (etcd's
+/// ACTIVATE / DEACTIVATE); answers it if that changed anything.
+async fn change_alarm(
+    api: KvApi,
+    action: store::AlarmAction,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        let alarm = alarm_of(parse_json(&api, body)?)?;
+        let changed = api.change_alarm(action, alarm).await?;
+        ok(&api, json!({"alarms": alarms_json(&changed)}))
+    }
+    .await;
+    counted(&api, r)
+}
+
+async fn activate(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    change_alarm(api, store::AlarmAction::Activate, body).await
+}
+
+async fn deactivate(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+    change_alarm(api, store::AlarmAction::Deactivate, body).await
+}
+
+/// `POST /v1/alarms/disarm`: clears every raised alarm (what `etcdctl alarm disarm` does: list,
+/// then deactivate each); answers the alarms cleared.
+async fn disarm(State(api): State<KvApi>) -> Response {
+    let r = async {
+        let mut cleared = Vec::new();
+        for alarm in api.alarms(false).await? {
+            cleared.extend(api.change_alarm(store::AlarmAction::Deactivate, alarm).await?);
+        }
+        ok(&api, json!({"alarms": alarms_json(&cleared)}))
+    }
+    .await;
+    counted(&api, r)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Operations
 
 async fn health(State(api): State<KvApi>) -> Response {
@@ -708,6 +789,19 @@ async fn metrics(State(api): State<KvApi>) -> Response {
     gauge("keel_log_bytes", "Bytes the Raft log occupies on disk.", api.node.log_bytes().to_string());
     gauge("keel_kv_revision", "The store's revision.", s.revision.to_string());
     gauge("keel_kv_keys", "Keys in the store.", keys.to_string());
+    gauge("keel_db_bytes", "Bytes the state machine database file occupies.", api.db_size().to_string());
+    gauge(
+        "keel_quota_backend_bytes",
+        "The space quota on the state machine database (bytes).",
+        api.quota_backend_bytes.to_string(),
+    );
+    // Serializable: /metrics must answer without a leader.
+    let raised = api.alarms(true).await.unwrap_or_default();
+    let nospace = raised.iter().filter(|a| a.alarm == store::AlarmKind::NoSpace).count();
+    let _ = writeln!(
+        out,
+        "# HELP keel_alarms Alarms raised in the cluster, by type.\n# TYPE keel_alarms gauge\nkeel_alarms{{alarm=\"NOSPACE\"}} {nospace}"
+    );
     let _ = writeln!(
         out,
         "# HELP keel_requests_total Client requests served, by API.\n# TYPE keel_requests_total counter"

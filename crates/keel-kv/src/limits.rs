@@ -67,7 +67,7 @@ impl Limits {
             KvCommand::Put(p) => self.check_key(&p.key),
             KvCommand::DeleteRange(d) => self.check_key(&d.key),
             KvCommand::Txn(t) => self.check_txn(t, 1),
-            KvCommand::Compact { .. } | KvCommand::AllocateMemberId { .. } => Ok(()),
+            KvCommand::Compact { .. } | KvCommand::AllocateMemberId { .. } | KvCommand::Alarm(_) => Ok(()),
         }
     }
 

@@ -3,6 +3,11 @@
 //!
 //! Shutdown order: stop client ingress (requests in flight finish), hand leadership to another
 //! voter if this node leads, stop the peer server, shut Raft down, close storage.
+//!
+//! [`run`] stops the node on a signal, on its removal from the cluster, and when Raft stops on its
+//! own with a fatal error (storage I/O such as ENOSPC, a failed apply): a node whose Raft stopped
+//! serves nothing and recovers nothing by waiting, so it stops in the same order and `run` answers
+//! [`RunError::Fatal`] (keeld exits non-zero and a supervisor restarts it).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,6 +51,10 @@ pub enum RunError {
     /// This node was removed from its cluster; its data dir must not be used to rejoin.
     #[error("{0}")]
     Removed(String),
+    /// Raft stopped on its own: the cause is openraft's fatal error (e.g. the log or the state
+    /// machine database could not be written). The node was stopped in order.
+    #[error("raft stopped with a fatal error: {0}")]
+    Fatal(String),
     #[error("shutdown: {0}")]
     Shutdown(String),
 }
@@ -150,7 +159,15 @@ impl Server {
             let _ = peer_stopped.await;
         }));
 
-        let api = KvApi::new(node.clone(), advertise.clone(), config.max_request_bytes, config.max_key_bytes);
+        let mut api =
+            KvApi::new(node.clone(), advertise.clone(), config.max_request_bytes, config.max_key_bytes);
+        api.quota_backend_bytes = config.quota_backend_bytes();
+        if api.quota_backend_bytes > crate::config::MAX_RECOMMENDED_QUOTA_BACKEND_BYTES {
+            tracing::warn!(
+                quota = api.quota_backend_bytes,
+                "quota_backend_bytes is above the 8 GiB etcd recommends as a maximum"
+            );
+        }
         let (stop_client, client_stopped) = oneshot::channel::<()>();
         let router = client_router(api.clone());
         let client_server = tokio::spawn(async move {
@@ -238,7 +255,9 @@ impl Server {
             task.abort();
             let _ = task.await;
         }
-        if leave_on_shutdown {
+        if let Err(fatal) = &api.node.metrics().running_state {
+            tracing::info!(id, "raft has stopped ({fatal}): no leadership hand-over");
+        } else if leave_on_shutdown {
             leave(&api).await;
         } else {
             hand_over_leadership(&api.node).await;
@@ -535,18 +554,29 @@ async fn removed_per_peers(id: NodeId, cluster: &str, peers: &[NodeInfo]) -> Opt
     None
 }
 
-/// Runs a node until `shutdown` completes (or the node is removed from its cluster), then stops
-/// it in order.
+/// Runs a node until `shutdown` completes, the node is removed from its cluster, or its Raft
+/// stops with a fatal error; then stops it in order. Answers why it stopped, if not for
+/// `shutdown`.
 pub async fn run(config: KeeldConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let mut server = Server::start(config).await?;
     let removed = server.removed();
+    let fatal = server.node().fatal();
     let outcome = tokio::select! {
         () = shutdown => None,
-        why = removed => Some(why),
+        why = removed => Some(RunError::Removed(why)),
+        fatal = fatal => {
+            tracing::error!("raft stopped with a fatal error: {fatal}; stopping keeld");
+            Some(RunError::Fatal(fatal.to_string()))
+        }
     };
-    server.shutdown().await?;
-    match outcome {
-        Some(why) => Err(RunError::Removed(why)),
-        None => Ok(()),
+    let stopped = server.shutdown().await;
+    match (outcome, stopped) {
+        (None, stopped) => stopped,
+        // The reason to stop outranks a failure to stop cleanly: log that one, answer the reason.
+        (Some(why), Err(e)) => {
+            tracing::error!("{e}");
+            Err(why)
+        }
+        (Some(why), Ok(())) => Err(why),
     }
 }

@@ -9,7 +9,12 @@
 //! Tables (in the database Keel hands the state machine):
 //! - `kv`: key → [`Record`] (`create_revision | mod_revision | version | lease`, 8 bytes each LE,
 //!   then the value).
-//! - `kv_meta`: `"revision"`, `"compact_revision"` and `"last_member_id"` → i64.
+//! - `kv_meta`: `"revision"`, `"compact_revision"` and `"last_member_id"` → i64; and one row per
+//!   raised alarm, `"alarm/<TYPE>/<member id, 20 digits>"` → the member id (see [`AlarmKind`]).
+//!
+//! Alarms: while a `NOSPACE` alarm is raised (by any member), every replica refuses puts and txns
+//! with a put ([`KvError::NoSpace`]), deterministically at apply, as etcd's capped applier does;
+//! reads, deletes and compaction keep working.
 
 use std::io;
 
@@ -50,6 +55,53 @@ pub enum KvCommand {
     AllocateMemberId {
         above: u64,
     },
+    /// Raises or clears an alarm (etcd's `Alarm` ACTIVATE / DEACTIVATE). Not a KV write: the
+    /// revision does not move.
+    Alarm(AlarmChange),
+}
+
+/// An alarm etcd's API knows. Keel raises only `NoSpace` (a corruption stops the node instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AlarmKind {
+    /// The state machine database reached `quota_backend_bytes`.
+    NoSpace,
+}
+
+impl AlarmKind {
+    /// etcd's name for it (`AlarmType`), as `etcdctl alarm list` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AlarmKind::NoSpace => "NOSPACE",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "NOSPACE" => Some(AlarmKind::NoSpace),
+            _ => None,
+        }
+    }
+}
+
+/// One raised alarm: which member raised it, and what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AlarmMember {
+    pub member_id: u64,
+    pub alarm: AlarmKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AlarmAction {
+    Activate,
+    Deactivate,
+}
+
+/// [`KvCommand::Alarm`]: as etcd, activating a raised alarm and deactivating an absent one change
+/// nothing and answer no alarm; otherwise the answer lists the alarm raised or cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmChange {
+    pub action: AlarmAction,
+    pub member: AlarmMember,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -213,6 +265,8 @@ pub enum OpResult {
     Txn(TxnResult),
     /// The answer to [`KvCommand::AllocateMemberId`].
     MemberId(u64),
+    /// The answer to [`KvCommand::Alarm`]: the alarm raised or cleared, if any.
+    Alarms(Vec<AlarmMember>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +295,10 @@ pub enum KvError {
     KeyNotFound,
     #[error("{0}")]
     InvalidRequest(String),
+    /// A `NOSPACE` alarm is raised: writes that may grow the database are refused until it is
+    /// cleared. The message is etcd's (`ErrNoSpace`).
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,10 +450,14 @@ impl StateMachine for KvStore {
         let mut kv = txn.open_table(KV)?;
         let mut meta = txn.open_table(META)?;
         let mut revision = meta.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value());
+        let mut capped = alarm_rows(&meta)?.iter().any(|a| a.alarm == AlarmKind::NoSpace);
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             let mut w = Writer { kv: &mut kv, revision: revision + 1, wrote: false };
             let result = match cmd {
+                // etcd's capped applier: refused on every replica alike while NOSPACE is raised.
+                KvCommand::Put(_) if capped => Ok(Err(KvError::NoSpace)),
+                KvCommand::Txn(t) if capped && txn_cost(&t) > 0 => Ok(Err(KvError::NoSpace)),
                 KvCommand::Put(put) => w.put(&put),
                 KvCommand::DeleteRange(del) => w.delete(&del),
                 KvCommand::Txn(t) => w.txn(&t),
@@ -413,6 +475,11 @@ impl StateMachine for KvStore {
                     let id = (last.max(0) as u64).max(above) + 1;
                     meta.insert(LAST_MEMBER_ID, id as i64)?;
                     Ok(Ok(OpResult::MemberId(id)))
+                }
+                KvCommand::Alarm(change) => {
+                    let changed = change_alarm(&mut meta, change)?;
+                    capped = alarm_rows(&meta)?.iter().any(|a| a.alarm == AlarmKind::NoSpace);
+                    Ok(Ok(OpResult::Alarms(changed.into_iter().collect())))
                 }
             }?;
             if w.wrote {
@@ -433,6 +500,91 @@ impl StateMachine for KvStore {
         keel::load_table(txn, META, input)?;
         keel::load_table(txn, KV, input)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alarms and the space quota
+
+const ALARM_PREFIX: &str = "alarm/";
+
+fn alarm_row_key(a: AlarmMember) -> String {
+    format!("{ALARM_PREFIX}{}/{:020}", a.alarm.name(), a.member_id)
+}
+
+/// The raised alarms, from their `kv_meta` rows (ordered by type, then member id).
+fn alarm_rows<T: ReadableTable<&'static str, i64>>(meta: &T) -> Result<Vec<AlarmMember>, StateMachineError> {
+    // '0' is the character after '/': the range is every key starting with "alarm/".
+    let mut out = Vec::new();
+    for row in meta.range::<&str>("alarm/".."alarm0")? {
+        let (key, member) = row?;
+        let alarm = key.value().strip_prefix(ALARM_PREFIX).and_then(|k| k.split_once('/'));
+        let Some(alarm) = alarm.and_then(|(kind, _)| AlarmKind::from_name(kind)) else {
+            return Err(corrupt(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("kv_meta row {:?} is not an alarm", key.value()),
+            )));
+        };
+        out.push(AlarmMember { member_id: member.value() as u64, alarm });
+    }
+    Ok(out)
+}
+
+/// Raises or clears one alarm; answers it if that changed anything (etcd's `AlarmStore`).
+fn change_alarm(
+    meta: &mut keel::redb::Table<'_, &'static str, i64>,
+    change: AlarmChange,
+) -> Result<Option<AlarmMember>, StateMachineError> {
+    let key = alarm_row_key(change.member);
+    // Member ids are stored as i64 (the table's value type); the cast is a bijection.
+    let member = change.member.member_id as i64;
+    let changed = match change.action {
+        AlarmAction::Activate => meta.insert(key.as_str(), member)?.is_none(),
+        AlarmAction::Deactivate => meta.remove(key.as_str())?.is_some(),
+    };
+    Ok(changed.then_some(change.member))
+}
+
+/// The raised alarms in `txn`.
+pub fn alarms(txn: &ReadTransaction) -> Result<Vec<AlarmMember>, StateMachineError> {
+    match txn.open_table(META) {
+        Ok(t) => alarm_rows(&t),
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// etcd's per-key overhead in its space estimate (`kvOverhead`).
+const KV_OVERHEAD: u64 = 256;
+
+/// What a write may add to the database, as etcd estimates it (`storage/quota.go`): a put costs
+/// its key and value plus 256 bytes; a txn the larger of its two branches; everything else 0.
+/// A request of cost 0 is never refused for space.
+pub fn cost(cmd: &KvCommand) -> u64 {
+    match cmd {
+        KvCommand::Put(p) => put_cost(p),
+        KvCommand::Txn(t) => txn_cost(t),
+        KvCommand::DeleteRange(_)
+        | KvCommand::Compact { .. }
+        | KvCommand::AllocateMemberId { .. }
+        | KvCommand::Alarm(_) => 0,
+    }
+}
+
+fn put_cost(p: &Put) -> u64 {
+    KV_OVERHEAD + p.key.len() as u64 + p.value.len() as u64
+}
+
+fn txn_cost(t: &Txn) -> u64 {
+    let branch = |ops: &[Op]| -> u64 {
+        ops.iter()
+            .map(|op| match op {
+                Op::Put(p) => put_cost(p),
+                Op::Txn(inner) => txn_cost(inner),
+                Op::Range(_) | Op::DeleteRange(_) => 0,
+            })
+            .sum()
+    };
+    branch(&t.success).max(branch(&t.failure))
 }
 
 /// Applies one write request at revision `revision`; `wrote` records whether it changed anything
@@ -728,6 +880,26 @@ mod tests {
         assert_eq!(b"b".to_vec(), prefix_range_end(b"a\xff"));
         assert_eq!(vec![0], prefix_range_end(b"\xff\xff"));
         assert_eq!(vec![0], prefix_range_end(b""));
+    }
+
+    #[test]
+    fn cost_counts_puts_as_etcd_does_and_deletes_as_nothing() {
+        let put = |k: &str, v: &str| Put { key: k.into(), value: v.into(), ..Put::default() };
+        assert_eq!(256 + 1 + 2, cost(&KvCommand::Put(put("k", "vv"))));
+        let del = DeleteRange { key: b"k".to_vec(), ..DeleteRange::default() };
+        assert_eq!(0, cost(&KvCommand::DeleteRange(del.clone())));
+        assert_eq!(0, cost(&KvCommand::Compact { revision: 3 }));
+        let reads_and_deletes =
+            Txn { success: vec![Op::DeleteRange(del), Op::Range(Range::default())], ..Txn::default() };
+        assert_eq!(0, cost(&KvCommand::Txn(reads_and_deletes.clone())));
+        // The larger branch counts; a nested txn counts its own larger branch.
+        let nested = Txn { failure: vec![Op::Put(put("a", "12345"))], ..Txn::default() };
+        let t = Txn {
+            success: vec![Op::Put(put("a", "1")), Op::Txn(reads_and_deletes)],
+            failure: vec![Op::Txn(nested)],
+            ..Txn::default()
+        };
+        assert_eq!(256 + 1 + 5, cost(&KvCommand::Txn(t)));
     }
 
     #[test]

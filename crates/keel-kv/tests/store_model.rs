@@ -1,6 +1,7 @@
 //! The KV state machine against a model of etcd's semantics: random puts, deletes (single and
 //! prefix) and transactions, applied in random batches, must give the same answers, revisions and
-//! final state as a `BTreeMap` that follows etcd's rules.
+//! final state as a `BTreeMap` that follows etcd's rules, including the `NOSPACE` alarm's cap on
+//! puts.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +24,8 @@ struct Model {
     kv: BTreeMap<Vec<u8>, Meta>,
     revision: i64,
     last_member_id: u64,
+    /// Members with a raised NOSPACE alarm.
+    nospace: std::collections::BTreeSet<u64>,
 }
 
 impl Model {
@@ -59,7 +62,22 @@ impl Model {
     fn apply(&mut self, cmd: &KvCommand) -> (i64, String) {
         let rev = self.revision + 1;
         let mut wrote = false;
+        let capped = !self.nospace.is_empty();
         let summary = match cmd {
+            KvCommand::Put(_) if capped => "Err(NoSpace)".to_string(),
+            KvCommand::Txn(t)
+                if capped && t.success.iter().chain(&t.failure).any(|o| matches!(o, Op::Put(_))) =>
+            {
+                "Err(NoSpace)".to_string()
+            }
+            KvCommand::Alarm(change) => {
+                let id = change.member.member_id;
+                let changed = match change.action {
+                    AlarmAction::Activate => self.nospace.insert(id),
+                    AlarmAction::Deactivate => self.nospace.remove(&id),
+                };
+                format!("alarms {:?}", changed.then_some(id).into_iter().collect::<Vec<_>>())
+            }
             KvCommand::Put(p) => {
                 wrote = true;
                 format!("put prev={:?}", self.put(rev, &p.key, &p.value).map(|m| m.value))
@@ -129,6 +147,8 @@ fn summarize(r: &KvResponse) -> (i64, String) {
             parts.join(",")
         }
         Ok(OpResult::MemberId(id)) => format!("member id {id}"),
+        Ok(OpResult::Alarms(a)) => format!("alarms {:?}", a.iter().map(|a| a.member_id).collect::<Vec<_>>()),
+        Err(e) => format!("Err({e:?})"),
         other => format!("{other:?}"),
     };
     (r.revision, s)
@@ -186,7 +206,11 @@ fn command() -> impl Strategy<Value = KvCommand> {
             })
         })
         .prop_map(|(compare, success, failure)| KvCommand::Txn(Txn { compare, success, failure }));
-    prop_oneof![1 => (0u64..6).prop_map(|above| KvCommand::AllocateMemberId { above }), 3 => put().prop_map(KvCommand::Put), 1 => delete().prop_map(KvCommand::DeleteRange), 2 => txn]
+    let alarm = (any::<bool>(), 1u64..3).prop_map(|(activate, member_id)| {
+        let action = if activate { AlarmAction::Activate } else { AlarmAction::Deactivate };
+        KvCommand::Alarm(AlarmChange { action, member: AlarmMember { member_id, alarm: AlarmKind::NoSpace } })
+    });
+    prop_oneof![1 => alarm, 1 => (0u64..6).prop_map(|above| KvCommand::AllocateMemberId { above }), 3 => put().prop_map(KvCommand::Put), 1 => delete().prop_map(KvCommand::DeleteRange), 2 => txn]
 }
 
 /// redb on its in-memory backend: the same engine and transactions, without fsync per case.
@@ -217,6 +241,8 @@ proptest! {
         prop_assert_eq!(model.revision, revision);
         let got: Vec<(Vec<u8>, Meta)> = result.kvs.into_iter().map(|kv| (kv.key, Meta { create: kv.create_revision, modified: kv.mod_revision, version: kv.version, value: kv.value })).collect();
         prop_assert_eq!(model.kv.into_iter().collect::<Vec<_>>(), got);
+        let raised: Vec<u64> = alarms(&read).expect("alarms").iter().map(|a| a.member_id).collect();
+        prop_assert_eq!(model.nospace.into_iter().collect::<Vec<_>>(), raised);
         // Snapshot and restore reproduce the same state.
         let mut snap = Vec::new();
         KvStore::default().snapshot(&read, &mut snap).expect("snapshot");
@@ -226,5 +252,7 @@ proptest! {
         txn.commit().expect("commit");
         let read2 = db2.begin_read().expect("read txn");
         prop_assert_eq!(range(&read, &all).expect("range"), range(&read2, &all).expect("range"));
+        // Alarms are in the snapshot too.
+        prop_assert_eq!(alarms(&read).expect("alarms"), alarms(&read2).expect("alarms"));
     }
 }

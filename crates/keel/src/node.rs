@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::Fatal;
 use openraft::errors::RaftError;
 use openraft::network::NetSnapshot;
 use openraft::network::RaftNetworkFactory;
@@ -433,6 +434,36 @@ impl<SM: StateMachine> Node<SM> {
     /// A copy of the current Raft metrics.
     pub fn metrics(&self) -> RaftMetrics {
         self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Completes with the cause once Raft stops on its own with a fatal error (a log or state
+    /// machine I/O failure such as ENOSPC, an apply that fails, a panic in Raft's core); never
+    /// completes while Raft runs or after an orderly [`shutdown`](Self::shutdown).
+    ///
+    /// A node in that state serves nothing useful and frees nothing by waiting: its owner should
+    /// stop it and exit, so a supervisor restarts it.
+    pub fn fatal(&self) -> impl std::future::Future<Output = Fatal<KeelTypes>> + Send + 'static {
+        let mut metrics = self.raft.metrics();
+        async move {
+            loop {
+                let state = metrics.borrow_watched().running_state.clone();
+                match state {
+                    Err(Fatal::Stopped) => return std::future::pending().await,
+                    Err(fatal) => return fatal,
+                    Ok(()) => {}
+                }
+                // The sender is dropped only when Raft's core task ends; without a cause in the
+                // metrics, it ended by panicking.
+                if metrics.changed().await.is_err() {
+                    let state = metrics.borrow_watched().running_state.clone();
+                    return match state {
+                        Ok(()) => Fatal::Panicked,
+                        Err(Fatal::Stopped) => std::future::pending().await,
+                        Err(fatal) => fatal,
+                    };
+                }
+            }
+        }
     }
 
     /// The current leader as this node knows it.

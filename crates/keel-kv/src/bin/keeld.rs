@@ -65,6 +65,10 @@ struct Flags {
     /// Largest snapshot accepted from a leader, in bytes [default: 8589934592 (8 GiB)].
     #[arg(long)]
     max_snapshot_bytes: Option<u64>,
+    /// Space quota of the state machine database in bytes; a write that would take it there
+    /// raises the NOSPACE alarm and is refused (etcd's). 0: the default [default: 2147483648].
+    #[arg(long, value_name = "BYTES")]
+    quota_backend_bytes: Option<u64>,
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
@@ -94,7 +98,7 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
         ($($f:ident),*) => {$( if let Some(v) = flags.$f { c.$f = v; } )*};
     }
     set!(id, data_dir, client_addr, peer_addr, initial_cluster, initial_cluster_state, cluster_name, join);
-    set!(max_request_bytes, max_key_bytes, max_snapshot_bytes);
+    set!(max_request_bytes, max_key_bytes, max_snapshot_bytes, quota_backend_bytes);
     c.validate()?;
     Ok(c)
 }

@@ -108,6 +108,9 @@ pub struct Procs {
     /// only). `None`: the variable is removed, so a node never inherits it from the test's
     /// environment.
     pub fault_injection: Option<String>,
+    /// A command that runs keeld (given as its arguments) instead of running it directly, e.g.
+    /// `sh -c '...; exec "$0" "$@"'` to set resource limits; empty: keeld itself.
+    pub wrapper: Vec<String>,
 }
 
 impl Procs {
@@ -145,7 +148,7 @@ impl Procs {
                 (id, node)
             })
             .collect();
-        Procs { dir, config: config_path, nodes, fault_injection: None }
+        Procs { dir, config: config_path, nodes, fault_injection: None, wrapper: Vec::new() }
     }
 
     pub fn node(&self, id: u64) -> &Proc {
@@ -177,7 +180,14 @@ impl Procs {
         assert!(node.child.is_none(), "node {id} is already running");
         let out = OpenOptions::new().create(true).append(true).open(&node.log).expect("open the node's log");
         let err = out.try_clone().expect("clone the log handle");
-        let mut keeld = Command::new(KEELD);
+        let mut keeld = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(KEELD);
+                c
+            }
+            None => Command::new(KEELD),
+        };
         match &self.fault_injection {
             Some(faults) => keeld.env("KEEL_FAULT_INJECTION", faults),
             None => keeld.env_remove("KEEL_FAULT_INJECTION"),
