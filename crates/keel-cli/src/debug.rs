@@ -172,6 +172,13 @@ pub fn truncate_log(
         for f in &cut.removed_files {
             let _ = writeln!(out, "removed:    {} (a later chunk file)", name(f));
         }
+        if cut.lost.iter().any(|r| r.what.starts_with("vote")) {
+            let _ = writeln!(
+                out,
+                "warning:    vote records are lost: the node forgets a vote it cast and could vote twice in one term; \
+                 in a cluster, start it only once the others have elected a leader in a later term"
+            );
+        }
         if cut.lost_indexes().is_some() {
             let _ = writeln!(
                 out,
