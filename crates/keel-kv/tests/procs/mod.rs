@@ -160,6 +160,11 @@ impl Procs {
         ids.into_iter().map(|id| self.client(id)).collect()
     }
 
+    /// The process id of running node `id`.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.node(id).child.as_ref().unwrap_or_else(|| panic!("node {id} is not running")).id()
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.node(id).child.is_some()
     }
