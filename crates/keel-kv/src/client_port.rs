@@ -48,7 +48,8 @@ pub struct Limits {
     /// Open connections at most; one more is closed as soon as it is accepted.
     pub max_connections: usize,
     /// A new connection must have sent its first request (HTTP/1 header, or the HTTP/2 preface
-    /// and a first stream) within this; an HTTP/1 request's header must arrive within it.
+    /// and a first stream) within this; an HTTP/1 request's header must arrive within it, and
+    /// every request's body within it of its header.
     pub header_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
@@ -155,7 +156,11 @@ impl Connection {
     async fn serve(mut self, tcp: TcpStream) {
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         let activity = Arc::new(Activity::default());
-        let service = Tracked { router: self.router.clone(), activity: activity.clone() };
+        let service = Tracked {
+            router: self.router.clone(),
+            activity: activity.clone(),
+            body_timeout: self.limits.header_timeout,
+        };
         let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
         tokio::pin!(conn);
         let idle = activity.idle(self.limits);
@@ -234,11 +239,13 @@ impl Drop for InFlight {
     }
 }
 
-/// The router, counting the requests in flight on its connection.
+/// The router, counting the requests in flight on its connection and bounding how long a
+/// request's body may take to arrive.
 #[derive(Clone)]
 struct Tracked {
     router: axum::Router,
     activity: Arc<Activity>,
+    body_timeout: Duration,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
@@ -250,9 +257,11 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
         use tower_service::Service;
         let in_flight = self.activity.begin();
         let mut router = self.router.clone();
+        let deadline = Box::pin(tokio::time::sleep(self.body_timeout));
+        let req = req.map(|inner| axum::body::Body::new(DeadlineBody { inner, deadline }));
         Box::pin(async move {
             // axum's router is always ready (its `poll_ready` answers at once) and never fails.
-            let response = router.call(req.map(axum::body::Body::new)).await?;
+            let response = router.call(req).await?;
             Ok(response.map(|body| {
                 axum::body::Body::new(body.map_frame(move |frame| {
                     // The body owns the count: the request is in flight until it is sent.
@@ -261,5 +270,47 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
                 }))
             }))
         })
+    }
+}
+
+/// A request body that must arrive in full by a deadline: a client that trickles its body (a
+/// request in flight, so the idle timeout never fires) cannot hold a request and its connection
+/// open. Past the deadline the body fails; the handler answers an error and, for HTTP/1, hyper
+/// closes the connection since the body was not read to its end.
+struct DeadlineBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The body of a request did not arrive in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within client_header_timeout_ms of its header")]
+struct BodyTimeout;
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

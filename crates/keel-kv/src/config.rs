@@ -23,7 +23,8 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// Open client connections at most: a few thousand clients, well under the usual 64 Ki file
 /// descriptor limit of a service (and each idle connection costs ~tens of KiB).
 pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
-/// A client must send a request's header (a new connection: its first request) within 10 s.
+/// A client must send a request's header (a new connection: its first request), and then its
+/// body, within 10 s.
 pub const DEFAULT_CLIENT_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// A connection with no request in flight for 5 minutes is closed.
 pub const DEFAULT_CLIENT_IDLE_TIMEOUT_MS: u64 = 300_000;
@@ -85,8 +86,8 @@ pub struct KeeldConfig {
     /// Open client connections at most; more are closed as soon as they are accepted.
     #[serde(alias = "max-client-connections")]
     pub max_client_connections: usize,
-    /// A client connection's first request, and every HTTP/1 request header, must arrive within
-    /// this (milliseconds).
+    /// A client connection's first request, every HTTP/1 request header, and every request's body
+    /// (counted from its header) must arrive within this (milliseconds).
     #[serde(alias = "client-header-timeout-ms")]
     pub client_header_timeout_ms: u64,
     /// A client connection with no request in flight for this long is closed (milliseconds).

@@ -69,8 +69,8 @@ struct Flags {
     /// Open client connections at most; more are closed at once [default: 4096].
     #[arg(long)]
     max_client_connections: Option<usize>,
-    /// A client connection's first request, and every HTTP/1 request header, must arrive within
-    /// this many milliseconds [default: 10000].
+    /// A client connection's first request, every HTTP/1 request header, and every request's
+    /// body (from its header) must arrive within this many milliseconds [default: 10000].
     #[arg(long, value_name = "MS")]
     client_header_timeout_ms: Option<u64>,
     /// A client connection with no request in flight for this many milliseconds is closed
