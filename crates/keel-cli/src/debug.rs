@@ -1,4 +1,5 @@
-//! `keel debug data-dir`: what a stopped node's data dir holds, read without starting the node.
+//! `keel debug data-dir`: what a stopped node's data dir holds, read without starting the node;
+//! `keel debug truncate-log`: cut a stopped node's Raft log by hand.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -104,4 +105,87 @@ pub fn data_dir(path: &Path, json: bool) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// What `keel debug truncate-log` did.
+pub enum Truncated {
+    /// The log was cut; the text says what was lost.
+    Cut(String),
+    /// No `--yes`: the text says what would be lost.
+    NotConfirmed(String),
+}
+
+/// Records listed one by one before the rest are summed up.
+const LIST_RECORDS: usize = 20;
+
+/// Cuts the log of `data_dir` at `offset` of `file` (default: the last chunk) if `yes`.
+pub fn truncate_log(
+    data_dir: &Path,
+    file: Option<&str>,
+    offset: u64,
+    yes: bool,
+    json: bool,
+) -> Result<Truncated, String> {
+    let log_dir = data_dir.join("log");
+    let (cut, done) = keel::storage::wal_repair::truncate_log(&log_dir, file, offset, |_| yes)
+        .map_err(|e| e.to_string())?;
+    let name =
+        |p: &Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into());
+    let text = if json {
+        let lost: Vec<_> = cut
+            .lost
+            .iter()
+            .map(|r| json!({"file": name(&r.file), "offset": r.offset, "index": r.appends, "record": r.what}))
+            .collect();
+        let out = json!({
+            "log_dir": log_dir.display().to_string(),
+            "file": name(&cut.file),
+            "offset": cut.offset,
+            "cut": done,
+            "lost_indexes": cut.lost_indexes().map(|(lo, hi)| json!({"first": lo, "last": hi})),
+            "lost_records": lost,
+            "unreadable_bytes": cut.unreadable_bytes,
+            "removed_files": cut.removed_files.iter().map(|p| name(p)).collect::<Vec<_>>(),
+        });
+        format!("{out}\n")
+    } else {
+        let mut out = String::new();
+        let verb = if done { "cut" } else { "would cut" };
+        let _ = writeln!(out, "log:        {}", log_dir.display());
+        let _ = writeln!(out, "{verb:<11} {} at offset {}", name(&cut.file), cut.offset);
+        let _ = match cut.lost_indexes() {
+            Some((lo, hi)) => {
+                writeln!(out, "lost:       log indexes {lo}..={hi} ({} records)", cut.lost.len())
+            }
+            None => writeln!(out, "lost:       no log entries ({} records)", cut.lost.len()),
+        };
+        for r in cut.lost.iter().take(LIST_RECORDS) {
+            let _ = writeln!(out, "            {} @ {}: {}", name(&r.file), r.offset, r.what);
+        }
+        if cut.lost.len() > LIST_RECORDS {
+            let _ = writeln!(out, "            ... and {} more records", cut.lost.len() - LIST_RECORDS);
+        }
+        if cut.unreadable_bytes > 0 {
+            let _ =
+                writeln!(out, "unreadable: {} bytes that do not read back as records", cut.unreadable_bytes);
+        }
+        for f in &cut.removed_files {
+            let _ = writeln!(out, "removed:    {} (a later chunk file)", name(f));
+        }
+        if cut.lost.iter().any(|r| r.what.starts_with("vote")) {
+            let _ = writeln!(
+                out,
+                "warning:    vote records are lost: the node forgets a vote it cast and could vote twice in one term; \
+                 in a cluster, start it only once the others have elected a leader in a later term"
+            );
+        }
+        if cut.lost_indexes().is_some() {
+            let _ = writeln!(
+                out,
+                "note:       a member re-fetches lost entries from the leader; a lone node or a lost quorum loses them"
+            );
+        }
+        out
+    };
+    Ok(if done { Truncated::Cut(text) } else { Truncated::NotConfirmed(text) })
 }

@@ -118,6 +118,24 @@ enum DebugCommand {
         /// The node's data dir (e.g. ./keel-data).
         path: std::path::PathBuf,
     },
+    /// Cut a stopped node's Raft log at a byte offset, e.g. past damage start-up refuses: prints
+    /// the records and log indexes that will be lost, and cuts only with --yes. Later chunk files
+    /// are removed. Refuses if a running node holds the dir.
+    TruncateLog {
+        /// The node's data dir (e.g. ./keel-data); the log is its `log/`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: std::path::PathBuf,
+        /// Byte offset in the chunk file where the log is to end: a record's start, or the end of
+        /// the readable records (which cuts only a damaged tail).
+        #[arg(long, value_name = "N")]
+        offset: u64,
+        /// The chunk file to cut (e.g. r-00000000000000000000.wal) [default: the last one].
+        #[arg(long, value_name = "F")]
+        file: Option<String>,
+        /// Cut. Without it, only print what would be lost (exit 2).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -243,6 +261,8 @@ enum CliError {
     Demo(demo::DemoError),
     /// `keel debug` could not inspect; exit 1.
     Debug(String),
+    /// `keel debug truncate-log` without --yes: nothing was cut; exit 2.
+    Unconfirmed(String),
 }
 
 impl CliError {
@@ -251,7 +271,9 @@ impl CliError {
             CliError::Client(_) | CliError::Stdin(_) | CliError::Bench(_) | CliError::Debug(_) => {
                 ExitCode::from(1)
             }
-            CliError::Txn(_) | CliError::EmptyKey | CliError::BenchUsage(_) => ExitCode::from(2),
+            CliError::Txn(_) | CliError::EmptyKey | CliError::BenchUsage(_) | CliError::Unconfirmed(_) => {
+                ExitCode::from(2)
+            }
             CliError::Demo(e) => ExitCode::from(e.exit_code()),
         }
     }
@@ -268,6 +290,7 @@ impl fmt::Display for CliError {
             CliError::Bench(e) => write!(f, "{e}"),
             CliError::Demo(e) => write!(f, "{e}"),
             CliError::Debug(e) => write!(f, "{e}"),
+            CliError::Unconfirmed(e) => write!(f, "{e}"),
         }
     }
 }
@@ -320,6 +343,19 @@ async fn run(cli: Cli) -> Result<String, CliError> {
         Command::Demo(args) => demo::run(args).await.map_err(CliError::Demo),
         Command::Debug(DebugCommand::DataDir { path }) => {
             debug::data_dir(&path, json).map_err(CliError::Debug)
+        }
+        Command::Debug(DebugCommand::TruncateLog { data_dir, offset, file, yes }) => {
+            match debug::truncate_log(&data_dir, file.as_deref(), offset, yes, json) {
+                Ok(debug::Truncated::Cut(text)) => Ok(text),
+                Ok(debug::Truncated::NotConfirmed(plan)) => {
+                    // The plan is the output; the refusal goes to stderr with exit 2.
+                    let _ = io::stdout().lock().write_all(plan.as_bytes());
+                    Err(CliError::Unconfirmed(
+                        "nothing cut: run again with --yes to cut the log as shown".into(),
+                    ))
+                }
+                Err(e) => Err(CliError::Debug(e)),
+            }
         }
         Command::Bench(args) => {
             let plan = args.plan().map_err(CliError::BenchUsage)?;

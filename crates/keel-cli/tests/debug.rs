@@ -103,3 +103,106 @@ fn data_dir_is_refused_while_running_and_read_offline_after() {
         Command::new(keel()).args(["--json", "debug", "data-dir"]).arg(&data).output().expect("run keel");
     assert_eq!(out.stdout, again.stdout, "inspection changes nothing");
 }
+
+#[test]
+fn truncate_log_refuses_a_running_node_prints_what_is_lost_and_cuts_only_with_yes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("n1");
+    let client = format!("127.0.0.1:{}", free_port());
+    let mut node = Kill(
+        Command::new(keeld())
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--client-addr", &client, "--peer-addr", &format!("127.0.0.1:{}", free_port())])
+            .stderr(std::fs::File::create(dir.path().join("keeld.log")).expect("log"))
+            .spawn()
+            .expect("spawn keeld"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(&client, "GET", "/ready", "") != Some(200) {
+        assert!(Instant::now() < deadline, "keeld not ready");
+        assert!(node.0.try_wait().expect("wait").is_none(), "keeld exited early");
+        std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition wait
+    }
+    for i in 0..20 {
+        assert_eq!(Some(200), http(&client, "PUT", &format!("/v1/kv/k{i:02}"), "v"));
+    }
+    let truncate = |offset: &str, yes: bool| {
+        let mut cmd = Command::new(keel());
+        cmd.args(["--json", "debug", "truncate-log", "--data-dir"]).arg(&data).args(["--offset", offset]);
+        if yes {
+            cmd.arg("--yes");
+        }
+        cmd.output().expect("run keel")
+    };
+
+    let busy = truncate("1", true);
+    assert_eq!(Some(1), busy.status.code());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(err.contains("in use by a running node"), "{err}");
+
+    Command::new("kill").args(["-TERM", &node.0.id().to_string()]).status().expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.0.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "keeld did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log_dir = data.join("log");
+    let chunk = std::fs::read_dir(&log_dir)
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .max()
+        .expect("a chunk file");
+    let size = std::fs::metadata(&chunk).expect("stat").len();
+
+    // An offset inside a record is refused, naming the record starts around it.
+    let inside = truncate(&(size - 1).to_string(), true);
+    assert_eq!(Some(1), inside.status.code());
+    let err = String::from_utf8_lossy(&inside.stderr);
+    assert!(err.contains("not where a record starts"), "{err}");
+    let nearby: u64 = err
+        .rsplit("nearby: ")
+        .next()
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no record start named: {err}"));
+    assert!(nearby > 0 && nearby < size, "{err}");
+
+    // Without --yes: what would be lost, exit 2, nothing changed.
+    let plan = truncate(&nearby.to_string(), false);
+    assert_eq!(Some(2), plan.status.code(), "{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(String::from_utf8_lossy(&plan.stderr).contains("--yes"));
+    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("the plan as JSON");
+    assert_eq!(serde_json::json!(false), v["cut"]);
+    assert!(!v["lost_records"].as_array().expect("records").is_empty(), "{v}");
+    assert_eq!(size, std::fs::metadata(&chunk).expect("stat").len(), "nothing cut without --yes");
+
+    // The text form names the records and log indexes.
+    let text = Command::new(keel())
+        .args(["debug", "truncate-log", "--data-dir"])
+        .arg(&data)
+        .args(["--offset", &nearby.to_string()])
+        .output()
+        .expect("run keel");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("would cut") && text.contains(&format!("at offset {nearby}")), "{text}");
+
+    let before =
+        Command::new(keel()).args(["--json", "debug", "data-dir"]).arg(&data).output().expect("run keel");
+    let before: serde_json::Value = serde_json::from_slice(&before.stdout).expect("JSON");
+    let cut = truncate(&nearby.to_string(), true);
+    assert!(cut.status.success(), "{}", String::from_utf8_lossy(&cut.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&cut.stdout).expect("what was cut, as JSON");
+    assert_eq!(serde_json::json!(true), v["cut"]);
+    assert_eq!(nearby, std::fs::metadata(&chunk).expect("stat").len(), "the file ends at the offset");
+    let after =
+        Command::new(keel()).args(["--json", "debug", "data-dir"]).arg(&data).output().expect("run keel");
+    assert!(after.status.success(), "the cut log still reads: {}", String::from_utf8_lossy(&after.stderr));
+    let after: serde_json::Value = serde_json::from_slice(&after.stdout).expect("JSON");
+    if let Some(lost) = v["lost_indexes"]["first"].as_u64() {
+        assert_eq!(Some(lost - 1), after["log"]["last_index"].as_u64(), "before: {before}, after: {after}");
+    } else {
+        assert_eq!(before["log"]["last_index"], after["log"]["last_index"], "no entry lost: {v}");
+    }
+}

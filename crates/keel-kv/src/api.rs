@@ -197,9 +197,13 @@ pub struct KvApi {
     pub cluster_id: u64,
     pub max_request_bytes: usize,
     pub max_key_bytes: usize,
+    /// Largest range answer (see [`store::answer_bytes`]); a range over it is refused.
+    pub max_response_bytes: usize,
     /// This node's own addresses, as it advertises them to the cluster.
     pub advertise: NodeInfo,
     pub counters: Arc<Counters>,
+    /// The client port's connection counters (served by `/metrics`).
+    pub port: Arc<crate::client_port::PortCounters>,
 }
 
 /// FNV-1a: a stable cluster id from the cluster name.
@@ -221,8 +225,10 @@ impl KvApi {
             quota_backend_bytes: crate::config::DEFAULT_QUOTA_BACKEND_BYTES,
             max_request_bytes,
             max_key_bytes,
+            max_response_bytes: crate::config::DEFAULT_MAX_RESPONSE_BYTES,
             advertise,
             counters: Arc::default(),
+            port: Arc::default(),
         }
     }
 
@@ -333,7 +339,8 @@ impl KvApi {
         if !serializable {
             self.node.linearize().await?;
         }
-        let (revision, result) = self.node.read_local(|_, txn| store::range(txn, r))??;
+        let budget = self.max_response_bytes;
+        let (revision, result) = self.node.read_local(|_, txn| store::range(txn, r, budget))??;
         Ok((revision, result.map_err(ApiError::Kv)?))
     }
 
@@ -538,19 +545,21 @@ impl KvApi {
 
     /// A hash of every key and value here (serializable), to compare replicas.
     pub fn hash_kv(&self) -> Result<(u32, i64), ApiError> {
-        let r = Range { key: vec![0], range_end: vec![0], ..Range::default() };
-        let (revision, result) = self.node.read_local(|_, txn| store::range(txn, &r))??;
-        let mut h = crc32fast::Hasher::new();
-        for kv in result.map_err(ApiError::Kv)?.kvs {
-            for part in [&kv.key, &kv.value] {
-                h.update(&(part.len() as u64).to_le_bytes());
-                h.update(part);
-            }
-            for n in [kv.create_revision, kv.mod_revision, kv.version] {
-                h.update(&n.to_le_bytes());
-            }
-        }
-        Ok((h.finalize(), revision))
+        // One key at a time: the store may be far larger than memory.
+        let (h, revision) = self.node.read_local(|_, txn| {
+            let mut h = crc32fast::Hasher::new();
+            let revision = store::for_each_kv(txn, |kv| {
+                for part in [&kv.key, &kv.value] {
+                    h.update(&(part.len() as u64).to_le_bytes());
+                    h.update(part);
+                }
+                for n in [kv.create_revision, kv.mod_revision, kv.version] {
+                    h.update(&n.to_le_bytes());
+                }
+            });
+            (h, revision)
+        })?;
+        Ok((h.finalize(), revision?))
     }
 
     /// Whether this node can serve: it knows a leader and its store is readable.

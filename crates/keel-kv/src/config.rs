@@ -20,6 +20,24 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 8 * 1024;
 pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 << 30;
 /// Above this etcd warns that the quota exceeds the maximum it recommends; Keel does too.
 pub const MAX_RECOMMENDED_QUOTA_BACKEND_BYTES: u64 = 8 << 30;
+/// The largest range answer: 64 MiB of keys, values and their metadata. A range over more is
+/// refused (read it in pages with `limit`). Peak memory per range is a small multiple of this
+/// (the rows read, the encoded answer: docs/etcd-api.md "Limits").
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// Open client connections at most: a few thousand clients, well under the usual 64 Ki file
+/// descriptor limit of a service (and each idle connection costs ~tens of KiB).
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
+/// A client must send a request's header (a new connection: its first request), and then its
+/// body, within 10 s.
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// A connection with no request in flight for 5 minutes is closed.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// HTTP/2 keep-alive pings after 60 s of silence find dead peers (unanswered in 20 s: closed).
+pub const DEFAULT_CLIENT_KEEPALIVE_INTERVAL_MS: u64 = 60_000;
+/// Requests open at once on one HTTP/2 connection. etcd sets no bound (math.MaxUint32); 1,000 is
+/// far above what one client multiplexes (`keel bench` runs 64 per connection) and bounds what one
+/// connection can make this node hold.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 /// Whether a node with an empty data dir founds a cluster or waits to be added to one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -74,6 +92,25 @@ pub struct KeeldConfig {
     /// Unsigned: etcd's negative "no quota" is refused (a quota is what stops ENOSPC).
     #[serde(alias = "quota-backend-bytes")]
     pub quota_backend_bytes: u64,
+    /// Largest range answer (bytes of keys, values and metadata); a range over it is refused.
+    #[serde(alias = "max-response-bytes")]
+    pub max_response_bytes: usize,
+    /// Open client connections at most; more are closed as soon as they are accepted.
+    #[serde(alias = "max-client-connections")]
+    pub max_client_connections: usize,
+    /// A client connection's first request, every HTTP/1 request header, and every request's body
+    /// (counted from its header) must arrive within this (milliseconds).
+    #[serde(alias = "client-header-timeout-ms")]
+    pub client_header_timeout_ms: u64,
+    /// A client connection with no request in flight for this long is closed (milliseconds).
+    #[serde(alias = "client-idle-timeout-ms")]
+    pub client_idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive ping interval (milliseconds; 0: no pings).
+    #[serde(alias = "client-keepalive-interval-ms")]
+    pub client_keepalive_interval_ms: u64,
+    /// Requests open at once on one HTTP/2 client connection.
+    #[serde(alias = "max-concurrent-streams")]
+    pub max_concurrent_streams: u32,
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
@@ -100,6 +137,12 @@ impl Default for KeeldConfig {
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
             max_snapshot_bytes: node.limits.max_snapshot_bytes,
             quota_backend_bytes: 0,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            client_header_timeout_ms: DEFAULT_CLIENT_HEADER_TIMEOUT_MS,
+            client_idle_timeout_ms: DEFAULT_CLIENT_IDLE_TIMEOUT_MS,
+            client_keepalive_interval_ms: DEFAULT_CLIENT_KEEPALIVE_INTERVAL_MS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             raft: node.raft,
             log: node.log,
             state_machine: node.state_machine,
@@ -195,6 +238,20 @@ impl KeeldConfig {
         }
     }
 
+    /// The client port's limits.
+    pub fn client_limits(&self) -> crate::client_port::Limits {
+        use std::time::Duration;
+        crate::client_port::Limits {
+            max_connections: self.max_client_connections,
+            header_timeout: Duration::from_millis(self.client_header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.client_idle_timeout_ms),
+            keepalive_interval: Some(self.client_keepalive_interval_ms)
+                .filter(|&ms| ms > 0)
+                .map(Duration::from_millis),
+            max_concurrent_streams: self.max_concurrent_streams,
+        }
+    }
+
     /// Whether this node joins an existing cluster through `join`.
     pub fn joins(&self) -> bool {
         !self.join.trim().is_empty()
@@ -224,6 +281,23 @@ impl KeeldConfig {
         }
         if self.max_request_bytes < 1024 || self.max_request_bytes > 64 << 20 {
             return Err(invalid("max_request_bytes", "must be between 1 KiB and 64 MiB"));
+        }
+        if self.max_response_bytes < 1024 {
+            return Err(invalid("max_response_bytes", "must be at least 1 KiB"));
+        }
+        if self.max_client_connections == 0 {
+            return Err(invalid("max_client_connections", "must be at least 1"));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(invalid("max_concurrent_streams", "must be at least 1"));
+        }
+        for (field, ms) in [
+            ("client_header_timeout_ms", self.client_header_timeout_ms),
+            ("client_idle_timeout_ms", self.client_idle_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(field, "must be at least 1 ms"));
+            }
         }
         if self.initial_cluster_state == ClusterState::New && !self.joins() && self.id != 0 {
             self.initial_members()?;
@@ -279,5 +353,21 @@ mod tests {
         assert_eq!((3, PathBuf::from("/x")), (c.id, c.data_dir));
         let e = KeeldConfig::from_toml("idd = 3\n", "t").expect_err("unknown key").to_string();
         assert!(e.contains("idd"), "{e}");
+        let c = KeeldConfig::from_toml(
+            "max-client-connections = 7\nclient_header_timeout_ms = 5\nclient-idle-timeout-ms = 6\n\
+             max_concurrent_streams = 8\nmax-response-bytes = 4096\nclient_keepalive_interval_ms = 0\n",
+            "t",
+        )
+        .expect("parses");
+        let limits = c.client_limits();
+        assert_eq!(
+            (7, 8, None),
+            (limits.max_connections, limits.max_concurrent_streams, limits.keepalive_interval)
+        );
+        assert_eq!((5, 6), (limits.header_timeout.as_millis(), limits.idle_timeout.as_millis()));
+        assert_eq!(4096, c.max_response_bytes);
+        let zero = KeeldConfig { max_client_connections: 0, ..Default::default() };
+        let e = zero.validate().expect_err("no connections").to_string();
+        assert!(e.contains("max_client_connections"), "{e}");
     }
 }

@@ -72,6 +72,11 @@ impl From<ApiError> for Status {
             ApiError::Kv(KvError::InvalidRequest(m)) => {
                 return Status::invalid_argument(format!("etcdserver: {m}"))
             }
+            // etcd has no such error (it would build the answer, then gRPC refuses to send it
+            // with RESOURCE_EXHAUSTED): the same code, with the way out in the message.
+            ApiError::Kv(e @ KvError::ResponseTooLarge { .. }) => {
+                return Status::resource_exhausted(format!("etcdserver: {e}"))
+            }
             ApiError::NotLearner(_) => {
                 (Code::FailedPrecondition, "etcdserver: can only promote a learner member")
             }

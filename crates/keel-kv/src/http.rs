@@ -23,7 +23,6 @@ use keel::NodeId;
 use keel::NodeInfo;
 use serde::Deserialize;
 use serde_json::json;
-use serde_json::Map;
 use serde_json::Value;
 
 use crate::api::ApiError;
@@ -102,6 +101,7 @@ impl From<ApiError> for HttpError {
             ApiError::Kv(KvError::LeaseNotFound) => (StatusCode::BAD_REQUEST, "bad_request"),
             // 507: the request is fine, the server has no room for it (until the alarm is cleared).
             ApiError::Kv(KvError::NoSpace) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
+            ApiError::Kv(KvError::ResponseTooLarge { .. }) => (StatusCode::BAD_REQUEST, "response_too_large"),
             ApiError::Rejected(_)
             | ApiError::NotLearner(_)
             | ApiError::PeerAddrExists(..)
@@ -146,23 +146,59 @@ fn counted(api: &KvApi, r: HttpResult) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Encoding
 
-fn bytes_field(obj: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => obj.insert(name.into(), Value::String(s.into())),
-        Err(_) => obj.insert(format!("{name}_base64"), Value::String(B64.encode(bytes))),
-    };
+/// One key as JSON: `key` (or `key_base64` when not UTF-8), `value` (or `value_base64`) unless
+/// keys only, and its revisions. Written straight to the output: a range answer never becomes a
+/// `serde_json::Value` tree (for 1M keys that tree alone took ~3.4 GB).
+struct KvJson<'a> {
+    kv: &'a store::KeyValue,
+    with_value: bool,
+}
+
+impl serde::Serialize for KvJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        fn bytes_field<M: SerializeMap>(m: &mut M, name: &str, bytes: &[u8]) -> Result<(), M::Error> {
+            match std::str::from_utf8(bytes) {
+                Ok(text) => m.serialize_entry(name, text),
+                Err(_) => m.serialize_entry(&format!("{name}_base64"), &B64.encode(bytes)),
+            }
+        }
+        let mut m = s.serialize_map(None)?;
+        bytes_field(&mut m, "key", &self.kv.key)?;
+        if self.with_value {
+            bytes_field(&mut m, "value", &self.kv.value)?;
+        }
+        m.serialize_entry("create_revision", &self.kv.create_revision)?;
+        m.serialize_entry("mod_revision", &self.kv.mod_revision)?;
+        m.serialize_entry("version", &self.kv.version)?;
+        m.end()
+    }
+}
+
+/// A list of keys as a JSON array, written as it is serialized.
+struct KvsJson<'a> {
+    kvs: &'a [store::KeyValue],
+    with_value: bool,
+}
+
+impl serde::Serialize for KvsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.kvs.iter().map(|kv| KvJson { kv, with_value: self.with_value }))
+    }
+}
+
+/// The answer to `GET /v1/kv?...`.
+#[derive(serde::Serialize)]
+struct ListJson<'a> {
+    revision: i64,
+    kvs: KvsJson<'a>,
+    count: i64,
+    more: bool,
 }
 
 fn kv_json(kv: &store::KeyValue, with_value: bool) -> Value {
-    let mut obj = Map::new();
-    bytes_field(&mut obj, "key", &kv.key);
-    if with_value {
-        bytes_field(&mut obj, "value", &kv.value);
-    }
-    obj.insert("create_revision".into(), kv.create_revision.into());
-    obj.insert("mod_revision".into(), kv.mod_revision.into());
-    obj.insert("version".into(), kv.version.into());
-    Value::Object(obj)
+    // A map with string keys and plain values: serializing it cannot fail.
+    serde_json::to_value(KvJson { kv, with_value }).unwrap_or(Value::Null)
 }
 
 /// A percent-decoded query: name → raw bytes.
@@ -316,8 +352,10 @@ async fn list(State(api): State<KvApi>, uri: Uri) -> Response {
             ..Default::default()
         };
         let (revision, result) = api.range(&range, serializable(&q)?).await?;
-        let kvs: Vec<Value> = result.kvs.iter().map(|kv| kv_json(kv, !keys_only)).collect();
-        ok(&api, json!({"revision": revision, "kvs": kvs, "count": result.count, "more": result.more}))
+        api.count(false, false);
+        let kvs = KvsJson { kvs: &result.kvs, with_value: !keys_only };
+        let body = ListJson { revision, kvs, count: result.count, more: result.more };
+        Ok(axum::Json(body).into_response())
     }
     .await;
     counted(&api, r)
@@ -811,6 +849,16 @@ async fn metrics(State(api): State<KvApi>) -> Response {
     let _ = writeln!(out, "# HELP keel_request_errors_total Client requests that failed, by API.\n# TYPE keel_request_errors_total counter");
     let _ = writeln!(out, "keel_request_errors_total{{api=\"grpc\"}} {}", c.grpc_errors.load(Relaxed));
     let _ = writeln!(out, "keel_request_errors_total{{api=\"http\"}} {}", c.http_errors.load(Relaxed));
+    let p = &api.port;
+    let _ = writeln!(
+        out,
+        "# HELP keel_client_connections Open client connections.\n# TYPE keel_client_connections gauge"
+    );
+    let _ = writeln!(out, "keel_client_connections {}", p.open.load(Relaxed));
+    let _ = writeln!(out, "# HELP keel_client_connections_total Client connections, by outcome: accepted, refused at the cap, closed by a timeout.\n# TYPE keel_client_connections_total counter");
+    for (outcome, n) in [("accepted", &p.accepted), ("refused", &p.refused), ("timed_out", &p.timed_out)] {
+        let _ = writeln!(out, "keel_client_connections_total{{outcome=\"{outcome}\"}} {}", n.load(Relaxed));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -3,6 +3,7 @@
 //! by a node that [`server`] runs (the `keeld` binary is a thin wrapper around [`server::run`]).
 
 pub mod api;
+pub mod client_port;
 pub mod config;
 pub mod etcd;
 pub mod http;

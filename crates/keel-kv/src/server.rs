@@ -26,6 +26,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::KvApi;
+use crate::client_port::ClientPort;
+use crate::client_port::PortCounters;
 use crate::config::bare_addr;
 use crate::config::ClusterState;
 use crate::config::KeeldConfig;
@@ -69,8 +71,10 @@ pub struct Server {
     /// The bound client address (the real port when the config asked for port 0).
     pub client_addr: SocketAddr,
     pub peer_addr: SocketAddr,
+    /// What the client port has accepted, refused and timed out (`/metrics`).
+    pub port_counters: Arc<PortCounters>,
     stop_client: oneshot::Sender<()>,
-    client_server: JoinHandle<std::io::Result<()>>,
+    client_server: JoinHandle<()>,
     stop_peer: oneshot::Sender<()>,
     peer_server: JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<JoinHandle<()>>,
@@ -168,21 +172,18 @@ impl Server {
                 "quota_backend_bytes is above the 8 GiB etcd recommends as a maximum"
             );
         }
+        api.max_response_bytes = config.max_response_bytes;
+        let port_counters = Arc::new(PortCounters::default());
+        api.port = port_counters.clone();
         let (stop_client, client_stopped) = oneshot::channel::<()>();
-        let router = client_router(api.clone());
-        let client_server = tokio::spawn(async move {
-            // Without TCP_NODELAY a small answer waits for the client's delayed ACK (~40 ms).
-            let listener = axum::serve::ListenerExt::tap_io(client_listener, |tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!("TCP_NODELAY on a client connection: {e}");
-                }
-            });
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = client_stopped.await;
-                })
-                .await
-        });
+        let port = ClientPort {
+            listener: client_listener,
+            limits: config.client_limits(),
+            counters: port_counters.clone(),
+        };
+        let client_server = tokio::spawn(port.serve(client_router(api.clone()), async {
+            let _ = client_stopped.await;
+        }));
 
         let mut background = Vec::new();
         if !joining {
@@ -199,6 +200,7 @@ impl Server {
             api,
             client_addr,
             peer_addr,
+            port_counters,
             stop_client,
             client_server,
             stop_peer,
@@ -233,7 +235,7 @@ impl Server {
         let Server {
             api,
             stop_client,
-            client_server,
+            mut client_server,
             stop_peer,
             peer_server,
             background,
@@ -244,11 +246,15 @@ impl Server {
         tracing::info!(id, "shutting down: stopping client ingress");
         let _ = stop_client.send(());
         // Requests in flight get a bounded time to finish.
-        match tokio::time::timeout(Duration::from_secs(10), client_server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(id, "client server: {e}"),
+        match tokio::time::timeout(Duration::from_secs(10), &mut client_server).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(id, "client server task: {e}"),
-            Err(_) => tracing::warn!(id, "client requests still running after 10 s; stopping anyway"),
+            Err(_) => {
+                tracing::warn!(id, "client requests still running after 10 s; closing their connections");
+                // Dropping the task drops every connection it owns.
+                client_server.abort();
+                let _ = client_server.await;
+            }
         }
         // Background tasks hold the node: stop them and wait until they are gone.
         for task in background {

@@ -299,6 +299,19 @@ pub enum KvError {
     /// cleared. The message is etcd's (`ErrNoSpace`).
     #[error("mvcc: database space exceeded")]
     NoSpace,
+    /// A range whose answer would exceed `max_response_bytes` (counted as
+    /// [`answer_bytes`] per key). Only reads refuse it; ranges inside a txn have no budget.
+    #[error("range answer is over the {limit} byte limit (max_response_bytes): read it in pages with limit, or ask for count_only or keys_only")]
+    ResponseTooLarge { limit: u64 },
+}
+
+/// Bytes one key counts toward a range's answer budget besides its key and value: its metadata
+/// as etcd's protobuf encodes it (three revisions, lease, field tags and lengths), rounded up.
+pub const KV_OVERHEAD_BYTES: usize = 32;
+
+/// What a key in a range answer counts toward `max_response_bytes`.
+pub fn answer_bytes(kv: &KeyValue) -> usize {
+    kv.key.len() + kv.value.len() + KV_OVERHEAD_BYTES
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -676,7 +689,7 @@ impl Writer<'_, '_> {
                 Op::Range(r) => {
                     // Reads inside a txn see the txn's earlier writes; the revision is the new one.
                     let current = if self.wrote { self.revision } else { self.revision - 1 };
-                    range_table(&*self.kv, r, current)?
+                    range_table(&*self.kv, r, current, usize::MAX)?
                 }
                 Op::Put(p) => self.put(p)?,
                 Op::DeleteRange(d) => self.delete(d)?,
@@ -768,10 +781,15 @@ fn check_revision(requested: i64, current: i64) -> Result<(), KvError> {
     }
 }
 
+/// Reads a range. `budget` bounds the answer (bytes per [`answer_bytes`]): past it the scan stops
+/// and the range is refused, so a read holds at most `budget` bytes of rows, however large the
+/// range. Sorting by anything but the key, ascending, must hold every row of the range before
+/// cutting at `limit`, so the whole range counts then.
 fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     table: &T,
     r: &Range,
     current: i64,
+    budget: usize,
 ) -> Applied {
     if let Err(e) = check_revision(r.revision, current) {
         return Ok(Err(e));
@@ -789,6 +807,8 @@ fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
             && (r.min_create_revision <= 0 || rec.create_revision >= r.min_create_revision)
             && (r.max_create_revision <= 0 || rec.create_revision <= r.max_create_revision)
     };
+    let mut held = 0usize;
+    let mut over_budget = false;
     scan(table, key_range(&r.key, &r.range_end), |k, v| {
         let decode = filtered || !r.count_only;
         let rec = if decode { Some(Record::decode(v).map_err(corrupt)?) } else { None };
@@ -804,11 +824,20 @@ fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
         // Without sorting, stop collecting at the limit but keep counting.
         if sorted || limit.is_none_or(|l| result.kvs.len() < l) {
             if let Some(rec) = rec {
-                result.kvs.push(rec.into_kv(k.to_vec(), r.keys_only));
+                let kv = rec.into_kv(k.to_vec(), r.keys_only);
+                held = held.saturating_add(answer_bytes(&kv));
+                if held > budget {
+                    over_budget = true;
+                    return Ok(false);
+                }
+                result.kvs.push(kv);
             }
         }
         Ok(true)
     })?;
+    if over_budget {
+        return Ok(Err(KvError::ResponseTooLarge { limit: budget as u64 }));
+    }
     if sorted {
         let key = |kv: &KeyValue| -> (Vec<u8>, i64) {
             match r.sort_target {
@@ -850,10 +879,30 @@ pub fn key_count(txn: &ReadTransaction) -> Result<u64, StateMachineError> {
     }
 }
 
-/// Serves a range read from `txn`; answers the store's revision with the result.
+/// Visits every key and its metadata in `txn`, in key order, without holding them.
+pub fn for_each_kv(
+    txn: &ReadTransaction,
+    mut visit: impl FnMut(&KeyValue),
+) -> Result<i64, StateMachineError> {
+    let current = revision(txn)?;
+    let table = match txn.open_table(KV) {
+        Ok(t) => t,
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => return Ok(current),
+        Err(e) => return Err(e.into()),
+    };
+    scan(&table, KeyRange::From(&[0]), |k, v| {
+        visit(&Record::decode(v).map_err(corrupt)?.into_kv(k.to_vec(), false));
+        Ok(true)
+    })?;
+    Ok(current)
+}
+
+/// Serves a range read from `txn`, refusing one whose answer is over `budget` bytes (see
+/// [`answer_bytes`]); answers the store's revision with the result.
 pub fn range(
     txn: &ReadTransaction,
     r: &Range,
+    budget: usize,
 ) -> Result<(i64, Result<RangeResult, KvError>), StateMachineError> {
     let current = revision(txn)?;
     let table = match txn.open_table(KV) {
@@ -863,7 +912,7 @@ pub fn range(
         }
         Err(e) => return Err(e.into()),
     };
-    let result = range_table(&table, r, current)?.map(|op| match op {
+    let result = range_table(&table, r, current, budget)?.map(|op| match op {
         OpResult::Range(r) => r,
         _ => RangeResult::default(),
     });

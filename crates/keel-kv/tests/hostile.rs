@@ -108,7 +108,7 @@ fn assert_serving(c: &mut Procs, acked: &mut BTreeMap<String, String>, round: &s
         if let Some(status) = c.exited(id) {
             panic!("after {round}: keeld {id} exited: {status}");
         }
-        let rss = rss_bytes(c.pid(id).expect("running"));
+        let rss = rss_bytes(c.pid(id));
         assert!(rss < RSS_BUDGET_BYTES, "after {round}: keeld {id} uses {} MiB", rss >> 20);
     }
     c.wait_leader(&ALL, DEADLINE);

@@ -236,7 +236,7 @@ proptest! {
         }
         let read = db.begin_read().expect("read txn");
         let all = Range { key: vec![0], range_end: vec![0], ..Range::default() };
-        let (revision, result) = range(&read, &all).expect("range");
+        let (revision, result) = range(&read, &all, usize::MAX).expect("range");
         let result = result.expect("current revision");
         prop_assert_eq!(model.revision, revision);
         let got: Vec<(Vec<u8>, Meta)> = result.kvs.into_iter().map(|kv| (kv.key, Meta { create: kv.create_revision, modified: kv.mod_revision, version: kv.version, value: kv.value })).collect();
@@ -251,8 +251,46 @@ proptest! {
         KvStore::default().restore(&txn, &mut snap.as_slice()).expect("restore");
         txn.commit().expect("commit");
         let read2 = db2.begin_read().expect("read txn");
-        prop_assert_eq!(range(&read, &all).expect("range"), range(&read2, &all).expect("range"));
+        prop_assert_eq!(range(&read, &all, usize::MAX).expect("range"), range(&read2, &all, usize::MAX).expect("range"));
         // Alarms are in the snapshot too.
         prop_assert_eq!(alarms(&read).expect("alarms"), alarms(&read2).expect("alarms"));
     }
+}
+
+/// The answer budget: a range whose keys, values and metadata (`answer_bytes`) exceed it is
+/// refused, however it is sorted; a page under it, a count and the keys alone are served.
+#[test]
+fn a_range_over_the_budget_is_refused_and_pages_counts_and_keys_are_not() {
+    let db = memory_db();
+    let txn = db.begin_write().expect("write txn");
+    let puts = (0..100u32)
+        .map(|i| {
+            KvCommand::Put(Put {
+                key: format!("k{i:03}").into_bytes(),
+                value: vec![7; 1000],
+                ..Put::default()
+            })
+        })
+        .collect();
+    KvStore::default().apply(&txn, puts).expect("apply");
+    txn.commit().expect("commit");
+    let read = db.begin_read().expect("read txn");
+    let all = Range { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Range::default() };
+    let one = 4 + 1000 + KV_OVERHEAD_BYTES; // what each key counts
+    let (_, whole) = range(&read, &all, 100 * one).expect("range");
+    assert_eq!(100, whole.expect("exactly the budget is served").kvs.len());
+    for r in [all.clone(), Range { sort_order: SortOrder::Descend, limit: 1, ..all.clone() }] {
+        let (_, over) = range(&read, &r, 100 * one - 1).expect("range");
+        let e = over.expect_err("one byte over the budget");
+        assert_eq!(KvError::ResponseTooLarge { limit: (100 * one - 1) as u64 }, e);
+        assert!(e.to_string().contains("limit"), "{e}");
+    }
+    let budget = 10 * one;
+    let (_, page) = range(&read, &Range { limit: 10, ..all.clone() }, budget).expect("range");
+    let page = page.expect("a page under the budget");
+    assert_eq!((10, 100, true), (page.kvs.len(), page.count, page.more));
+    let (_, count) = range(&read, &Range { count_only: true, ..all.clone() }, budget).expect("range");
+    assert_eq!(100, count.expect("count only").count);
+    let (_, keys) = range(&read, &Range { keys_only: true, ..all }, budget).expect("range");
+    assert_eq!(100, keys.expect("keys only: 4 + 32 bytes a key").kvs.len());
 }

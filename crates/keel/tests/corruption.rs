@@ -143,3 +143,146 @@ async fn data_dir_of_another_node_is_refused() {
         Node::start(test_config(2, dir.path()), Ledger, router.network(2)).await.err().expect("refused");
     assert!(err.to_string().contains("belongs to node 1"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A torn last WAL record: a record's head on disk, zeros to the end of the file
+// ---------------------------------------------------------------------------------------------
+
+mod torn_wal {
+    use std::path::Path;
+
+    use keel::config::LogConfig;
+    use keel::openraft::entry::RaftEntry;
+    use keel::openraft::storage::IOFlushed;
+    use keel::openraft::storage::RaftLogStorage;
+    use keel::openraft::testing::log_id;
+    use keel::openraft::type_config::TypeConfigExt;
+    use keel::openraft::RaftLogReader;
+    use keel::storage::wal_repair;
+    use keel::storage::LogStore;
+    use keel::types::Command;
+    use keel::types::Entry;
+    use keel::types::EntryPayload;
+    use keel::types::KeelTypes;
+
+    /// Writes `n` entries through the log store, one fsync'ed append each; closes the log.
+    async fn write_log(dir: &Path, n: u64) -> Vec<Entry> {
+        let (mut log, closed) =
+            LogStore::open_with_close_signal(dir, &LogConfig::default()).expect("open the log");
+        let mut written = Vec::new();
+        for i in 0..n {
+            let entry = Entry::new(
+                log_id::<KeelTypes>(1, 1, i),
+                EntryPayload::Normal(Command(format!("entry {i}").into_bytes())),
+            );
+            let (tx, rx) = KeelTypes::oneshot();
+            log.append(vec![entry.clone()], IOFlushed::signal(tx)).await.expect("append");
+            rx.await.expect("flush callback").expect("flushed");
+            written.push(entry);
+        }
+        drop(log);
+        let _ = closed.await; // completes once the WAL is closed and its lock released
+        written
+    }
+
+    /// The entries a reopened log holds.
+    async fn read_all(log: &mut LogStore) -> Vec<Entry> {
+        let (_, purged, last, _) = log.state();
+        match last {
+            Some(last) => log
+                .try_get_log_entries(purged.map_or(0, |p| p.index + 1)..=last.index)
+                .await
+                .expect("read entries"),
+            None => Vec::new(),
+        }
+    }
+
+    fn same(a: &[Entry], b: &[Entry]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| format!("{x:?}") == format!("{y:?}"))
+    }
+
+    /// The last append record: its file and where it starts.
+    fn last_append(dir: &Path) -> wal_repair::RecordInfo {
+        let records = wal_repair::records(dir).expect("read the records");
+        records.into_iter().rev().find(|r| r.appends.is_some()).expect("an append record")
+    }
+
+    /// Length of a record's header: its type (u32) and its framed log id (u32 length + bytes).
+    fn header_len(bytes: &[u8], start: usize) -> usize {
+        let id_len = u32::from_le_bytes(bytes[start + 4..start + 8].try_into().expect("4 bytes"));
+        8 + id_len as usize
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_header_then_zeros_to_the_end_is_cut_and_earlier_entries_kept() {
+        super::support::init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let written = write_log(dir.path(), 20).await;
+        let last = last_append(dir.path());
+        assert_eq!(Some(19), last.appends);
+        let mut bytes = std::fs::read(&last.file).expect("read chunk");
+        let start = last.offset as usize;
+        // The header landed; the payload, the CRC and everything after read as zeros.
+        let keep = start + header_len(&bytes, start);
+        bytes[keep..].fill(0);
+        std::fs::write(&last.file, &bytes).expect("write chunk");
+
+        let mut log = LogStore::open(dir.path(), &LogConfig::default()).expect("a torn tail is cut");
+        assert_eq!(
+            last.offset,
+            std::fs::metadata(&last.file).expect("stat").len(),
+            "cut where the record began"
+        );
+        let got = read_all(&mut log).await;
+        assert!(same(&written[..19], &got), "entries 0..=18 kept, 19 gone: {got:?}");
+        // The log goes on, and what it appends survives a reopen.
+        let next =
+            Entry::new(log_id::<KeelTypes>(2, 1, 19), EntryPayload::Normal(Command(b"after".to_vec())));
+        let (tx, rx) = KeelTypes::oneshot();
+        log.append(vec![next.clone()], IOFlushed::signal(tx)).await.expect("append");
+        rx.await.expect("flush callback").expect("flushed");
+        drop(log);
+        let mut log = LogStore::open(dir.path(), &LogConfig::default()).expect("reopen");
+        let mut expected = written[..19].to_vec();
+        expected.push(next);
+        assert!(same(&expected, &read_all(&mut log).await));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_extended_with_zeros_opens_with_every_entry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let written = write_log(dir.path(), 20).await;
+        let file = last_append(dir.path()).file;
+        let len = std::fs::metadata(&file).expect("stat").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open")
+            .set_len(len + 8192)
+            .expect("extend");
+
+        let mut log = LogStore::open(dir.path(), &LogConfig::default()).expect("zeros past the end are cut");
+        assert_eq!(len, std::fs::metadata(&file).expect("stat").len());
+        assert!(same(&written, &read_all(&mut log).await));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_last_record_whose_checksum_landed_still_stops_the_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_log(dir.path(), 20).await;
+        let last = last_append(dir.path());
+        let mut bytes = std::fs::read(&last.file).expect("read chunk");
+        let start = last.offset as usize;
+        // Zeros over the payload only: the CRC at the end is still there, so this is damage.
+        let payload = start + header_len(&bytes, start);
+        let crc = bytes.len() - 4;
+        assert!(payload < crc, "the record has a payload");
+        bytes[payload..crc].fill(0);
+        std::fs::write(&last.file, &bytes).expect("write chunk");
+
+        let err = LogStore::open(dir.path(), &LogConfig::default()).err().expect("damage is refused");
+        let msg = err.to_string();
+        assert!(msg.contains(&dir.path().display().to_string()) && msg.contains("offset"), "{msg}");
+        assert_eq!(bytes.len() as u64, std::fs::metadata(&last.file).expect("stat").len(), "nothing cut");
+    }
+}

@@ -1157,8 +1157,7 @@ async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<
     }
     std::fs::write(&files[0], &bytes).or_fail("write damaged chunk")?;
 
-    // A short tail is what a crash leaves: the contract is that it is cut off, not an error. (So
-    // should a zero-filled one be, but see `log_with_zero_filled_torn_record_opens`.)
+    // A short tail is what a crash leaves: the contract is that it is cut off, not an error.
     let torn = matches!(damage, Damage::Truncate { .. });
     let (mut log, closed) = match LogStore::open_with_close_signal(dir.path(), &config) {
         Ok(opened) => opened,
@@ -1195,12 +1194,11 @@ async fn damaged_log_case(batches: Vec<Vec<Vec<u8>>>, damage: Damage) -> Result<
     Ok(())
 }
 
-/// The log's contract: a torn last record is cut off when short; a record whose head reached the
-/// disk but whose tail reads as zeros (ext4 `data=writeback` after power loss) is refused with the
-/// offset named, like any damage: Keel does not guess which trailing zeros are safe to drop (a valid
-/// record may end in zero bytes). Never returns wrong data.
+/// The log's contract: a torn last record is cut off when short, and when its head reached the disk
+/// but its tail reads as zeros to the end of the file, its CRC included (ext4 `data=writeback`
+/// after power loss: `keel::storage::wal_repair`). Never returns wrong data.
 #[test]
-fn log_with_zero_filled_torn_record_is_refused_with_offset() {
+fn log_with_zero_filled_torn_record_is_cut_to_what_came_before() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = LogConfig::default();
     let vote = Vote::new_committed(1, 1);
@@ -1221,12 +1219,12 @@ fn log_with_zero_filled_torn_record_is_refused_with_offset() {
     let mid = (after_vote + (after_entry - after_vote) / 2) as usize;
     bytes[mid..].fill(0);
     std::fs::write(chunk, &bytes).expect("write chunk");
-    match LogStore::open(dir.path(), &config) {
-        Err(e) => assert!(e.to_string().contains("offset"), "names the offset: {e}"),
-        // Should a future WAL cut such a record instead, it must keep exactly what came before it.
-        Ok(log) => {
-            let (got_vote, _, last, _) = log.state();
-            assert_eq!((Some(vote), None), (got_vote, last));
-        }
-    }
+    let log = LogStore::open(dir.path(), &config).expect("a torn record with zeros to the end is cut");
+    let (got_vote, _, last, _) = log.state();
+    assert_eq!((Some(vote), None), (got_vote, last), "exactly what came before the torn record is kept");
+    assert_eq!(
+        after_vote,
+        std::fs::metadata(chunk).expect("stat").len(),
+        "the file ends where the record began"
+    );
 }

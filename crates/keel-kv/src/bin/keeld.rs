@@ -69,6 +69,27 @@ struct Flags {
     /// raises the NOSPACE alarm and is refused (etcd's). 0: the default [default: 2147483648].
     #[arg(long, value_name = "BYTES")]
     quota_backend_bytes: Option<u64>,
+    /// Largest range answer in bytes (keys, values, metadata); a range over it is refused and
+    /// must be read in pages with `limit` [default: 67108864].
+    #[arg(long)]
+    max_response_bytes: Option<usize>,
+    /// Open client connections at most; more are closed at once [default: 4096].
+    #[arg(long)]
+    max_client_connections: Option<usize>,
+    /// A client connection's first request, every HTTP/1 request header, and every request's
+    /// body (from its header) must arrive within this many milliseconds [default: 10000].
+    #[arg(long, value_name = "MS")]
+    client_header_timeout_ms: Option<u64>,
+    /// A client connection with no request in flight for this many milliseconds is closed
+    /// [default: 300000].
+    #[arg(long, value_name = "MS")]
+    client_idle_timeout_ms: Option<u64>,
+    /// HTTP/2 keep-alive ping interval in milliseconds; 0 disables [default: 60000].
+    #[arg(long, value_name = "MS")]
+    client_keepalive_interval_ms: Option<u64>,
+    /// Requests open at once on one HTTP/2 client connection [default: 1000].
+    #[arg(long)]
+    max_concurrent_streams: Option<u32>,
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
@@ -99,6 +120,13 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
     }
     set!(id, data_dir, client_addr, peer_addr, initial_cluster, initial_cluster_state, cluster_name, join);
     set!(max_request_bytes, max_key_bytes, max_snapshot_bytes, quota_backend_bytes);
+    set!(max_response_bytes, max_client_connections);
+    set!(
+        client_header_timeout_ms,
+        client_idle_timeout_ms,
+        client_keepalive_interval_ms,
+        max_concurrent_streams
+    );
     c.validate()?;
     Ok(c)
 }

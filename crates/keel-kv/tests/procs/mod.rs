@@ -163,9 +163,9 @@ impl Procs {
         ids.into_iter().map(|id| self.client(id)).collect()
     }
 
-    /// The process id of node `id`, if it runs.
-    pub fn pid(&self, id: u64) -> Option<u32> {
-        self.node(id).child.as_ref().map(Child::id)
+    /// The process id of running node `id`.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.node(id).child.as_ref().unwrap_or_else(|| panic!("node {id} is not running")).id()
     }
 
     pub fn is_running(&self, id: u64) -> bool {

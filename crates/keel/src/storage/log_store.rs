@@ -10,10 +10,12 @@
 //! - `truncate_after` returns after the truncation is fsync'ed.
 //! - `save_committed` is best-effort (no fsync of its own; it rides on the next append's fsync). A
 //!   lost committed index only means the state machine re-learns it from the leader.
-//! - Every WAL record carries a CRC32. On open, a torn last record is cut off when it is short, or
-//!   when it is all zeros from its first byte (a file extended before its data landed). A record
-//!   whose head is on disk but whose tail is not what was written (zeros included) fails the open
-//!   with the chunk and offset, like damage anywhere else: Keel never guesses which bytes to drop.
+//! - Every WAL record carries a CRC32. On open, a torn last record is cut off: when it is short,
+//!   zeros from its first byte (raft-log's own rule), or a record type followed by zeros to the end
+//!   of the last chunk file, its CRC included (a file extended before its data landed: the rule is
+//!   in [`super::wal_repair`]). Any other record that does not read back fails the open with the
+//!   chunk and offset, like damage anywhere else. A cut record was never fsync'ed whole, so no one
+//!   was told it was durable.
 //!
 //! A debug build can break the `append` contract on purpose, for fault tests' negative controls:
 //! see [`LogStore::plant_ack_before_fsync`].
@@ -206,6 +208,15 @@ impl LogStore {
     ) -> Result<(Self, tokio::sync::oneshot::Receiver<()>), LogOpenError> {
         let open_error = |source| LogOpenError { dir: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(open_error)?;
+        if let Some(torn) = super::wal_repair::cut_torn_tail(dir).map_err(open_error)? {
+            tracing::warn!(
+                file = %torn.file.display(),
+                offset = torn.offset,
+                bytes_cut = torn.cut,
+                "cut a torn last WAL record (a record type, then zeros to the end of the file): \
+                 the file now ends at that offset"
+            );
+        }
         let mut wal = raft_log::chunked_wal::Config::new(dir.display());
         wal.chunk_max_size = Some(config.chunk_max_bytes as usize);
         wal.truncate_incomplete_record = Some(true);

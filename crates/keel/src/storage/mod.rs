@@ -4,6 +4,7 @@ pub mod log_store;
 pub mod mem_log_store;
 pub mod sm_store;
 pub mod snapshot;
+pub mod wal_repair;
 
 pub use log_store::LogStore;
 pub use mem_log_store::MemLogStore;

@@ -1,0 +1,316 @@
+//! The client port's accept loop: HTTP/1.1 and HTTP/2 (h2c, gRPC) on one listener, with every
+//! connection bounded — a cap on open connections, a deadline for the first request (and, for
+//! HTTP/1, for every request's header), an idle timeout, HTTP/2 keep-alive pings and a cap on
+//! concurrent HTTP/2 streams — and a graceful stop.
+//!
+//! Why not `axum::serve`: it sets no limit at all. A hostile client kept 2,000 idle, 500
+//! slow-header and 200 slow-body connections open for minutes (each one a task, buffers and a
+//! file descriptor).
+//!
+//! Stop: [`ClientPort::serve`] stops accepting when `stop` completes, asks every connection to
+//! finish gracefully (HTTP/1: close once the request in flight is answered; HTTP/2: GOAWAY, the
+//! streams in flight finish), and returns once all are closed. The caller bounds that wait; when
+//! it gives up and drops the task, every connection is dropped with it (they are owned by one
+//! `JoinSet`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use hyper_util::rt::TokioTimer;
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// How a peer that stopped answering HTTP/2 keep-alive pings is given up on (etcd's
+/// `--grpc-keepalive-timeout` default).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a connection closed for idleness may take to wind down (answer what it is sending)
+/// before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The limits of the client port (`KeeldConfig`'s `max_client_connections`, `client_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// A new connection must have sent its first request (HTTP/1 header, or the HTTP/2 preface
+    /// and a first stream) within this; an HTTP/1 request's header must arrive within it, and
+    /// every request's body within it of its header.
+    pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2: ping a connection silent for this long; no answer in 20 s closes it. `None`: no pings.
+    pub keepalive_interval: Option<Duration>,
+    /// HTTP/2: streams (requests) open at once on one connection.
+    pub max_concurrent_streams: u32,
+}
+
+/// What the port has done, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    /// Closed at once because `max_connections` were open.
+    pub refused: AtomicU64,
+    /// Closed because no first request came within `header_timeout`, or idle past `idle_timeout`.
+    pub timed_out: AtomicU64,
+}
+
+/// The listener, the service it serves, and its limits.
+pub struct ClientPort {
+    pub listener: TcpListener,
+    pub limits: Limits,
+    pub counters: Arc<PortCounters>,
+}
+
+impl ClientPort {
+    /// Serves `router` until `stop` completes, then closes every connection gracefully and
+    /// returns once they are all gone.
+    pub async fn serve(self, router: axum::Router, stop: impl Future<Output = ()>) {
+        let ClientPort { listener, limits, counters } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .keep_alive_interval(limits.keepalive_interval)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        let builder = Arc::new(builder);
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let (closing, closing_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        tokio::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut stop => break,
+                accepted = listener.accept() => accepted,
+                // Reap finished connections so the set does not grow with every one ever served.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors (EMFILE/ENFILE) and the like: the connection waiting
+                    // in the backlog cannot be taken now; pause rather than spin on the error.
+                    tracing::warn!("accepting a client connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                counters.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, max = limits.max_connections, "client connection refused: at the connection cap");
+                drop(tcp);
+                continue;
+            };
+            counters.accepted.fetch_add(1, Ordering::Relaxed);
+            // Without TCP_NODELAY a small answer waits for the client's delayed ACK (~40 ms).
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY on a client connection: {e}");
+            }
+            let conn = Connection {
+                builder: builder.clone(),
+                router: router.clone(),
+                limits,
+                counters: counters.clone(),
+                closing: closing_rx.clone(),
+            };
+            connections.spawn(async move {
+                conn.serve(tcp).await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        let _ = closing.send(true);
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+/// One accepted connection.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    router: axum::Router,
+    limits: Limits,
+    counters: Arc<PortCounters>,
+    closing: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(mut self, tcp: TcpStream) {
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::default());
+        let service = Tracked {
+            router: self.router.clone(),
+            activity: activity.clone(),
+            body_timeout: self.limits.header_timeout,
+        };
+        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+        tokio::pin!(conn);
+        let idle = activity.idle(self.limits);
+        tokio::pin!(idle);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    // hyper's own HTTP/1 header timeout ends the connection with an error.
+                    let timeout = e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout);
+                    if timeout {
+                        self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!("client connection: {e}");
+                }
+            }
+            first = &mut idle => {
+                self.counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                // Before any request there is nothing to answer: drop it. After, let what is
+                // being written go out (HTTP/2: GOAWAY) but no longer than CLOSE_GRACE.
+                if !first {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+                }
+            }
+            // (`wait_for` answers a borrow of the value, which must not live across an await)
+            () = async { let _ = self.closing.wait_for(|c| *c).await; } => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.as_mut().await;
+            }
+        }
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Requests in flight on one connection, and whether one ever came.
+#[derive(Default)]
+struct Activity {
+    started: AtomicBool,
+    in_flight: watch::Sender<usize>,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.started.store(true, Ordering::Relaxed);
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(self.clone())
+    }
+
+    /// Completes when the connection has had no request in flight for too long: before its first
+    /// request `header_timeout`, after it `idle_timeout`. Answers whether it was the first wait.
+    async fn idle(&self, limits: Limits) -> bool {
+        let mut count = self.in_flight.subscribe();
+        loop {
+            let busy = *count.borrow_and_update() > 0;
+            if busy {
+                // Never fails: `self` holds the sender.
+                let _ = count.changed().await;
+                continue;
+            }
+            let first = !self.started.load(Ordering::Relaxed);
+            let wait = if first { limits.header_timeout } else { limits.idle_timeout };
+            if tokio::time::timeout(wait, count.changed()).await.is_err() {
+                return first;
+            }
+        }
+    }
+}
+
+/// One request in flight: counted from the moment its header is read until its response body is
+/// sent (or dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n -= 1);
+    }
+}
+
+/// The router, counting the requests in flight on its connection and bounding how long a
+/// request's body may take to arrive.
+#[derive(Clone)]
+struct Tracked {
+    router: axum::Router,
+    activity: Arc<Activity>,
+    body_timeout: Duration,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        use tower_service::Service;
+        let in_flight = self.activity.begin();
+        let mut router = self.router.clone();
+        let deadline = Box::pin(tokio::time::sleep(self.body_timeout));
+        let req = req.map(|inner| axum::body::Body::new(DeadlineBody { inner, deadline }));
+        Box::pin(async move {
+            // axum's router is always ready (its `poll_ready` answers at once) and never fails.
+            let response = router.call(req).await?;
+            Ok(response.map(|body| {
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    // The body owns the count: the request is in flight until it is sent.
+                    let _in_flight = &in_flight;
+                    frame
+                }))
+            }))
+        })
+    }
+}
+
+/// A request body that must arrive in full by a deadline: a client that trickles its body (a
+/// request in flight, so the idle timeout never fires) cannot hold a request and its connection
+/// open. Past the deadline the body fails; the handler answers an error and, for HTTP/1, hyper
+/// closes the connection since the body was not read to its end.
+struct DeadlineBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The body of a request did not arrive in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within client_header_timeout_ms of its header")]
+struct BodyTimeout;
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
