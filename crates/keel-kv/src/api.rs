@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use keel::openraft::async_runtime::WatchReceiver;
 use keel::openraft::ChangeMembers;
 use keel::openraft::ServerState;
 use keel::AdminError;
@@ -272,7 +273,9 @@ impl KvApi {
     /// Refuses a request, before proposing anything, once this node's Raft has stopped: the
     /// client then learns that nothing happened (not "outcome unknown"). keeld exits soon after.
     fn check_running(&self) -> Result<(), ApiError> {
-        match &self.node.metrics().running_state {
+        // Borrowed, not copied: this runs on every write (`Node::metrics` clones them all).
+        let state = self.node.raft().metrics().borrow_watched().running_state.clone();
+        match state {
             Ok(()) => Ok(()),
             Err(fatal) => Err(ApiError::Unavailable(format!("raft stopped, nothing was proposed: {fatal}"))),
         }
