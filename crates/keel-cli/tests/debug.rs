@@ -1,6 +1,7 @@
 //! `keel debug data-dir` against a real keeld's data dir: refused while the node runs, then read
 //! offline after it stopped — snapshot, purged log, membership and key count as written.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::io::Write;
 use std::net::TcpStream;
@@ -47,23 +48,7 @@ fn data_dir_is_refused_while_running_and_read_offline_after() {
     std::fs::write(&config, "[raft]\nsnapshot_every = 100\nlogs_to_keep_after_snapshot = 10\n")
         .expect("config");
     let client = format!("127.0.0.1:{}", free_port());
-    let mut node = Kill(
-        Command::new(keeld())
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--client-addr", &client, "--peer-addr", &format!("127.0.0.1:{}", free_port())])
-            .stderr(std::fs::File::create(dir.path().join("keeld.log")).expect("log"))
-            .spawn()
-            .expect("spawn keeld"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http(&client, "GET", "/ready", "") != Some(200) {
-        assert!(Instant::now() < deadline, "keeld not ready");
-        assert!(node.0.try_wait().expect("wait").is_none(), "keeld exited early");
-        std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition wait
-    }
+    let mut node = start_keeld(&dir, &data, &client, &[OsStr::new("--config"), config.as_os_str()]);
     for i in 0..300 {
         assert_eq!(Some(200), http(&client, "PUT", &format!("/v1/kv/k{i:03}"), "v"));
     }
@@ -109,21 +94,7 @@ fn truncate_log_refuses_a_running_node_prints_what_is_lost_and_cuts_only_with_ye
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("n1");
     let client = format!("127.0.0.1:{}", free_port());
-    let mut node = Kill(
-        Command::new(keeld())
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--client-addr", &client, "--peer-addr", &format!("127.0.0.1:{}", free_port())])
-            .stderr(std::fs::File::create(dir.path().join("keeld.log")).expect("log"))
-            .spawn()
-            .expect("spawn keeld"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http(&client, "GET", "/ready", "") != Some(200) {
-        assert!(Instant::now() < deadline, "keeld not ready");
-        assert!(node.0.try_wait().expect("wait").is_none(), "keeld exited early");
-        std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition wait
-    }
+    let mut node = start_keeld(&dir, &data, &client, &[]);
     for i in 0..20 {
         assert_eq!(Some(200), http(&client, "PUT", &format!("/v1/kv/k{i:02}"), "v"));
     }
@@ -205,4 +176,25 @@ fn truncate_log_refuses_a_running_node_prints_what_is_lost_and_cuts_only_with_ye
     } else {
         assert_eq!(before["log"]["last_index"], after["log"]["last_index"], "no entry lost: {v}");
     }
+}
+
+/// Starts keeld on `data` with `extra` flags, clients on `client`, and waits until it is ready.
+fn start_keeld(dir: &tempfile::TempDir, data: &std::path::Path, client: &str, extra: &[&OsStr]) -> Kill {
+    let mut node = Kill(
+        Command::new(keeld())
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--client-addr", client, "--peer-addr", &format!("127.0.0.1:{}", free_port())])
+            .stderr(std::fs::File::create(dir.path().join("keeld.log")).expect("log"))
+            .spawn()
+            .expect("spawn keeld"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(client, "GET", "/ready", "") != Some(200) {
+        assert!(Instant::now() < deadline, "keeld not ready");
+        assert!(node.0.try_wait().expect("wait").is_none(), "keeld exited early");
+        std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition wait
+    }
+    node
 }

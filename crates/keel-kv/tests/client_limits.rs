@@ -178,17 +178,6 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     );
 }
 
-/// VmHWM (peak resident set) of a process, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc status");
-    kb * 1024
-}
-
 #[test]
 fn a_range_over_the_answer_budget_is_refused_and_peak_memory_stays_bounded() {
     const BUDGET: u64 = 4 << 20;
@@ -205,7 +194,7 @@ fn a_range_over_the_answer_budget_is_refused_and_peak_memory_stays_bounded() {
     }
     let keys = 96 * 8;
     let pid = procs.pid(1);
-    let before = peak_rss(pid);
+    let before = procs::proc_status_bytes(pid, "VmHWM");
 
     // HTTP: refused with a clear error, whatever the number at once.
     let ranges: Vec<_> = (0..4)
@@ -230,7 +219,7 @@ fn a_range_over_the_answer_budget_is_refused_and_peak_memory_stays_bounded() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("max_response_bytes") && err.contains("limit"), "{err}");
     }
-    let after = peak_rss(pid);
+    let after = procs::proc_status_bytes(pid, "VmHWM");
     eprintln!("peak RSS before the ranges {} MiB, after {} MiB", before >> 20, after >> 20);
     // Without the budget, each range held the 96 MiB of values at least once (and its encoding).
     assert!(after < before + (48 << 20), "peak RSS grew from {before} to {after} bytes");

@@ -89,16 +89,6 @@ fn terms(c: &Procs) -> BTreeMap<u64, u64> {
     ALL.iter().map(|&id| (id, status_u64(c, id, "term"))).collect()
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kb * 1024
-}
-
 /// The cluster survived: every node runs within its memory budget, one leader is named by all,
 /// a write through every node is acknowledged, and every node serves every acknowledged write in
 /// a linearizable read.
@@ -108,7 +98,7 @@ fn assert_serving(c: &mut Procs, acked: &mut BTreeMap<String, String>, round: &s
         if let Some(status) = c.exited(id) {
             panic!("after {round}: keeld {id} exited: {status}");
         }
-        let rss = rss_bytes(c.pid(id));
+        let rss = procs::proc_status_bytes(c.pid(id), "VmRSS");
         assert!(rss < RSS_BUDGET_BYTES, "after {round}: keeld {id} uses {} MiB", rss >> 20);
     }
     c.wait_leader(&ALL, DEADLINE);
@@ -194,13 +184,7 @@ fn forward_writes_that_do_not_decode_or_break_the_limits_are_refused() {
     assert_serving(&mut c, &mut acked, "forwards");
 
     // Nothing poisonous reached the log: the whole cluster restarts and serves.
-    c.kill_all();
-    for id in ALL {
-        c.restart(id);
-    }
-    for id in ALL {
-        c.wait_ready(id);
-    }
+    c.kill_and_restart_all();
     assert_serving(&mut c, &mut acked, "restart");
 }
 
@@ -251,13 +235,7 @@ fn forged_votes_neither_wrap_the_term_nor_move_leadership() {
     assert_serving(&mut c, &mut acked, "votes");
 
     // No term was stored that a restart cannot elect from.
-    c.kill_all();
-    for id in ALL {
-        c.restart(id);
-    }
-    for id in ALL {
-        c.wait_ready(id);
-    }
+    c.kill_and_restart_all();
     assert_serving(&mut c, &mut acked, "restart");
 }
 

@@ -214,6 +214,18 @@ impl Procs {
         self.spawn(id, &[]);
     }
 
+    /// SIGKILLs every node, starts them all again and waits until each is ready.
+    pub fn kill_and_restart_all(&mut self) {
+        self.kill_all();
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for &id in &ids {
+            self.restart(id);
+        }
+        for &id in &ids {
+            self.wait_ready(id);
+        }
+    }
+
     /// Waits for `GET /ready` to answer 200; fails at once if the process exited.
     #[track_caller]
     pub fn wait_ready(&mut self, id: u64) {
@@ -538,4 +550,15 @@ impl LoadReport {
             self.gave_up
         );
     }
+}
+
+/// A byte count from `/proc/PID/status` (`field`: `VmRSS` now, `VmHWM` at the peak).
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    kb * 1024
 }
