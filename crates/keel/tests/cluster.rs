@@ -280,3 +280,46 @@ async fn the_leader_refuses_what_validate_refuses_whichever_path_it_came_by() {
     let all = c.converge(index).await;
     assert!(all.values().all(|rows| rows == &vec![7]), "nothing refused was applied: {all:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_snapshot_is_received_at_a_time_and_a_cancelled_one_leaves_no_file() {
+    use futures_util::StreamExt;
+    let c = Cluster::start(3, |_| {}).await;
+    let leader = c.leader(None).await;
+    let follower = *c.nodes.keys().find(|&&id| id != leader).expect("a follower");
+    let vote = c.nodes[&follower].metrics().vote;
+    let meta = keel::types::SnapshotMeta::default();
+    let snapshots = c.dir.path().join(format!("n{follower}")).join("snapshots");
+    let incoming = || {
+        std::fs::read_dir(&snapshots)
+            .expect("snapshot dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("incoming"))
+            .count()
+    };
+    let service = c.nodes[&follower].service();
+
+    // A transfer that sends one chunk and then stalls, as a slow or malicious sender would.
+    let stalled: keel::network::SnapshotChunks =
+        Box::pin(futures_util::stream::iter([Ok(vec![1u8; 1024])]).chain(futures_util::stream::pending()));
+    let first = tokio::spawn({
+        let service = service.clone();
+        let meta = meta.clone();
+        async move { service.install_snapshot(vote, meta, stalled).await }
+    });
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    while incoming() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the first transfer never started writing");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await; // polling a condition
+    }
+    let second: keel::network::SnapshotChunks = Box::pin(futures_util::stream::iter([Ok(vec![2u8; 1024])]));
+    match service.install_snapshot(vote, meta, second).await {
+        Err(keel::network::ServiceError::Refused(why)) => {
+            assert!(why.to_string().contains("another snapshot"), "{why}")
+        }
+        other => panic!("a second snapshot at once must be refused, got {other:?}"),
+    }
+    first.abort();
+    assert!(first.await.expect_err("aborted").is_cancelled());
+    assert_eq!(0, incoming(), "a cancelled transfer removes its temp file");
+}
