@@ -18,9 +18,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -195,36 +197,62 @@ impl Connection {
     }
 }
 
-/// Requests in flight on one connection, and whether one ever came.
-#[derive(Default)]
+/// Requests in flight on one connection, and when the last one ended. Plain atomics, read by the
+/// connection's idle timer when it fires: a request neither wakes the timer nor re-arms it (a
+/// watch channel did both, twice per request, on the put path).
 struct Activity {
     started: AtomicBool,
-    in_flight: watch::Sender<usize>,
+    in_flight: AtomicUsize,
+    /// When the connection went idle last (its start, or its last request's end), in
+    /// milliseconds since `opened`.
+    idle_since_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            started: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
 }
 
 impl Activity {
     fn begin(self: &Arc<Self>) -> InFlight {
         self.started.store(true, Ordering::Relaxed);
-        self.in_flight.send_modify(|n| *n += 1);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
     }
 
     /// Completes when the connection has had no request in flight for too long: before its first
     /// request `header_timeout`, after it `idle_timeout`. Answers whether it was the first wait.
+    /// It sleeps until the earliest moment that could be so and checks then, so a busy
+    /// connection costs it one wake-up per timeout, not one per request.
     async fn idle(&self, limits: Limits) -> bool {
-        let mut count = self.in_flight.subscribe();
         loop {
-            let busy = *count.borrow_and_update() > 0;
-            if busy {
-                // Never fails: `self` holds the sender.
-                let _ = count.changed().await;
-                continue;
-            }
             let first = !self.started.load(Ordering::Relaxed);
             let wait = if first { limits.header_timeout } else { limits.idle_timeout };
-            if tokio::time::timeout(wait, count.changed()).await.is_err() {
-                return first;
-            }
+            let wait_ms = wait.as_millis() as u64;
+            // Never sleep past the shorter timeout: a first request may come meanwhile and make
+            // the other one apply.
+            let check_every = limits.header_timeout.min(limits.idle_timeout).as_millis() as u64;
+            let next_check = if self.in_flight.load(Ordering::Acquire) > 0 {
+                check_every
+            } else {
+                let idle_for = self.elapsed_ms().saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
+                if idle_for >= wait_ms {
+                    return first;
+                }
+                (wait_ms - idle_for).min(check_every)
+            };
+            tokio::time::sleep(Duration::from_millis(next_check.max(1))).await;
         }
     }
 }
@@ -235,7 +263,10 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n -= 1);
+        // The idle clock starts now, before the count drops, so the timer never sees an idle
+        // connection with an old start.
+        self.0.idle_since_ms.store(self.0.elapsed_ms(), Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
