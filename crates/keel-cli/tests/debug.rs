@@ -58,12 +58,7 @@ fn data_dir_is_refused_while_running_and_read_offline_after() {
     let err = String::from_utf8_lossy(&busy.stderr);
     assert!(err.contains("in use by a running node"), "{err}");
 
-    Command::new("kill").args(["-TERM", &node.0.id().to_string()]).status().expect("kill");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.0.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "keeld did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop_keeld(&mut node);
 
     let out =
         Command::new(keel()).args(["--json", "debug", "data-dir"]).arg(&data).output().expect("run keel");
@@ -112,12 +107,7 @@ fn truncate_log_refuses_a_running_node_prints_what_is_lost_and_cuts_only_with_ye
     let err = String::from_utf8_lossy(&busy.stderr);
     assert!(err.contains("in use by a running node"), "{err}");
 
-    Command::new("kill").args(["-TERM", &node.0.id().to_string()]).status().expect("kill");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.0.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "keeld did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop_keeld(&mut node);
     let log_dir = data.join("log");
     let chunk = std::fs::read_dir(&log_dir)
         .expect("log dir")
@@ -197,4 +187,14 @@ fn start_keeld(dir: &tempfile::TempDir, data: &std::path::Path, client: &str, ex
         std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition wait
     }
     node
+}
+
+/// SIGTERMs keeld and waits until it has exited.
+fn stop_keeld(node: &mut Kill) {
+    Command::new("kill").args(["-TERM", &node.0.id().to_string()]).status().expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.0.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "keeld did not stop");
+        std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition wait
+    }
 }
