@@ -1,5 +1,6 @@
 //! What the `keel-check` binary does once its flags are parsed: read the history (and final state),
-//! run every check, print the report, and map the verdict to an exit code.
+//! run every check, print the report, and map the verdict to an exit code; or, for
+//! `keel-check watch`, the same with a watch history.
 
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use crate::check::{check, CheckOptions, Verdict};
 use crate::history::{History, HistoryError, KeyValues};
+use crate::watch::{check_watch, InvalidWatchHistory, WatchHistory, WatchHistoryError, WatchVerdict};
 use crate::CheckError;
 
 /// The binary's inputs.
@@ -32,8 +34,12 @@ pub enum RunError {
     ReadFinal { path: PathBuf, source: std::io::Error },
     #[error("final state {path} is not a JSON object of key to value or null: {source}")]
     ParseFinal { path: PathBuf, source: serde_json::Error },
+    #[error("watch history {path}, {source}")]
+    ReadWatchHistory { path: PathBuf, source: WatchHistoryError },
     #[error(transparent)]
     Check(#[from] CheckError),
+    #[error(transparent)]
+    CheckWatch(#[from] InvalidWatchHistory),
     #[error("encoding the report: {0}")]
     Encode(#[source] serde_json::Error),
     #[error("writing the report: {0}")]
@@ -54,6 +60,40 @@ pub fn exit_code(result: &Result<Verdict, RunError>) -> u8 {
         Ok(Verdict::NotLinearizable) => EXIT_VIOLATION,
         Ok(Verdict::Unknown) | Err(_) => EXIT_UNKNOWN,
     }
+}
+
+/// The exit code for a watch check's result: 0 valid, 1 a violation, 2 bad input.
+pub fn watch_exit_code(result: &Result<WatchVerdict, RunError>) -> u8 {
+    match result {
+        Ok(WatchVerdict::Valid) => EXIT_LINEARIZABLE,
+        Ok(WatchVerdict::Invalid) => EXIT_VIOLATION,
+        Err(_) => EXIT_UNKNOWN,
+    }
+}
+
+/// `keel-check watch`'s inputs.
+#[derive(Debug, Clone)]
+pub struct WatchRunConfig {
+    pub history: PathBuf,
+    /// Print the report as JSON instead of text.
+    pub json: bool,
+}
+
+/// Reads a watch history, checks it, and writes the report to `out`.
+pub fn run_watch(config: &WatchRunConfig, out: &mut impl Write) -> Result<WatchVerdict, RunError> {
+    let path = &config.history;
+    let file = File::open(path).map_err(|source| RunError::OpenHistory { path: path.clone(), source })?;
+    let history = WatchHistory::read_from(BufReader::new(file))
+        .map_err(|source| RunError::ReadWatchHistory { path: path.clone(), source })?;
+    let report = check_watch(&history)?;
+    if config.json {
+        serde_json::to_writer_pretty(&mut *out, &report).map_err(RunError::Encode)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{report}")?;
+    }
+    out.flush()?;
+    Ok(report.verdict)
 }
 
 /// Reads the inputs, checks, and writes the report to `out`.

@@ -13,6 +13,10 @@
 //! The cheap checks rely on the runner's promise that each value is written at most once per key;
 //! the full check does not.
 //!
+//! Watches are checked apart, from their own history of writes (with revisions) and watch
+//! responses: [`watch::check_watch`] checks etcd's watch guarantees (ordered, unique, atomic,
+//! bookmarkable, resumable, filtered, reliable, prev_kv) and that the events agree with the writes.
+//!
 //! # Layout
 //!
 //! - [`history`]: the JSON-lines format, its reader (errors name the line) and writer
@@ -22,6 +26,7 @@
 //! - `wgl`: the linearizability search with its memo and prunings
 //! - [`violation`]: the report of a failing key: sub-history, longest linearizable prefix, stuck ops
 //! - [`check`](mod@check): runs everything under a budget into a [`Report`] with a [`Verdict`]
+//! - [`watch`]: the watch history format and the watch checks, into a [`WatchReport`]
 //! - [`cli`]: what the `keel-check` binary does (`src/main.rs` only parses flags)
 
 pub mod check;
@@ -33,6 +38,7 @@ mod model;
 pub mod monotonic;
 pub mod phantom;
 pub mod violation;
+pub mod watch;
 mod wgl;
 
 pub use check::{
@@ -48,6 +54,7 @@ pub use model::Ignored;
 pub use monotonic::{check_monotonic_reads, NonMonotonicRead};
 pub use phantom::{check_phantom_reads, PhantomCause, PhantomRead};
 pub use violation::{KeyOp, Placed, Stuck, StuckReason, SubOp, Violation};
+pub use watch::{check_watch, WatchHistory, WatchReport, WatchVerdict, WatchViolation};
 
 /// A history the checks cannot work on. Histories read with [`History::read_from`] are already
 /// validated; this is for histories built in memory.
