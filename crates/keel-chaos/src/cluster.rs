@@ -183,7 +183,10 @@ impl Cluster {
                     .args(["--listen-peer-urls", &format!("http://{}", self.peer_addr(i))])
                     .args(["--initial-advertise-peer-urls", &format!("http://{}", self.peer_addr(i))])
                     .args(["--initial-cluster", &initial.join(",")])
-                    .args(["--initial-cluster-token", "keel-chaos", "--initial-cluster-state", "new"]);
+                    .args(["--initial-cluster-token", "keel-chaos", "--initial-cluster-state", "new"])
+                    // Progress notifications every 10 minutes by default: the watchers would never
+                    // see one in a run.
+                    .args(["--experimental-watch-progress-notify-interval", "1s"]);
             }
         }
         let child = cmd

@@ -1,8 +1,9 @@
 //! keel-chaos: Jepsen-style fault runs. Real `keeld` processes (or etcd's, to validate the harness
 //! against a known-good system), each in its own network namespace; concurrent clients on a few
-//! keys; a nemesis that kills, pauses, partitions and replaces nodes; then every history is checked
-//! for linearizability by `keel-check`, every acknowledged write looked for in the final state, and
-//! the replicas' states compared.
+//! keys, and watchers of those keys; a nemesis that kills, pauses, partitions and replaces nodes;
+//! then every history is checked for linearizability by `keel-check`, every acknowledged write
+//! looked for in the final state, the replicas' states compared, and what the watchers received
+//! checked against etcd's watch guarantees (`keel-check watch`).
 //!
 //! # Layout
 //!
@@ -10,6 +11,7 @@
 //! - [`proxy`]: the delaying proxy on every link between nodes (the latency fault)
 //! - [`cluster`]: the processes (keeld or etcd), their status, kill / pause / restart / replace
 //! - [`workload`]: the clients and the history they record
+//! - [`watchers`]: the watch streams and the watch history they record
 //! - [`nemesis`]: the faults and the healing
 //! - [`run`](mod@run): one run end to end, with its files (history, final state, faults, report)
 //! - [`suite`]: many runs, the summary, and the negative controls (planted bugs must be caught)
@@ -20,4 +22,5 @@ pub mod net;
 pub mod proxy;
 pub mod run;
 pub mod suite;
+pub mod watchers;
 pub mod workload;

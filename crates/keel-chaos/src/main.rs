@@ -2,7 +2,8 @@
 //!
 //! `keel-chaos run` one run; `keel-chaos suite` many (the short CI suite by default);
 //! `keel-chaos negative` a planted bug that must be caught. Exit codes: 0 all runs passed,
-//! 1 a run found a violation, lost write or diverged replicas (or a planted bug went unnoticed),
+//! 1 a run found a violation, lost write, diverged replicas or broken watch guarantee (or a planted
+//! bug went unnoticed),
 //! 2 the harness itself failed (bad flags, no root, a cluster that never came up).
 
 use std::io::Write as _;
@@ -17,6 +18,7 @@ use keel_chaos::cluster::System;
 use keel_chaos::nemesis::Nemesis;
 use keel_chaos::run::RunSpec;
 use keel_chaos::suite;
+use keel_chaos::suite::CaughtBy;
 use keel_chaos::suite::SuiteSpec;
 use keel_chaos::workload::Workload;
 
@@ -49,6 +51,10 @@ struct Common {
     /// Keys (registers).
     #[arg(long, global = true, default_value_t = 8)]
     keys: usize,
+    /// Watch streams over the keys beside the clients, their history checked against etcd's watch
+    /// guarantees (0: none).
+    #[arg(long, global = true, default_value_t = 4)]
+    watchers: usize,
     /// Requests per second over all clients.
     #[arg(long, global = true, default_value_t = 200)]
     rate: u32,
@@ -83,7 +89,7 @@ enum Cmd {
         nodes: usize,
         #[arg(long, value_enum, default_value_t = Nemesis::Mixed)]
         nemesis: Nemesis,
-        /// Planted bugs for keeld (debug builds): stale-reads, ack-before-fsync.
+        /// Planted bugs for keeld (debug builds): stale-reads, ack-before-fsync, watch-drop-event.
         #[arg(long)]
         faults: Option<String>,
     },
@@ -101,12 +107,15 @@ enum Cmd {
     },
     /// A planted bug the harness must catch within `--max-runs` runs (exit 0 if caught).
     Negative {
-        /// stale-reads (followers answer linearizable reads locally) or ack-before-fsync.
+        /// stale-reads (followers answer linearizable reads locally), ack-before-fsync, or
+        /// watch-drop-event (watch responses silently lose events; must be caught by the watch
+        /// check).
         #[arg(long)]
         fault: String,
         #[arg(long, default_value_t = 5)]
         max_runs: usize,
-        /// The nemesis [default: partition-leader for stale-reads, kill-all otherwise].
+        /// The nemesis [default: partition-leader for stale-reads, kill-leader for
+        /// watch-drop-event (watchers reconnect), kill-all otherwise].
         #[arg(long, value_enum)]
         nemesis: Option<Nemesis>,
     },
@@ -152,6 +161,7 @@ async fn main_async(flags: Flags) -> ExitCode {
         rate: c.rate.max(1),
         timeout: Duration::from_secs_f64(c.timeout.max(0.05)),
         seed,
+        watchers: c.watchers,
     };
     let suite_spec = |faults: Option<String>| SuiteSpec {
         system: system(faults),
@@ -177,10 +187,10 @@ async fn main_async(flags: Flags) -> ExitCode {
                 check_budget: Duration::from_secs(c.check_budget),
             };
             match keel_chaos::run::run(spec, &mut out).await {
-                Ok((result, report)) => {
+                Ok((result, report, watch)) => {
                     let _ = writeln!(out, "{result}");
                     if result.failed() {
-                        suite::explain(&report, &mut out);
+                        suite::explain(&report, watch.as_ref(), &mut out);
                         return ExitCode::from(1);
                     }
                     ExitCode::SUCCESS
@@ -204,12 +214,13 @@ async fn main_async(flags: Flags) -> ExitCode {
             };
             let summary = suite::run_suite(&suite_spec(None), &nodes, &nemeses, rounds, &mut out).await;
             println!(
-                "summary: {} runs, {} operations, {} unknown outcomes, {} violations, {} lost writes, {} runs with diverged replicas, {} undecided, {} harness errors",
+                "summary: {} runs, {} operations, {} unknown outcomes, {} violations, {} lost writes, {} watch violations, {} runs with diverged replicas, {} undecided, {} harness errors",
                 summary.runs,
                 summary.operations,
                 summary.unknown,
                 summary.violations,
                 summary.lost_writes,
+                summary.watch_violations,
                 summary.diverged_runs,
                 summary.undecided,
                 summary.errors
@@ -227,10 +238,16 @@ async fn main_async(flags: Flags) -> ExitCode {
             }
             let nemesis = nemesis.unwrap_or(match fault.as_str() {
                 "stale-reads" => Nemesis::PartitionLeader,
+                "watch-drop-event" => Nemesis::KillLeader,
                 _ => Nemesis::KillAll,
             });
-            match suite::negative_control(&suite_spec(Some(fault.clone())), nemesis, max_runs, &mut out).await
-            {
+            let by = CaughtBy::for_fault(&fault);
+            if by == CaughtBy::WatchCheck && c.watchers == 0 {
+                eprintln!("keel-chaos: {fault} can only be caught by watchers (--watchers > 0)");
+                return ExitCode::from(2);
+            }
+            let spec = suite_spec(Some(fault.clone()));
+            match suite::negative_control(&spec, nemesis, by, max_runs, &mut out).await {
                 Ok(Some(n)) => {
                     println!("negative control {fault}: caught in run {n} of at most {max_runs}");
                     ExitCode::SUCCESS

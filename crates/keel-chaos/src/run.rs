@@ -1,5 +1,6 @@
-//! One run: network, cluster, clients and nemesis for a while; then heal, wait for the nodes to
-//! agree, read every key from every node, and check the history.
+//! One run: network, cluster, clients, watchers and nemesis for a while; then heal, wait for the
+//! nodes to agree, read every key from every node, let the watchers catch up, and check both
+//! histories.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -12,6 +13,8 @@ use keel_check::History;
 use keel_check::KeyValues;
 use keel_check::Report;
 use keel_check::Verdict;
+use keel_check::WatchHistory;
+use keel_check::WatchReport;
 use rand::rngs::StdRng;
 use rand::Rng as _;
 use rand::SeedableRng as _;
@@ -24,9 +27,14 @@ use crate::nemesis;
 use crate::nemesis::Nemesis;
 use crate::nemesis::Schedule;
 use crate::net::Net;
+use crate::watchers::Watchers;
 use crate::workload;
 use crate::workload::Recorder;
 use crate::workload::Workload;
+
+/// How long the watchers get, once the cluster has converged, to observe the last revision of their
+/// range: plenty for a healthy member to send what it has already applied.
+const WATCH_CATCH_UP: Duration = Duration::from_secs(20);
 
 /// Everything that defines a run.
 #[derive(Debug, Clone)]
@@ -62,18 +70,25 @@ pub struct RunResult {
     /// Nodes whose state differed from the leader's once healed.
     pub diverged_nodes: usize,
     pub verdict: Verdict,
+    /// Watchers run beside the clients (0: no watch check).
+    pub watchers: usize,
+    /// Events delivered to them, over all watchers.
+    pub watch_events: usize,
+    /// Broken watch guarantees (`keel-check watch`).
+    pub watch_violations: usize,
     pub faults: Vec<String>,
     pub dir: PathBuf,
 }
 
 impl RunResult {
-    /// True if the run proves a bug: a violation, a lost write, diverged replicas, or a cluster
-    /// that did not converge once every fault was healed.
+    /// True if the run proves a bug: a violation, a lost write, diverged replicas, a cluster that
+    /// did not converge once every fault was healed, or a broken watch guarantee.
     pub fn failed(&self) -> bool {
         self.verdict == Verdict::NotLinearizable
             || self.lost_writes > 0
             || self.diverged_nodes > 0
             || !self.converged
+            || self.watch_violations > 0
     }
 }
 
@@ -90,7 +105,15 @@ impl std::fmt::Display for RunResult {
             self.lost_writes,
             self.diverged_nodes,
             if self.converged { "" } else { ", NOT CONVERGED" }
-        )
+        )?;
+        if self.watchers > 0 {
+            write!(
+                f,
+                "; watch: {} events to {} watchers, {} violations",
+                self.watch_events, self.watchers, self.watch_violations
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -106,9 +129,12 @@ pub enum RunError {
     Check(String),
 }
 
-/// Runs `spec` and checks its history. The report, history and final state are written to
-/// `spec.dir`; `log` gets progress lines.
-pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunResult, Report), RunError> {
+/// Runs `spec` and checks its histories. The reports, histories and final state are written to
+/// `spec.dir`; `log` gets progress lines. The watch report is `None` without watchers.
+pub async fn run(
+    spec: RunSpec,
+    log: &mut impl std::io::Write,
+) -> Result<(RunResult, Report, Option<WatchReport>), RunError> {
     std::fs::create_dir_all(&spec.dir)
         .map_err(|source| RunError::Io { what: format!("create {}", spec.dir.display()), source })?;
     let net = Net::create(spec.net_id, spec.nodes).map_err(ClusterError::from)?;
@@ -136,6 +162,16 @@ pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunRes
         stop_rx,
         recorder.clone(),
     ));
+    let mut watchers = (spec.workload.watchers > 0).then(|| {
+        Watchers::start(
+            spec.workload.watchers,
+            spec.workload.keys,
+            endpoints.clone(),
+            spec.workload.timeout,
+            epoch,
+            recorder.clone(),
+        )
+    });
 
     let mut rng = StdRng::seed_from_u64(spec.workload.seed);
     let mut faults = Vec::new();
@@ -197,6 +233,19 @@ pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunRes
         }
     }
     let final_state: KeyValues = reference.into_iter().collect::<BTreeMap<_, _>>();
+    if let Some(mut w) = watchers.take() {
+        // Healed and converged: every watcher must now catch up with its range. The end record
+        // makes the checker hold the laggards to it; without convergence nothing can be promised.
+        let end = match converged {
+            true => cluster.status(leader).await.map(|st| st.revision),
+            false => None,
+        };
+        let behind = w.catch_up(&endpoints[leader - 1], WATCH_CATCH_UP).await;
+        for (id, reached, target) in &behind {
+            let _ = writeln!(log, "  watcher {id} behind: observed up to revision {reached} of {target}");
+        }
+        w.stop(end).await;
+    }
     drop(cluster);
 
     let history = History { initial: KeyValues::new(), ops: recorder.take() };
@@ -214,6 +263,18 @@ pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunRes
         keel_check::check(&history, Some(&final_state), &CheckOptions::with_budget(spec.check_budget))
             .map_err(|e| RunError::Check(e.to_string()))?;
     write("report.json", &|f| serde_json::to_writer_pretty(f, &report).map_err(std::io::Error::other))?;
+    let watch_report = match spec.workload.watchers {
+        0 => None,
+        _ => {
+            let watch = WatchHistory { records: recorder.take_watch() };
+            write("watch.jsonl", &|f| watch.write_to(f).map_err(std::io::Error::other))?;
+            let report = keel_check::check_watch(&watch).map_err(|e| RunError::Check(e.to_string()))?;
+            write("watch-report.json", &|f| {
+                serde_json::to_writer_pretty(f, &report).map_err(std::io::Error::other)
+            })?;
+            Some(report)
+        }
+    };
     let result = RunResult {
         system: spec.system.name().to_string(),
         nemesis: spec.nemesis.name(),
@@ -227,8 +288,11 @@ pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunRes
         converged,
         diverged_nodes,
         verdict: report.verdict,
+        watchers: spec.workload.watchers,
+        watch_events: watch_report.as_ref().map_or(0, |r| r.summary.events),
+        watch_violations: watch_report.as_ref().map_or(0, |r| r.violations.len()),
         faults,
         dir: spec.dir.clone(),
     };
-    Ok((result, report))
+    Ok((result, report, watch_report))
 }

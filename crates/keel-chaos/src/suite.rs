@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_check::Report;
+use keel_check::WatchReport;
 
 use crate::cluster::System;
 use crate::nemesis::Nemesis;
@@ -51,6 +52,8 @@ pub struct Summary {
     pub unknown: usize,
     pub violations: usize,
     pub lost_writes: usize,
+    /// Broken watch guarantees, over all runs.
+    pub watch_violations: usize,
     /// Runs whose replicas differed or did not converge once healed.
     pub diverged_runs: usize,
     /// Runs whose check ran out of budget (neither proven nor refuted).
@@ -66,6 +69,7 @@ impl Summary {
         self.unknown += r.unknown;
         self.violations += usize::from(r.verdict == keel_check::Verdict::NotLinearizable);
         self.lost_writes += r.lost_writes;
+        self.watch_violations += r.watch_violations;
         self.diverged_runs += usize::from(r.diverged_nodes > 0 || !r.converged);
         self.undecided += usize::from(r.verdict == keel_check::Verdict::Unknown);
         if r.failed() {
@@ -78,8 +82,12 @@ impl Summary {
     }
 }
 
-/// Prints why a run failed: the cheap findings and the smallest failing key's history.
-pub fn explain(report: &Report, out: &mut impl std::io::Write) {
+/// How many watch violations [`explain`] prints (all are in the run's `watch-report.json`).
+const WATCH_VIOLATIONS_SHOWN: usize = 20;
+
+/// Prints why a run failed: the cheap findings, the smallest failing key's history, and the first
+/// broken watch guarantees.
+pub fn explain(report: &Report, watch: Option<&WatchReport>, out: &mut impl std::io::Write) {
     for p in &report.phantom_reads {
         let _ = writeln!(out, "  phantom read: {p:?}");
     }
@@ -91,6 +99,13 @@ pub fn explain(report: &Report, out: &mut impl std::io::Write) {
     }
     if let Some(v) = &report.linearizability.violation {
         let _ = writeln!(out, "{v}");
+    }
+    if let Some(watch) = watch.filter(|w| !w.violations.is_empty()) {
+        let counts: Vec<String> = watch.counts().iter().map(|(g, n)| format!("{g} {n}")).collect();
+        let _ = writeln!(out, "  watch violations: {}", counts.join(", "));
+        for v in watch.violations.iter().take(WATCH_VIOLATIONS_SHOWN) {
+            let _ = writeln!(out, "    {v}");
+        }
     }
 }
 
@@ -111,10 +126,10 @@ pub async fn run_suite(
                 let seed = spec.workload.seed.wrapping_add((round * 1000 + n) as u64);
                 let run_spec = spec.run_spec(n, nodes, nemesis, seed);
                 match run(run_spec.clone(), out).await {
-                    Ok((result, report)) => {
+                    Ok((result, report, watch)) => {
                         let _ = writeln!(out, "  => {result}");
                         if result.failed() {
-                            explain(&report, out);
+                            explain(&report, watch.as_ref(), out);
                             let _ = writeln!(out, "  files: {}", result.dir.display());
                         }
                         summary.add(&result);
@@ -138,20 +153,49 @@ fn write_summary(dir: &Path, summary: &Summary) -> std::io::Result<()> {
     serde_json::to_writer_pretty(f, summary).map_err(std::io::Error::other)
 }
 
-/// Runs with a planted bug until a run fails (the harness caught it) or `max_runs` pass. Returns
-/// the number of the run that caught it.
+/// Which check must catch a planted bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaughtBy {
+    /// Any finding of a run (linearizability, lost writes, diverged replicas, watches).
+    AnyCheck,
+    /// The watch checker: a run failing for another reason does not count.
+    WatchCheck,
+}
+
+impl CaughtBy {
+    /// The check that must catch the planted bug `fault` (`KEEL_FAULT_INJECTION`).
+    pub fn for_fault(fault: &str) -> CaughtBy {
+        match fault {
+            "watch-drop-event" => CaughtBy::WatchCheck,
+            _ => CaughtBy::AnyCheck,
+        }
+    }
+
+    fn caught(self, r: &RunResult) -> bool {
+        match self {
+            CaughtBy::AnyCheck => r.failed(),
+            CaughtBy::WatchCheck => r.watch_violations > 0,
+        }
+    }
+}
+
+/// Runs with a planted bug until `by` catches it or `max_runs` pass. Returns the number of the run
+/// that caught it.
 pub async fn negative_control(
     spec: &SuiteSpec,
     nemesis: Nemesis,
+    by: CaughtBy,
     max_runs: usize,
     out: &mut impl std::io::Write,
 ) -> Result<Option<usize>, RunError> {
     for n in 1..=max_runs {
         let run_spec = spec.run_spec(n, 3, nemesis, spec.workload.seed.wrapping_add(n as u64));
-        let (result, report) = run(run_spec, out).await?;
+        let (result, report, watch) = run(run_spec, out).await?;
         let _ = writeln!(out, "  => {result}");
         if result.failed() {
-            explain(&report, out);
+            explain(&report, watch.as_ref(), out);
+        }
+        if by.caught(&result) {
             return Ok(Some(n));
         }
     }

@@ -10,12 +10,20 @@
 //! - a read that errs or times out tells nothing and is recorded as rejected (dropped).
 //!
 //! Every written value is unique (`c<client>-<n>`), which the cheap checks need.
+//!
+//! Each put and cas is also recorded as a write of the watch history (with the revision the server
+//! answered, if it did), against which the watchers' events are checked.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use keel_check::watch::Revision;
+use keel_check::watch::WatchRecord;
+use keel_check::watch::WriteOp;
+use keel_check::watch::WriteRecord;
 use keel_check::Op;
+use keel_check::Outcome;
 use keel_kv::etcd::pb::etcdserverpb as rpc;
 use rand::rngs::StdRng;
 use rand::Rng as _;
@@ -40,6 +48,8 @@ pub struct Workload {
     /// How long one request may take before its outcome is unknown.
     pub timeout: Duration,
     pub seed: u64,
+    /// Watch streams beside the clients ([`crate::watchers`]); 0 for none.
+    pub watchers: usize,
 }
 
 /// The key names.
@@ -47,10 +57,12 @@ pub fn key(i: usize) -> String {
     format!("k{i}")
 }
 
-/// The recorded history, shared by the clients.
+/// The recorded histories, shared by the clients and the watchers: the register operations, and
+/// the watch history (the writes again, with their revisions, and every watch response).
 #[derive(Debug, Default)]
 pub struct Recorder {
     ops: Mutex<Vec<Op>>,
+    watch: Mutex<Vec<WatchRecord>>,
 }
 
 impl Recorder {
@@ -58,8 +70,32 @@ impl Recorder {
         self.ops.lock().expect("recorder lock poisoned by a panicking client").push(op);
     }
 
+    /// Records a write of `op` (a put or cas; a failed cas certainly wrote nothing) in the watch
+    /// history, and `op` itself.
+    fn push_write(&self, op: Op, revision: Option<Revision>) {
+        let write = WriteRecord {
+            client: op.client,
+            op: WriteOp::Put,
+            key: op.key.clone(),
+            value: op.value.clone(),
+            outcome: op.outcome,
+            revision: revision.filter(|_| op.outcome == Outcome::Ok),
+        };
+        self.push_watch(WatchRecord::Write(write));
+        self.push(op);
+    }
+
+    pub(crate) fn push_watch(&self, record: WatchRecord) {
+        self.watch.lock().expect("recorder lock poisoned by a panicking client").push(record);
+    }
+
     pub fn take(&self) -> Vec<Op> {
         std::mem::take(&mut *self.ops.lock().expect("recorder lock poisoned by a panicking client"))
+    }
+
+    /// The watch history so far, in the order recorded (each watcher's records in its own order).
+    pub fn take_watch(&self) -> Vec<WatchRecord> {
+        std::mem::take(&mut *self.watch.lock().expect("recorder lock poisoned by a panicking client"))
     }
 }
 
@@ -175,12 +211,13 @@ async fn put(
     let op = Op::write(id, key(k), value.clone(), micros(epoch));
     let req = rpc::PutRequest { key: key(k).into_bytes(), value: value.into_bytes(), ..Default::default() };
     match tokio::time::timeout(timeout, kv.put(req)).await {
-        Ok(Ok(_)) => {
-            recorder.push(op.ok(micros(epoch)));
+        Ok(Ok(resp)) => {
+            let revision = resp.into_inner().header.map(|h| h.revision);
+            recorder.push_write(op.ok(micros(epoch)), revision);
             true
         }
         _ => {
-            recorder.push(op.unknown());
+            recorder.push_write(op.unknown(), None);
             false
         }
     }
@@ -226,11 +263,14 @@ async fn cas(
     match tokio::time::timeout(timeout, kv.txn(req)).await {
         Ok(Ok(resp)) => {
             let done = micros(epoch);
-            recorder.push(if resp.into_inner().succeeded { op.ok(done) } else { op.fail(done) });
+            let resp = resp.into_inner();
+            // A Txn's header revision is its own when it wrote (the compare succeeded).
+            let revision = resp.header.map(|h| h.revision);
+            recorder.push_write(if resp.succeeded { op.ok(done) } else { op.fail(done) }, revision);
             true
         }
         _ => {
-            recorder.push(op.unknown());
+            recorder.push_write(op.unknown(), None);
             false
         }
     }

@@ -1,6 +1,8 @@
 //! The short fault suite CI runs: each nemesis for 30 s against 3 real keeld processes in network
 //! namespaces (root), one mixed run, the same workload against etcd (the harness must find no
 //! violation in a known-good system), and the negative controls (planted bugs must be caught).
+//! Every run also has its watchers (`--watchers`, 4 by default) checked against etcd's watch
+//! guarantees.
 //! Each test runs the `keel-chaos` binary and fails with its output, which names the failing
 //! history. Every test uses its own network id, so they can run in parallel.
 
@@ -134,4 +136,10 @@ fn negative_control_stale_reads_is_caught() {
 #[test]
 fn negative_control_ack_before_fsync_is_caught() {
     caught(23, "ack-before-fsync");
+}
+
+#[test]
+fn negative_control_watch_drop_event_is_caught() {
+    // Caught by the watch check only: `keel-chaos negative` does not count other findings.
+    caught(27, "watch-drop-event");
 }
