@@ -55,6 +55,10 @@ struct Common {
     /// guarantees (0: none).
     #[arg(long, global = true, default_value_t = 4)]
     watchers: usize,
+    /// Seconds between the progress notifications each watcher requests (0: none; they still ask
+    /// for the periodic ones).
+    #[arg(long, global = true, default_value_t = 0.0)]
+    watch_progress_every: f64,
     /// Requests per second over all clients.
     #[arg(long, global = true, default_value_t = 200)]
     rate: u32,
@@ -162,6 +166,8 @@ async fn main_async(flags: Flags) -> ExitCode {
         timeout: Duration::from_secs_f64(c.timeout.max(0.05)),
         seed,
         watchers: c.watchers,
+        watch_progress_every: (c.watch_progress_every > 0.0)
+            .then(|| Duration::from_secs_f64(c.watch_progress_every.max(0.01))),
     };
     let suite_spec = |faults: Option<String>| SuiteSpec {
         system: system(faults),

@@ -162,16 +162,8 @@ pub async fn run(
         stop_rx,
         recorder.clone(),
     ));
-    let mut watchers = (spec.workload.watchers > 0).then(|| {
-        Watchers::start(
-            spec.workload.watchers,
-            spec.workload.keys,
-            endpoints.clone(),
-            spec.workload.timeout,
-            epoch,
-            recorder.clone(),
-        )
-    });
+    let mut watchers = (spec.workload.watchers > 0)
+        .then(|| Watchers::start(&spec.workload, endpoints.clone(), epoch, recorder.clone()));
 
     let mut rng = StdRng::seed_from_u64(spec.workload.seed);
     let mut faults = Vec::new();

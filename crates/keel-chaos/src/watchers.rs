@@ -7,7 +7,8 @@
 //!
 //! Watchers differ in what they watch, so the filtered and prev_kv checks have work: by index
 //! modulo 4, the key prefix with prev_kv, the prefix without, one key with prev_kv, a range of keys
-//! without. All ask for progress notifications.
+//! without. All ask for progress notifications; with `watch_progress_every` they also request them
+//! (a `WatchProgressRequest`) that often.
 //!
 //! At the end of the run, once the cluster is healed, [`Watchers::catch_up`] gives each watcher a
 //! bounded time to observe everything in its range; the `end` record then tells the checker that
@@ -34,6 +35,7 @@ use tonic::transport::Endpoint;
 use crate::cluster::channel;
 use crate::workload::key;
 use crate::workload::Recorder;
+use crate::workload::Workload;
 
 /// How long to wait before reopening a stream, so that a dead member is not hammered; doubled
 /// after each stream that got no response at all (every member down), up to the maximum.
@@ -85,13 +87,11 @@ pub struct Watchers {
 }
 
 impl Watchers {
-    /// Starts `count` watchers over `keys` registers, watcher `i` first on member `i % n`.
+    /// Starts the workload's watchers over its keys, watcher `i` first on member `i % n`.
     /// Times are microseconds since `epoch`.
     pub fn start(
-        count: usize,
-        keys: usize,
+        workload: &Workload,
         endpoints: Vec<String>,
-        timeout: Duration,
         epoch: Instant,
         recorder: Arc<Recorder>,
     ) -> Watchers {
@@ -99,16 +99,17 @@ impl Watchers {
         let mut tasks = Vec::new();
         let mut ranges = Vec::new();
         let mut observed = Vec::new();
-        for i in 0..count {
+        for i in 0..workload.watchers {
             let id = i as u64;
-            let range = Range::of(id, keys);
+            let range = Range::of(id, workload.keys);
             let (seen_tx, seen_rx) = signal::channel(0);
             let w = Watcher {
                 id,
                 range: range.clone(),
                 endpoints: endpoints.clone(),
                 at: i % endpoints.len(),
-                timeout,
+                timeout: workload.timeout,
+                progress_every: workload.watch_progress_every,
                 epoch,
                 recorder: recorder.clone(),
                 next_start: 1,
@@ -183,6 +184,8 @@ struct Watcher {
     /// The member the next stream goes to.
     at: usize,
     timeout: Duration,
+    /// How often to ask the stream for a progress notification, if at all.
+    progress_every: Option<Duration>,
     epoch: Instant,
     recorder: Arc<Recorder>,
     /// The start revision of the next stream: one past everything observed.
@@ -262,11 +265,23 @@ impl Watcher {
             Ok(Err(status)) => return Ended::Broken(format!("open: {}", status.message())),
             Err(_) => return Ended::Broken("open: timed out".into()),
         };
-        let _requests = requests;
+        let mut progress = self.progress_every.map(|every| {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         loop {
             let message = tokio::select! {
                 m = responses.message() => m,
                 _ = stop.wait_for(|&s| s) => return Ended::Stopped,
+                _ = async { progress.as_mut()?.tick().await; Some(()) }, if progress.is_some() => {
+                    let ask = rpc::WatchRequest {
+                        request_union: Some(RequestUnion::ProgressRequest(rpc::WatchProgressRequest {})),
+                    };
+                    // A full queue already holds a request; a closed one means the stream is ending.
+                    let _ = requests.try_send(ask);
+                    continue;
+                }
             };
             match message {
                 Ok(Some(resp)) => {

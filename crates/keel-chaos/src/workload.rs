@@ -50,6 +50,8 @@ pub struct Workload {
     pub seed: u64,
     /// Watch streams beside the clients ([`crate::watchers`]); 0 for none.
     pub watchers: usize,
+    /// How often each watcher asks for a progress notification, if at all.
+    pub watch_progress_every: Option<Duration>,
 }
 
 /// The key names.
