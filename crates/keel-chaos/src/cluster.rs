@@ -165,6 +165,9 @@ impl Cluster {
                     Some(addr) => cmd.args(["--join", &addr]),
                     None => cmd.args(["--initial-cluster", &initial.join(",")]),
                 };
+                // Progress notifications every 10 minutes by default, as etcd: the watchers would
+                // never see one in a run.
+                cmd.args(["--watch-progress-notify-interval-ms", "1000"]);
                 cmd.env("RUST_LOG", "info");
                 match faults {
                     Some(f) => cmd.env("KEEL_FAULT_INJECTION", f),
