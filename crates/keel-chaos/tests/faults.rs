@@ -47,8 +47,11 @@ fn passes(net_id: u8, args: &[&str]) {
     assert!(text.contains("LINEARIZABLE"), "no verdict in the output:\n{text}");
 }
 
+/// Keel's watchers also request progress notifications, which must be held back until a watcher
+/// has caught up (the etcd run cannot: etcd 3.4.23 answers them at once, its bug #15220, which the
+/// watch check finds).
 fn keel_run(net_id: u8, nemesis: &str) {
-    passes(net_id, &["run", "--nemesis", nemesis]);
+    passes(net_id, &["run", "--nemesis", nemesis, "--watch-progress-every", "0.5"]);
 }
 
 #[test]

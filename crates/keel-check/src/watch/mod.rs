@@ -7,7 +7,7 @@
 //! start revision, filters, prev_kv) and every response it received; and, once the faults are
 //! healed and the watchers had time to catch up, the cluster's revision. [`check_watch`] then checks:
 //!
-//! - per watcher, across its reconnects ([`stream`](self)): **ordered** (revisions never go back),
+//! - per watcher, across its reconnects (`stream`): **ordered** (revisions never go back),
 //!   **unique** (no (revision, key) twice), **atomic** (a revision's events in one response),
 //!   **bookmarkable** (nothing at or below a progress notification's revision after it),
 //!   **resumable** (nothing before a stream's start revision), **filtered** (only keys in range,
