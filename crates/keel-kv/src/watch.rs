@@ -317,6 +317,16 @@ impl WatchHub {
         tx.try_send(Delivery::Progress { watch_id, revision: inner.revision }).is_ok()
     }
 
+    /// Every watcher as `(watch_id, next revision, synced)`, for diagnostics.
+    pub fn watchers(&self) -> Vec<(i64, i64, bool)> {
+        let inner = self.lock();
+        let synced = inner.synced.values().map(|w| (w.watch_id, w.next_rev, true));
+        let unsynced = inner.unsynced.values().map(|w| (w.watch_id, w.next_rev, false));
+        let mut all: Vec<_> = synced.chain(unsynced).collect();
+        all.sort_unstable();
+        all
+    }
+
     /// How many watchers are registered: (synced, unsynced).
     pub fn counts(&self) -> (usize, usize) {
         let inner = self.lock();
@@ -335,16 +345,27 @@ impl WatchHub {
             let woken = self.behind.notified();
             // From the furthest behind that can take a delivery now: one whose stream is not
             // reading must not hold the others back.
-            let from =
-                self.lock().unsynced.values().filter(|w| w.tx.capacity() > 0).map(|w| w.next_rev).min();
+            let (from, behind) = {
+                let inner = self.lock();
+                let ready = inner.unsynced.values().filter(|w| w.tx.capacity() > 0);
+                (ready.map(|w| w.next_rev).min(), !inner.unsynced.is_empty())
+            };
             let Some(from) = from else {
-                woken.await;
+                if behind {
+                    // Every watcher behind has a full channel: nothing tells when its stream
+                    // reads, so look again shortly.
+                    let _ = tokio::time::timeout(SYNC_RETRY, woken).await;
+                } else {
+                    woken.await;
+                }
                 continue;
             };
             let read = read.clone();
             let chunk = tokio::task::spawn_blocking(move || read(from, SYNC_CHUNK_EVENTS)).await;
             let progressed = match chunk {
-                Ok(Ok((revisions, last, compacted))) => self.deliver_history(&revisions, last, compacted),
+                Ok(Ok((revisions, last, compacted))) => {
+                    self.deliver_history(from, &revisions, last, compacted)
+                }
                 Ok(Err(e)) => {
                     tracing::warn!("watch: reading history failed (retrying): {e}");
                     false
@@ -360,9 +381,10 @@ impl WatchHub {
         }
     }
 
-    /// Gives each unsynced watcher its part of `revisions` (which cover every revision up to
-    /// `last` from the smallest next revision on); answers whether any watcher moved.
-    fn deliver_history(&self, revisions: &[Revision], last: i64, compacted: i64) -> bool {
+    /// Gives each unsynced watcher its part of `revisions` (which cover every revision from `from`
+    /// to `last`); answers whether any watcher moved. A watcher whose next revision is before
+    /// `from` (its channel was full when the chunk was chosen) waits for a chunk that covers it.
+    fn deliver_history(&self, from: i64, revisions: &[Revision], last: i64, compacted: i64) -> bool {
         let mut inner = self.lock();
         let inner = &mut *inner;
         inner.compacted = inner.compacted.max(compacted);
@@ -376,6 +398,9 @@ impl WatchHub {
                     done.push(*key);
                     moved = true;
                 }
+                continue;
+            }
+            if w.next_rev < from {
                 continue;
             }
             if w.next_rev > last {
@@ -463,7 +488,7 @@ mod tests {
         // History then brings revision 3 (and 4), and the watcher is synced again.
         let history = vec![rev(3), rev(4)];
         hub.publish(None, 4, 0);
-        assert!(hub.deliver_history(&history, 4, 0));
+        assert!(hub.deliver_history(3, &history, 4, 0));
         assert_eq!((1, 0), hub.counts());
         match rx.try_recv().expect("history delivered") {
             Delivery::Events { revision: 4, events, .. } => {
@@ -480,7 +505,7 @@ mod tests {
         hub.observe(10, CompactProgress { target: 5, physical: 5 });
         let (tx, mut rx) = mpsc::channel(4);
         let r = hub.watch(prefix("k"), 3, 1, tx);
-        assert!(hub.deliver_history(&[], 10, 5));
+        assert!(hub.deliver_history(3, &[], 10, 5));
         assert!(matches!(rx.try_recv(), Ok(Delivery::Compacted { watch_id: 1, compact_revision: 5 })));
         assert!(!hub.cancel(r.key), "already gone");
     }
