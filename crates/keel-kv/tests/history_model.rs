@@ -73,7 +73,7 @@ impl Model {
         let rev = self.revision() + 1;
         let mut now = before.clone();
         let mut touched: Vec<Vec<u8>> = Vec::new();
-        let mut put = |now: &mut BTreeMap<Vec<u8>, Meta>, touched: &mut Vec<Vec<u8>>, p: &Put| {
+        let put = |now: &mut BTreeMap<Vec<u8>, Meta>, touched: &mut Vec<Vec<u8>>, p: &Put| {
             let meta = match now.get(&p.key) {
                 Some(m) => {
                     Meta { create: m.create, modified: rev, version: m.version + 1, value: p.value.clone() }
@@ -268,7 +268,8 @@ fn check_watch(model: &Model, w: &OpenWatch) -> Result<(), TestCaseError> {
         .iter()
         .filter(|c| c.revision >= w.start && in_range(&c.key, &w.filter.key, &w.filter.range_end))
         .filter(|c| {
-            !(c.kind == EventKind::Put && w.spec.no_put) && !(c.kind == EventKind::Delete && w.spec.no_delete)
+            !((c.kind == EventKind::Put && w.spec.no_put)
+                || (c.kind == EventKind::Delete && w.spec.no_delete))
         })
         .collect();
     let flat: Vec<&Change> = got.deliveries.iter().flatten().collect();
