@@ -121,6 +121,8 @@ pub struct WatchHub {
     /// The compaction revision applied here, and how far this node has removed history below it
     /// (the compactor's progress; `Compact` with `physical` waits on it).
     compaction: tokio::sync::watch::Sender<CompactProgress>,
+    /// Set when the node stops serving: every watch stream ends.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for WatchHub {
@@ -131,6 +133,7 @@ impl Default for WatchHub {
             behind: Notify::new(),
             drop_events: AtomicBool::new(false),
             compaction: tokio::sync::watch::channel(CompactProgress { target: 0, physical: 0 }).0,
+            closed: tokio::sync::watch::channel(false).0,
         }
     }
 }
@@ -157,6 +160,19 @@ pub struct Registered {
 impl WatchHub {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("watch hub mutex poisoned by an earlier panic")
+    }
+
+    /// Ends every watch stream (the node is stopping): streams wait on [`closed`](Self::closed).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Completes once the node stops serving watches.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|c| *c).await;
+        }
     }
 
     /// Plants `watch-drop-event` (see `keel::faults`).
