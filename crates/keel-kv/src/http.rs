@@ -438,11 +438,17 @@ async fn watch(State(api): State<KvApi>, uri: Uri) -> Response {
             self.0.cancel(self.1);
         }
     }
+    let closed = hub.closed();
     let guard = Registration(hub, registered.key);
     let first = SseEvent::default().data(json!({"created": true, "revision": created}).to_string());
-    let events = futures_util::stream::unfold(Some((rx, guard)), move |state| async move {
-        let (mut rx, guard) = state?;
-        let message = match rx.recv().await? {
+    let events = futures_util::stream::unfold(Some((rx, guard, Box::pin(closed))), move |state| async move {
+        let (mut rx, guard, mut closed) = state?;
+        // The node stopping ends the stream (the client resumes elsewhere).
+        let delivery = tokio::select! {
+            d = rx.recv() => d?,
+            () = &mut closed => return None,
+        };
+        let message = match delivery {
             Delivery::Events { revision, events, .. } => {
                 let events: Vec<Value> = events.iter().map(|e| event_json(e, prev_kv)).collect();
                 json!({"revision": revision, "events": events})
@@ -455,7 +461,7 @@ async fn watch(State(api): State<KvApi>, uri: Uri) -> Response {
             }
             Delivery::Progress { revision, .. } => json!({"revision": revision, "events": []}),
         };
-        Some((Ok(SseEvent::default().data(message.to_string())), Some((rx, guard))))
+        Some((Ok(SseEvent::default().data(message.to_string())), Some((rx, guard, closed))))
     });
     let stream = futures_util::StreamExt::chain(
         futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(first) }),

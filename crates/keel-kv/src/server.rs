@@ -270,6 +270,8 @@ impl Server {
         let id = api.node.id();
         tracing::info!(id, "shutting down: stopping client ingress");
         let _ = stop_client.send(());
+        // Watch streams never finish on their own: end them now (clients resume elsewhere).
+        api.hub().close();
         // Requests in flight get a bounded time to finish.
         match tokio::time::timeout(Duration::from_secs(10), &mut client_server).await {
             Ok(Ok(())) => {}

@@ -121,6 +121,8 @@ pub struct WatchHub {
     /// The compaction revision applied here, and how far this node has removed history below it
     /// (the compactor's progress; `Compact` with `physical` waits on it).
     compaction: tokio::sync::watch::Sender<CompactProgress>,
+    /// Set when the node stops serving: every watch stream ends.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for WatchHub {
@@ -131,6 +133,7 @@ impl Default for WatchHub {
             behind: Notify::new(),
             drop_events: AtomicBool::new(false),
             compaction: tokio::sync::watch::channel(CompactProgress { target: 0, physical: 0 }).0,
+            closed: tokio::sync::watch::channel(false).0,
         }
     }
 }
@@ -157,6 +160,19 @@ pub struct Registered {
 impl WatchHub {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("watch hub mutex poisoned by an earlier panic")
+    }
+
+    /// Ends every watch stream (the node is stopping): streams wait on [`closed`](Self::closed).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Completes once the node stops serving watches.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.subscribe();
+        async move {
+            let _ = closed.wait_for(|c| *c).await;
+        }
     }
 
     /// Plants `watch-drop-event` (see `keel::faults`).
@@ -317,6 +333,16 @@ impl WatchHub {
         tx.try_send(Delivery::Progress { watch_id, revision: inner.revision }).is_ok()
     }
 
+    /// Every watcher as `(watch_id, next revision, synced)`, for diagnostics.
+    pub fn watchers(&self) -> Vec<(i64, i64, bool)> {
+        let inner = self.lock();
+        let synced = inner.synced.values().map(|w| (w.watch_id, w.next_rev, true));
+        let unsynced = inner.unsynced.values().map(|w| (w.watch_id, w.next_rev, false));
+        let mut all: Vec<_> = synced.chain(unsynced).collect();
+        all.sort_unstable();
+        all
+    }
+
     /// How many watchers are registered: (synced, unsynced).
     pub fn counts(&self) -> (usize, usize) {
         let inner = self.lock();
@@ -335,16 +361,27 @@ impl WatchHub {
             let woken = self.behind.notified();
             // From the furthest behind that can take a delivery now: one whose stream is not
             // reading must not hold the others back.
-            let from =
-                self.lock().unsynced.values().filter(|w| w.tx.capacity() > 0).map(|w| w.next_rev).min();
+            let (from, behind) = {
+                let inner = self.lock();
+                let ready = inner.unsynced.values().filter(|w| w.tx.capacity() > 0);
+                (ready.map(|w| w.next_rev).min(), !inner.unsynced.is_empty())
+            };
             let Some(from) = from else {
-                woken.await;
+                if behind {
+                    // Every watcher behind has a full channel: nothing tells when its stream
+                    // reads, so look again shortly.
+                    let _ = tokio::time::timeout(SYNC_RETRY, woken).await;
+                } else {
+                    woken.await;
+                }
                 continue;
             };
             let read = read.clone();
             let chunk = tokio::task::spawn_blocking(move || read(from, SYNC_CHUNK_EVENTS)).await;
             let progressed = match chunk {
-                Ok(Ok((revisions, last, compacted))) => self.deliver_history(&revisions, last, compacted),
+                Ok(Ok((revisions, last, compacted))) => {
+                    self.deliver_history(from, &revisions, last, compacted)
+                }
                 Ok(Err(e)) => {
                     tracing::warn!("watch: reading history failed (retrying): {e}");
                     false
@@ -360,9 +397,10 @@ impl WatchHub {
         }
     }
 
-    /// Gives each unsynced watcher its part of `revisions` (which cover every revision up to
-    /// `last` from the smallest next revision on); answers whether any watcher moved.
-    fn deliver_history(&self, revisions: &[Revision], last: i64, compacted: i64) -> bool {
+    /// Gives each unsynced watcher its part of `revisions` (which cover every revision from `from`
+    /// to `last`); answers whether any watcher moved. A watcher whose next revision is before
+    /// `from` (its channel was full when the chunk was chosen) waits for a chunk that covers it.
+    fn deliver_history(&self, from: i64, revisions: &[Revision], last: i64, compacted: i64) -> bool {
         let mut inner = self.lock();
         let inner = &mut *inner;
         inner.compacted = inner.compacted.max(compacted);
@@ -376,6 +414,9 @@ impl WatchHub {
                     done.push(*key);
                     moved = true;
                 }
+                continue;
+            }
+            if w.next_rev < from {
                 continue;
             }
             if w.next_rev > last {
@@ -463,7 +504,7 @@ mod tests {
         // History then brings revision 3 (and 4), and the watcher is synced again.
         let history = vec![rev(3), rev(4)];
         hub.publish(None, 4, 0);
-        assert!(hub.deliver_history(&history, 4, 0));
+        assert!(hub.deliver_history(3, &history, 4, 0));
         assert_eq!((1, 0), hub.counts());
         match rx.try_recv().expect("history delivered") {
             Delivery::Events { revision: 4, events, .. } => {
@@ -480,7 +521,7 @@ mod tests {
         hub.observe(10, CompactProgress { target: 5, physical: 5 });
         let (tx, mut rx) = mpsc::channel(4);
         let r = hub.watch(prefix("k"), 3, 1, tx);
-        assert!(hub.deliver_history(&[], 10, 5));
+        assert!(hub.deliver_history(3, &[], 10, 5));
         assert!(matches!(rx.try_recv(), Ok(Delivery::Compacted { watch_id: 1, compact_revision: 5 })));
         assert!(!hub.cancel(r.key), "already gone");
     }

@@ -91,6 +91,8 @@ impl Session {
         let every = self.svc.api.watch_progress_notify_interval;
         let mut notify = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut retry = tokio::time::interval(PROGRESS_RETRY);
+        let closed = self.svc.api.hub().closed();
+        tokio::pin!(closed);
         loop {
             let step = tokio::select! {
                 msg = inbound.message() => match msg {
@@ -107,6 +109,12 @@ impl Session {
                     Ok(())
                 }
                 _ = self.out.closed() => break,
+                () = &mut closed => {
+                    // As etcd when a member stops: the stream ends with an error, and the client
+                    // resumes on another member from the last revision it saw + 1.
+                    let _ = self.out.send(Err(Status::unavailable("etcdserver: server stopped"))).await;
+                    break;
+                }
             };
             if step.is_err() {
                 break;
