@@ -945,6 +945,88 @@ fn interactive_script(ctl: &Etcdctl, t: &Target, ep: &str, run: usize) {
     assert_eq!((Some(3), stdout, stderr), (code, out, err), "{name}: watch -i at {ep}, stdin closed");
 }
 
+/// `etcdctl watch -w json`: the responses themselves, ids aside (the header's cluster id, member
+/// id and raft term differ between the systems).
+fn json_script(ctl: &Etcdctl, t: &Target) {
+    let all = t.all.as_str();
+    let name = t.name;
+    let base = revision(ctl, all);
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    for (k, v) in [("j", "a"), ("j", "b")] {
+        assert_eq!("OK\n", ctl.ok(all, &["put", k, v]), "{name}");
+    }
+    assert_eq!("1\n", ctl.ok(all, &["del", "j"]), "{name}");
+    assert_eq!("SUCCESS\n\nOK\n\nOK\n", ctl.ok_with_input(all, &["txn"], "\nput j2 y\nput j1 x\n\n\n"));
+    let kv = |key: &str, value: &str, create: i64, modified: i64, version: i64| {
+        serde_json::json!({"key": b64(key), "create_revision": base + create, "mod_revision": base + modified,
+            "version": version, "value": b64(value)})
+    };
+    let deleted = serde_json::json!({"key": b64("j"), "mod_revision": base + 3});
+    let response = |events: Vec<serde_json::Value>| {
+        serde_json::json!({"Header": {"revision": base + 4}, "Events": events, "CompactRevision": 0,
+            "Canceled": false, "Created": false})
+    };
+    let replay = response(vec![
+        serde_json::json!({"kv": kv("j", "a", 1, 1, 1)}),
+        serde_json::json!({"kv": kv("j", "b", 1, 2, 2), "prev_kv": kv("j", "a", 1, 1, 1)}),
+        serde_json::json!({"type": 1, "kv": deleted, "prev_kv": kv("j", "b", 1, 2, 2)}),
+        serde_json::json!({"kv": kv("j2", "y", 4, 4, 1)}),
+        serde_json::json!({"kv": kv("j1", "x", 4, 4, 1)}),
+    ]);
+    let after_compaction = response(vec![
+        serde_json::json!({"kv": kv("j", "b", 1, 2, 2)}),
+        serde_json::json!({"type": 1, "kv": deleted, "prev_kv": kv("j", "b", 1, 2, 2)}),
+        serde_json::json!({"kv": kv("j2", "y", 4, 4, 1)}),
+        serde_json::json!({"kv": kv("j1", "x", 4, 4, 1)}),
+    ]);
+    let canceled = serde_json::json!({"Header": {}, "Events": [], "CompactRevision": base + 2,
+        "Canceled": true, "Created": false});
+
+    let rev = |n: i64| format!("--rev={}", base + n);
+    let watch_json = |ep: &str, args: &[&str]| -> serde_json::Value {
+        let w = ctl.spawn(ep, args);
+        let line = wait_until(&format!("{name}: etcdctl {args:?} prints a response"), || {
+            let out = w.stdout();
+            match out.split_once('\n') {
+                Some((line, _)) => Ok(line.to_string()),
+                None if w.closed() => panic!("{name}: etcdctl {args:?} exited: {out:?} {:?}", w.stderr()),
+                None => Err(out),
+            }
+        });
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let header = v["Header"].as_object_mut().unwrap_or_else(|| panic!("no header in {line}"));
+        for id in ["cluster_id", "member_id", "raft_term"] {
+            assert!(header.remove(id).is_some(), "{name}: no {id} in {line}");
+        }
+        let rest = w.stop();
+        assert_eq!(format!("{line}\n"), rest, "{name}: one response");
+        v
+    };
+    for ep in &t.watchers {
+        assert_eq!(
+            replay,
+            watch_json(ep, &["watch", &rev(1), "--prefix", "j", "--prev-kv", "-w", "json"]),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        format!("compacted revision {}\n", base + 2),
+        ctl.ok(all, &["compaction", &(base + 2).to_string()])
+    );
+    for m in &t.members {
+        assert_eq!(
+            (Some(1), COMPACTED.to_string()),
+            ctl.fails(m, &["get", "j", "--rev", &(base + 1).to_string()])
+        );
+    }
+    for ep in &t.watchers {
+        let args = ["watch", &rev(2), "--prefix", "j", "--prev-kv", "-w", "json"];
+        assert_eq!(after_compaction, watch_json(ep, &args), "{name}");
+        let args = ["watch", &rev(1), "--prefix", "j", "-w", "json"];
+        assert_eq!(canceled, watch_json(ep, &args), "{name}: the cancel for a compacted start");
+    }
+}
+
 #[test]
 fn watch_get_rev_and_compaction_as_etcd() {
     let ctl = Etcdctl::find();
@@ -971,4 +1053,15 @@ fn interactive_watch_as_etcd() {
     for (run, ep) in t.watchers.iter().enumerate() {
         interactive_script(&ctl, &t, ep, run);
     }
+}
+
+#[test]
+fn watch_json_output_as_etcd() {
+    let ctl = Etcdctl::find();
+    {
+        let e = Etcd::start(&[]);
+        json_script(&ctl, &Target::etcd(&e));
+    }
+    let c = Cluster::start();
+    json_script(&ctl, &Target::keel(&ctl, &c));
 }
