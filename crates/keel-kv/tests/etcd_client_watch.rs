@@ -298,6 +298,14 @@ async fn ids_filters_cancel_and_progress(s: &Sys) {
             (fresh, vec![ev(base + 5, "PUT", "f/c", "4", None), ev(base + 6, "DELETE", "f/c", "", None)]),
         ]);
         assert_eq!(expected, by_id, "{what}: the canceled watches see nothing");
+        // Ids are not used again on a stream: the next one the server picks is 2, not 0 or 1,
+        // which were canceled (a late event of the old watch would look like the new one's).
+        w.watch("f/", Some(prefix.clone())).await.expect("watch");
+        assert_eq!(
+            2,
+            created(&next(&mut w, &what).await, &what),
+            "{what}: a canceled watch's id is not reused"
+        );
         // The next round starts from the same keys: f/a and f/c are deleted, f/b goes too.
         drop(w);
         kv.delete("f/b", None).await.expect("delete");
