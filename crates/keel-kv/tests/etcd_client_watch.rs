@@ -647,6 +647,31 @@ async fn events_in_order_without_gaps_under_concurrent_writers() {
     }
 }
 
+/// Watchers on the leader and a follower that are not read while thousands of writes happen,
+/// then read with no more writes: every event arrives, in order (the server's fallback to
+/// history, without a later write to wake it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_that_does_not_read_gets_every_event_later() {
+    let (p, s) = start_keel();
+    let mut streams = Vec::new();
+    for ep in &s.watchers {
+        let what = format!("keeld at {ep}");
+        let mut c = connect(ep).await;
+        let mut w = c.watch("s/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+        let id = created(&next(&mut w, &what).await, &what);
+        streams.push((what, id, w));
+    }
+    // Not read while 4000 writes of 2 KiB happen: 8 MB of events, more than the stream's
+    // buffers and HTTP/2 windows hold, so the server has to fall back to reading history.
+    let written = write_concurrently(&p, "s/", 8, 4000, 2048).await;
+    let expected = expected_events(&written);
+    for (what, id, mut w) in streams {
+        let last = expected.last().expect("events").rev;
+        let got = read_events(&mut w, id, expected.len(), last, &what).await;
+        assert_same_events(&expected, &got, &what);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The HTTP watch: server-sent events
 // ---------------------------------------------------------------------------------------------
