@@ -672,6 +672,53 @@ async fn a_watcher_that_does_not_read_gets_every_event_later() {
     }
 }
 
+/// A watcher whose stream is not read falls behind; another stream's watcher then catches up
+/// from a later revision. Catching the second one up must not move the first one past the
+/// events it has not been given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_behind_is_not_moved_past_its_events_by_another_catching_up() {
+    let (p, s) = start_keel();
+    let ep = &s.watchers[1];
+    let what = format!("keeld at {ep}");
+    let mut c1 = connect(ep).await;
+    let mut slow = c1.watch("a/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+    let slow_id = created(&next(&mut slow, &what).await, &what);
+    let mut written = write_concurrently(&p, "a/", 8, 4000, 2048).await;
+    // Then writes the slow watcher does not want.
+    let mut kv = connect(&s.writer).await;
+    let first_b = kv.put("b/0", "0", None).await.expect("put").header().expect("header").revision();
+    for i in 1..10 {
+        kv.put(format!("b/{i}"), i.to_string(), None).await.expect("put");
+    }
+    // Another stream (its own connection) watches b/ from the first of them: history for it.
+    let mut c2 = connect(ep).await;
+    let opts = WatchOptions::new().with_prefix().with_start_revision(first_b);
+    let mut other = c2.watch("b/", Some(opts)).await.expect("watch");
+    let other_id = created(&next(&mut other, &what).await, &what);
+    let b = read_events(&mut other, other_id, 10, first_b + 9, &what).await;
+    assert_eq!((first_b, first_b + 9), (b[0].rev, b[9].rev), "{what}: the other watcher caught up");
+    let end = kv.put("a/end", "end", None).await.expect("put").header().expect("header").revision();
+    written.insert("a/end".into(), (end, "end".into()));
+    let expected = expected_events(&written);
+    // Writes outside a/ while the slow stream is read: a watcher that fell behind is caught up
+    // only when something is written (what the test above finds), and this test is about which
+    // events it gets, not when.
+    let nudge = tokio::spawn({
+        let ep = s.writer.clone();
+        async move {
+            let mut c = connect(&ep).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                c.put("nudge", "x", None).await.expect("put");
+            }
+        }
+    });
+    let got = read_events(&mut slow, slow_id, expected.len(), end, &what).await;
+    nudge.abort();
+    assert_same_events(&expected, &got, &what);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The HTTP watch: server-sent events
 // ---------------------------------------------------------------------------------------------
