@@ -710,13 +710,152 @@ async fn a_watcher_behind_is_not_moved_past_its_events_by_another_catching_up() 
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                c.put("nudge", "x", None).await.expect("put");
+                // Errors only mean the test is over and the cluster gone.
+                let _ = c.put("nudge", "x", None).await;
             }
         }
     });
     let got = read_events(&mut slow, slow_id, expected.len(), end, &what).await;
     nudge.abort();
     assert_same_events(&expected, &got, &what);
+}
+
+/// `n` puts of `{prefix}{i:06}`, `i` from `from` on, through `c`, one after another; a failed
+/// put is tried again until `DEADLINE` (a leader change is under way).
+async fn put_each(c: &mut Client, prefix: &str, from: usize, n: usize) -> Written {
+    let mut written = Written::new();
+    for i in from..from + n {
+        let key = format!("{prefix}{i:06}");
+        let start = Instant::now();
+        let rev = loop {
+            match c.put(key.clone(), i.to_string(), None).await {
+                Ok(r) => break r.header().expect("header").revision(),
+                Err(e) if start.elapsed() < DEADLINE => eprintln!("put {key}: {e}; again"),
+                Err(e) => panic!("put {key}: still failing after {DEADLINE:?}: {e}"),
+            }
+        };
+        written.insert(key, (rev, i.to_string()));
+    }
+    written
+}
+
+/// A watch on a follower goes on delivering, without a gap, when the leader is SIGKILLed and
+/// another is elected: each member serves watches from what it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_on_a_follower_goes_on_when_the_leader_dies() {
+    let mut p = Procs::start(3, 0, KEEL_CONFIG);
+    let leader = p.wait_leader(&ALL, DEADLINE);
+    let follower = ALL.into_iter().find(|id| *id != leader).expect("a follower");
+    let ep = format!("http://{}", p.client(follower));
+    let what = format!("keeld {follower} at {ep}");
+    let mut c = connect(&ep).await;
+    let mut w = c.watch("l/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+    let id = created(&next(&mut w, &what).await, &what);
+    // Written through the follower, which forwards to whichever member leads.
+    let mut written = put_each(&mut c, "l/", 0, 50).await;
+    p.kill(leader);
+    let survivors: Vec<u64> = ALL.into_iter().filter(|id| *id != leader).collect();
+    let new_leader = p.wait_leader(&survivors, DEADLINE);
+    assert_ne!(leader, new_leader);
+    written.extend(put_each(&mut c, "l/", 50, 50).await);
+    let expected = expected_events(&written);
+    let last = expected.last().expect("events").rev;
+    let got = read_events(&mut w, id, expected.len(), last, &what).await;
+    assert_same_events(&expected, &got, &what);
+}
+
+/// A member restarted on its data dir still has the history: a client whose watch broke with the
+/// member watches again from the revision after the last one it got, and misses nothing written
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_resumes_from_its_last_revision_after_the_member_restarts() {
+    let mut p = Procs::start(3, 0, KEEL_CONFIG);
+    let leader = p.wait_leader(&ALL, DEADLINE);
+    let follower = ALL.into_iter().find(|id| *id != leader).expect("a follower");
+    let ep = format!("http://{}", p.client(follower));
+    let what = format!("keeld {follower} at {ep}");
+    let mut kv = connect(&format!("http://{}", p.client(leader))).await;
+    let before = put_each(&mut kv, "r/", 0, 100).await;
+    let first = before.values().map(|(rev, _)| *rev).min().expect("writes");
+    let mut c = connect(&ep).await;
+    let opts = WatchOptions::new().with_prefix().with_start_revision(first);
+    let mut w = c.watch("r/", Some(opts)).await.expect("watch");
+    let id = created(&next(&mut w, &what).await, &what);
+    let expected = expected_events(&before);
+    let last = expected.last().expect("events").rev;
+    let got = read_events(&mut w, id, expected.len(), last, &what).await;
+    assert_same_events(&expected, &got, &what);
+
+    p.kill(follower);
+    match tokio::time::timeout(WAIT, w.message()).await {
+        Ok(Ok(None) | Err(_)) => {} // the stream ended with its member
+        other => panic!("{what}: the watch of a killed member: {other:?}"),
+    }
+    let during = put_each(&mut kv, "r/", 100, 100).await;
+    p.restart(follower);
+    p.wait_ready(follower);
+    let mut c = connect(&ep).await;
+    let opts = WatchOptions::new().with_prefix().with_start_revision(last + 1);
+    let mut w = c.watch("r/", Some(opts)).await.expect("watch again");
+    let id = created(&next(&mut w, &what).await, &what);
+    let expected = expected_events(&during);
+    let end = expected.last().expect("events").rev;
+    let got = read_events(&mut w, id, expected.len(), end, &what).await;
+    assert_same_events(&expected, &got, &what);
+    // And all of it from the first revision, after the restart.
+    let opts = WatchOptions::new().with_prefix().with_start_revision(first);
+    let mut w = c.watch("r/", Some(opts)).await.expect("watch from the start");
+    let id = created(&next(&mut w, &what).await, &what);
+    let mut all = before;
+    all.extend(during);
+    let expected = expected_events(&all);
+    let got = read_events(&mut w, id, expected.len(), end, &what).await;
+    assert_same_events(&expected, &got, &what);
+}
+
+/// `--auto-compaction-mode periodic --auto-compaction-retention 1s`: the leader compacts on its
+/// own to the revision of a second ago; a read or a watch from before it is refused with the
+/// compaction revision, on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn periodic_auto_compaction_cancels_a_watch_from_before_it() {
+    let mut p =
+        Procs::start(3, 0, "auto_compaction_mode = \"periodic\"\nauto_compaction_retention = \"1s\"\n");
+    let s = Sys::keel(&mut p);
+    let mut kv = connect(&s.writer).await;
+    let first = kv.put("ac/k", "1", None).await.expect("put").header().expect("header").revision();
+    let now = kv.put("ac/k", "2", None).await.expect("put").header().expect("header").revision();
+    let start = Instant::now();
+    loop {
+        match kv.get("ac/k", Some(GetOptions::new().with_revision(first))).await {
+            Err(e) => {
+                let (code_, msg) = code(e);
+                assert_eq!(
+                    (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+                    (code_, msg.as_str())
+                );
+                break;
+            }
+            Ok(_) => {
+                assert!(start.elapsed() < DEADLINE, "no automatic compaction past {first} in {DEADLINE:?}")
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // the poll interval of this wait
+    }
+    for ep in &s.watchers {
+        let what = format!("keeld at {ep}");
+        let mut c = connect(ep).await;
+        let old = c.get("ac/k", Some(GetOptions::new().with_revision(first))).await;
+        assert!(old.is_err(), "{what}: a read at {first} after the compaction: {old:?}");
+        let opts = WatchOptions::new().with_prefix().with_start_revision(first);
+        let mut w = c.watch("ac/", Some(opts)).await.expect("watch");
+        created(&next(&mut w, &what).await, &what);
+        let r = next(&mut w, &what).await;
+        let compacted = r.compact_revision();
+        assert!(r.canceled() && compacted > first && compacted <= now, "{what}: {r:?}");
+        let at = c.get("ac/k", Some(GetOptions::new().with_revision(compacted))).await.expect("read at it");
+        assert_eq!(1, at.kvs().len(), "{what}");
+        c.get("ac/k", Some(GetOptions::new().with_revision(compacted - 1))).await.expect_err("below it");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
