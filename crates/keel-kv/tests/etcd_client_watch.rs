@@ -419,6 +419,33 @@ async fn progress_notifications(s: &Sys) {
     }
 }
 
+/// A watch of an empty range (its end not after its key) is refused when created.
+async fn empty_range_refused(s: &Sys) {
+    let name = s.name;
+    for ep in &s.watchers {
+        let what = format!("{name} at {ep}");
+        let mut c = connect(ep).await;
+        let mut w = c.watch("z/b", Some(WatchOptions::new().with_range("z/a"))).await.expect("watch");
+        let r = next(&mut w, &what).await;
+        assert_eq!(
+            (true, true, -1, "mvcc: watcher range is empty"),
+            (r.created(), r.canceled(), r.watch_id(), r.cancel_reason()),
+            "{what}: {r:?}"
+        );
+        // The stream goes on.
+        w.watch("z/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+        assert_eq!(0, created(&next(&mut w, &what).await, &what), "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn empty_range_refused_as_etcd() {
+    let e = Etcd::start(&ETCD_FLAGS);
+    empty_range_refused(&Sys::etcd(&e)).await;
+    let (_p, s) = start_keel();
+    empty_range_refused(&s).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_then_live_as_etcd() {
     let e = Etcd::start(&ETCD_FLAGS);
