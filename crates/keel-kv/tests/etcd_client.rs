@@ -98,8 +98,11 @@ async fn kv_revisions_txn_and_errors_through_any_node() {
     );
 
     // Errors etcd clients know, and the node keeps serving after each.
+    let old = kv.get("a", Some(GetOptions::new().with_revision(r1))).await.expect("a read at a past revision");
+    assert_eq!(b"1", old.kvs()[0].value(), "history is kept until compacted");
+    kv.compact(r1 + 1, None).await.expect("compact");
     let (code_, msg) =
-        code(kv.get("a", Some(GetOptions::new().with_revision(1))).await.expect_err("old revision"));
+        code(kv.get("a", Some(GetOptions::new().with_revision(r1))).await.expect_err("old revision"));
     assert_eq!(tonic::Code::OutOfRange, code_);
     assert!(msg.contains("required revision has been compacted"), "{msg}");
     let (code_, msg) =
@@ -269,13 +272,13 @@ async fn malformed_protobuf_is_refused_and_the_node_keeps_serving() {
     grpc.ready().await.expect("ready");
     let status = grpc
         .unary::<Vec<u8>, Vec<u8>, _>(
-            tonic::Request::new(vec![]),
+            tonic::Request::new(vec![0x0a, 0xe8, 0x07, 0x01]),
             tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch"),
             RawCodec,
         )
         .await
-        .expect_err("not served");
-    assert_eq!(tonic::Code::Unimplemented, status.code(), "{status:?}");
+        .expect_err("garbage is refused");
+    assert_eq!(tonic::Code::Internal, status.code(), "a watch stream sent garbage: {status:?}");
     let mut kv = client(&c, 1).await;
     kv.put("after", "garbage", None).await.expect("the node still serves");
     c.shutdown().await;
