@@ -98,8 +98,12 @@ async fn kv_revisions_txn_and_errors_through_any_node() {
     );
 
     // Errors etcd clients know, and the node keeps serving after each.
+    let old =
+        kv.get("a", Some(GetOptions::new().with_revision(r1))).await.expect("a read at a past revision");
+    assert_eq!(b"1", old.kvs()[0].value(), "history is kept until compacted");
+    kv.compact(r1 + 1, None).await.expect("compact");
     let (code_, msg) =
-        code(kv.get("a", Some(GetOptions::new().with_revision(1))).await.expect_err("old revision"));
+        code(kv.get("a", Some(GetOptions::new().with_revision(r1))).await.expect_err("old revision"));
     assert_eq!(tonic::Code::OutOfRange, code_);
     assert!(msg.contains("required revision has been compacted"), "{msg}");
     let (code_, msg) =
@@ -266,16 +270,27 @@ async fn malformed_protobuf_is_refused_and_the_node_keeps_serving() {
         assert_eq!(tonic::Code::Internal, status.code(), "{method}: {status:?}");
         assert!(status.message().contains("decode"), "{method}: {}", status.message());
     }
+    // The same on a watch stream: the stream fails with the decoding error (as grpc-go fails
+    // etcd's), rather than ending as if the client had closed it.
     grpc.ready().await.expect("ready");
-    let status = grpc
-        .unary::<Vec<u8>, Vec<u8>, _>(
-            tonic::Request::new(vec![]),
+    let garbage = futures_util::stream::iter(vec![vec![0x0a, 0xe8, 0x07, 0x01]]);
+    let answer = grpc
+        .streaming::<_, Vec<u8>, Vec<u8>, _>(
+            tonic::Request::new(garbage),
             tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch"),
             RawCodec,
         )
-        .await
-        .expect_err("not served");
-    assert_eq!(tonic::Code::Unimplemented, status.code(), "{status:?}");
+        .await;
+    let status = match answer {
+        Err(status) => status,
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            let end = tokio::time::timeout(support::WAIT, stream.message()).await.expect("the stream ends");
+            end.expect_err("garbage on a watch stream is refused")
+        }
+    };
+    assert_eq!(tonic::Code::Internal, status.code(), "{status:?}");
+    assert!(status.message().contains("decode"), "{status:?}");
     let mut kv = client(&c, 1).await;
     kv.put("after", "garbage", None).await.expect("the node still serves");
     c.shutdown().await;

@@ -12,14 +12,21 @@ use std::net::SocketAddr;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Child;
+use std::process::ChildStdin;
 use std::process::Command;
 use std::process::Output;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
 use std::time::Duration;
 use std::time::Instant;
 
+mod procs;
+
 use keel_kv::api::cluster_id;
 use keel_kv::etcd::SERVER_VERSION;
+use procs::Etcd;
 
 /// How long a node may take to become ready, and a cluster change to show everywhere.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -176,30 +183,38 @@ impl Drop for Cluster {
     }
 }
 
+/// The file `name` in a directory of PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}
+
 /// Runs etcdctl (v3 API) with bounded dial and command timeouts.
 struct Etcdctl(PathBuf);
 
 impl Etcdctl {
     /// Finds `etcdctl` on PATH, or fails the test saying how to install it.
     fn find() -> Etcdctl {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path).map(|dir| dir.join("etcdctl")).find(|p| p.is_file()).map(Etcdctl).expect(
+        on_path("etcdctl").map(Etcdctl).expect(
             "etcdctl is not on PATH: this test runs the real etcdctl; install it with \
              `apt-get install etcd-client`",
         )
     }
 
-    fn run(&self, endpoints: &str, args: &[&str], stdin: &str) -> Output {
-        let mut child = Command::new(&self.0)
-            .env("ETCDCTL_API", "3")
+    fn command(&self, endpoints: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.0);
+        c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
             .args(["--dial-timeout=5s", "--command-timeout=10s"])
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start etcdctl");
+            .stderr(Stdio::piped());
+        c
+    }
+
+    fn run(&self, endpoints: &str, args: &[&str], stdin: &str) -> Output {
+        let mut child = self.command(endpoints, args).spawn().expect("start etcdctl");
         // Dropping stdin after the input closes it (etcdctl's txn reads until EOF). A write error
         // means etcdctl exited early; its output says why.
         let _ = child.stdin.take().expect("piped stdin").write_all(stdin.as_bytes());
@@ -417,4 +432,636 @@ fn cluster_commands() {
         "the removed member did not disturb the leader"
     );
     assert_eq!("OK\n", ctl.ok(&all, &["put", "after", "remove"]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch, reads at past revisions and compaction: one etcdctl script, run against etcd 3.4 first
+// (a single-member cluster) and then against keeld. Every expectation in the scripts is what
+// etcdctl printed for that command against Debian's etcd 3.4.23; running it against etcd first
+// checks that this is still so, and a failure then says which system printed what.
+// ---------------------------------------------------------------------------------------------
+
+/// A system a script runs against.
+struct Target {
+    name: &'static str,
+    /// Every member, as one `--endpoints` list (writes, compactions).
+    all: String,
+    /// Every member alone (the reads that must see a compaction).
+    members: Vec<String>,
+    /// The members the watches run on, each its own: keeld's leader and a follower; etcd's one
+    /// member twice, so that both systems run the very same commands.
+    watchers: Vec<String>,
+}
+
+impl Target {
+    fn etcd(e: &Etcd) -> Target {
+        let ep = e.client.clone();
+        Target { name: "etcd", all: ep.clone(), members: vec![ep.clone()], watchers: vec![ep.clone(), ep] }
+    }
+
+    fn keel(ctl: &Etcdctl, c: &Cluster) -> Target {
+        let all = c.endpoints();
+        let leader = the_leader(&endpoint_status(ctl, &all));
+        let addr = |id: u64| c.nodes.iter().find(|n| n.id == id).expect("a member").client.to_string();
+        let follower = c.nodes.iter().map(|n| n.id).find(|id| *id != leader).expect("a follower");
+        Target {
+            name: "keeld",
+            all,
+            members: c.nodes.iter().map(|n| n.client.to_string()).collect(),
+            watchers: vec![addr(leader), addr(follower)],
+        }
+    }
+}
+
+/// What a pipe of a running etcdctl has delivered so far.
+#[derive(Default)]
+struct Pipe {
+    bytes: Vec<u8>,
+    /// The pipe reached its end: the process has exited (or closed it).
+    closed: bool,
+}
+
+/// Copies `from` into a shared [`Pipe`] as it arrives, on a thread of its own.
+fn collect(mut from: impl Read + Send + 'static) -> (Arc<Mutex<Pipe>>, JoinHandle<()>) {
+    let pipe = Arc::new(Mutex::new(Pipe::default()));
+    let to = pipe.clone();
+    let reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = from.read(&mut chunk).unwrap_or(0);
+            let mut p = to.lock().expect("pipe lock");
+            if n == 0 {
+                p.closed = true;
+                return;
+            }
+            p.bytes.extend_from_slice(&chunk[..n]);
+        }
+    });
+    (pipe, reader)
+}
+
+/// An etcdctl that runs until it is stopped (a watch), its output collected as it comes.
+/// Dropping it kills it.
+struct Running {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<Pipe>>,
+    err: Arc<Mutex<Pipe>>,
+    readers: Vec<JoinHandle<()>>,
+    /// Bytes of stdout a probe took: later expectations are on what follows them.
+    taken: usize,
+}
+
+impl Etcdctl {
+    fn spawn(&self, endpoint: &str, args: &[&str]) -> Running {
+        let mut child = self.command(endpoint, args).spawn().expect("start etcdctl");
+        let (out, r1) = collect(child.stdout.take().expect("piped stdout"));
+        let (err, r2) = collect(child.stderr.take().expect("piped stderr"));
+        let stdin = child.stdin.take();
+        Running {
+            what: format!("etcdctl {args:?} at {endpoint}"),
+            child,
+            stdin,
+            out,
+            err,
+            readers: vec![r1, r2],
+            taken: 0,
+        }
+    }
+
+    /// Runs a command that must fail: its exit code and the last line it printed on stderr
+    /// (etcdctl logs a JSON line with a timestamp before its `Error: ...` line).
+    fn fails(&self, endpoints: &str, args: &[&str]) -> (Option<i32>, String) {
+        let out = self.run(endpoints, args, "");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "etcdctl {args:?} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (out.status.code(), stderr.lines().last().unwrap_or_default().to_string())
+    }
+}
+
+impl Running {
+    /// What it printed on stdout after what the probes took.
+    fn stdout(&self) -> String {
+        let p = self.out.lock().expect("pipe lock");
+        String::from_utf8_lossy(&p.bytes[self.taken.min(p.bytes.len())..]).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().expect("pipe lock").bytes).into_owned()
+    }
+
+    fn closed(&self) -> bool {
+        self.out.lock().expect("pipe lock").closed && self.err.lock().expect("pipe lock").closed
+    }
+
+    /// Writes one line of input (interactive mode's commands).
+    fn input(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}").unwrap_or_else(|e| panic!("{}: write {line:?}: {e}", self.what));
+    }
+
+    /// Waits until stdout (after the probes) is exactly `expected`. Fails at once when it is
+    /// anything `expected` does not begin with, or when the process has exited without printing
+    /// all of it.
+    #[track_caller]
+    fn expect_stdout(&self, expected: &str) {
+        self.expect(expected, "stdout", Running::stdout);
+    }
+
+    /// As [`expect_stdout`](Self::expect_stdout), for everything on stderr.
+    #[track_caller]
+    fn expect_stderr(&self, expected: &str) {
+        self.expect(expected, "stderr", Running::stderr);
+    }
+
+    #[track_caller]
+    fn expect(&self, expected: &str, which: &str, printed: fn(&Running) -> String) {
+        wait_until(&format!("{} prints {expected:?} on {which}", self.what), || {
+            let closed = self.closed();
+            let now = printed(self);
+            if now == expected {
+                return Ok(());
+            }
+            if !expected.starts_with(&now) || closed {
+                panic!(
+                    "{}: {which} is {now:?}, expected {expected:?}{}\nstdout: {:?}\nstderr: {:?}",
+                    self.what,
+                    if closed { " (it has exited)" } else { "" },
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            Err(now)
+        });
+    }
+
+    /// Closes stdin and waits for the process to exit (and its pipes to close): its exit code,
+    /// stdout (after the probes) and stderr.
+    fn finish(mut self) -> (Option<i32>, String, String) {
+        drop(self.stdin.take());
+        let status = wait_until(&format!("{} exits", self.what), || {
+            match self.child.try_wait().map_err(|e| e.to_string())? {
+                Some(status) if self.closed() => Ok(status),
+                _ => Err(format!("stdout {:?}, stderr {:?}", self.stdout(), self.stderr())),
+            }
+        });
+        (status.code(), self.stdout(), self.stderr())
+    }
+
+    /// Kills it; what it printed on stdout (after the probes).
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for r in self.readers.drain(..) {
+            r.join().expect("a pipe reader panicked");
+        }
+        self.stdout()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How a watch started without `--rev` (from "now") is shown to be in place: etcdctl prints
+/// nothing when the server has created it, so a probe writes until the watch prints the write.
+#[derive(Clone)]
+enum Probe {
+    /// Puts this key with the values `probe-1`, `probe-2`, ...
+    Key(String),
+    /// Puts a new key each round, this prefix and the round (for a watch with `--prev-kv`).
+    Fresh(String),
+}
+
+impl Probe {
+    /// Round `n`'s write: (key, value).
+    fn write(&self, n: usize) -> (String, String) {
+        match self {
+            Probe::Key(k) => (k.clone(), format!("probe-{n}")),
+            Probe::Fresh(p) => (format!("{p}{n}"), "probe".to_string()),
+        }
+    }
+
+    /// What a watch prints for rounds `from..=to`.
+    fn printed(&self, from: usize, to: usize) -> String {
+        (from..=to).map(|n| self.write(n)).map(|(k, v)| format!("PUT\n{k}\n{v}\n")).collect()
+    }
+}
+
+/// How long one probe round waits for a watch that has printed nothing before it writes again.
+const PROBE_ROUND: Duration = Duration::from_millis(500);
+
+/// Waits until every watch (started without `--rev`) is in place, by writing each one's probe
+/// round after round until each has printed the newest round; then sets what they printed
+/// aside. A watch prints every round from the first one after it was created, in order, and
+/// nothing else: anything else fails the test.
+fn probe(ctl: &Etcdctl, all: &str, watches: &mut [(&mut Running, Probe)]) {
+    let start = Instant::now();
+    let mut round = 0;
+    loop {
+        round += 1;
+        let mut writes: Vec<(String, String)> = watches.iter().map(|(_, p)| p.write(round)).collect();
+        writes.sort();
+        writes.dedup();
+        for (k, v) in &writes {
+            assert_eq!("OK\n", ctl.ok(all, &["put", k, v]), "probe put {k}");
+        }
+        let round_start = Instant::now();
+        loop {
+            // Per watch: None (nothing yet), Some(false) (some rounds, not yet this one), Some(true).
+            let states: Vec<Option<bool>> = watches
+                .iter()
+                .map(|(w, p)| {
+                    let out = w.stdout();
+                    if out.is_empty() {
+                        return None;
+                    }
+                    if (1..=round).any(|from| p.printed(from, round) == out) {
+                        return Some(true);
+                    }
+                    if (1..=round).any(|from| p.printed(from, round).starts_with(&out)) {
+                        return Some(false);
+                    }
+                    panic!("{}: a probed watch printed {out:?}; stderr {:?}", w.what, w.stderr())
+                })
+                .collect();
+            if states.iter().all(|s| *s == Some(true)) {
+                for (w, _) in watches.iter_mut() {
+                    w.taken += w.stdout().len();
+                }
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "watches still not in place after {DEADLINE:?}: {states:?}");
+            let waiting = states.contains(&Some(false));
+            if !waiting && round_start.elapsed() > PROBE_ROUND {
+                break; // a watch not in place yet: write again
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// The store's revision now (`get -w json`'s header).
+fn revision(ctl: &Etcdctl, all: &str) -> i64 {
+    let out = ctl.ok(all, &["get", "revision-of-the-store", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["header"]["revision"].as_i64().unwrap_or_else(|| panic!("no header revision in {out}"))
+}
+
+const COMPACTED: &str = "Error: etcdserver: mvcc: required revision has been compacted";
+const FUTURE: &str = "Error: etcdserver: mvcc: required revision is a future revision";
+/// What `etcdctl watch --rev R` prints on stderr for an R below the compaction, and its exit code.
+const WATCH_COMPACTED: &str = "watch was canceled (etcdserver: mvcc: required revision has been compacted)\n\
+                               Error: watch is canceled by the server\n";
+const WATCH_CANCELED_EXIT: Option<i32> = Some(5);
+
+/// Runs a watch that the server cancels at once (its start revision is compacted): it prints
+/// nothing on stdout and etcd's two lines on stderr, and exits with 5.
+#[track_caller]
+fn watch_is_compacted(ctl: &Etcdctl, t: &Target, ep: &str, args: &[&str]) {
+    let w = ctl.spawn(ep, args);
+    w.expect_stderr(WATCH_COMPACTED);
+    let (code, out, err) = w.finish();
+    assert_eq!(
+        (WATCH_CANCELED_EXIT, "", WATCH_COMPACTED),
+        (code, out.as_str(), err.as_str()),
+        "{}: etcdctl {args:?} at {ep}",
+        t.name
+    );
+}
+
+/// `etcdctl watch` (a key, a prefix with `--prev-kv`, a range, `--rev`, an exec command),
+/// `get --rev` and `compaction [--physical]`, with the reads and watches below a compaction.
+fn watch_script(ctl: &Etcdctl, t: &Target) {
+    let all = t.all.as_str();
+    let name = t.name;
+    let put = |k: &str, v: &str| assert_eq!("OK\n", ctl.ok(all, &["put", k, v]), "{name}: put {k} {v}");
+    let del = |k: &str| assert_eq!("1\n", ctl.ok(all, &["del", k]), "{name}: del {k}");
+    let spawn_all =
+        |args: &[&str]| -> Vec<Running> { t.watchers.iter().map(|ep| ctl.spawn(ep, args)).collect() };
+
+    // Watches from now, on each watching member: a key, a prefix with prev_kv, the range [b, d).
+    let mut key_w = spawn_all(&["watch", "k"]);
+    let mut prefix_w = spawn_all(&["watch", "--prefix", "p", "--prev-kv"]);
+    let mut range_w = spawn_all(&["watch", "b", "d"]);
+    let mut probes: Vec<(&mut Running, Probe)> = Vec::new();
+    probes.extend(key_w.iter_mut().map(|w| (w, Probe::Key("k".into()))));
+    probes.extend(prefix_w.iter_mut().map(|w| (w, Probe::Fresh("p/probe-".into()))));
+    probes.extend(range_w.iter_mut().map(|w| (w, Probe::Key("b".into()))));
+    probe(ctl, all, &mut probes);
+
+    let base = revision(ctl, all);
+    let r = |n: i64| (base + n).to_string();
+    put("k", "v1"); // base + 1
+    put("k", "v2"); // 2
+    put("p/a", "1"); // 3
+    put("p/a", "2"); // 4
+    del("k"); // 5
+    del("p/a"); // 6
+    put("c", "3"); // 7
+    put("d", "4"); // 8
+                   // 9: one revision, two keys, written out of key order: events come in the order written.
+    assert_eq!("SUCCESS\n\nOK\n\nOK\n", ctl.ok_with_input(all, &["txn"], "\nput p/y 2\nput p/x 1\n\n\n"));
+    put("q", "x"); // 10
+                   // 11..=13: the last write each watch sees, so that nothing unexpected came before it.
+    put("k", "end");
+    put("p/z", "end");
+    put("b", "end");
+
+    let key_events = "PUT\nk\nv1\nPUT\nk\nv2\nDELETE\nk\n\nPUT\nk\nend\n";
+    let prefix_events = "PUT\np/a\n1\nPUT\np/a\n1\np/a\n2\nDELETE\np/a\n2\np/a\n\n\
+                         PUT\np/y\n2\nPUT\np/x\n1\nPUT\np/z\nend\n";
+    let range_events = "PUT\nc\n3\nPUT\nb\nend\n";
+    for (ws, expected) in [(key_w, key_events), (prefix_w, prefix_events), (range_w, range_events)] {
+        for w in ws {
+            w.expect_stdout(expected);
+            assert_eq!(expected, w.stop(), "{name}: nothing after the last write");
+        }
+    }
+
+    // Watches from a past revision replay history, then go on live.
+    let everything = "PUT\nk\nv1\nPUT\nk\nv2\nPUT\np/a\n1\nPUT\np/a\n2\nDELETE\nk\n\nDELETE\np/a\n\n\
+                      PUT\nc\n3\nPUT\nd\n4\nPUT\np/y\n2\nPUT\np/x\n1\nPUT\nq\nx\n\
+                      PUT\nk\nend\nPUT\np/z\nend\nPUT\nb\nend\n";
+    // An exec command runs once per event, after the response's events are printed; a replay
+    // is one response, whose header has the store's revision.
+    let exec = [
+        "sh",
+        "-c",
+        "echo \"$ETCD_WATCH_REVISION $ETCD_WATCH_EVENT_TYPE $ETCD_WATCH_KEY $ETCD_WATCH_VALUE\"",
+    ];
+    let rev1 = format!("--rev={}", r(1));
+    let mut exec_args = vec!["watch", rev1.as_str(), "--prefix", "p/"];
+    exec_args.push("--");
+    exec_args.extend(exec);
+    let now = r(13);
+    let exec_printed = format!(
+        "PUT\np/a\n1\nPUT\np/a\n2\nDELETE\np/a\n\nPUT\np/y\n2\nPUT\np/x\n1\nPUT\np/z\nend\n\
+         {now} \"PUT\" \"p/a\" \"1\"\n{now} \"PUT\" \"p/a\" \"2\"\n{now} \"DELETE\" \"p/a\" \"\"\n\
+         {now} \"PUT\" \"p/y\" \"2\"\n{now} \"PUT\" \"p/x\" \"1\"\n{now} \"PUT\" \"p/z\" \"end\"\n"
+    );
+    let replay_key = spawn_all(&["watch", &rev1, "k"]);
+    let replay_all = spawn_all(&["watch", &rev1, "--prefix", ""]);
+    let replay_exec = spawn_all(&exec_args);
+    for w in &replay_key {
+        w.expect_stdout(key_events);
+    }
+    for w in &replay_all {
+        w.expect_stdout(everything);
+    }
+    for w in &replay_exec {
+        w.expect_stdout(&exec_printed);
+    }
+    put("k", "last"); // 14
+    for w in replay_key {
+        w.expect_stdout(&format!("{key_events}PUT\nk\nlast\n"));
+        w.stop();
+    }
+    for w in replay_all {
+        w.expect_stdout(&format!("{everything}PUT\nk\nlast\n"));
+        w.stop();
+    }
+    for w in replay_exec {
+        assert_eq!(exec_printed, w.stop(), "{name}: a watch on p/ sees nothing of k");
+    }
+
+    // Reads at past revisions.
+    assert_eq!("k\nv1\n", ctl.ok(all, &["get", "k", "--rev", &r(1)]), "{name}");
+    assert_eq!("k\nv2\n", ctl.ok(all, &["get", "k", "--rev", &r(4)]), "{name}");
+    assert_eq!("", ctl.ok(all, &["get", "k", "--rev", &r(5)]), "{name}: deleted at that revision");
+    assert_eq!("p/a\n2\n", ctl.ok(all, &["get", "p/a", "--rev", &r(4)]), "{name}");
+    assert_eq!("", ctl.ok(all, &["get", "p/q", "p/z", "--rev", &r(8)]), "{name}");
+    assert_eq!("p/x\n1\np/y\n2\n", ctl.ok(all, &["get", "p/q", "p/z", "--rev", &r(9)]), "{name}");
+    assert_eq!("p/a\n\n", ctl.ok(all, &["get", "p/a", "--rev", &r(3), "--keys-only"]), "{name}");
+    assert_eq!((Some(1), FUTURE.to_string()), ctl.fails(all, &["get", "k", "--rev", &r(100)]), "{name}");
+
+    // Compaction at base + 4 (a put that replaced an older version of p/a).
+    assert_eq!(format!("compacted revision {}\n", r(4)), ctl.ok(all, &["compaction", &r(4)]), "{name}");
+    for m in &t.members {
+        // Linearizable: also makes sure this member has applied the compaction.
+        assert_eq!(
+            (Some(1), COMPACTED.to_string()),
+            ctl.fails(m, &["get", "k", "--rev", &r(3)]),
+            "{name}: {m}"
+        );
+        assert_eq!("k\nv2\n", ctl.ok(m, &["get", "k", "--rev", &r(4)]), "{name}: {m}");
+        assert_eq!("p/a\n2\n", ctl.ok(m, &["get", "p/a", "--rev", &r(4)]), "{name}: {m}");
+    }
+    for ep in &t.watchers {
+        watch_is_compacted(ctl, t, ep, &["watch", "--rev", &r(3), "k"]);
+        watch_is_compacted(ctl, t, ep, &["watch", "--rev", &r(1), "--prefix", ""]);
+        // From the compaction revision on is still there; the event at it has no prev_kv (the
+        // version it replaced is compacted), later ones do.
+        let w = ctl.spawn(ep, &["watch", "--rev", &r(4), "--prefix", "p", "--prev-kv"]);
+        w.expect_stdout("PUT\np/a\n2\nDELETE\np/a\n2\np/a\n\nPUT\np/y\n2\nPUT\np/x\n1\nPUT\np/z\nend\n");
+        w.stop();
+        let w = ctl.spawn(ep, &["watch", "--rev", &r(4), "k"]);
+        w.expect_stdout("DELETE\nk\n\nPUT\nk\nend\nPUT\nk\nlast\n");
+        w.stop();
+    }
+
+    // A physical compaction at base + 10; compacting again, or past the store, fails.
+    assert_eq!(
+        format!("compacted revision {}\n", r(10)),
+        ctl.ok(all, &["compaction", "--physical", &r(10)]),
+        "{name}"
+    );
+    assert_eq!((Some(1), COMPACTED.to_string()), ctl.fails(all, &["compaction", &r(10)]), "{name}");
+    assert_eq!((Some(1), COMPACTED.to_string()), ctl.fails(all, &["compaction", &r(6)]), "{name}");
+    assert_eq!((Some(1), FUTURE.to_string()), ctl.fails(all, &["compaction", &r(100)]), "{name}");
+    for m in &t.members {
+        assert_eq!(
+            (Some(1), COMPACTED.to_string()),
+            ctl.fails(m, &["get", "k", "--rev", &r(9)]),
+            "{name}: {m}"
+        );
+        assert_eq!("q\nx\n", ctl.ok(m, &["get", "q", "--rev", &r(10)]), "{name}: {m}");
+    }
+    for ep in &t.watchers {
+        watch_is_compacted(ctl, t, ep, &["watch", "--rev", &r(9), "--prefix", "p"]);
+        let w = ctl.spawn(ep, &["watch", "--rev", &r(10), "--prefix", ""]);
+        w.expect_stdout("PUT\nq\nx\nPUT\nk\nend\nPUT\np/z\nend\nPUT\nb\nend\nPUT\nk\nlast\n");
+        w.stop();
+    }
+    // A watch from a revision still to come sees nothing before it.
+    let future = spawn_all(&["watch", "--rev", &r(16), "--prefix", "f"]);
+    put("f/1", "not seen"); // 15
+    put("f/2", "seen"); // 16
+    for w in future {
+        w.expect_stdout("PUT\nf/2\nseen\n");
+        w.stop();
+    }
+}
+
+/// `etcdctl watch -i`: watch commands read from stdin, each its own watch on one stream; a bad
+/// command is reported and skipped; a watch below the compaction is canceled and the others go
+/// on; the end of input ends etcdctl. (etcdctl 3.4's interactive mode has no cancel command.)
+fn interactive_script(ctl: &Etcdctl, t: &Target, ep: &str, run: usize) {
+    let all = t.all.as_str();
+    let name = t.name;
+    let put = |k: &str, v: &str| assert_eq!("OK\n", ctl.ok(all, &["put", k, v]), "{name}: put {k} {v}");
+    let mut w = ctl.spawn(ep, &["watch", "-i"]);
+    w.input("watch k");
+    probe(ctl, all, &mut [(&mut w, Probe::Key("k".into()))]);
+    w.input("watch --prefix p --prev-kv");
+    probe(ctl, all, &mut [(&mut w, Probe::Fresh(format!("p/probe-{run}-")))]);
+    w.input("bogus k");
+    w.input("watch");
+    let mut stderr = "Invalid command bogus k (only support watch)\n\
+                      Invalid command watch (command type or key is not provided)\n"
+        .to_string();
+    w.expect_stderr(&stderr);
+
+    let base = revision(ctl, all);
+    let r = |n: i64| (base + n).to_string();
+    let mut stdout = String::new();
+    let mut step = |w: &Running, write: &dyn Fn(), printed: &str| {
+        write();
+        stdout.push_str(printed);
+        w.expect_stdout(&stdout);
+    };
+    step(&w, &|| put("k", "i1"), "PUT\nk\ni1\n"); // base + 1
+    step(&w, &|| put("p/b", "i2"), "PUT\np/b\ni2\n"); // 2
+    step(&w, &|| put("p/b", "i3"), "PUT\np/b\ni2\np/b\ni3\n"); // 3
+    step(&w, &|| assert_eq!("1\n", ctl.ok(all, &["del", "p/b"])), "DELETE\np/b\ni3\np/b\n\n"); // 4
+    assert_eq!(format!("compacted revision {}\n", r(2)), ctl.ok(all, &["compaction", &r(2)]), "{name}");
+    assert_eq!((Some(1), COMPACTED.to_string()), ctl.fails(ep, &["get", "p/b", "--rev", &r(1)]), "{name}");
+    w.input(&format!("watch --rev={} r", r(1)));
+    stderr.push_str("watch was canceled (etcdserver: mvcc: required revision has been compacted)\n");
+    w.expect_stderr(&stderr);
+    w.input(&format!("watch --rev={} p/b", r(2)));
+    step(&w, &|| {}, "PUT\np/b\ni2\nPUT\np/b\ni3\nDELETE\np/b\n\n");
+    step(&w, &|| put("k", "i4"), "PUT\nk\ni4\n");
+    let (code, out, err) = w.finish();
+    stderr.push_str("Error: Error reading watch request line: EOF\n");
+    assert_eq!((Some(3), stdout, stderr), (code, out, err), "{name}: watch -i at {ep}, stdin closed");
+}
+
+/// `etcdctl watch -w json`: the responses themselves, ids aside (the header's cluster id, member
+/// id and raft term differ between the systems).
+fn json_script(ctl: &Etcdctl, t: &Target) {
+    let all = t.all.as_str();
+    let name = t.name;
+    let base = revision(ctl, all);
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    for (k, v) in [("j", "a"), ("j", "b")] {
+        assert_eq!("OK\n", ctl.ok(all, &["put", k, v]), "{name}");
+    }
+    assert_eq!("1\n", ctl.ok(all, &["del", "j"]), "{name}");
+    assert_eq!("SUCCESS\n\nOK\n\nOK\n", ctl.ok_with_input(all, &["txn"], "\nput j2 y\nput j1 x\n\n\n"));
+    let kv = |key: &str, value: &str, create: i64, modified: i64, version: i64| {
+        serde_json::json!({"key": b64(key), "create_revision": base + create, "mod_revision": base + modified,
+            "version": version, "value": b64(value)})
+    };
+    let deleted = serde_json::json!({"key": b64("j"), "mod_revision": base + 3});
+    let response = |events: Vec<serde_json::Value>| {
+        serde_json::json!({"Header": {"revision": base + 4}, "Events": events, "CompactRevision": 0,
+            "Canceled": false, "Created": false})
+    };
+    let replay = response(vec![
+        serde_json::json!({"kv": kv("j", "a", 1, 1, 1)}),
+        serde_json::json!({"kv": kv("j", "b", 1, 2, 2), "prev_kv": kv("j", "a", 1, 1, 1)}),
+        serde_json::json!({"type": 1, "kv": deleted, "prev_kv": kv("j", "b", 1, 2, 2)}),
+        serde_json::json!({"kv": kv("j2", "y", 4, 4, 1)}),
+        serde_json::json!({"kv": kv("j1", "x", 4, 4, 1)}),
+    ]);
+    let after_compaction = response(vec![
+        serde_json::json!({"kv": kv("j", "b", 1, 2, 2)}),
+        serde_json::json!({"type": 1, "kv": deleted, "prev_kv": kv("j", "b", 1, 2, 2)}),
+        serde_json::json!({"kv": kv("j2", "y", 4, 4, 1)}),
+        serde_json::json!({"kv": kv("j1", "x", 4, 4, 1)}),
+    ]);
+    let canceled = serde_json::json!({"Header": {}, "Events": [], "CompactRevision": base + 2,
+        "Canceled": true, "Created": false});
+
+    let rev = |n: i64| format!("--rev={}", base + n);
+    let watch_json = |ep: &str, args: &[&str]| -> serde_json::Value {
+        let w = ctl.spawn(ep, args);
+        let line = wait_until(&format!("{name}: etcdctl {args:?} prints a response"), || {
+            let out = w.stdout();
+            match out.split_once('\n') {
+                Some((line, _)) => Ok(line.to_string()),
+                None if w.closed() => panic!("{name}: etcdctl {args:?} exited: {out:?} {:?}", w.stderr()),
+                None => Err(out),
+            }
+        });
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let header = v["Header"].as_object_mut().unwrap_or_else(|| panic!("no header in {line}"));
+        for id in ["cluster_id", "member_id", "raft_term"] {
+            assert!(header.remove(id).is_some(), "{name}: no {id} in {line}");
+        }
+        let rest = w.stop();
+        assert_eq!(format!("{line}\n"), rest, "{name}: one response");
+        v
+    };
+    for ep in &t.watchers {
+        assert_eq!(
+            replay,
+            watch_json(ep, &["watch", &rev(1), "--prefix", "j", "--prev-kv", "-w", "json"]),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        format!("compacted revision {}\n", base + 2),
+        ctl.ok(all, &["compaction", &(base + 2).to_string()])
+    );
+    for m in &t.members {
+        assert_eq!(
+            (Some(1), COMPACTED.to_string()),
+            ctl.fails(m, &["get", "j", "--rev", &(base + 1).to_string()])
+        );
+    }
+    for ep in &t.watchers {
+        let args = ["watch", &rev(2), "--prefix", "j", "--prev-kv", "-w", "json"];
+        assert_eq!(after_compaction, watch_json(ep, &args), "{name}");
+        let args = ["watch", &rev(1), "--prefix", "j", "-w", "json"];
+        assert_eq!(canceled, watch_json(ep, &args), "{name}: the cancel for a compacted start");
+    }
+}
+
+#[test]
+fn watch_get_rev_and_compaction_as_etcd() {
+    let ctl = Etcdctl::find();
+    {
+        let e = Etcd::start(&[]);
+        watch_script(&ctl, &Target::etcd(&e));
+    }
+    let c = Cluster::start();
+    watch_script(&ctl, &Target::keel(&ctl, &c));
+}
+
+#[test]
+fn interactive_watch_as_etcd() {
+    let ctl = Etcdctl::find();
+    {
+        let e = Etcd::start(&[]);
+        let t = Target::etcd(&e);
+        for (run, ep) in t.watchers.iter().enumerate() {
+            interactive_script(&ctl, &t, ep, run);
+        }
+    }
+    let c = Cluster::start();
+    let t = Target::keel(&ctl, &c);
+    for (run, ep) in t.watchers.iter().enumerate() {
+        interactive_script(&ctl, &t, ep, run);
+    }
+}
+
+#[test]
+fn watch_json_output_as_etcd() {
+    let ctl = Etcdctl::find();
+    {
+        let e = Etcd::start(&[]);
+        json_script(&ctl, &Target::etcd(&e));
+    }
+    let c = Cluster::start();
+    json_script(&ctl, &Target::keel(&ctl, &c));
 }

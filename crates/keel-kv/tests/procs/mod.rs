@@ -562,3 +562,84 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
     kb * 1024
 }
+
+// ---------------------------------------------------------------------------------------------
+// etcd itself, as the reference a test's expectations are checked against
+// ---------------------------------------------------------------------------------------------
+
+/// One etcd process (Debian's `etcd-server`, 3.4), a single-member cluster on loopback, for
+/// tests that run the same commands against etcd and keeld. Dropping it SIGKILLs it (and prints
+/// its log when a test fails).
+pub struct Etcd {
+    /// The client address, `127.0.0.1:PORT`.
+    pub client: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd with `extra` flags and waits until its `/health` answers 200 (it has a
+    /// leader). Fails the test if `etcd` is not on PATH.
+    pub fn start(extra: &[&str]) -> Etcd {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let etcd = std::env::split_paths(&path).map(|dir| dir.join("etcd")).find(|p| p.is_file()).expect(
+            "etcd is not on PATH: this test checks its expectations against etcd 3.4 first; install \
+             it with `apt-get install etcd-server`",
+        );
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let ports = keel_testkit::free_ports(2);
+            let (client, peer) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
+            let log = dir.path().join("etcd.log");
+            let child = Command::new(&etcd)
+                .args(["--name", "e1"])
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &format!("http://{client}")])
+                .args(["--advertise-client-urls", &format!("http://{client}")])
+                .args(["--listen-peer-urls", &format!("http://{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
+                .args(["--initial-cluster", &format!("e1=http://{peer}")])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).expect("create etcd's log"))
+                .spawn()
+                .expect("start etcd");
+            let mut e = Etcd { client, child, log, _dir: dir };
+            let started = wait_until(&format!("etcd ready at {}", e.client), DEADLINE, || {
+                if let Some(status) = e.child.try_wait().map_err(|x| x.to_string())? {
+                    let log = std::fs::read_to_string(&e.log).unwrap_or_default();
+                    if log.contains("address already in use") {
+                        return Ok(false);
+                    }
+                    panic!("etcd exited before it was ready: {status}\n{log}");
+                }
+                match http(&e.client, "GET", "/health", b"", Duration::from_secs(2))? {
+                    (200, _) => Ok(true),
+                    (code, body) => Err(format!("{code} {body}")),
+                }
+            });
+            if started {
+                return e;
+            }
+            eprintln!(
+                "attempt {attempt}: a port picked for etcd was taken; starting it again on other ports"
+            );
+        }
+        panic!("no etcd after {ATTEMPTS} attempts: a port was taken each time");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(unreadable: {e})"));
+            eprintln!("----- etcd (client {}) log -----\n{log}", self.client);
+        }
+    }
+}
