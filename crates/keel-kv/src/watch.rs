@@ -73,9 +73,9 @@ impl Filter {
 pub enum Delivery {
     /// Events in revision order, whole revisions; `revision` is the store's revision they bring
     /// the watcher to.
-    Events { watch_id: i64, revision: i64, events: Vec<Arc<Event>> },
+    Events { watcher: WatcherKey, watch_id: i64, revision: i64, events: Vec<Arc<Event>> },
     /// The watcher's next revision was compacted away: it is canceled.
-    Compacted { watch_id: i64, compact_revision: i64 },
+    Compacted { watcher: WatcherKey, watch_id: i64, compact_revision: i64 },
     /// Every event up to `revision` has been delivered (to one watcher, or with `watch_id` -1 to
     /// every watcher of the stream).
     Progress { watch_id: i64, revision: i64 },
@@ -253,7 +253,12 @@ impl WatchHub {
                             if drop_events && inner.delivered.is_multiple_of(keel::faults::WATCH_DROP_EVERY) {
                                 events.remove(0);
                             }
-                            let d = Delivery::Events { watch_id: w.watch_id, revision: rev.revision, events };
+                            let d = Delivery::Events {
+                                watcher: *key,
+                                watch_id: w.watch_id,
+                                revision: rev.revision,
+                                events,
+                            };
                             match w.tx.try_send(d) {
                                 Ok(()) => {}
                                 Err(_) => {
@@ -409,7 +414,11 @@ impl WatchHub {
         let mut caught_up = Vec::new();
         for (key, w) in inner.unsynced.iter_mut() {
             if w.next_rev < inner.compacted {
-                let d = Delivery::Compacted { watch_id: w.watch_id, compact_revision: inner.compacted };
+                let d = Delivery::Compacted {
+                    watcher: *key,
+                    watch_id: w.watch_id,
+                    compact_revision: inner.compacted,
+                };
                 if w.tx.try_send(d).is_ok() || w.tx.is_closed() {
                     done.push(*key);
                     moved = true;
@@ -434,7 +443,7 @@ impl WatchHub {
                 .cloned()
                 .collect();
             if !events.is_empty() {
-                let d = Delivery::Events { watch_id: w.watch_id, revision: last, events };
+                let d = Delivery::Events { watcher: *key, watch_id: w.watch_id, revision: last, events };
                 if w.tx.try_send(d).is_err() {
                     continue; // full: next round
                 }
@@ -498,7 +507,7 @@ mod tests {
         hub.publish(Some(vec![rev(2), rev(3)]), 3, 0);
         assert_eq!((0, 1), hub.counts(), "the second revision did not fit");
         match rx.try_recv().expect("revision 2 delivered") {
-            Delivery::Events { watch_id: 7, revision: 2, events } => assert_eq!(1, events.len()),
+            Delivery::Events { watch_id: 7, revision: 2, events, .. } => assert_eq!(1, events.len()),
             other => panic!("{other:?}"),
         }
         // History then brings revision 3 (and 4), and the watcher is synced again.
@@ -522,7 +531,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let r = hub.watch(prefix("k"), 3, 1, tx);
         assert!(hub.deliver_history(3, &[], 10, 5));
-        assert!(matches!(rx.try_recv(), Ok(Delivery::Compacted { watch_id: 1, compact_revision: 5 })));
+        assert!(matches!(rx.try_recv(), Ok(Delivery::Compacted { watch_id: 1, compact_revision: 5, .. })));
         assert!(!hub.cancel(r.key), "already gone");
     }
 }

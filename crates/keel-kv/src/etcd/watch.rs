@@ -97,7 +97,13 @@ impl Session {
             let step = tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.request(req).await,
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => break,
+                    // A message that does not decode: the stream fails with its status, as
+                    // etcd's does (and as the unary methods answer it).
+                    Err(status) => {
+                        let _ = self.out.send(Err(status)).await;
+                        break;
+                    }
                 },
                 Some(d) = hub_rx.recv() => self.deliver(d).await,
                 _ = notify.tick() => {
@@ -175,16 +181,23 @@ impl Session {
         if c.key.len() > self.svc.api.max_key_bytes || c.range_end.len() > self.svc.api.max_key_bytes {
             return self.send(refuse("etcdserver: key is too large")).await;
         }
+        // etcd: a range whose end is not after its key selects nothing.
+        if !matches!(c.range_end.as_slice(), [] | [0]) && c.key >= c.range_end {
+            return self.send(refuse("mvcc: watcher range is empty")).await;
+        }
         let watch_id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
                 return self.send(refuse("mvcc: duplicate watch ID provided on the WatchStream")).await;
             }
             c.watch_id
         } else {
+            // As etcd: ids the stream handed out are not handed out again, even once canceled
+            // (a delivery still queued for a canceled watch must not pass for a new one's).
             while self.watchers.contains_key(&self.next_id) {
                 self.next_id += 1;
             }
-            self.next_id
+            self.next_id += 1;
+            self.next_id - 1
         };
         if watch_id < 0 {
             return self.send(refuse("etcdserver: watch ID must not be negative")).await;
@@ -214,9 +227,10 @@ impl Session {
 
     async fn deliver(&mut self, d: Delivery) -> Result<(), Gone> {
         match d {
-            Delivery::Events { watch_id, revision, events } => {
-                let Some(w) = self.watchers.get(&watch_id) else {
-                    return Ok(()); // canceled since
+            Delivery::Events { watcher, watch_id, revision, events } => {
+                // Canceled since (its id may be taken again by a client-chosen id).
+                let Some(w) = self.watchers.get(&watch_id).filter(|w| w.key == watcher) else {
+                    return Ok(());
                 };
                 let events: Vec<mvccpb::Event> = events.iter().map(|e| event(e, w.prev_kv)).collect();
                 let fragment = w.fragment;
@@ -250,15 +264,16 @@ impl Session {
                 }
                 Ok(())
             }
-            Delivery::Compacted { watch_id, compact_revision } => {
-                if self.watchers.remove(&watch_id).is_none() {
+            Delivery::Compacted { watcher, watch_id, compact_revision } => {
+                if self.watchers.get(&watch_id).is_none_or(|w| w.key != watcher) {
                     return Ok(());
                 }
-                let revision = self.svc.api.hub().revision();
+                self.watchers.remove(&watch_id);
+                // etcd's answer carries no header revision.
                 self.send(rpc::WatchResponse {
                     canceled: true,
                     compact_revision,
-                    ..self.response(watch_id, revision)
+                    ..self.response(watch_id, 0)
                 })
                 .await
             }
