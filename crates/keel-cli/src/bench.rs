@@ -69,7 +69,8 @@ pub struct BenchArgs {
     /// Send only to the leader, found by asking every endpoint for its Maintenance.Status.
     #[arg(long)]
     pub target_leader: bool,
-    /// First put keys 0..N of the key space (256 in flight), so that gets find them.
+    /// First put N keys (256 in flight): keys 0..N, cycling through the key space when N exceeds
+    /// it, so that gets find them, or so that the store holds N revisions of history.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload: u64,
 }
@@ -189,11 +190,8 @@ impl BenchArgs {
                 self.value_size
             ));
         }
-        if self.preload > self.key_space {
-            return Err(format!(
-                "--preload ({}) must not exceed --key-space ({})",
-                self.preload, self.key_space
-            ));
+        if self.preload > MAX_OPS {
+            return Err(format!("--preload must be at most {MAX_OPS}, not {}", self.preload));
         }
         let ops = match self.ops {
             Some(0) => return Err("--ops must be at least 1".to_owned()),
@@ -444,7 +442,7 @@ mod tests {
         assert!(refused(&["--op", "mixed", "--read-ratio", "NaN"]).contains("--read-ratio"));
         assert!(refused(&["--key-space", "0"]).contains("--key-space"));
         assert!(refused(&["--value-size", "2000000"]).contains("--value-size"));
-        assert!(refused(&["--key-space", "10", "--preload", "11"]).contains("--preload"));
+        assert!(refused(&["--preload", "1000000001"]).contains("--preload"));
         assert!(refused(&["--ops", "0"]).contains("--ops"));
         assert!(refused(&["--ops", "1000000001"]).contains("--ops"));
         assert!(refused(&["--duration", "0"]).contains("--duration"));
@@ -454,6 +452,12 @@ mod tests {
         assert!(refused(&["--warmup", "601"]).contains("--warmup"));
         assert!(refused(&["--op", "delete"]).contains("--op"));
         assert!(refused(&["--consistency", "eventual"]).contains("--consistency"));
+    }
+
+    #[test]
+    fn a_preload_past_the_key_space_overwrites_to_make_history() {
+        let plan = args(&["--key-space", "10", "--preload", "100000"]).expect("valid");
+        assert_eq!((plan.key_space, plan.preload), (10, 100_000));
     }
 
     #[test]
