@@ -221,6 +221,10 @@ pub enum ClientError {
     BadAnswer { endpoint: Endpoint, reason: DecodeError },
     /// The request itself could not be built (an address `hyper` does not accept as a URI).
     Request { endpoint: Endpoint, reason: hyper::http::Error },
+    /// A stream (a watch) broke off after it began.
+    StreamBroken { endpoint: Endpoint, reason: String },
+    /// Printing what a stream delivered failed (e.g. stdout closed).
+    Output(std::io::Error),
 }
 
 impl ClientError {
@@ -268,6 +272,10 @@ impl fmt::Display for ClientError {
             ClientError::Request { endpoint, reason } => {
                 write!(f, "cannot build a request for {endpoint}: {reason}")
             }
+            ClientError::StreamBroken { endpoint, reason } => {
+                write!(f, "the stream from {endpoint} broke: {reason}")
+            }
+            ClientError::Output(e) => write!(f, "cannot write the output: {e}"),
         }
     }
 }
@@ -441,6 +449,72 @@ impl Client {
             }
         }
         Err(ClientError::NoEndpoint(attempts))
+    }
+
+    /// Opens a stream of server-sent events (`GET path`) on `endpoint` and hands each `data:`
+    /// line's JSON to `on_message` until the server ends the stream (Ok) or the connection fails
+    /// (Err). Only connecting and the answer's header are bounded by the timeout: a watch may
+    /// be quiet for hours.
+    pub async fn stream(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        mut on_message: impl FnMut(serde_json::Value) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(endpoint.url(path))
+            .body(Full::new(Bytes::new()))
+            .map_err(|reason| ClientError::Request { endpoint: endpoint.clone(), reason })?;
+        let unreachable =
+            |failure| ClientError::NoEndpoint(vec![Attempt { endpoint: endpoint.clone(), failure }]);
+        let response = match tokio::time::timeout(self.timeout, self.http.request(request)).await {
+            Err(_) => return Err(unreachable(Unreachable::TimedOut(self.timeout))),
+            Ok(Err(e)) => return Err(unreachable(Unreachable::Connect(e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = Limited::new(body, MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| unreachable(Unreachable::Body(e)))?;
+            return match classify(endpoint, status, &bytes.to_bytes()) {
+                Outcome::Final(Err(e)) => Err(e),
+                Outcome::Unreachable(failure) => Err(unreachable(failure)),
+                Outcome::Final(Ok(_)) => Ok(()),
+            };
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::StreamBroken {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?;
+            let Ok(data) = frame.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            if pending.len() > MAX_ANSWER_BYTES {
+                return Err(ClientError::StreamBroken {
+                    endpoint: endpoint.clone(),
+                    reason: format!("a message over {MAX_ANSWER_BYTES} bytes"),
+                });
+            }
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let Some(json) = line.strip_prefix(b"data:") else { continue };
+                let value: serde_json::Value = serde_json::from_slice(json.trim_ascii()).map_err(|e| {
+                    ClientError::BadAnswer { endpoint: endpoint.clone(), reason: DecodeError::Json(e) }
+                })?;
+                on_message(value).map_err(ClientError::Output)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The endpoints, in the order they are tried.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
     }
 
     /// Sends to exactly one endpoint, with no failover (e.g. one member's own status).

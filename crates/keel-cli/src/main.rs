@@ -96,6 +96,30 @@ enum Command {
     /// Run a transaction read from stdin in etcdctl's syntax: compares, a blank line, success
     /// ops, a blank line, failure ops.
     Txn,
+    /// Print changes to a key or a prefix as they happen (etcdctl's format: PUT or DELETE, the
+    /// key, the value; `--json`: one JSON message per line), until interrupted. If the endpoint
+    /// goes away, the watch resumes on the next one from the revision after the last it printed.
+    Watch {
+        /// The key, or the prefix with --prefix.
+        key: OsString,
+        /// Watch every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// Start at this revision (replaying history from it); default: changes from now on.
+        #[arg(long, value_name = "REV")]
+        rev: Option<i64>,
+        /// Also print each key's previous value.
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// Compact history below a revision: reads at older revisions fail from then on.
+    Compaction {
+        /// The revision to compact to.
+        revision: i64,
+        /// Answer only once this node has removed the history.
+        #[arg(long)]
+        physical: bool,
+    },
     /// Cluster administration.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -263,14 +287,18 @@ enum CliError {
     Debug(String),
     /// `keel debug truncate-log` without --yes: nothing was cut; exit 2.
     Unconfirmed(String),
+    /// `keel watch` was canceled by the server (its start revision is compacted); exit 1.
+    Watch(String),
 }
 
 impl CliError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            CliError::Client(_) | CliError::Stdin(_) | CliError::Bench(_) | CliError::Debug(_) => {
-                ExitCode::from(1)
-            }
+            CliError::Client(_)
+            | CliError::Stdin(_)
+            | CliError::Bench(_)
+            | CliError::Debug(_)
+            | CliError::Watch(_) => ExitCode::from(1),
             CliError::Txn(_) | CliError::EmptyKey | CliError::BenchUsage(_) | CliError::Unconfirmed(_) => {
                 ExitCode::from(2)
             }
@@ -291,6 +319,7 @@ impl fmt::Display for CliError {
             CliError::Demo(e) => write!(f, "{e}"),
             CliError::Debug(e) => write!(f, "{e}"),
             CliError::Unconfirmed(e) => write!(f, "{e}"),
+            CliError::Watch(e) => write!(f, "{e}"),
         }
     }
 }
@@ -339,6 +368,18 @@ async fn run(cli: Cli) -> Result<String, CliError> {
         Command::Get(args) => get(client, json, args).await,
         Command::Del { key, prefix, prev_kv } => del(client, json, key, prefix, prev_kv).await,
         Command::Txn => run_txn(client, json).await,
+        Command::Watch { key, prefix, rev, prev_kv } => watch(client, json, key, prefix, rev, prev_kv).await,
+        Command::Compaction { revision, physical } => {
+            let mut params = vec![("revision", revision.to_string().into_bytes())];
+            if physical {
+                params.push(("physical", b"true".to_vec()));
+            }
+            let answer = client.call(&ApiRequest::post_empty(with_query("/v1/compact", &params))).await?;
+            if json {
+                return Ok(output::json_line(&answer.body));
+            }
+            Ok(format!("compacted revision {revision}\n"))
+        }
         Command::Cluster(cmd) => cluster(client, json, cmd).await,
         Command::Demo(args) => demo::run(args).await.map_err(CliError::Demo),
         Command::Debug(DebugCommand::DataDir { path }) => {
@@ -362,6 +403,89 @@ async fn run(cli: Cli) -> Result<String, CliError> {
             bench::run(&cli.endpoints, cli.timeout, json, plan).await.map_err(CliError::Bench)
         }
     }
+}
+
+/// `keel watch`: streams `GET /v1/watch` and prints each event as it comes. When the stream
+/// breaks, it resumes on the next endpoint (round robin) from the revision after the last one
+/// printed, so nothing is missed or printed twice; a compacted start revision ends it.
+async fn watch(
+    client: &Client,
+    json: bool,
+    key: OsString,
+    prefix: bool,
+    rev: Option<i64>,
+    prev_kv: bool,
+) -> Result<String, CliError> {
+    let key = key_bytes(key)?;
+    let mut next: Option<i64> = rev.filter(|r| *r > 0);
+    let endpoints = client.endpoints().to_vec();
+    let mut failures = 0usize;
+    for endpoint in endpoints.iter().cycle() {
+        let mut params = vec![(if prefix { "prefix" } else { "key" }, key.clone())];
+        if let Some(next) = next {
+            params.push(("start_revision", next.to_string().into_bytes()));
+        }
+        if prev_kv {
+            params.push(("prev_kv", b"true".to_vec()));
+        }
+        let mut compacted = None;
+        let mut printed_any = false;
+        let result = client
+            .stream(endpoint, &with_query("/v1/watch", &params), |message| {
+                let mut out = io::stdout().lock();
+                if message.get("created").is_some() {
+                    // A watch from now: later reconnections resume after this revision.
+                    if next.is_none() {
+                        next = message.get("revision").and_then(serde_json::Value::as_i64).map(|r| r + 1);
+                    }
+                    return Ok(());
+                }
+                if message.get("canceled").is_some() {
+                    compacted = message.get("compact_revision").and_then(serde_json::Value::as_i64);
+                    return Ok(());
+                }
+                let events =
+                    message.get("events").and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+                if json {
+                    writeln!(out, "{message}")?;
+                } else {
+                    for event in &events {
+                        out.write_all(output::watch_event(event).as_bytes())?;
+                    }
+                }
+                out.flush()?;
+                printed_any |= !events.is_empty();
+                if let Some(last) = events
+                    .last()
+                    .and_then(|e| e.pointer("/kv/mod_revision"))
+                    .and_then(serde_json::Value::as_i64)
+                {
+                    next = Some(last + 1);
+                }
+                Ok(())
+            })
+            .await;
+        if let Some(c) = compacted {
+            return Err(CliError::Watch(format!(
+                "watch canceled: revision {} has been compacted (compacted up to {c})",
+                next.unwrap_or(0)
+            )));
+        }
+        match result {
+            Err(ClientError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(String::new()),
+            Err(e @ (ClientError::Server { .. } | ClientError::Output(_))) => return Err(e.into()),
+            Err(e) => {
+                failures = if printed_any { 1 } else { failures + 1 };
+                if failures >= 3 * endpoints.len() {
+                    return Err(e.into());
+                }
+                eprintln!("keel watch: {e}; resuming on the next endpoint");
+                tokio::time::sleep(Duration::from_millis(200)).await; // pace reconnections
+            }
+            Ok(()) => failures = 0,
+        }
+    }
+    Ok(String::new())
 }
 
 /// Command-line bytes as given (on Unix, any bytes: keys need not be UTF-8).

@@ -16,6 +16,32 @@ pub fn show_bytes(bytes: &[u8]) -> String {
     }
 }
 
+/// One watch event as etcdctl prints it: `PUT` or `DELETE`, the key, the value (a delete: an
+/// empty line), then the previous key and value when the watch asked for them.
+pub fn watch_event(event: &serde_json::Value) -> String {
+    let kind = if event.get("type").and_then(serde_json::Value::as_str) == Some("delete") {
+        "DELETE"
+    } else {
+        "PUT"
+    };
+    let field = |kv: &serde_json::Value, name: &str| -> String {
+        if let Some(text) = kv.get(name).and_then(serde_json::Value::as_str) {
+            return text.to_owned();
+        }
+        match kv.get(format!("{name}_base64")).and_then(serde_json::Value::as_str) {
+            Some(b64) => format!("{BASE64_MARKER}{b64}"),
+            None => String::new(),
+        }
+    };
+    let mut out = format!("{kind}\n");
+    let kv = event.get("kv").cloned().unwrap_or_default();
+    if let Some(prev) = event.get("prev_kv") {
+        out.push_str(&format!("{}\n{}\n", field(prev, "key"), field(prev, "value")));
+    }
+    out.push_str(&format!("{}\n{}\n", field(&kv, "key"), field(&kv, "value")));
+    out
+}
+
 /// A JSON value on one line, for `--json`.
 pub fn json_line(value: &serde_json::Value) -> String {
     format!("{value}\n")

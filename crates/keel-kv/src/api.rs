@@ -205,6 +205,8 @@ pub struct KvApi {
     pub counters: Arc<Counters>,
     /// The client port's connection counters (served by `/metrics`).
     pub port: Arc<crate::client_port::PortCounters>,
+    /// How often an idle watch that asked for progress notifications gets one.
+    pub watch_progress_notify_interval: std::time::Duration,
 }
 
 /// FNV-1a: a stable cluster id from the cluster name.
@@ -230,7 +232,27 @@ impl KvApi {
             advertise,
             counters: Arc::default(),
             port: Arc::default(),
+            watch_progress_notify_interval: std::time::Duration::from_secs(600),
         }
+    }
+
+    /// This node's watchers.
+    pub fn hub(&self) -> &Arc<crate::watch::WatchHub> {
+        self.node.state_machine().hub()
+    }
+
+    /// Compacts history below `revision` (through Raft); with `physical`, answers only once this
+    /// node has removed it (etcd's `physical`).
+    pub async fn compact(&self, revision: i64, physical: bool) -> Result<i64, ApiError> {
+        let (header_revision, _) = self.write(KvCommand::Compact { revision }).await?;
+        if physical {
+            let mut progress = self.hub().compaction();
+            progress
+                .wait_for(|p| p.physical >= revision)
+                .await
+                .map_err(|_| ApiError::Unavailable("node stopping".into()))?;
+        }
+        Ok(header_revision)
     }
 
     pub fn member_id(&self) -> NodeId {
@@ -238,7 +260,8 @@ impl KvApi {
     }
 
     pub fn term(&self) -> u64 {
-        self.node.metrics().current_term
+        // Borrowed, not copied: every watch response asks.
+        self.node.raft().metrics().borrow_watched().current_term
     }
 
     fn limits(&self) -> Limits {

@@ -288,8 +288,14 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
         use tower_service::Service;
         let in_flight = self.activity.begin();
         let mut router = self.router.clone();
-        let deadline = Box::pin(tokio::time::sleep(self.body_timeout));
-        let req = req.map(|inner| axum::body::Body::new(DeadlineBody { inner, deadline }));
+        // A client stream's body is the stream: it lasts as long as the client watches.
+        let timeout = if is_client_stream(req.uri().path()) { None } else { Some(self.body_timeout) };
+        let req = req.map(|inner| match timeout {
+            Some(t) => {
+                axum::body::Body::new(DeadlineBody { inner, deadline: Box::pin(tokio::time::sleep(t)) })
+            }
+            None => axum::body::Body::new(inner),
+        });
         Box::pin(async move {
             // axum's router is always ready (its `poll_ready` answers at once) and never fails.
             let response = router.call(req).await?;
@@ -302,6 +308,14 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
             }))
         })
     }
+}
+
+/// The gRPC methods whose request body is a long-lived stream of client messages, exempt from
+/// the body deadline (they are bounded by `max_concurrent_streams` and the connection cap).
+const CLIENT_STREAMS: &[&str] = &["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive"];
+
+fn is_client_stream(path: &str) -> bool {
+    CLIENT_STREAMS.contains(&path)
 }
 
 /// A request body that must arrive in full by a deadline: a client that trickles its body (a

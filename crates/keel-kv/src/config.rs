@@ -111,6 +111,18 @@ pub struct KeeldConfig {
     /// Requests open at once on one HTTP/2 client connection.
     #[serde(alias = "max-concurrent-streams")]
     pub max_concurrent_streams: u32,
+    /// etcd's `--auto-compaction-mode`: `periodic` (retention is a duration) or `revision`
+    /// (retention is a number of revisions). See [`crate::compaction`].
+    #[serde(alias = "auto-compaction-mode")]
+    pub auto_compaction_mode: AutoCompactionMode,
+    /// etcd's `--auto-compaction-retention`: `0` (off), a duration (`1h`, `30m`, `90s`; a bare
+    /// number is hours) in periodic mode, a number of revisions in revision mode.
+    #[serde(alias = "auto-compaction-retention")]
+    pub auto_compaction_retention: String,
+    /// How often a watch that asked for progress notifications gets one while idle
+    /// (milliseconds; etcd's `--experimental-watch-progress-notify-interval`).
+    #[serde(alias = "watch-progress-notify-interval-ms")]
+    pub watch_progress_notify_interval_ms: u64,
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
@@ -138,6 +150,9 @@ impl Default for KeeldConfig {
             max_snapshot_bytes: node.limits.max_snapshot_bytes,
             quota_backend_bytes: 0,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            auto_compaction_mode: AutoCompactionMode::Periodic,
+            auto_compaction_retention: "0".into(),
+            watch_progress_notify_interval_ms: 600_000,
             max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
             client_header_timeout_ms: DEFAULT_CLIENT_HEADER_TIMEOUT_MS,
             client_idle_timeout_ms: DEFAULT_CLIENT_IDLE_TIMEOUT_MS,
@@ -149,6 +164,15 @@ impl Default for KeeldConfig {
             faults: node.faults,
         }
     }
+}
+
+/// etcd's `--auto-compaction-mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoCompactionMode {
+    #[default]
+    Periodic,
+    Revision,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -193,7 +217,12 @@ impl KeeldConfig {
 
     /// The state machine this node runs, with the limits its leader enforces.
     pub fn state_machine(&self) -> crate::store::KvStore {
-        crate::store::KvStore::new(crate::limits::Limits { max_key_bytes: self.max_key_bytes })
+        let store = crate::store::KvStore::new(crate::limits::Limits { max_key_bytes: self.max_key_bytes });
+        #[cfg(debug_assertions)]
+        if self.faults.watch_drop_event {
+            store.hub().plant_drop_event();
+        }
+        store
     }
 
     /// The founding members by id → peer address; this node alone when `initial_cluster` is empty.
@@ -287,6 +316,11 @@ impl KeeldConfig {
         }
         if self.max_client_connections == 0 {
             return Err(invalid("max_client_connections", "must be at least 1"));
+        }
+        crate::compaction::AutoCompaction::parse(self.auto_compaction_mode, &self.auto_compaction_retention)
+            .map_err(|e| invalid("auto_compaction_retention", e))?;
+        if self.watch_progress_notify_interval_ms == 0 {
+            return Err(invalid("watch_progress_notify_interval_ms", "must be at least 1"));
         }
         if self.max_concurrent_streams == 0 {
             return Err(invalid("max_concurrent_streams", "must be at least 1"));

@@ -29,6 +29,9 @@ pub mod pb {
 use pb::etcdserverpb as rpc;
 use pb::mvccpb;
 
+mod watch;
+pub use watch::MAX_WATCHERS_PER_STREAM;
+
 /// What Maintenance.Status reports as the server version: the etcd API level Keel speaks, tagged.
 pub const SERVER_VERSION: &str = concat!("3.5.0-keel.", env!("CARGO_PKG_VERSION"));
 
@@ -385,12 +388,12 @@ impl rpc::kv_server::Kv for EtcdService {
         &self,
         request: Request<rpc::CompactionRequest>,
     ) -> Result<Response<rpc::CompactionResponse>, Status> {
-        let revision = request.into_inner().revision;
+        let req = request.into_inner();
         let r = self
             .api
-            .write(store::KvCommand::Compact { revision })
+            .compact(req.revision, req.physical)
             .await
-            .map(|(rev, _)| rpc::CompactionResponse { header: self.header(rev) });
+            .map(|rev| rpc::CompactionResponse { header: self.header(rev) });
         self.done(r)
     }
 }
@@ -586,7 +589,7 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
                 let e = if requested > rev {
                     KvError::FutureRevision { requested, current: rev }
                 } else {
-                    KvError::Compacted { requested, current: rev }
+                    KvError::Compacted { requested, compacted: rev }
                 };
                 return Err(ApiError::Kv(e));
             }

@@ -40,6 +40,8 @@ pub fn router(api: KvApi) -> Router {
         .route("/v1/kv", get(list))
         .route("/v1/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
         .route("/v1/txn", post(txn))
+        .route("/v1/compact", post(compact))
+        .route("/v1/watch", get(watch))
         .route("/v1/cluster/init", post(init))
         .route("/v1/cluster/add-learner", post(add_learner))
         .route("/v1/cluster/join", post(join))
@@ -310,7 +312,7 @@ async fn get_key(State(api): State<KvApi>, uri: Uri) -> Response {
     let r = async {
         let key = path_key(&uri)?;
         let q = query(&uri);
-        let range = store::Range { key, ..Default::default() };
+        let range = store::Range { key, revision: number(&q, "revision")?, ..Default::default() };
         let (revision, result) = api.range(&range, serializable(&q)?).await?;
         let Some(kv) = result.kvs.first() else {
             return Err(HttpError::new(StatusCode::NOT_FOUND, "key_not_found", "key not found"));
@@ -328,20 +330,7 @@ async fn get_key(State(api): State<KvApi>, uri: Uri) -> Response {
 async fn list(State(api): State<KvApi>, uri: Uri) -> Response {
     let r = async {
         let q = query(&uri);
-        let (key, range_end) = if let Some(prefix) = q.get("prefix") {
-            if prefix.is_empty() {
-                (vec![0], vec![0])
-            } else {
-                (prefix.clone(), store::prefix_range_end(prefix))
-            }
-        } else if let Some(from) = q.get("from") {
-            let from = if from.is_empty() { vec![0] } else { from.clone() };
-            (from, vec![0])
-        } else if let Some(key) = q.get("key") {
-            (key.clone(), q.get("range_end").cloned().unwrap_or_default())
-        } else {
-            return Err(HttpError::bad("name the keys: ?prefix=P, ?from=K or ?key=K[&range_end=E]"));
-        };
+        let (key, range_end) = keys_of(&q)?;
         let keys_only = flag(&q, "keys_only")?;
         let range = store::Range {
             key,
@@ -349,6 +338,7 @@ async fn list(State(api): State<KvApi>, uri: Uri) -> Response {
             limit: number(&q, "limit")?,
             keys_only,
             count_only: flag(&q, "count_only")?,
+            revision: number(&q, "revision")?,
             ..Default::default()
         };
         let (revision, result) = api.range(&range, serializable(&q)?).await?;
@@ -377,6 +367,119 @@ async fn delete_key(State(api): State<KvApi>, uri: Uri) -> Response {
     }
     .await;
     counted(&api, r)
+}
+
+/// The keys a list or a watch names: `?prefix=P`, `?from=K` (every key ≥ K), or
+/// `?key=K[&range_end=E]`; as `(key, range_end)`.
+fn keys_of(q: &BTreeMap<String, Vec<u8>>) -> Result<(Vec<u8>, Vec<u8>), HttpError> {
+    if let Some(prefix) = q.get("prefix") {
+        if prefix.is_empty() {
+            Ok((vec![0], vec![0]))
+        } else {
+            Ok((prefix.clone(), store::prefix_range_end(prefix)))
+        }
+    } else if let Some(from) = q.get("from") {
+        let from = if from.is_empty() { vec![0] } else { from.clone() };
+        Ok((from, vec![0]))
+    } else if let Some(key) = q.get("key") {
+        Ok((key.clone(), q.get("range_end").cloned().unwrap_or_default()))
+    } else {
+        Err(HttpError::bad("name the keys: ?prefix=P, ?from=K or ?key=K[&range_end=E]"))
+    }
+}
+
+async fn compact(State(api): State<KvApi>, uri: Uri) -> Response {
+    let r = async {
+        let q = query(&uri);
+        let revision = number(&q, "revision")?;
+        if revision == 0 {
+            return Err(HttpError::bad("give the revision to compact to: ?revision=R"));
+        }
+        let header = api.compact(revision, flag(&q, "physical")?).await?;
+        ok(&api, json!({"revision": header, "compact_revision": revision}))
+    }
+    .await;
+    counted(&api, r)
+}
+
+/// `GET /v1/watch`: server-sent events, one `data:` line of JSON per message (docs/http-api.md).
+async fn watch(State(api): State<KvApi>, uri: Uri) -> Response {
+    use axum::response::sse::Event as SseEvent;
+    use axum::response::sse::KeepAlive;
+    use axum::response::sse::Sse;
+
+    use crate::watch::Delivery;
+
+    let q = query(&uri);
+    let opened = (|| {
+        let (key, range_end) = keys_of(&q)?;
+        api.check_key(&key)?;
+        let filter = crate::watch::Filter {
+            key,
+            range_end,
+            no_put: flag(&q, "no_put")?,
+            no_delete: flag(&q, "no_delete")?,
+        };
+        Ok::<_, HttpError>((filter, number(&q, "start_revision")?, flag(&q, "prev_kv")?))
+    })();
+    let (filter, start_revision, prev_kv) = match opened {
+        Ok(o) => o,
+        Err(e) => return counted(&api, Err(e)),
+    };
+    api.count(false, false);
+    let hub = api.hub().clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(crate::watch::STREAM_CHANNEL);
+    let registered = hub.watch(filter, start_revision, 0, tx);
+    let created = if start_revision <= 0 { registered.start_revision - 1 } else { hub.revision() };
+    /// Unregisters the watcher when the response stream is dropped (the client went away).
+    struct Registration(std::sync::Arc<crate::watch::WatchHub>, crate::watch::WatcherKey);
+    impl Drop for Registration {
+        fn drop(&mut self) {
+            self.0.cancel(self.1);
+        }
+    }
+    let closed = hub.closed();
+    let guard = Registration(hub, registered.key);
+    let first = SseEvent::default().data(json!({"created": true, "revision": created}).to_string());
+    let events = futures_util::stream::unfold(Some((rx, guard, Box::pin(closed))), move |state| async move {
+        let (mut rx, guard, mut closed) = state?;
+        // The node stopping ends the stream (the client resumes elsewhere).
+        let delivery = tokio::select! {
+            d = rx.recv() => d?,
+            () = &mut closed => return None,
+        };
+        let message = match delivery {
+            Delivery::Events { revision, events, .. } => {
+                let events: Vec<Value> = events.iter().map(|e| event_json(e, prev_kv)).collect();
+                json!({"revision": revision, "events": events})
+            }
+            Delivery::Compacted { compact_revision, .. } => {
+                let body = json!({"canceled": true, "compact_revision": compact_revision,
+                    "reason": "the start revision has been compacted"});
+                let sse = SseEvent::default().data(body.to_string());
+                return Some((Ok::<_, std::convert::Infallible>(sse), None)); // the last message
+            }
+            Delivery::Progress { revision, .. } => json!({"revision": revision, "events": []}),
+        };
+        Some((Ok(SseEvent::default().data(message.to_string())), Some((rx, guard, closed))))
+    });
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(first) }),
+        events,
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn event_json(e: &crate::history::Event, with_prev: bool) -> Value {
+    let kind = match e.kind {
+        crate::history::EventKind::Put => "put",
+        crate::history::EventKind::Delete => "delete",
+    };
+    let mut body = json!({"type": kind, "kv": kv_json(&e.kv, e.kind == crate::history::EventKind::Put)});
+    if let (true, Some(prev), Value::Object(obj)) = (with_prev, &e.prev_kv, &mut body) {
+        obj.insert("prev_kv".into(), kv_json(prev, true));
+    }
+    body
 }
 
 // ---------------------------------------------------------------------------------------------

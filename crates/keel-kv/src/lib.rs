@@ -4,9 +4,12 @@
 
 pub mod api;
 pub mod client_port;
+pub mod compaction;
 pub mod config;
 pub mod etcd;
+pub mod history;
 pub mod http;
 pub mod limits;
 pub mod server;
 pub mod store;
+pub mod watch;

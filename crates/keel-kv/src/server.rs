@@ -28,13 +28,17 @@ use tokio::task::JoinHandle;
 use crate::api::KvApi;
 use crate::client_port::ClientPort;
 use crate::client_port::PortCounters;
+use crate::compaction;
+use crate::compaction::AutoCompaction;
 use crate::config::bare_addr;
 use crate::config::ClusterState;
 use crate::config::KeeldConfig;
 use crate::etcd::pb::etcdserverpb as rpc;
 use crate::etcd::EtcdService;
 use crate::etcd::GRPC_OVERHEAD_BYTES;
+use crate::history;
 use crate::http;
+use crate::store;
 use crate::store::KvStore;
 
 /// Why keeld could not start (or stop cleanly).
@@ -155,6 +159,22 @@ impl Server {
             .with_append_timeout(Duration::from_millis(node_config.raft.election_timeout_max_ms));
         let max_peer_message_bytes = node_config.max_peer_message_bytes();
         let node = Arc::new(Node::start(node_config, config.state_machine(), network).await?);
+        // The watchers start from what is applied now (applies since are published to them).
+        let hub = node.state_machine().hub().clone();
+        let applied = node
+            .read_local(|_, txn| {
+                Ok::<_, keel::StateMachineError>((store::revision(txn)?, history::compact_progress(txn)?))
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match applied {
+            Ok((revision, progress)) => hub.observe(revision, progress),
+            Err(e) => return Err(RunError::Fatal(format!("reading the applied revision: {e}"))),
+        }
+        let auto_compaction =
+            AutoCompaction::parse(config.auto_compaction_mode, &config.auto_compaction_retention).map_err(
+                |e| keel::config::ConfigError::Invalid { field: "auto_compaction_retention", reason: e },
+            )?;
 
         let (stop_peer, peer_stopped) = oneshot::channel::<()>();
         let peer = PeerServer::new(config.cluster_name.clone(), config.id, node.service())
@@ -173,6 +193,7 @@ impl Server {
             );
         }
         api.max_response_bytes = config.max_response_bytes;
+        api.watch_progress_notify_interval = Duration::from_millis(config.watch_progress_notify_interval_ms);
         let port_counters = Arc::new(PortCounters::default());
         api.port = port_counters.clone();
         let (stop_client, client_stopped) = oneshot::channel::<()>();
@@ -185,10 +206,14 @@ impl Server {
             let _ = client_stopped.await;
         }));
 
-        let mut background = Vec::new();
         if !joining {
             bootstrap(&config, &node, &advertise).await?;
         }
+        let mut background = vec![
+            tokio::spawn(hub.run_sync(history_reader(node.clone()))),
+            tokio::spawn(compaction::compactor(node.clone())),
+            tokio::spawn(compaction::auto_compact(node.clone(), auto_compaction)),
+        ];
         background.push(tokio::spawn(publish_client_addr(node.clone(), advertise)));
         if config.joins() {
             background.push(tokio::spawn(promote_when_caught_up(node.clone())));
@@ -245,6 +270,8 @@ impl Server {
         let id = api.node.id();
         tracing::info!(id, "shutting down: stopping client ingress");
         let _ = stop_client.send(());
+        // Watch streams never finish on their own: end them now (clients resume elsewhere).
+        api.hub().close();
         // Requests in flight get a bounded time to finish.
         match tokio::time::timeout(Duration::from_secs(10), &mut client_server).await {
             Ok(Ok(())) => {}
@@ -281,12 +308,32 @@ impl Server {
     }
 }
 
+/// What the watch hub's catch-up loop reads: whole revisions of history from a revision on, with
+/// the last revision covered and the compaction revision, from one read of the applied state.
+fn history_reader(
+    node: Arc<Node<KvStore>>,
+) -> impl Fn(i64, usize) -> Result<(Vec<history::Revision>, i64, i64), String> + Send + Sync + Clone + 'static
+{
+    move |from, max_events| {
+        let read = node.read_local(|_, txn| {
+            let (revisions, last) = history::read_events(txn, from, max_events, true)?;
+            Ok::<_, keel::StateMachineError>((revisions, last, store::compact_revision(txn)?))
+        });
+        read.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    }
+}
+
 /// The client address's router: etcd gRPC services and the HTTP API.
 fn client_router(api: KvApi) -> axum::Router {
     let svc = EtcdService::new(api.clone());
     let limit = api.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let routes = tonic::service::Routes::new(
         rpc::kv_server::KvServer::new(svc.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        rpc::watch_server::WatchServer::new(svc.clone())
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX),
     )

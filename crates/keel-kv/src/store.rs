@@ -3,20 +3,25 @@
 //! Keys and values are bytes. A cluster-wide `revision` counts write transactions: every request
 //! that changes something (a put, a delete that deletes, a txn with such an op) bumps it by one,
 //! and every key it touches gets that revision as `mod_revision` (and `create_revision` when the
-//! key is created; `version` counts puts since creation and resets on delete). Only the current
-//! revision is kept: a read at an older one answers [`KvError::Compacted`].
+//! key is created; `version` counts puts since creation and resets on delete). Every revision is
+//! kept until compacted ([`crate::history`]): a read at any revision from the compaction revision
+//! on answers the state then; below it, [`KvError::Compacted`].
 //!
 //! Tables (in the database Keel hands the state machine):
 //! - `kv`: key → [`Record`] (`create_revision | mod_revision | version | lease`, 8 bytes each LE,
-//!   then the value).
-//! - `kv_meta`: `"revision"`, `"compact_revision"` and `"last_member_id"` → i64; and one row per
-//!   raised alarm, `"alarm/<TYPE>/<member id, 20 digits>"` → the member id (see [`AlarmKind`]).
+//!   then the value): the current version of every key.
+//! - `kv_events`, `kv_old`: the history (see [`crate::history`]).
+//! - `kv_meta`: `"revision"`, `"compact_revision"` (through Raft), `"compact_physical"`,
+//!   `"compact_cursor"`, `"compact_cursor_at"` (this node's progress removing history below it),
+//!   and `"last_member_id"` → i64; and one row per raised alarm,
+//!   `"alarm/<TYPE>/<member id, 20 digits>"` → the member id (see [`AlarmKind`]).
 //!
 //! Alarms: while a `NOSPACE` alarm is raised (by any member), every replica refuses puts and txns
 //! with a put ([`KvError::NoSpace`]), deterministically at apply, as etcd's capped applier does;
 //! reads, deletes and compaction keep working.
 
 use std::io;
+use std::sync::Arc;
 
 use keel::redb::ReadTransaction;
 use keel::redb::ReadableTable;
@@ -28,12 +33,20 @@ use keel::StateMachineError;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::history;
+use crate::history::Recorder;
+use crate::history::EVENTS;
+use crate::history::OLD;
 use crate::limits::Limits;
+use crate::watch::WatchHub;
 
-const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
-const META: TableDefinition<&str, i64> = TableDefinition::new("kv_meta");
+pub(crate) const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+pub(crate) const META: TableDefinition<&str, i64> = TableDefinition::new("kv_meta");
 const REVISION: &str = "revision";
-const COMPACT_REVISION: &str = "compact_revision";
+pub(crate) const COMPACT_REVISION: &str = "compact_revision";
+pub(crate) const COMPACT_PHYSICAL: &str = "compact_physical";
+pub(crate) const COMPACT_CURSOR: &str = "compact_cursor";
+pub(crate) const COMPACT_CURSOR_AT: &str = "compact_cursor_at";
 const LAST_MEMBER_ID: &str = "last_member_id";
 /// An empty store is at revision 1, as in etcd: the first write makes revision 2.
 const FIRST_REVISION: i64 = 1;
@@ -285,8 +298,8 @@ pub struct KvResponse {
 /// A request the store refused. Refused requests change nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum KvError {
-    #[error("mvcc: required revision {requested} has been compacted (only the current revision {current} is kept)")]
-    Compacted { requested: i64, current: i64 },
+    #[error("mvcc: required revision {requested} has been compacted (compacted up to {compacted})")]
+    Compacted { requested: i64, compacted: i64 },
     #[error("mvcc: required revision {requested} is a future revision (current is {current})")]
     FutureRevision { requested: i64, current: i64 },
     #[error("requested lease not found (Keel does not support leases yet)")]
@@ -319,18 +332,18 @@ pub fn answer_bytes(kv: &KeyValue) -> usize {
 
 /// A key's metadata and value as stored in the `kv` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Record {
-    create_revision: i64,
-    mod_revision: i64,
-    version: i64,
-    lease: i64,
-    value: Vec<u8>,
+pub(crate) struct Record {
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+    pub value: Vec<u8>,
 }
 
 const RECORD_HEADER: usize = 32;
 
 impl Record {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(RECORD_HEADER + self.value.len());
         for n in [self.create_revision, self.mod_revision, self.version, self.lease] {
             out.extend_from_slice(&n.to_le_bytes());
@@ -339,7 +352,7 @@ impl Record {
         out
     }
 
-    fn decode(bytes: &[u8]) -> io::Result<Self> {
+    pub(crate) fn decode(bytes: &[u8]) -> io::Result<Self> {
         let field = |i: usize| -> io::Result<i64> {
             bytes.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).ok_or_else(
                 || io::Error::new(io::ErrorKind::InvalidData, "kv record shorter than its header"),
@@ -354,7 +367,7 @@ impl Record {
         })
     }
 
-    fn into_kv(self, key: Vec<u8>, keys_only: bool) -> KeyValue {
+    pub(crate) fn into_kv(self, key: Vec<u8>, keys_only: bool) -> KeyValue {
         KeyValue {
             key,
             create_revision: self.create_revision,
@@ -435,15 +448,22 @@ fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
 // The state machine
 
 /// etcd's data model as a Keel state machine. Holds no state itself: everything is in the tables;
-/// its limits are what the leader checks before proposing a write.
-#[derive(Clone, Copy, Debug, Default)]
+/// its limits are what the leader checks before proposing a write, and its watch hub is where
+/// applied changes go out to this node's watchers.
+#[derive(Clone, Debug, Default)]
 pub struct KvStore {
     limits: Limits,
+    hub: Arc<WatchHub>,
 }
 
 impl KvStore {
     pub fn new(limits: Limits) -> Self {
-        Self { limits }
+        Self { limits, hub: Arc::default() }
+    }
+
+    /// This node's watchers.
+    pub fn hub(&self) -> &Arc<WatchHub> {
+        &self.hub
     }
 }
 
@@ -462,11 +482,18 @@ impl StateMachine for KvStore {
     ) -> Result<Vec<KvResponse>, StateMachineError> {
         let mut kv = txn.open_table(KV)?;
         let mut meta = txn.open_table(META)?;
+        let mut events = txn.open_table(EVENTS)?;
+        let mut old = txn.open_table(OLD)?;
         let mut revision = meta.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value());
+        let mut compacted = meta.get(COMPACT_REVISION)?.map_or(0, |v| v.value());
         let mut capped = alarm_rows(&meta)?.iter().any(|a| a.alarm == AlarmKind::NoSpace);
+        // Collected for the watchers only while some are live (the rest read history).
+        let collect = self.hub.collecting();
+        let mut changes = Vec::new();
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
-            let mut w = Writer { kv: &mut kv, revision: revision + 1, wrote: false };
+            let history = Recorder::new(&mut events, &mut old, revision + 1, collect);
+            let mut w = Writer { kv: &mut kv, history, revision: revision + 1, wrote: false, compacted };
             let result = match cmd {
                 // etcd's capped applier: refused on every replica alike while NOSPACE is raised.
                 KvCommand::Put(_) if capped => Ok(Err(KvError::NoSpace)),
@@ -474,12 +501,16 @@ impl StateMachine for KvStore {
                 KvCommand::Put(put) => w.put(&put),
                 KvCommand::DeleteRange(del) => w.delete(&del),
                 KvCommand::Txn(t) => w.txn(&t),
+                // etcd: a revision at or below the last compaction, or above the current one, is
+                // refused. History below it is removed later, by each node in steps.
                 KvCommand::Compact { revision: target } => {
                     if target > revision {
                         Ok(Err(KvError::FutureRevision { requested: target, current: revision }))
+                    } else if target <= compacted {
+                        Ok(Err(KvError::Compacted { requested: target, compacted }))
                     } else {
-                        let compacted = meta.get(COMPACT_REVISION)?.map_or(0, |v| v.value());
-                        meta.insert(COMPACT_REVISION, target.max(compacted))?;
+                        compacted = target;
+                        meta.insert(COMPACT_REVISION, target)?;
                         Ok(Ok(OpResult::Txn(TxnResult::default())))
                     }
                 }
@@ -497,21 +528,35 @@ impl StateMachine for KvStore {
             }?;
             if w.wrote {
                 revision += 1;
+                if let Some(events) = w.history.collected.take() {
+                    changes.push(history::Revision { revision, events });
+                }
             }
             out.push(KvResponse { revision, result });
         }
         meta.insert(REVISION, revision)?;
+        self.hub.publish(collect.then_some(changes), revision, compacted);
         Ok(out)
     }
 
     fn snapshot(&self, txn: &ReadTransaction, out: &mut dyn io::Write) -> Result<(), StateMachineError> {
         keel::dump_table(txn, META, out)?;
-        keel::dump_table(txn, KV, out)
+        keel::dump_table(txn, KV, out)?;
+        keel::dump_table(txn, EVENTS, out)?;
+        keel::dump_table(txn, OLD, out)
     }
 
     fn restore(&self, txn: &WriteTransaction, input: &mut dyn io::Read) -> Result<(), StateMachineError> {
         keel::load_table(txn, META, input)?;
-        keel::load_table(txn, KV, input)
+        keel::load_table(txn, KV, input)?;
+        keel::load_table(txn, EVENTS, input)?;
+        keel::load_table(txn, OLD, input)?;
+        let meta = txn.open_table(META)?;
+        let revision = meta.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value());
+        let compacted = meta.get(COMPACT_REVISION)?.map_or(0, |v| v.value());
+        // Every watcher catches up from the restored history.
+        self.hub.reset(revision, compacted);
+        Ok(())
     }
 }
 
@@ -602,15 +647,18 @@ fn txn_cost(t: &Txn) -> u64 {
 
 /// Applies one write request at revision `revision`; `wrote` records whether it changed anything
 /// (only then does the store's revision move).
-struct Writer<'a, 't> {
+struct Writer<'a, 'h, 't> {
     kv: &'a mut keel::redb::Table<'t, &'static [u8], &'static [u8]>,
+    history: Recorder<'h, 't>,
     revision: i64,
     wrote: bool,
+    /// The compaction revision: reads inside a txn below it are refused.
+    compacted: i64,
 }
 
 type Applied = Result<Result<OpResult, KvError>, StateMachineError>;
 
-impl Writer<'_, '_> {
+impl Writer<'_, '_, '_> {
     fn get(&self, key: &[u8]) -> Result<Option<Record>, StateMachineError> {
         match self.kv.get(key)? {
             Some(v) => Ok(Some(Record::decode(v.value()).map_err(corrupt)?)),
@@ -643,6 +691,7 @@ impl Writer<'_, '_> {
             },
         };
         self.kv.insert(put.key.as_slice(), record.encode().as_slice())?;
+        self.history.change(&put.key, prev.as_ref(), Some(&record))?;
         self.wrote = true;
         let prev_kv = if put.prev_kv { prev.map(|p| p.into_kv(put.key.clone(), false)) } else { None };
         Ok(Ok(OpResult::Put { prev_kv }))
@@ -651,18 +700,16 @@ impl Writer<'_, '_> {
     fn delete(&mut self, del: &DeleteRange) -> Applied {
         let mut doomed = Vec::new();
         scan(&*self.kv, key_range(&del.key, &del.range_end), |k, v| {
-            let prev = if del.prev_kv {
-                Some(Record::decode(v).map_err(corrupt)?.into_kv(k.to_vec(), false))
-            } else {
-                None
-            };
-            doomed.push((k.to_vec(), prev));
+            doomed.push((k.to_vec(), Record::decode(v).map_err(corrupt)?));
             Ok(true)
         })?;
         let mut prev_kvs = Vec::new();
         for (key, prev) in &doomed {
             self.kv.remove(key.as_slice())?;
-            prev_kvs.extend(prev.clone());
+            self.history.change(key, Some(prev), None)?;
+            if del.prev_kv {
+                prev_kvs.push(prev.clone().into_kv(key.clone(), false));
+            }
         }
         if !doomed.is_empty() {
             self.wrote = true;
@@ -680,7 +727,8 @@ impl Writer<'_, '_> {
         }
         let ops = if succeeded { &t.success } else { &t.failure };
         // Refuse before writing anything: a refused request must change nothing.
-        if let Some(err) = self.check_ops(ops, self.revision - 1)? {
+        let before = Revisions { current: self.revision - 1, compacted: self.compacted };
+        if let Some(err) = self.check_ops(ops, before)? {
             return Ok(Err(err));
         }
         let mut responses = Vec::with_capacity(ops.len());
@@ -689,7 +737,8 @@ impl Writer<'_, '_> {
                 Op::Range(r) => {
                     // Reads inside a txn see the txn's earlier writes; the revision is the new one.
                     let current = if self.wrote { self.revision } else { self.revision - 1 };
-                    range_table(&*self.kv, r, current, usize::MAX)?
+                    let at = Revisions { current, compacted: self.compacted };
+                    range_table(&*self.kv, &*self.history.old, r, at, usize::MAX)?
                 }
                 Op::Put(p) => self.put(p)?,
                 Op::DeleteRange(d) => self.delete(d)?,
@@ -709,7 +758,7 @@ impl Writer<'_, '_> {
     /// Why a txn's ops would be refused, judged on the state before the txn (as etcd does): a put
     /// with a lease, `ignore_value`/`ignore_lease` on a missing key, a read at a revision other
     /// than the current one. Checked before any op runs, so a refused txn writes nothing.
-    fn check_ops(&self, ops: &[Op], current: i64) -> Result<Option<KvError>, StateMachineError> {
+    fn check_ops(&self, ops: &[Op], current: Revisions) -> Result<Option<KvError>, StateMachineError> {
         for op in ops {
             let refused = match op {
                 Op::Put(p) if p.lease != 0 && !p.ignore_lease => Some(KvError::LeaseNotFound),
@@ -771,29 +820,148 @@ fn compare_one(rec: Option<&Record>, cmp: &Compare) -> bool {
     }
 }
 
-fn check_revision(requested: i64, current: i64) -> Result<(), KvError> {
-    if requested <= 0 || requested == current {
-        Ok(())
-    } else if requested > current {
-        Err(KvError::FutureRevision { requested, current })
+/// What a read may ask for: the current revision, and the compaction revision (history below it
+/// is gone).
+#[derive(Clone, Copy, Debug)]
+struct Revisions {
+    current: i64,
+    compacted: i64,
+}
+
+/// The revision a read asking for `requested` (0: the current one) reads at, or why it cannot.
+fn check_revision(requested: i64, at: Revisions) -> Result<i64, KvError> {
+    if requested <= 0 {
+        Ok(at.current)
+    } else if requested > at.current {
+        Err(KvError::FutureRevision { requested, current: at.current })
+    } else if requested < at.compacted {
+        Err(KvError::Compacted { requested, compacted: at.compacted })
     } else {
-        Err(KvError::Compacted { requested, current })
+        Ok(requested)
     }
 }
 
-/// Reads a range. `budget` bounds the answer (bytes per [`answer_bytes`]): past it the scan stops
-/// and the range is refused, so a read holds at most `budget` bytes of rows, however large the
-/// range. Sorting by anything but the key, ascending, must hold every row of the range before
-/// cutting at `limit`, so the whole range counts then.
-fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
-    table: &T,
-    r: &Range,
-    current: i64,
-    budget: usize,
-) -> Applied {
-    if let Err(e) = check_revision(r.revision, current) {
-        return Ok(Err(e));
+/// A row a range visits: straight from `kv` (decoded only if needed), or a past version.
+enum Row<'a> {
+    Raw(&'a [u8]),
+    Decoded(Record),
+}
+
+impl Row<'_> {
+    fn decode(self) -> Result<Record, StateMachineError> {
+        match self {
+            Row::Raw(bytes) => Record::decode(bytes).map_err(corrupt),
+            Row::Decoded(r) => Ok(r),
+        }
     }
+}
+
+/// Visits, in key order, each key of `range` as it was at revision `at` (< the current revision):
+/// the current version where it is not newer than `at`, else the version in `kv_old` then visible.
+fn scan_at<K, O>(
+    kv: &K,
+    old: &O,
+    range: KeyRange<'_>,
+    at: i64,
+    mut visit: impl FnMut(&[u8], Row<'_>) -> Result<bool, StateMachineError>,
+) -> Result<(), StateMachineError>
+where
+    K: ReadableTable<&'static [u8], &'static [u8]>,
+    O: ReadableTable<(&'static [u8], u64), &'static [u8]>,
+{
+    let version_at = |key: &[u8], current: Option<Record>| -> Result<Option<Record>, StateMachineError> {
+        match current {
+            Some(r) if r.mod_revision <= at => Ok(Some(r)),
+            _ => history::old_version_at(old, key, at),
+        }
+    };
+    if let KeyRange::One(key) = range {
+        let current = match kv.get(key)? {
+            Some(v) => Some(Record::decode(v.value()).map_err(corrupt)?),
+            None => None,
+        };
+        if let Some(r) = version_at(key, current)? {
+            visit(key, Row::Decoded(r))?;
+        }
+        return Ok(());
+    }
+    // Every key that has a version in either table, in order: merge the two scans.
+    let (start, end): (&[u8], Option<&[u8]>) = match range {
+        KeyRange::From(start) => (start, None),
+        KeyRange::Between(start, end) if start < end => (start, Some(end)),
+        _ => return Ok(()),
+    };
+    let mut current = match end {
+        Some(end) => kv.range::<&[u8]>(start..end)?,
+        None => kv.range::<&[u8]>(start..)?,
+    }
+    .peekable();
+    let mut past = match end {
+        Some(end) => old.range::<(&[u8], u64)>((start, 0)..(end, 0))?,
+        None => old.range::<(&[u8], u64)>((start, 0)..)?,
+    }
+    .peekable();
+    loop {
+        let next_current = match current.peek() {
+            Some(Ok((k, _))) => Some(k.value().to_vec()),
+            Some(Err(_)) => {
+                return Err(current.next().and_then(Result::err).expect("peeked an error").into())
+            }
+            None => None,
+        };
+        let next_past = match past.peek() {
+            Some(Ok((k, _))) => Some(k.value().0.to_vec()),
+            Some(Err(_)) => return Err(past.next().and_then(Result::err).expect("peeked an error").into()),
+            None => None,
+        };
+        let key = match (next_current, next_past) {
+            (None, None) => return Ok(()),
+            (Some(c), None) => c,
+            (None, Some(p)) => p,
+            (Some(c), Some(p)) => c.min(p),
+        };
+        let mut record = None;
+        if let Some(Ok((k, v))) = current.peek() {
+            if k.value() == key.as_slice() {
+                let r = Record::decode(v.value()).map_err(corrupt)?;
+                record = (r.mod_revision <= at).then_some(r);
+                current.next();
+            }
+        }
+        // The key's past versions, oldest first: the last one at or before `at` is the candidate.
+        let mut candidate: Option<(i64, Record)> = None;
+        while let Some(Ok((k, v))) = past.peek() {
+            let (k_key, k_mod) = k.value();
+            if k_key != key.as_slice() {
+                break;
+            }
+            if record.is_none() && (k_mod as i64) <= at {
+                candidate = Some(history::parse_old(v.value())?);
+            }
+            past.next();
+        }
+        let record = record.or(candidate.filter(|(end, _)| *end > at).map(|(_, r)| r));
+        if let Some(r) = record {
+            if !visit(&key, Row::Decoded(r))? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads a range at `r.revision` (0: current). `budget` bounds the answer (bytes per
+/// [`answer_bytes`]): past it the scan stops and the range is refused, so a read holds at most
+/// `budget` bytes of rows, however large the range. Sorting by anything but the key, ascending,
+/// must hold every row of the range before cutting at `limit`, so the whole range counts then.
+fn range_table<K, O>(kv: &K, old: &O, r: &Range, revisions: Revisions, budget: usize) -> Applied
+where
+    K: ReadableTable<&'static [u8], &'static [u8]>,
+    O: ReadableTable<(&'static [u8], u64), &'static [u8]>,
+{
+    let at = match check_revision(r.revision, revisions) {
+        Ok(at) => at,
+        Err(e) => return Ok(Err(e)),
+    };
     let filtered = r.min_mod_revision > 0
         || r.max_mod_revision > 0
         || r.min_create_revision > 0
@@ -809,9 +977,9 @@ fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     };
     let mut held = 0usize;
     let mut over_budget = false;
-    scan(table, key_range(&r.key, &r.range_end), |k, v| {
+    let mut visit = |k: &[u8], row: Row<'_>| {
         let decode = filtered || !r.count_only;
-        let rec = if decode { Some(Record::decode(v).map_err(corrupt)?) } else { None };
+        let rec = if decode { Some(row.decode()?) } else { None };
         if let Some(rec) = rec.as_ref().filter(|_| filtered) {
             if !keep(rec) {
                 return Ok(true);
@@ -834,7 +1002,13 @@ fn range_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
             }
         }
         Ok(true)
-    })?;
+    };
+    let range = key_range(&r.key, &r.range_end);
+    if at == revisions.current {
+        scan(kv, range, |k, v| visit(k, Row::Raw(v)))?;
+    } else {
+        scan_at(kv, old, range, at, visit)?;
+    }
     if over_budget {
         return Ok(Err(KvError::ResponseTooLarge { limit: budget as u64 }));
     }
@@ -897,26 +1071,38 @@ pub fn for_each_kv(
     Ok(current)
 }
 
-/// Serves a range read from `txn`, refusing one whose answer is over `budget` bytes (see
-/// [`answer_bytes`]); answers the store's revision with the result.
+/// Serves a range read from `txn`, at the current or a past revision, refusing one whose answer
+/// is over `budget` bytes (see [`answer_bytes`]); answers the store's revision with the result.
 pub fn range(
     txn: &ReadTransaction,
     r: &Range,
     budget: usize,
 ) -> Result<(i64, Result<RangeResult, KvError>), StateMachineError> {
     let current = revision(txn)?;
-    let table = match txn.open_table(KV) {
-        Ok(t) => t,
-        Err(keel::redb::TableError::TableDoesNotExist(_)) => {
-            return Ok((current, check_revision(r.revision, current).map(|()| RangeResult::default())))
+    let compacted = compact_revision(txn)?;
+    let revisions = Revisions { current, compacted };
+    let (kv, old) = match (txn.open_table(KV), txn.open_table(OLD)) {
+        (Ok(kv), Ok(old)) => (kv, old),
+        (Err(keel::redb::TableError::TableDoesNotExist(_)), _)
+        | (_, Err(keel::redb::TableError::TableDoesNotExist(_))) => {
+            return Ok((current, check_revision(r.revision, revisions).map(|_| RangeResult::default())))
         }
-        Err(e) => return Err(e.into()),
+        (Err(e), _) | (_, Err(e)) => return Err(e.into()),
     };
-    let result = range_table(&table, r, current, budget)?.map(|op| match op {
+    let result = range_table(&kv, &old, r, revisions, budget)?.map(|op| match op {
         OpResult::Range(r) => r,
         _ => RangeResult::default(),
     });
     Ok((current, result))
+}
+
+/// The compaction revision in `txn` (0: never compacted).
+pub fn compact_revision(txn: &ReadTransaction) -> Result<i64, StateMachineError> {
+    match txn.open_table(META) {
+        Ok(t) => Ok(t.get(COMPACT_REVISION)?.map_or(0, |v| v.value())),
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

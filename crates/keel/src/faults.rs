@@ -10,6 +10,8 @@
 //! - `ack-before-fsync`: the Raft log reports appended entries as durable as soon as they are in
 //!   the WAL's user-space buffer, and writes and fsyncs them only [`ACK_BEFORE_FSYNC_HOLD`] later.
 //!   A `kill -9` in between loses entries a quorum counted as stored.
+//! - `watch-drop-event`: for state machines that serve watches (keeld): one live watch delivery
+//!   in every [`WATCH_DROP_EVERY`] loses its first event, silently. Watchers miss changes.
 //!
 //! Each breaks a guarantee Keel otherwise gives (see `ARCHITECTURE.md`, Invariants); never set the
 //! variable outside a test.
@@ -24,6 +26,9 @@ pub const ENV_VAR: &str = "KEEL_FAULT_INJECTION";
 #[cfg(debug_assertions)]
 pub const ACK_BEFORE_FSYNC_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// `watch-drop-event` drops an event from one live watch delivery in this many.
+pub const WATCH_DROP_EVERY: u64 = 50;
+
 /// The planted bugs a node runs with. The default plants none.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
@@ -33,6 +38,9 @@ pub struct Faults {
     /// `ack-before-fsync`: appended entries are reported durable before they are written.
     #[cfg(debug_assertions)]
     pub ack_before_fsync: bool,
+    /// `watch-drop-event`: watch deliveries lose an event now and then.
+    #[cfg(debug_assertions)]
+    pub watch_drop_event: bool,
 }
 
 /// `KEEL_FAULT_INJECTION` cannot be honoured; the node must not start.
@@ -40,7 +48,7 @@ pub struct Faults {
 pub enum FaultsError {
     #[error(
         "KEEL_FAULT_INJECTION: unknown fault {name:?} (known: stale-reads, ack-before-fsync, \
-         comma-separated)"
+         watch-drop-event, comma-separated)"
     )]
     Unknown { name: String },
     /// Refused rather than ignored, so a test runner never believes it tests a planted bug that is
@@ -72,6 +80,7 @@ impl Faults {
             match name {
                 "stale-reads" => faults.stale_reads = true,
                 "ack-before-fsync" => faults.ack_before_fsync = true,
+                "watch-drop-event" => faults.watch_drop_event = true,
                 _ => return Err(FaultsError::Unknown { name: name.to_string() }),
             }
         }
@@ -95,11 +104,14 @@ impl fmt::Display for Faults {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         #[cfg(debug_assertions)]
         {
-            let names: Vec<&str> =
-                [(self.stale_reads, "stale-reads"), (self.ack_before_fsync, "ack-before-fsync")]
-                    .into_iter()
-                    .filter_map(|(on, name)| on.then_some(name))
-                    .collect();
+            let names: Vec<&str> = [
+                (self.stale_reads, "stale-reads"),
+                (self.ack_before_fsync, "ack-before-fsync"),
+                (self.watch_drop_event, "watch-drop-event"),
+            ]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
             if !names.is_empty() {
                 return f.write_str(&names.join(","));
             }

@@ -13,6 +13,7 @@ use openraft::network::RaftNetworkFactory;
 use openraft::ChangeMembers;
 use redb::ReadTransaction;
 use redb::ReadableDatabase;
+use redb::WriteTransaction;
 
 use crate::codec;
 use crate::config::Config;
@@ -34,6 +35,7 @@ use crate::network::LocalService;
 use crate::network::PeerState;
 use crate::network::RaftService;
 use crate::state_machine::StateMachine;
+use crate::state_machine::StateMachineError;
 use crate::storage::sm_store::SmShared;
 use crate::storage::snapshot::SnapshotFile;
 use crate::storage::LogStore;
@@ -429,6 +431,18 @@ impl<SM: StateMachine> Node<SM> {
     pub fn read_local<R>(&self, f: impl FnOnce(&SM, &ReadTransaction) -> R) -> Result<R, ReadError> {
         let txn = self.shared.begin_read().map_err(|e| ReadError::Storage(e.to_string()))?;
         Ok(f(&self.shared.sm, &txn))
+    }
+
+    /// Runs `f` on the state machine's write transaction between applied batches, on this node
+    /// only: housekeeping that changes nothing a read, an apply or a snapshot could observe, such
+    /// as physically removing history already compacted away. Not replicated, not in the log; a
+    /// crash may undo it (the owner must be able to redo it). Applies wait while `f` runs: keep
+    /// each call short and call again for more. Blocking: call it from a blocking thread.
+    pub fn maintain<R>(
+        &self,
+        f: impl FnOnce(&SM, &WriteTransaction) -> Result<R, StateMachineError>,
+    ) -> Result<R, ReadError> {
+        self.shared.maintain(f).map_err(|e| ReadError::Storage(e.to_string()))
     }
 
     /// A copy of the current Raft metrics.

@@ -90,6 +90,18 @@ struct Flags {
     /// Requests open at once on one HTTP/2 client connection [default: 1000].
     #[arg(long)]
     max_concurrent_streams: Option<u32>,
+    /// Automatic compaction: `periodic` (keep a duration of history) or `revision` (keep a number
+    /// of revisions), as etcd [default: periodic].
+    #[arg(long, value_enum)]
+    auto_compaction_mode: Option<keel_kv::config::AutoCompactionMode>,
+    /// History automatic compaction keeps: `0` (off), a duration in periodic mode (`1h`, `30m`;
+    /// a bare number is hours), a number of revisions in revision mode [default: 0].
+    #[arg(long, value_name = "RETENTION")]
+    auto_compaction_retention: Option<String>,
+    /// How often an idle watch that asked for progress notifications gets one, in milliseconds
+    /// (etcd's --experimental-watch-progress-notify-interval) [default: 600000].
+    #[arg(long, value_name = "MS")]
+    watch_progress_notify_interval_ms: Option<u64>,
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
@@ -125,7 +137,10 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
         client_header_timeout_ms,
         client_idle_timeout_ms,
         client_keepalive_interval_ms,
-        max_concurrent_streams
+        max_concurrent_streams,
+        auto_compaction_mode,
+        auto_compaction_retention,
+        watch_progress_notify_interval_ms
     );
     c.validate()?;
     Ok(c)

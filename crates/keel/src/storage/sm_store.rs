@@ -259,6 +259,41 @@ impl<SM: StateMachine> SmShared<SM> {
         applied_state_in(&self.begin_read()?)
     }
 
+    /// Runs `f` on the state machine's write transaction between applied batches, then commits
+    /// (without fsync). For housekeeping that no read, apply or snapshot can tell apart from not
+    /// having happened (removing rows nothing can see any more): it is not replicated and not in
+    /// the log, and a crash before the next durable commit undoes it. Applies wait while `f` runs,
+    /// so keep each call short. An error stops the state machine, as a failed apply does.
+    pub(crate) fn maintain<R>(
+        &self,
+        f: impl FnOnce(&SM, &redb::WriteTransaction) -> Result<R, StateMachineError>,
+    ) -> Result<R, StateMachineError> {
+        let mut sync = self.sync.lock().expect("sync state mutex poisoned by an earlier panic");
+        if let Some(why) = &sync.failed {
+            return Err(StateMachineError::other(format!("the state machine failed earlier: {why}")));
+        }
+        let txn = match sync.open.take() {
+            Some(open) => open.txn,
+            None => {
+                let mut txn = self.db.begin_write()?;
+                txn.set_durability(redb::Durability::None).map_err(StateMachineError::other)?;
+                txn
+            }
+        };
+        match f(&self.sm, &txn) {
+            Ok(r) => {
+                commit(&mut sync, txn, false)?;
+                Ok(r)
+            }
+            Err(e) => {
+                // Dropping `txn` aborts it, and with it any applied batches it held.
+                sync.applied = None;
+                sync.failed = Some(format!("maintenance failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
     /// Applies one batch of committed entries in one transaction; returns the replies in order.
     fn apply_batch(&self, entries: Vec<crate::types::Entry>) -> Result<Vec<Reply>, StateMachineError> {
         let mut sync = self.sync.lock().expect("sync state mutex poisoned by an earlier panic");
