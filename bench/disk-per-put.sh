@@ -107,5 +107,5 @@ while read -r line; do
 done <"$RESULTS"
 echo "PER PUT = BYTES / $PUTS; LOG, STATE, REST and ALLOCATED are per put too. LOG: etcd's member/wal, Keel's log/;"
 echo "STATE: etcd's member/snap/db, Keel's state.redb; ALLOCATED: blocks on disk (du), where BYTES is the files' sizes."
-echo "etcd preallocates its WAL in 64 MB files (one spare besides the one in use): see bench/README.md."
+echo "etcd preallocates its WAL in 64 MB files, so LOG is at least 64 MB / PUTS: see bench/README.md."
 echo "every member: $RESULTS"
