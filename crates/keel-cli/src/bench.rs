@@ -39,8 +39,9 @@ pub const PRELOAD_CLIENTS: usize = 256;
 pub const MAX_WATCHERS: u64 = 100_000;
 /// Highest `--rate` (puts per second) of a watch run.
 pub const MAX_RATE: u64 = 100_000;
-/// Watchers per stream, and puts per second, when `--op watch` is not told otherwise.
+/// `--op watch` without `--watchers`.
 pub const DEFAULT_WATCHERS: u64 = 1;
+/// `--op watch` without `--rate`: puts per second, the default of etcd's `benchmark watch-latency`.
 pub const DEFAULT_RATE: u64 = 100;
 
 /// `keel bench` flags (the global `--endpoints`, `--timeout` and `--json` apply too).
