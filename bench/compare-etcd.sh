@@ -7,7 +7,8 @@
 # keel and keeld (cargo build --release -p keel-cli -p keel-kv).
 #
 # Knobs (environment): DURATION=10 REPS=3 PRELOAD=100000 WARMUP=1 VALUE_SIZE=256 CONNS=8
-# ROWS="put-1 put-64 put-256 get-l-1 get-l-64 get-s-64" PORT_BASE=21000 KEEP=0
+# ROWS="put-1 put-64 put-256 get-l-1 get-l-64 get-s-64 put-hist watch-1 watch-100 watch-10000"
+# HISTORY=$PRELOAD HISTORY_KEYS=1000 WATCH_RATE=100 WATCH_STREAMS=16 PORT_BASE=21000 KEEP=0
 # KEEL=target/release/keel KEELD=target/release/keeld ETCD=$(command -v etcd)
 # KEEL_BENCH_DIR=target/tmp (data dirs; not tmpfs, or fsync costs nothing) RESULTS=<file.jsonl>
 # Quick run: DURATION=2 REPS=1 PRELOAD=10000 bench/compare-etcd.sh
@@ -22,7 +23,11 @@ PRELOAD=${PRELOAD:-100000}
 WARMUP=${WARMUP:-1}
 VALUE_SIZE=${VALUE_SIZE:-256}
 CONNS=${CONNS:-8}
-ROWS=${ROWS:-put-1 put-64 put-256 get-l-1 get-l-64 get-s-64}
+ROWS=${ROWS:-put-1 put-64 put-256 get-l-1 get-l-64 get-s-64 put-hist watch-1 watch-100 watch-10000}
+HISTORY=${HISTORY:-$PRELOAD}
+HISTORY_KEYS=${HISTORY_KEYS:-1000}
+WATCH_RATE=${WATCH_RATE:-100}
+WATCH_STREAMS=${WATCH_STREAMS:-16}
 PORT_BASE=${PORT_BASE:-21000}
 KEEP=${KEEP:-0}
 KEEL=${KEEL:-$root/target/release/keel}
@@ -30,183 +35,99 @@ KEELD=${KEELD:-$root/target/release/keeld}
 ETCD=${ETCD:-$(command -v etcd || true)}
 BENCH_DIR=${KEEL_BENCH_DIR:-$root/target/tmp}
 
-die() { echo "compare-etcd: $*" >&2; exit 2; }
-note() { echo "compare-etcd: $*" >&2; }
+prog=compare-etcd
+# shellcheck source=bench/cluster.sh
+. "$root/bench/cluster.sh"
 
 # ---- what is needed, and how to get it -------------------------------------------------------
 
-[[ -n $ETCD && -x $ETCD ]] ||
-    die "etcd not found: install it with 'apt-get install etcd-server' (Debian, /usr/bin/etcd) or set ETCD=/path/to/etcd"
-for bin in "$KEEL" "$KEELD"; do
-    [[ -x $bin ]] ||
-        die "$bin not found: build it with 'cargo build --release -p keel-cli -p keel-kv' (or set KEEL=, KEELD=)"
-done
+check_binaries
 for knob in DURATION WARMUP; do
     [[ ${!knob} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$knob='${!knob}' is not a number of seconds"
 done
-for knob in REPS PRELOAD VALUE_SIZE CONNS PORT_BASE; do
+for knob in REPS PRELOAD VALUE_SIZE CONNS PORT_BASE HISTORY HISTORY_KEYS WATCH_RATE WATCH_STREAMS; do
     [[ ${!knob} =~ ^[0-9]+$ ]] || die "$knob='${!knob}' is not a whole number"
 done
 ((REPS >= 1 && PRELOAD >= 1)) || die "REPS and PRELOAD must be at least 1"
+((HISTORY >= 1 && HISTORY_KEYS >= 1 && WATCH_RATE >= 1 && WATCH_STREAMS >= 1)) ||
+    die "HISTORY, HISTORY_KEYS, WATCH_RATE and WATCH_STREAMS must be at least 1"
 
-# One row of the matrix: name -> "op consistency clients".
-row_spec() {
+min() { echo $(($1 < $2 ? $1 : $2)); }
+
+# One row of the matrix: name -> the `keel bench` flags of its load. `watch-N` is any N watchers.
+row_args() {
+    local op consistency clients
     case $1 in
-        put-1) echo "put linearizable 1" ;;
-        put-64) echo "put linearizable 64" ;;
-        put-256) echo "put linearizable 256" ;;
-        get-l-1) echo "get linearizable 1" ;;
-        get-l-64) echo "get linearizable 64" ;;
-        get-s-64) echo "get serializable 64" ;;
+        put-1) read -r op consistency clients <<<"put linearizable 1" ;;
+        put-64) read -r op consistency clients <<<"put linearizable 64" ;;
+        put-256) read -r op consistency clients <<<"put linearizable 256" ;;
+        get-l-1) read -r op consistency clients <<<"get linearizable 1" ;;
+        get-l-64) read -r op consistency clients <<<"get linearizable 64" ;;
+        get-s-64) read -r op consistency clients <<<"get serializable 64" ;;
+        put-hist)
+            # Puts at 64 clients after HISTORY more puts cycling over HISTORY_KEYS keys: history
+            # holds HISTORY revisions of them (nothing compacts), and the measured puts add to it.
+            echo "--op put --clients 64 --conns $(min 64 "$CONNS") --preload $HISTORY --key-space $HISTORY_KEYS"
+            return ;;
+        watch-*)
+            local watchers=${1#watch-} streams
+            [[ $watchers =~ ^[1-9][0-9]*$ ]] || return 1
+            streams=$(min "$watchers" "$WATCH_STREAMS")
+            # At most a second of puts in flight: the rate holds unless a put takes over a second.
+            echo "--op watch --watchers $watchers --streams $streams --conns $(min "$streams" "$CONNS") --rate $WATCH_RATE --clients $WATCH_RATE"
+            return ;;
         *) return 1 ;;
     esac
+    echo "--op $op --consistency $consistency --clients $clients --conns $(min "$clients" "$CONNS") --key-space $PRELOAD"
 }
-for row in $ROWS; do row_spec "$row" >/dev/null || die "unknown row '$row' in ROWS"; done
 
-# ---- processes: every one started is tracked by pid and stopped on exit ----------------------
+# A row's name in the tables.
+row_label() {
+    case $1 in
+        put-hist) echo "put, $HISTORY revs (64)" ;;
+        watch-*) echo "watch (${1#watch-})" ;;
+        get-s-*) echo "get serializable (${1##*-})" ;;
+        get-l-*) echo "get linearizable (${1##*-})" ;;
+        *) echo "${1%%-*} (${1##*-})" ;;
+    esac
+}
+for row in $ROWS; do row_args "$row" >/dev/null || die "unknown row '$row' in ROWS"; done
 
 mkdir -p "$BENCH_DIR"
 work=$(mktemp -d "$BENCH_DIR/compare-etcd.XXXXXX")
 RESULTS=${RESULTS:-$BENCH_DIR/compare-etcd-$(date +%Y%m%d-%H%M%S).jsonl}
 : >"$RESULTS"
-pids=()  # the running cluster's members
-child="" # the running keel command
+cleanup_more() { [[ -s $RESULTS ]] || rm -f "$RESULTS"; }
+cluster_init
 
-# Runs a command in the background, stdout to OUT and stderr appended to ERR, and waits for it: a
-# signal to this script is then handled at once (bash defers traps until a foreground command
-# ends), and cleanup can stop the command.
-run_child() { # OUT ERR command...
-    local out=$1 err=$2
-    shift 2
-    "$@" >"$out" 2>>"$err" &
-    child=$!
-    local rc=0
-    wait "$child" || rc=$?
-    child=""
-    return "$rc"
-}
-
-stop_cluster() { # [grace seconds, default 10]
-    ((${#pids[@]})) || return 0
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    # Give the members time to stop in order (etcd takes about 7 s when all stop at once), then
-    # kill what is left.
-    for _ in $(seq $((${1:-10} * 10))); do
-        local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
-    kill -KILL "${pids[@]}" 2>/dev/null || true
-    wait "${pids[@]}" 2>/dev/null || true
-    pids=()
-}
-
-cleanup() {
-    [[ -n $child ]] && kill -TERM "$child" 2>/dev/null
-    # After an interruption nobody waits for an orderly stop of throwaway clusters.
-    stop_cluster "$((interrupted ? 1 : 10))"
-    if [[ $KEEP == 1 ]]; then note "kept $work"; else rm -rf "$work"; fi
-    [[ -s $RESULTS ]] || rm -f "$RESULTS"
-}
-interrupted=0
-trap cleanup EXIT
-trap 'interrupted=1; note "interrupted"; exit 130' INT
-trap 'interrupted=1; exit 143' TERM
-
-if [[ $(stat -f -c %T "$work") == tmpfs ]]; then
-    note "warning: $work is on tmpfs, where fsync does nothing; set KEEL_BENCH_DIR to a disk"
-fi
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# Ports: etcd member i: client PORT_BASE+10i, peer +1; Keel node i: PORT_BASE+100+10i, peer +1.
-client_port() {
-    local offset=0
-    [[ $1 == keel ]] && offset=100
-    echo $((PORT_BASE + offset + 10 * $2))
-}
-peer_port() { echo $(($(client_port "$1" "$2") + 1)); }
-endpoints() { echo "127.0.0.1:$(client_port "$1" 1),127.0.0.1:$(client_port "$1" 2),127.0.0.1:$(client_port "$1" 3)"; }
-
-start_etcd() {
-    local dir=$work/etcd-$1 cluster=""
-    for i in 1 2 3; do cluster+="${cluster:+,}e$i=http://127.0.0.1:$(peer_port etcd "$i")"; done
-    for i in 1 2 3; do
-        local c=http://127.0.0.1:$(client_port etcd "$i") p=http://127.0.0.1:$(peer_port etcd "$i")
-        mkdir -p "$dir"
-        "$ETCD" --name "e$i" --data-dir "$dir/e$i" \
-            --listen-client-urls "$c" --advertise-client-urls "$c" \
-            --listen-peer-urls "$p" --initial-advertise-peer-urls "$p" \
-            --initial-cluster "$cluster" --initial-cluster-token keel-compare --initial-cluster-state new \
-            >"$dir/e$i.log" 2>&1 &
-        pids+=($!)
-    done
-}
-
-start_keel() {
-    local dir=$work/keel-$1 cluster=""
-    for i in 1 2 3; do cluster+="${cluster:+,}$i=127.0.0.1:$(peer_port keel "$i")"; done
-    for i in 1 2 3; do
-        mkdir -p "$dir"
-        "$KEELD" --id "$i" --data-dir "$dir/n$i" \
-            --client-addr "127.0.0.1:$(client_port keel "$i")" --peer-addr "127.0.0.1:$(peer_port keel "$i")" \
-            --initial-cluster "$cluster" >"$dir/n$i.log" 2>&1 &
-        pids+=($!)
-    done
-}
-
-# Ready: a leader answers a linearizable read. Polls for at most 60 s, and stops early if a
-# member died.
-wait_ready() {
-    local system=$1 rep=$2 eps
-    eps=$(endpoints "$system")
-    for _ in $(seq 120); do
-        if run_child /dev/null /dev/null "$KEEL" --endpoints "$eps" --timeout 1 bench --target-leader \
-            --op get --key-space 1 --ops 1 --warmup 0; then
-            return 0
-        fi
-        check_alive "$system" "$rep"
-        sleep 0.5
-    done
-    tail -n 20 "$work/$system-$rep"/*.log >&2
-    die "$system did not elect a leader within 60 s"
-}
-
-check_alive() { # system rep
-    for pid in "${pids[@]}"; do
-        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$work/$1-$2"/*.log >&2; die "$1: a member exited (its log is above)"; }
-    done
-}
+failed=() # "system rep row" of each run that gave no result
 
 bench() { # system rep row
-    local system=$1 rep=$2 row=$3 op consistency clients conns line
-    read -r op consistency clients <<<"$(row_spec "$row")"
-    conns=$((clients < CONNS ? clients : CONNS))
-    if run_child "$work/line.json" "$work/bench.log" \
+    local system=$1 rep=$2 row=$3 line args
+    read -ra args <<<"$(row_args "$row")"
+    : >"$work/run.log"
+    if run_child "$work/line.json" "$work/run.log" \
         "$KEEL" --endpoints "$(endpoints "$system")" --timeout 5 bench --json --target-leader \
-        --op "$op" --consistency "$consistency" --clients "$clients" --conns "$conns" \
-        --key-space "$PRELOAD" --value-size "$VALUE_SIZE" --duration "$DURATION" --warmup "$WARMUP"; then
+        "${args[@]}" --value-size "$VALUE_SIZE" --duration "$DURATION" --warmup "$WARMUP"; then
         line=$(<"$work/line.json")
         echo "{\"system\":\"$system\",\"rep\":$rep,\"row\":\"$row\",${line#\{}" >>"$RESULTS"
-        note "$system rep $rep $row: $(field ops_per_s "$line") ops/s, p99 $(field p99_us "$line") µs, $(field errors "$line") errors"
+        if [[ $row == watch-* ]]; then
+            note "$system rep $rep $row: $(field events_per_s "$line") events/s, p50 $(field p50_us "$line") µs, p99 $(field p99_us "$line") µs, $(field missed "$line") missed, $(field errors "$line") errors"
+        else
+            note "$system rep $rep $row: $(field ops_per_s "$line") ops/s, p99 $(field p99_us "$line") µs, $(field errors "$line") errors"
+        fi
     else
-        note "$system rep $rep $row: failed (see below)"
-        tail -n 5 "$work/bench.log" >&2
+        failed+=("$system rep $rep $row")
+        note "$system rep $rep $row: FAILED, no result (the end of its output is below)"
+        tail -n 5 "$work/run.log" >&2
     fi
+    cat "$work/run.log" >>"$work/bench.log"
     check_alive "$system" "$rep"
 }
 
 measure() { # system rep
     local system=$1 rep=$2
-    for i in 1 2 3; do
-        for port in $(client_port "$system" "$i") $(peer_port "$system" "$i"); do
-            port_free "$port" || die "port $port is in use (set PORT_BASE)"
-        done
-    done
-    note "$system rep $rep: starting 3 members"
-    "start_$system" "$rep"
-    wait_ready "$system" "$rep"
+    start_cluster "$system" "$rep"
     local started=$SECONDS
     run_child /dev/null "$work/bench.log" \
         "$KEEL" --endpoints "$(endpoints "$system")" --timeout 5 bench --target-leader --op put --clients 1 \
@@ -237,28 +158,63 @@ for rep in $(seq "$REPS"); do
 done
 load_after=$(uptime)
 
+# The runs of a row (of one system): none if every one failed.
+runs() { # row [system]
+    grep "\"system\":\"${2:-[a-z]*}\",\"rep\":[0-9]*,\"row\":\"$1\"," "$RESULTS" || true
+}
 med() { # system row field
-    grep "\"system\":\"$1\",\"rep\":[0-9]*,\"row\":\"$2\"," "$RESULTS" | while read -r line; do field "$3" "$line"; done | median
+    runs "$2" "$1" | while read -r line; do field "$3" "$line"; done | median
 }
 num() { awk -v x="$1" -v d="$2" -v p="$3" 'BEGIN { if (x == "-") print "-"; else printf "%.*f", p, x / d }'; }
+ms() { if [[ $1 == - ]]; then echo -; else echo "$(num "$1" 1000 1) ms"; fi; } # µs -> ms
 ratio() { awk -v k="$1" -v e="$2" 'BEGIN { if (k == "-" || e == "-" || e == 0) print "-"; else printf "%.2f", k / e }'; }
+
+total() { # row field -> sum over both systems and all runs
+    runs "$1" | while read -r line; do field "$2" "$line"; done | awk '{s+=$1} END {print s+0}'
+}
+kv_rows="" watch_rows=""
+for row in $ROWS; do
+    if [[ $row == watch-* ]]; then watch_rows+=" $row"; else kv_rows+=" $row"; fi
+done
 
 echo
 echo "Keel vs etcd: medians of $REPS run(s), ${DURATION}s each, 3 members on loopback, leader-targeted, ${VALUE_SIZE}-byte values, $PRELOAD keys"
-fmt="%-24s %10s %10s %6s %11s %11s %6s %7s\n"
-# shellcheck disable=SC2059 # the format is ours
-printf "$fmt" "ROW (clients)" "ETCD OPS/S" "KEEL OPS/S" "RATIO" "ETCD P99" "KEEL P99" "RATIO" "ERRORS"
-for row in $ROWS; do
-    read -r op consistency clients <<<"$(row_spec "$row")"
-    if [[ $op == put ]]; then label="put ($clients)"; else label="get $consistency ($clients)"; fi
-    eo=$(med etcd "$row" ops_per_s) ko=$(med keel "$row" ops_per_s)
-    ep=$(med etcd "$row" p99_us) kp=$(med keel "$row" p99_us)
-    errors=$(grep "\"row\":\"$row\"," "$RESULTS" | while read -r line; do field errors "$line"; done | awk '{s+=$1} END {print s+0}')
+if [[ -n $kv_rows ]]; then
+    fmt="%-24s %10s %10s %6s %11s %11s %6s %7s\n"
+    # shellcheck disable=SC2059 # the format is ours
+    printf "$fmt" "ROW (clients)" "ETCD OPS/S" "KEEL OPS/S" "RATIO" "ETCD P99" "KEEL P99" "RATIO" "ERRORS"
+    for row in $kv_rows; do
+        eo=$(med etcd "$row" ops_per_s) ko=$(med keel "$row" ops_per_s)
+        ep=$(med etcd "$row" p99_us) kp=$(med keel "$row" p99_us)
+        # shellcheck disable=SC2059
+        printf "$fmt" "$(row_label "$row")" "$(num "$eo" 1 0)" "$(num "$ko" 1 0)" "$(ratio "$ko" "$eo")" \
+            "$(ms "$ep")" "$(ms "$kp")" "$(ratio "$kp" "$ep")" "$(total "$row" errors)"
+    done
+fi
+if [[ -n $watch_rows ]]; then
+    echo
+    echo "Watch: N watchers on one prefix, puts under it at $WATCH_RATE/s; events/s over all watchers; latency from a put's send to a watcher's receipt"
+    fmt="%-24s %10s %10s %6s %11s %11s %6s %11s %11s %6s %7s %7s\n"
     # shellcheck disable=SC2059
-    printf "$fmt" "$label" "$(num "$eo" 1 0)" "$(num "$ko" 1 0)" "$(ratio "$ko" "$eo")" \
-        "$(num "$ep" 1000 1) ms" "$(num "$kp" 1000 1) ms" "$(ratio "$kp" "$ep")" "$errors"
-done
-echo "ratios are Keel/etcd: ops/s above 1 and p99 below 1 favour Keel; errors: both systems, all runs"
+    printf "$fmt" "ROW (watchers)" "ETCD EV/S" "KEEL EV/S" "RATIO" "ETCD P50" "KEEL P50" "RATIO" \
+        "ETCD P99" "KEEL P99" "RATIO" "MISSED" "ERRORS"
+    for row in $watch_rows; do
+        eo=$(med etcd "$row" events_per_s) ko=$(med keel "$row" events_per_s)
+        e50=$(med etcd "$row" p50_us) k50=$(med keel "$row" p50_us)
+        e99=$(med etcd "$row" p99_us) k99=$(med keel "$row" p99_us)
+        # shellcheck disable=SC2059
+        printf "$fmt" "$(row_label "$row")" "$(num "$eo" 1 0)" "$(num "$ko" 1 0)" "$(ratio "$ko" "$eo")" \
+            "$(ms "$e50")" "$(ms "$k50")" "$(ratio "$k50" "$e50")" \
+            "$(ms "$e99")" "$(ms "$k99")" "$(ratio "$k99" "$e99")" \
+            "$(total "$row" missed)" "$(total "$row" errors)"
+    done
+fi
+echo "ratios are Keel/etcd: ops/s and events/s above 1, latencies below 1 favour Keel; missed and errors: both systems, all runs"
 echo "load before: $load_before"
 echo "load after:  $load_after"
 echo "every run: $RESULTS"
+if ((${#failed[@]})); then
+    echo "FAILED, no result (a row without any shows '-'; the errors are above):"
+    printf '  %s\n' "${failed[@]}"
+    exit 1
+fi

@@ -1,11 +1,14 @@
 //! `keel bench`: a load generator over the etcd v3 gRPC API, so one tool measures Keel and etcd.
 //!
 //! This file owns the command line and the plan it validates into, the workload (which key, which
-//! operation) and the errors; `bench/load.rs` sends the requests, `bench/report.rs` turns the
-//! latencies into the table and the JSON line. Everything here is pure: tests assert on values.
+//! operation) and the errors; `bench/load.rs` sends the requests, `bench/watch.rs` runs the watch
+//! fan-out (`bench/wire.rs` speaks its RPC), `bench/report.rs` turns the latencies into the table
+//! and the JSON line. Everything here is pure: tests assert on values.
 
 mod load;
 mod report;
+mod watch;
+mod wire;
 
 use std::fmt;
 use std::io::Write as _;
@@ -32,6 +35,14 @@ pub const MAX_OPS: u64 = 1_000_000_000;
 pub const MAX_WARMUP: Duration = Duration::from_secs(600);
 /// In-flight puts while preloading (or `--clients`, if more).
 pub const PRELOAD_CLIENTS: usize = 256;
+/// Most watchers one `--op watch` run may open.
+pub const MAX_WATCHERS: u64 = 100_000;
+/// Highest `--rate` (puts per second) of a watch run.
+pub const MAX_RATE: u64 = 100_000;
+/// `--op watch` without `--watchers`.
+pub const DEFAULT_WATCHERS: u64 = 1;
+/// `--op watch` without `--rate`: puts per second, the default of etcd's `benchmark watch-latency`.
+pub const DEFAULT_RATE: u64 = 100;
 
 /// `keel bench` flags (the global `--endpoints`, `--timeout` and `--json` apply too).
 #[derive(Args, Debug, Clone)]
@@ -69,9 +80,21 @@ pub struct BenchArgs {
     /// Send only to the leader, found by asking every endpoint for its Maintenance.Status.
     #[arg(long)]
     pub target_leader: bool,
-    /// First put keys 0..N of the key space (256 in flight), so that gets find them.
+    /// First put N keys (256 in flight): keys 0..N, cycling through the key space when N exceeds
+    /// it, so that gets find them, or so that the store holds N revisions of history.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload: u64,
+    /// With `--op watch`: watchers, all on one prefix that the run's puts write under [default: 1].
+    #[arg(long, value_name = "N")]
+    pub watchers: Option<u64>,
+    /// With `--op watch`: Watch streams (gRPC bidi streams), spread over the `--conns`
+    /// connections; the watchers are spread over the streams [default: --conns].
+    #[arg(long, value_name = "N")]
+    pub streams: Option<u64>,
+    /// With `--op watch`: puts per second, each sent on schedule, at most --clients at once
+    /// [default: 100].
+    #[arg(long, value_name = "PER_SEC")]
+    pub rate: Option<u64>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +102,8 @@ pub enum OpArg {
     Put,
     Get,
     Mixed,
+    /// Watchers on one prefix, puts under it at a fixed rate; measures event delivery.
+    Watch,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +130,19 @@ pub enum Workload {
     Mixed {
         read_ratio: f64,
     },
+    /// Watchers on one prefix; the requests are puts under it, at a fixed rate.
+    Watch(WatchSpec),
+}
+
+/// `--op watch`: who watches, and how fast the puts they watch come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchSpec {
+    pub watchers: usize,
+    /// Watch streams; stream `s` is on connection `s mod conns`, watcher `w` on stream `w mod
+    /// streams`.
+    pub streams: usize,
+    /// Puts per second.
+    pub rate: u64,
 }
 
 impl Workload {
@@ -113,13 +151,14 @@ impl Workload {
             Workload::Put => "put",
             Workload::Get => "get",
             Workload::Mixed { .. } => "mixed",
+            Workload::Watch(_) => "watch",
         }
     }
 
     /// The next request's operation.
     pub fn next_op(self, rng: &mut impl Rng) -> Op {
         match self {
-            Workload::Put => Op::Put,
+            Workload::Put | Workload::Watch(_) => Op::Put,
             Workload::Get => Op::Get,
             Workload::Mixed { read_ratio } => {
                 if rng.gen_bool(read_ratio) {
@@ -162,7 +201,7 @@ impl BenchArgs {
         if self.clients == 0 || self.clients > MAX_CLIENTS {
             return Err(format!("--clients must be 1 to {MAX_CLIENTS}, not {}", self.clients));
         }
-        if self.conns == 0 || self.conns > self.clients {
+        if self.op != OpArg::Watch && (self.conns == 0 || self.conns > self.clients) {
             return Err(format!(
                 "--conns must be 1 to --clients ({}), not {}: a connection without a client sends nothing",
                 self.clients, self.conns
@@ -178,8 +217,18 @@ impl BenchArgs {
                 }
                 Workload::Mixed { read_ratio }
             }
+            (OpArg::Watch, None) => Workload::Watch(self.watch_spec()?),
             (_, Some(_)) => return Err("--read-ratio applies to --op mixed only".to_owned()),
         };
+        if self.op != OpArg::Watch {
+            for (flag, given) in
+                [("--watchers", self.watchers), ("--streams", self.streams), ("--rate", self.rate)]
+            {
+                if given.is_some() {
+                    return Err(format!("{flag} applies to --op watch only"));
+                }
+            }
+        }
         if self.key_space == 0 || self.key_space > MAX_KEY_SPACE {
             return Err(format!("--key-space must be 1 to {MAX_KEY_SPACE}, not {}", self.key_space));
         }
@@ -189,11 +238,8 @@ impl BenchArgs {
                 self.value_size
             ));
         }
-        if self.preload > self.key_space {
-            return Err(format!(
-                "--preload ({}) must not exceed --key-space ({})",
-                self.preload, self.key_space
-            ));
+        if self.preload > MAX_OPS {
+            return Err(format!("--preload must be at most {MAX_OPS}, not {}", self.preload));
         }
         let ops = match self.ops {
             Some(0) => return Err("--ops must be at least 1".to_owned()),
@@ -226,6 +272,39 @@ impl BenchArgs {
             preload: self.preload,
             target_leader: self.target_leader,
         })
+    }
+
+    /// `--op watch`'s own flags. The watch streams need their connections: `--conns` is at most
+    /// `--streams`, which is at most `--watchers`. The puts have a connection of their own.
+    fn watch_spec(&self) -> Result<WatchSpec, String> {
+        let watchers = self.watchers.unwrap_or(DEFAULT_WATCHERS);
+        if watchers == 0 || watchers > MAX_WATCHERS {
+            return Err(format!("--watchers must be 1 to {MAX_WATCHERS}, not {watchers}"));
+        }
+        let streams = self.streams.unwrap_or(self.conns);
+        if self.streams.is_none() && streams > watchers {
+            return Err(format!(
+                "--conns ({streams}) must not exceed --watchers ({watchers}) with --op watch: \
+                 a connection without a watcher carries nothing"
+            ));
+        }
+        if streams == 0 || streams > watchers {
+            return Err(format!("--streams must be 1 to --watchers ({watchers}), not {streams}"));
+        }
+        if self.conns == 0 || self.conns > streams {
+            return Err(format!(
+                "--conns must be 1 to --streams ({streams}), not {}: a connection without a watch \
+                 stream carries nothing",
+                self.conns
+            ));
+        }
+        let rate = self.rate.unwrap_or(DEFAULT_RATE);
+        if rate == 0 || rate > MAX_RATE {
+            return Err(format!("--rate must be 1 to {MAX_RATE} puts per second, not {rate}"));
+        }
+        // All three are at most MAX_WATCHERS, which fits any usize.
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Ok(WatchSpec { watchers: size(watchers), streams: size(streams), rate })
     }
 }
 
@@ -296,6 +375,43 @@ pub enum BenchError {
     Runtime(std::io::Error),
     /// Every measured request failed (the first distinct errors are printed above).
     NothingSucceeded { errors: u64 },
+    /// `--op watch`: the watchers could not all be created, so no put was sent.
+    Watch { created: usize, wanted: usize, why: WatchFailure },
+}
+
+/// Why a watcher could not be created.
+#[derive(Debug)]
+pub enum WatchFailure {
+    /// The server refused the stream or the watcher (etcd's answer, or `Unimplemented` from a
+    /// server without Watch).
+    Refused(tonic::Status),
+    /// No answer to a create request within `--timeout`.
+    TimedOut(Duration),
+    /// The server ended the stream.
+    Ended,
+    /// The server canceled a watcher as it created it, with its reason.
+    Canceled(String),
+    /// The server gave one id to two watchers of a stream.
+    DuplicateId(i64),
+    /// The task opening a stream panicked or was cancelled.
+    Task(String),
+}
+
+impl fmt::Display for WatchFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WatchFailure::Refused(status) => {
+                write!(f, "the server answered {:?}: {}", status.code(), status.message())
+            }
+            WatchFailure::TimedOut(after) => {
+                write!(f, "no answer within {}s (--timeout)", after.as_secs_f64())
+            }
+            WatchFailure::Ended => write!(f, "the server ended the stream"),
+            WatchFailure::Canceled(reason) => write!(f, "the server canceled the watcher: {reason}"),
+            WatchFailure::DuplicateId(id) => write!(f, "the server gave watch id {id} twice on one stream"),
+            WatchFailure::Task(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 impl fmt::Display for BenchError {
@@ -310,6 +426,9 @@ impl fmt::Display for BenchError {
             BenchError::Runtime(e) => write!(f, "cannot start the runtime: {e}"),
             BenchError::NothingSucceeded { errors } => {
                 write!(f, "no request succeeded ({errors} errors)")
+            }
+            BenchError::Watch { created, wanted, why } => {
+                write!(f, "cannot create the watchers ({created} of {wanted} created): {why}")
             }
         }
     }
@@ -355,6 +474,14 @@ pub async fn run(
     plan: Plan,
 ) -> Result<String, BenchError> {
     let _ = writeln!(std::io::stderr(), "{}", plan.describe(endpoints));
+    if let Workload::Watch(spec) = plan.workload {
+        let (row, errors) = watch::run(endpoints, timeout, plan, spec).await?;
+        let _ = write!(std::io::stderr(), "{}", errors.describe());
+        if row.puts == 0 && errors.total > 0 {
+            return Err(BenchError::NothingSucceeded { errors: errors.total });
+        }
+        return Ok(if json { row.json_line() } else { row.table() });
+    }
     let (row, errors) = load::run(endpoints, timeout, plan).await?;
     let _ = write!(std::io::stderr(), "{}", errors.describe());
     if row.ops == 0 && errors.total > 0 {
@@ -373,12 +500,11 @@ impl Plan {
             Workload::Mixed { read_ratio } => {
                 format!("mixed, {:.0}% get ({})", read_ratio * 100.0, self.consistency.name())
             }
+            Workload::Watch(spec) => {
+                return self.describe_watch(spec, &endpoints);
+            }
         };
-        let bound = if self.ops == MAX_OPS {
-            format!("{}s", self.duration.as_secs_f64())
-        } else {
-            format!("{} requests or {}s", self.ops, self.duration.as_secs_f64())
-        };
+        let bound = self.bound();
         format!(
             "bench: {op}, {} clients over {} conns to {}{}, key space {}, {}-byte values, preload {}, warm-up {}s, then {bound}",
             self.clients,
@@ -389,6 +515,31 @@ impl Plan {
             self.value_size,
             self.preload,
             self.warmup.as_secs_f64(),
+        )
+    }
+
+    fn bound(&self) -> String {
+        if self.ops == MAX_OPS {
+            format!("{}s", self.duration.as_secs_f64())
+        } else {
+            format!("{} requests or {}s", self.ops, self.duration.as_secs_f64())
+        }
+    }
+
+    fn describe_watch(&self, spec: WatchSpec, endpoints: &[String]) -> String {
+        format!(
+            "bench: watch, {} watchers on {} streams over {} conns to {}{}, {} puts/s (at most {} in flight, on a connection of their own), {}-byte values, preload {}, warm-up {}s, then {}",
+            spec.watchers,
+            spec.streams,
+            self.conns,
+            endpoints.join(","),
+            if self.target_leader { " (the leader only)" } else { "" },
+            spec.rate,
+            self.clients,
+            self.value_size,
+            self.preload,
+            self.warmup.as_secs_f64(),
+            self.bound().replace("requests", "puts"),
         )
     }
 }
@@ -444,7 +595,7 @@ mod tests {
         assert!(refused(&["--op", "mixed", "--read-ratio", "NaN"]).contains("--read-ratio"));
         assert!(refused(&["--key-space", "0"]).contains("--key-space"));
         assert!(refused(&["--value-size", "2000000"]).contains("--value-size"));
-        assert!(refused(&["--key-space", "10", "--preload", "11"]).contains("--preload"));
+        assert!(refused(&["--preload", "1000000001"]).contains("--preload"));
         assert!(refused(&["--ops", "0"]).contains("--ops"));
         assert!(refused(&["--ops", "1000000001"]).contains("--ops"));
         assert!(refused(&["--duration", "0"]).contains("--duration"));
@@ -454,6 +605,49 @@ mod tests {
         assert!(refused(&["--warmup", "601"]).contains("--warmup"));
         assert!(refused(&["--op", "delete"]).contains("--op"));
         assert!(refused(&["--consistency", "eventual"]).contains("--consistency"));
+        for flag in ["--watchers", "--streams", "--rate"] {
+            assert!(refused(&[flag, "1"]).contains(&format!("{flag} applies to --op watch only")));
+        }
+    }
+
+    #[test]
+    fn a_preload_past_the_key_space_overwrites_to_make_history() {
+        let plan = args(&["--key-space", "10", "--preload", "100000"]).expect("valid");
+        assert_eq!((plan.key_space, plan.preload), (10, 100_000));
+    }
+
+    #[test]
+    fn watch_defaults_to_one_watcher_one_stream_and_100_puts_a_second() {
+        let plan = args(&["--op", "watch"]).expect("valid");
+        assert_eq!(plan.workload, Workload::Watch(WatchSpec { watchers: 1, streams: 1, rate: 100 }));
+        assert_eq!((plan.clients, plan.conns), (1, 1));
+        assert_eq!(plan.workload.name(), "watch");
+        assert_eq!(plan.workload.next_op(&mut StdRng::seed_from_u64(1)), Op::Put);
+    }
+
+    #[test]
+    fn watch_streams_default_to_the_connections_which_need_not_match_the_clients() {
+        let plan = args(&["--op", "watch", "--watchers", "10000", "--conns", "8"]).expect("valid");
+        assert_eq!(plan.workload, Workload::Watch(WatchSpec { watchers: 10_000, streams: 8, rate: 100 }));
+        assert_eq!((plan.clients, plan.conns), (1, 8));
+        let plan =
+            args(&["--op", "watch", "--watchers", "100", "--streams", "16", "--conns", "8", "--rate", "5"])
+                .expect("valid");
+        assert_eq!(plan.workload, Workload::Watch(WatchSpec { watchers: 100, streams: 16, rate: 5 }));
+    }
+
+    #[test]
+    fn watch_flags_that_do_not_fit_are_refused_with_the_flag_named() {
+        let refused = |a: &[&str]| args(&[&["--op", "watch"], a].concat()).expect_err("refused");
+        assert!(refused(&["--watchers", "0"]).contains("--watchers"));
+        assert!(refused(&["--watchers", "100001"]).contains("--watchers"));
+        assert!(refused(&["--watchers", "4", "--conns", "8"]).contains("--conns"));
+        assert!(refused(&["--watchers", "4", "--streams", "5"]).contains("--streams"));
+        assert!(refused(&["--watchers", "4", "--streams", "0"]).contains("--streams"));
+        assert!(refused(&["--watchers", "8", "--streams", "2", "--conns", "4"]).contains("--conns"));
+        assert!(refused(&["--rate", "0"]).contains("--rate"));
+        assert!(refused(&["--rate", "100001"]).contains("--rate"));
+        assert!(refused(&["--read-ratio", "0.5"]).contains("--read-ratio"));
     }
 
     #[test]

@@ -32,35 +32,10 @@ pub async fn run(
     timeout: Duration,
     plan: Plan,
 ) -> Result<(Row, ErrorTally), BenchError> {
-    let targets = if plan.target_leader {
-        let leader = find_leader(endpoints, timeout).await?;
-        note(&format!("leader: {leader}"));
-        vec![leader]
-    } else {
-        endpoints.to_vec()
-    };
-    let mut channels = Vec::with_capacity(plan.conns);
-    for conn in 0..plan.conns {
-        // spread() is below len() for a non-empty list; clap guarantees at least one endpoint.
-        if let Some(endpoint) = targets.get(spread(conn, targets.len())) {
-            channels.push(connect(endpoint, timeout).await?);
-        }
-    }
+    let targets = targets(endpoints, timeout, &plan).await?;
+    let channels = connect_spread(&targets, plan.conns, timeout).await?;
     let plan = Arc::new(plan);
-
-    if plan.preload > 0 {
-        let started = Instant::now();
-        let errors = preload(&channels, &plan).await;
-        note(&format!(
-            "preloaded keys 0..{} in {:.1}s ({} errors)",
-            plan.preload,
-            started.elapsed().as_secs_f64(),
-            errors.total
-        ));
-        if errors.total > 0 {
-            note(&errors.describe());
-        }
-    }
+    preload_noted(&channels, &plan).await;
 
     let start = Instant::now() + plan.warmup;
     let window = Arc::new(Window { start, end: start + plan.duration, issued: AtomicU64::new(0) });
@@ -90,7 +65,56 @@ pub async fn run(
     Ok((row, total.errors))
 }
 
-fn note(text: &str) {
+/// The endpoints the run sends to: the leader alone with `--target-leader`, else all of them.
+pub(super) async fn targets(
+    endpoints: &[Endpoint],
+    timeout: Duration,
+    plan: &Plan,
+) -> Result<Vec<Endpoint>, BenchError> {
+    if plan.target_leader {
+        let leader = find_leader(endpoints, timeout).await?;
+        note(&format!("leader: {leader}"));
+        Ok(vec![leader])
+    } else {
+        Ok(endpoints.to_vec())
+    }
+}
+
+/// `count` connections, connection `j` to target `j mod targets`.
+pub(super) async fn connect_spread(
+    targets: &[Endpoint],
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<Channel>, BenchError> {
+    let mut channels = Vec::with_capacity(count);
+    for conn in 0..count {
+        // spread() is below len() for a non-empty list; clap guarantees at least one endpoint.
+        if let Some(endpoint) = targets.get(spread(conn, targets.len())) {
+            channels.push(connect(endpoint, timeout).await?);
+        }
+    }
+    Ok(channels)
+}
+
+/// `--preload`, if asked for, saying on stderr how long it took and what failed.
+pub(super) async fn preload_noted(channels: &[Channel], plan: &Arc<Plan>) {
+    if plan.preload == 0 {
+        return;
+    }
+    let started = Instant::now();
+    let errors = preload(channels, plan).await;
+    let keys = if plan.preload > plan.key_space {
+        format!("{} puts over keys 0..{}", plan.preload, plan.key_space)
+    } else {
+        format!("keys 0..{}", plan.preload)
+    };
+    note(&format!("preloaded {keys} in {:.1}s ({} errors)", started.elapsed().as_secs_f64(), errors.total));
+    if errors.total > 0 {
+        note(&errors.describe());
+    }
+}
+
+pub(super) fn note(text: &str) {
     let _ = writeln!(std::io::stderr(), "{}", text.trim_end());
 }
 
@@ -143,7 +167,7 @@ async fn client_loop(
     (tally, Instant::now())
 }
 
-async fn send(
+pub(super) async fn send(
     kv: &mut KvClient<Channel>,
     op: Op,
     key: Vec<u8>,
@@ -157,11 +181,12 @@ async fn send(
 }
 
 /// An error as counted: gRPC code and message (etcd's and Keel's messages are stable texts).
-fn describe(status: &tonic::Status) -> String {
+pub(super) fn describe(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-/// Puts keys `0..plan.preload` with `PRELOAD_CLIENTS` (or `--clients`, if more) in flight, spread
+/// Puts keys `0..plan.preload` (key `i mod key_space`: past the key space, each put overwrites,
+/// adding a revision of history) with `PRELOAD_CLIENTS` (or `--clients`, if more) in flight, spread
 /// over the connections. Failed puts are counted, not retried: a missing key only makes a get
 /// find nothing.
 async fn preload(channels: &[Channel], plan: &Arc<Plan>) -> ErrorTally {
@@ -181,7 +206,7 @@ async fn preload(channels: &[Channel], plan: &Arc<Plan>) -> ErrorTally {
                 if i >= plan.preload {
                     break;
                 }
-                if let Err(status) = send(&mut kv, Op::Put, key(i), &value, false).await {
+                if let Err(status) = send(&mut kv, Op::Put, key(i % plan.key_space), &value, false).await {
                     errors.add(describe(&status));
                 }
             }
@@ -200,7 +225,7 @@ async fn preload(channels: &[Channel], plan: &Arc<Plan>) -> ErrorTally {
 
 /// One HTTP/2 connection to `endpoint`, made now so that an unreachable endpoint fails the run
 /// before it starts; `timeout` bounds the connect and, later, every request on it.
-async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, BenchError> {
+pub(super) async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, BenchError> {
     let failed = |source| BenchError::Connect { endpoint: endpoint.to_string(), source };
     GrpcEndpoint::from_shared(format!("http://{endpoint}"))
         .map_err(failed)?

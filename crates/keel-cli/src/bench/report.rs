@@ -6,7 +6,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::{Plan, Workload};
+use super::{Plan, WatchSpec, Workload};
 use crate::output;
 
 /// Distinct error messages kept (with their counts) for the report; later ones are only counted.
@@ -128,12 +128,12 @@ impl Row {
         Row {
             op: plan.workload.name(),
             consistency: match plan.workload {
-                Workload::Put => None,
+                Workload::Put | Workload::Watch(_) => None,
                 Workload::Get | Workload::Mixed { .. } => Some(plan.consistency.name()),
             },
             read_ratio: match plan.workload {
                 Workload::Mixed { read_ratio } => Some(read_ratio),
-                Workload::Put | Workload::Get => None,
+                Workload::Put | Workload::Get | Workload::Watch(_) => None,
             },
             clients: plan.clients,
             conns: plan.conns,
@@ -200,6 +200,138 @@ impl Row {
     }
 }
 
+/// The result of a watch run (`--op watch`), as one table row and one JSON line (fields in this
+/// order). Latencies are from just before a put is sent to a watcher's receipt of its event, one
+/// sample per watcher and measured put, as etcd's `benchmark watch-latency` measures them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WatchRow {
+    pub op: &'static str,
+    pub watchers: usize,
+    pub streams: usize,
+    pub conns: usize,
+    /// Most puts in flight.
+    pub clients: usize,
+    /// Puts per second asked for.
+    pub rate: u64,
+    pub value_size: usize,
+    /// Measured puts acknowledged.
+    pub puts: u64,
+    /// Put sent → put acknowledged.
+    pub put_p50_us: u64,
+    pub put_p99_us: u64,
+    /// Events of measured puts received, over all watchers.
+    pub events: u64,
+    pub events_per_s: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    /// Acknowledged puts (warm-up included) whose event a watcher never got, summed over watchers.
+    pub missed: u64,
+    /// Failed puts, broken streams, canceled watchers, unexpected events.
+    pub errors: u64,
+    /// From the start of the measurement to the last measured event received (or the last put
+    /// sent, if later).
+    pub duration_s: f64,
+}
+
+impl WatchRow {
+    pub fn new(
+        plan: &Plan,
+        spec: WatchSpec,
+        puts: &Tally,
+        events: &Tally,
+        missed: u64,
+        errors: u64,
+        elapsed: Duration,
+    ) -> WatchRow {
+        let secs = elapsed.as_secs_f64();
+        let n = events.latency_us.len();
+        WatchRow {
+            op: "watch",
+            watchers: spec.watchers,
+            streams: spec.streams,
+            conns: plan.conns,
+            clients: plan.clients,
+            rate: spec.rate,
+            value_size: plan.value_size,
+            puts: puts.latency_us.len(),
+            put_p50_us: quantile(puts, 0.5),
+            put_p99_us: quantile(puts, 0.99),
+            events: n,
+            events_per_s: round_to(if secs > 0.0 { n as f64 / secs } else { 0.0 }, 1),
+            p50_us: quantile(events, 0.5),
+            p90_us: quantile(events, 0.9),
+            p99_us: quantile(events, 0.99),
+            p999_us: quantile(events, 0.999),
+            max_us: if n == 0 { 0 } else { events.latency_us.max() },
+            missed,
+            errors,
+            duration_s: round_to(secs, 3),
+        }
+    }
+
+    /// The JSON line (with its newline).
+    pub fn json_line(&self) -> String {
+        // As Row::json_line: a struct of numbers and strings always serializes.
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+
+    /// The table: a header and one row.
+    pub fn table(&self) -> String {
+        let row = vec![
+            self.op.to_owned(),
+            self.watchers.to_string(),
+            self.streams.to_string(),
+            self.conns.to_string(),
+            self.puts.to_string(),
+            self.put_p99_us.to_string(),
+            self.events.to_string(),
+            format!("{:.1}", self.events_per_s),
+            self.p50_us.to_string(),
+            self.p90_us.to_string(),
+            self.p99_us.to_string(),
+            self.p999_us.to_string(),
+            self.max_us.to_string(),
+            self.missed.to_string(),
+            self.errors.to_string(),
+            format!("{:.3}", self.duration_s),
+        ];
+        output::table(
+            &[
+                "OP",
+                "WATCHERS",
+                "STREAMS",
+                "CONNS",
+                "PUTS",
+                "PUT P99 µs",
+                "EVENTS",
+                "EVENTS/S",
+                "P50 µs",
+                "P90 µs",
+                "P99 µs",
+                "P99.9 µs",
+                "MAX µs",
+                "MISSED",
+                "ERRORS",
+                "SECS",
+            ],
+            &[row],
+        )
+    }
+}
+
+fn quantile(tally: &Tally, q: f64) -> u64 {
+    if tally.latency_us.is_empty() {
+        0
+    } else {
+        tally.latency_us.value_at_quantile(q)
+    }
+}
+
 fn round_to(x: f64, decimals: i32) -> f64 {
     let scale = 10f64.powi(decimals);
     (x * scale).round() / scale
@@ -217,12 +349,12 @@ mod tests {
         errors.first.iter().cloned().collect()
     }
 
-    fn plan(op: OpArg, read_ratio: Option<f64>) -> Plan {
+    fn plan_args() -> BenchArgs {
         BenchArgs {
             clients: 64,
             conns: 4,
-            op,
-            read_ratio,
+            op: OpArg::Put,
+            read_ratio: None,
             consistency: Consistency::Serializable,
             key_space: 1000,
             value_size: 256,
@@ -231,9 +363,14 @@ mod tests {
             warmup: Duration::ZERO,
             target_leader: false,
             preload: 0,
+            watchers: None,
+            streams: None,
+            rate: None,
         }
-        .plan()
-        .expect("valid plan")
+    }
+
+    fn plan(op: OpArg, read_ratio: Option<f64>) -> Plan {
+        BenchArgs { op, read_ratio, ..plan_args() }.plan().expect("valid plan")
     }
 
     fn tally(latencies_us: impl IntoIterator<Item = u64>) -> Tally {
@@ -261,6 +398,44 @@ mod tests {
         assert!(row
             .json_line()
             .starts_with("{\"op\":\"mixed\",\"consistency\":\"serializable\",\"read_ratio\":0.9,"));
+    }
+
+    #[test]
+    fn a_watch_row_has_its_fields_in_order() {
+        let plan = BenchArgs {
+            op: OpArg::Watch,
+            clients: 8,
+            conns: 2,
+            watchers: Some(100),
+            streams: Some(4),
+            rate: None,
+            consistency: Consistency::Linearizable,
+            ..plan_args()
+        }
+        .plan()
+        .expect("valid plan");
+        let Workload::Watch(spec) = plan.workload else { panic!("a watch plan") };
+        let mut puts = tally([1000, 2000]);
+        puts.errors.add("put: Unavailable: leader changed".to_owned());
+        let row = WatchRow::new(&plan, spec, &puts, &tally(1..=1000), 3, 1, Duration::from_millis(500));
+        assert_eq!(
+            row.json_line(),
+            "{\"op\":\"watch\",\"watchers\":100,\"streams\":4,\"conns\":2,\"clients\":8,\"rate\":100,\
+             \"value_size\":256,\"puts\":2,\"put_p50_us\":1000,\"put_p99_us\":2000,\"events\":1000,\
+             \"events_per_s\":2000.0,\"p50_us\":500,\"p90_us\":900,\"p99_us\":990,\"p999_us\":999,\
+             \"max_us\":1000,\"missed\":3,\"errors\":1,\"duration_s\":0.5}\n"
+        );
+        let text = row.table();
+        assert!(
+            text.starts_with("OP     WATCHERS  STREAMS  CONNS  PUTS  PUT P99 µs  EVENTS  EVENTS/S"),
+            "{text}"
+        );
+        assert!(
+            text.lines().nth(1).expect("a row").starts_with("watch  100       4        2      2     2000 "),
+            "{text}"
+        );
+        let empty = WatchRow::new(&plan, spec, &Tally::default(), &Tally::default(), 0, 0, Duration::ZERO);
+        assert_eq!((empty.events_per_s, empty.p99_us, empty.put_p99_us, empty.max_us), (0.0, 0, 0, 0));
     }
 
     #[test]

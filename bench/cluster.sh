@@ -1,0 +1,151 @@
+# Sourced by bench/compare-etcd.sh and bench/disk-per-put.sh: start, wait for and stop a 3-member
+# etcd or Keel cluster on loopback, and stop every process started when the script ends.
+#
+# The sourcing script sets prog (its name, for messages), PORT_BASE, KEEP, ETCD, KEEL and KEELD,
+# then, once it has made `work` (a fresh directory for the data dirs and logs), calls
+# cluster_init. It may define cleanup_more, run at exit.
+
+die() { echo "$prog: $*" >&2; exit 2; }
+note() { echo "$prog: $*" >&2; }
+
+# The binaries, and how to get them.
+check_binaries() {
+    [[ -n $ETCD && -x $ETCD ]] ||
+        die "etcd not found: install it with 'apt-get install etcd-server' (Debian, /usr/bin/etcd) or set ETCD=/path/to/etcd"
+    for bin in "$KEEL" "$KEELD"; do
+        [[ -x $bin ]] ||
+            die "$bin not found: build it with 'cargo build --release -p keel-cli -p keel-kv' (or set KEEL=, KEELD=)"
+    done
+}
+
+# ---- processes: every one started is tracked by pid and stopped on exit ----------------------
+
+pids=()  # the running cluster's members
+child="" # the running keel command
+
+# Runs a command in the background, stdout to OUT and stderr appended to ERR, and waits for it: a
+# signal to this script is then handled at once (bash defers traps until a foreground command
+# ends), and cleanup can stop the command.
+run_child() { # OUT ERR command...
+    local out=$1 err=$2
+    shift 2
+    "$@" >"$out" 2>>"$err" &
+    child=$!
+    local rc=0
+    wait "$child" || rc=$?
+    child=""
+    return "$rc"
+}
+
+stop_cluster() { # [grace seconds, default 10]
+    ((${#pids[@]})) || return 0
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    # Give the members time to stop in order (etcd takes about 7 s when all stop at once), then
+    # kill what is left.
+    for _ in $(seq $((${1:-10} * 10))); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+    pids=()
+}
+
+cleanup() {
+    [[ -n $child ]] && kill -TERM "$child" 2>/dev/null
+    # After an interruption nobody waits for an orderly stop of throwaway clusters.
+    stop_cluster "$((interrupted ? 1 : 10))"
+    if [[ $KEEP == 1 ]]; then note "kept $work"; else rm -rf "$work"; fi
+    if declare -F cleanup_more >/dev/null; then cleanup_more; fi
+}
+interrupted=0
+
+# From here on, everything started is stopped when the script ends.
+cluster_init() {
+    trap cleanup EXIT
+    trap 'interrupted=1; note "interrupted"; exit 130' INT
+    trap 'interrupted=1; exit 143' TERM
+    if [[ $(stat -f -c %T "$work") == tmpfs ]]; then
+        note "warning: $work is on tmpfs, where fsync does nothing; set KEEL_BENCH_DIR to a disk"
+    fi
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Ports: etcd member i: client PORT_BASE+10i, peer +1; Keel node i: PORT_BASE+100+10i, peer +1.
+client_port() {
+    local offset=0
+    [[ $1 == keel ]] && offset=100
+    echo $((PORT_BASE + offset + 10 * $2))
+}
+peer_port() { echo $(($(client_port "$1" "$2") + 1)); }
+endpoints() { echo "127.0.0.1:$(client_port "$1" 1),127.0.0.1:$(client_port "$1" 2),127.0.0.1:$(client_port "$1" 3)"; }
+
+# Member i's state: etcd's member dir, Keel's data dir.
+state_dir() { # system rep i
+    if [[ $1 == etcd ]]; then echo "$work/etcd-$2/e$3/member"; else echo "$work/keel-$2/n$3"; fi
+}
+
+start_etcd() {
+    local dir=$work/etcd-$1 cluster=""
+    for i in 1 2 3; do cluster+="${cluster:+,}e$i=http://127.0.0.1:$(peer_port etcd "$i")"; done
+    for i in 1 2 3; do
+        local c=http://127.0.0.1:$(client_port etcd "$i") p=http://127.0.0.1:$(peer_port etcd "$i")
+        mkdir -p "$dir"
+        "$ETCD" --name "e$i" --data-dir "$dir/e$i" \
+            --listen-client-urls "$c" --advertise-client-urls "$c" \
+            --listen-peer-urls "$p" --initial-advertise-peer-urls "$p" \
+            --initial-cluster "$cluster" --initial-cluster-token keel-compare --initial-cluster-state new \
+            >"$dir/e$i.log" 2>&1 &
+        pids+=($!)
+    done
+}
+
+start_keel() {
+    local dir=$work/keel-$1 cluster=""
+    for i in 1 2 3; do cluster+="${cluster:+,}$i=127.0.0.1:$(peer_port keel "$i")"; done
+    for i in 1 2 3; do
+        mkdir -p "$dir"
+        "$KEELD" --id "$i" --data-dir "$dir/n$i" \
+            --client-addr "127.0.0.1:$(client_port keel "$i")" --peer-addr "127.0.0.1:$(peer_port keel "$i")" \
+            --initial-cluster "$cluster" >"$dir/n$i.log" 2>&1 &
+        pids+=($!)
+    done
+}
+
+# Starts 3 members of SYSTEM in fresh data dirs, after checking that their ports are free.
+start_cluster() { # system rep
+    for i in 1 2 3; do
+        for port in $(client_port "$1" "$i") $(peer_port "$1" "$i"); do
+            port_free "$port" || die "port $port is in use (set PORT_BASE)"
+        done
+    done
+    note "$1 rep $2: starting 3 members"
+    "start_$1" "$2"
+    wait_ready "$1" "$2"
+}
+
+# Ready: a leader answers a linearizable read. Polls for at most 60 s, and stops early if a
+# member died.
+wait_ready() {
+    local system=$1 rep=$2 eps
+    eps=$(endpoints "$system")
+    for _ in $(seq 120); do
+        if run_child /dev/null /dev/null "$KEEL" --endpoints "$eps" --timeout 1 bench --target-leader \
+            --op get --key-space 1 --ops 1 --warmup 0; then
+            return 0
+        fi
+        check_alive "$system" "$rep"
+        sleep 0.5
+    done
+    tail -n 20 "$work/$system-$rep"/*.log >&2
+    die "$system did not elect a leader within 60 s"
+}
+
+check_alive() { # system rep
+    for pid in "${pids[@]}"; do
+        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$work/$1-$2"/*.log >&2; die "$1: a member exited (its log is above)"; }
+    done
+}
