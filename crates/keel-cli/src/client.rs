@@ -21,6 +21,13 @@ use serde::Deserialize;
 /// `max_request_bytes`, so this is generous; it only stops a runaway answer.
 const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
 
+/// TCP keep-alive on every connection: probes after this much silence, ...
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// ... then one every this long, ...
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// ... and the connection fails after this many unanswered: a vanished peer is noticed in ~16 s.
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
 /// Bytes kept verbatim in a key or query value: RFC 3986 unreserved characters. Everything else,
 /// `/` included, is percent-encoded, so a key never produces `//` or a dot segment in the path.
 const KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
@@ -180,11 +187,18 @@ impl fmt::Display for Unreachable {
 
 /// Whether `request`, having failed with `failure` on one endpoint, may be sent to the next.
 ///
-/// Reads may go anywhere. A write goes to another endpoint only when this one certainly did not
-/// carry it out; otherwise a retry could apply it twice (a `txn` whose compares see its own first
+/// Reads, and writes that do no harm when carried out twice ([`ApiRequest::repeatable`]), may go
+/// anywhere. Any other write goes to another endpoint only when this one certainly did not carry
+/// it out; otherwise a retry could apply it twice (a `txn` whose compares see its own first
 /// run, a membership change made twice), so the caller must learn that the outcome is unknown.
 pub fn may_fail_over(request: &ApiRequest, failure: &Unreachable) -> bool {
-    request.is_read() || failure.certainly_not_applied()
+    request.may_repeat() || failure.certainly_not_applied()
+}
+
+/// Whether a request that waits in line ([`Client::call_waiting`]), having failed with `failure`
+/// on one endpoint, may be sent to the next: only when it certainly never reached the server.
+pub fn waiting_may_fail_over(_request: &ApiRequest, failure: &Unreachable) -> bool {
+    matches!(failure, Unreachable::Connect(_))
 }
 
 /// One failed attempt, for the "no endpoint answered" message.
@@ -286,8 +300,13 @@ impl StdError for ClientError {}
 #[derive(Debug)]
 pub enum DecodeError {
     Json(serde_json::Error),
-    Base64 { field: &'static str, reason: base64::DecodeError },
+    Base64 {
+        field: &'static str,
+        reason: base64::DecodeError,
+    },
     MissingKey,
+    /// Bytes the answer must carry, as `field` or `field_base64`, are in neither.
+    Missing(&'static str),
 }
 
 impl fmt::Display for DecodeError {
@@ -296,6 +315,7 @@ impl fmt::Display for DecodeError {
             DecodeError::Json(e) => write!(f, "{e}"),
             DecodeError::Base64 { field, reason } => write!(f, "{field} is not base64: {reason}"),
             DecodeError::MissingKey => write!(f, "a key-value has neither key nor key_base64"),
+            DecodeError::Missing(field) => write!(f, "the answer has neither {field} nor {field}_base64"),
         }
     }
 }
@@ -351,15 +371,17 @@ pub struct ApiRequest {
     pub path: String,
     pub body: Bytes,
     pub content_type: Option<&'static str>,
+    /// A write that does no harm when carried out twice (see [`ApiRequest::repeatable`]).
+    pub repeatable: bool,
 }
 
 impl ApiRequest {
     pub fn get(path: String) -> ApiRequest {
-        ApiRequest { method: Method::GET, path, body: Bytes::new(), content_type: None }
+        ApiRequest { method: Method::GET, path, body: Bytes::new(), content_type: None, repeatable: false }
     }
 
     pub fn delete(path: String) -> ApiRequest {
-        ApiRequest { method: Method::DELETE, path, body: Bytes::new(), content_type: None }
+        ApiRequest { method: Method::DELETE, path, body: Bytes::new(), content_type: None, repeatable: false }
     }
 
     pub fn put_bytes(path: String, body: Vec<u8>) -> ApiRequest {
@@ -368,6 +390,7 @@ impl ApiRequest {
             path,
             body: Bytes::from(body),
             content_type: Some("application/octet-stream"),
+            repeatable: false,
         }
     }
 
@@ -377,18 +400,33 @@ impl ApiRequest {
             path,
             body: Bytes::from(body.to_string()),
             content_type: Some("application/json"),
+            repeatable: false,
         }
     }
 
     /// A POST with no body at all (`POST /v1/cluster/init` for a single-node cluster).
     pub fn post_empty(path: String) -> ApiRequest {
-        ApiRequest { method: Method::POST, path, body: Bytes::new(), content_type: None }
+        ApiRequest { method: Method::POST, path, body: Bytes::new(), content_type: None, repeatable: false }
+    }
+
+    /// Marks a write whose second run, after a first that may have happened, changes nothing more
+    /// than the first did: a lease keep-alive, releasing a lock by its key, a resignation guarded
+    /// by the leader key's create revision. It then fails over like a read.
+    pub fn repeatable(mut self) -> ApiRequest {
+        self.repeatable = true;
+        self
     }
 
     /// A read changes nothing on the server, so sending it twice is harmless. Every `GET` of the
     /// API is one; every other method is a write.
     pub fn is_read(&self) -> bool {
         self.method == Method::GET
+    }
+
+    /// Whether sending the request again, after an attempt that may have been carried out, is
+    /// harmless: a read, or a write marked [`ApiRequest::repeatable`].
+    pub fn may_repeat(&self) -> bool {
+        self.is_read() || self.repeatable
     }
 }
 
@@ -425,8 +463,22 @@ pub struct Client {
 
 impl Client {
     pub fn new(endpoints: Vec<Endpoint>, timeout: Duration) -> Client {
-        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+        let mut connector = HttpConnector::new();
+        // Bounds connecting on its own, for the requests whose answer may take long to come
+        // ([`Client::call_waiting`]); the other requests are bounded as a whole anyway.
+        connector.set_connect_timeout(Some(timeout));
+        // A request that waits for its answer (a lock, a campaign) would otherwise wait forever
+        // on a peer that vanished without closing the connection (a host down, a network cut).
+        connector.set_keepalive(Some(TCP_KEEPALIVE_IDLE));
+        connector.set_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL));
+        connector.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
         Client { endpoints, timeout, http }
+    }
+
+    /// The same client (same endpoints and connections) with another per-request timeout.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client { timeout, ..self.clone() }
     }
 
     /// Tries the endpoints in order. A read moves on to the next one after any failure to
@@ -434,9 +486,31 @@ impl Client {
     /// and otherwise stops with [`ClientError::OutcomeUnknown`]. Any answer (success or error) is
     /// final.
     pub async fn call(&self, request: &ApiRequest) -> Result<Answer, ClientError> {
+        self.call_until(request, Some(self.timeout), may_fail_over).await
+    }
+
+    /// [`Client::call`] for a request that waits in line on the server and is answered once at
+    /// the front (a lock acquired, an election won): connecting is bounded by the timeout, the
+    /// answer is awaited for as long as it takes.
+    ///
+    /// It moves on to the next endpoint only when connecting failed. Any other failure, a
+    /// retryable `503` included, may come after the request took its place in line (its key
+    /// made): the server may then still withdraw that place at any time, so the place must be
+    /// given up (its lease revoked) rather than taken up again by the same request elsewhere.
+    /// Such a failure is [`ClientError::OutcomeUnknown`].
+    pub async fn call_waiting(&self, request: &ApiRequest) -> Result<Answer, ClientError> {
+        self.call_until(request, None, waiting_may_fail_over).await
+    }
+
+    async fn call_until(
+        &self,
+        request: &ApiRequest,
+        deadline: Option<Duration>,
+        may_fail_over: impl Fn(&ApiRequest, &Unreachable) -> bool,
+    ) -> Result<Answer, ClientError> {
         let mut attempts = Vec::new();
         for endpoint in &self.endpoints {
-            match self.call_endpoint(endpoint, request).await {
+            match self.call_endpoint(endpoint, request, deadline).await {
                 Outcome::Final(result) => return result,
                 Outcome::Unreachable(failure) => {
                     let fail_over = may_fail_over(request, &failure);
@@ -517,9 +591,14 @@ impl Client {
         &self.endpoints
     }
 
+    /// The per-request timeout (`--timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Sends to exactly one endpoint, with no failover (e.g. one member's own status).
     pub async fn call_one(&self, endpoint: &Endpoint, request: &ApiRequest) -> Result<Answer, ClientError> {
-        match self.call_endpoint(endpoint, request).await {
+        match self.call_endpoint(endpoint, request, Some(self.timeout)).await {
             Outcome::Final(result) => result,
             Outcome::Unreachable(failure) => {
                 let attempt = Attempt { endpoint: endpoint.clone(), failure };
@@ -532,7 +611,14 @@ impl Client {
         }
     }
 
-    async fn call_endpoint(&self, endpoint: &Endpoint, request: &ApiRequest) -> Outcome {
+    /// One attempt on one endpoint; `deadline` bounds connecting, sending and reading the whole
+    /// answer (`None`: only connecting is bounded, by the connector's timeout).
+    async fn call_endpoint(
+        &self,
+        endpoint: &Endpoint,
+        request: &ApiRequest,
+        deadline: Option<Duration>,
+    ) -> Outcome {
         let mut builder = Request::builder().method(request.method.clone()).uri(endpoint.url(&request.path));
         if let Some(ct) = request.content_type {
             builder = builder.header(hyper::header::CONTENT_TYPE, ct);
@@ -560,10 +646,16 @@ impl Client {
                 .to_bytes();
             Ok::<_, Unreachable>((status, body))
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_elapsed) => Outcome::Unreachable(Unreachable::TimedOut(self.timeout)),
-            Ok(Err(failure)) => Outcome::Unreachable(failure),
-            Ok(Ok((status, body))) => classify(endpoint, status, &body),
+        let answered = match deadline {
+            Some(deadline) => match tokio::time::timeout(deadline, exchange).await {
+                Err(_elapsed) => return Outcome::Unreachable(Unreachable::TimedOut(deadline)),
+                Ok(answered) => answered,
+            },
+            None => exchange.await,
+        };
+        match answered {
+            Err(failure) => Outcome::Unreachable(failure),
+            Ok((status, body)) => classify(endpoint, status, &body),
         }
     }
 }
@@ -625,6 +717,8 @@ pub struct WireKv {
     pub key_base64: Option<String>,
     pub value: Option<String>,
     pub value_base64: Option<String>,
+    pub mod_revision: Option<i64>,
+    pub create_revision: Option<i64>,
 }
 
 /// A decoded key-value: bytes, whatever their encoding on the wire.
@@ -655,6 +749,32 @@ fn decode_base64(field: &'static str, text: &str) -> Result<Vec<u8>, DecodeError
     base64::engine::general_purpose::STANDARD
         .decode(text)
         .map_err(|reason| DecodeError::Base64 { field, reason })
+}
+
+/// Bytes that travel as `field` (UTF-8 text) or `field_base64`, as the server sends keys, names
+/// and values.
+pub fn text_or_base64(
+    field: &'static str,
+    text: Option<&str>,
+    b64: Option<&str>,
+) -> Result<Vec<u8>, DecodeError> {
+    match (text, b64) {
+        (Some(t), _) => Ok(t.as_bytes().to_vec()),
+        (None, Some(b)) => decode_base64(field, b),
+        (None, None) => Err(DecodeError::Missing(field)),
+    }
+}
+
+/// Puts bytes into a JSON body as the server reads them: `field` when they are UTF-8 text, else
+/// `field_base64`.
+pub fn put_bytes_field(body: &mut serde_json::Map<String, serde_json::Value>, field: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => body.insert(field.to_owned(), text.into()),
+        Err(_) => body.insert(
+            format!("{field}_base64"),
+            base64::engine::general_purpose::STANDARD.encode(bytes).into(),
+        ),
+    };
 }
 
 /// Decodes a list of wire key-values, naming the endpoint on failure.
@@ -764,6 +884,63 @@ pub struct StatusAnswer {
 pub struct Replication {
     pub matched_index: Option<u64>,
     pub lag: Option<u64>,
+}
+
+/// `POST /v1/lease/grant` and `POST /v1/lease/keepalive`: the lease and its TTL in seconds (the
+/// granted TTL, not what is left of it).
+#[derive(Debug, Deserialize)]
+pub struct LeaseAnswer {
+    pub id: i64,
+    pub ttl: i64,
+}
+
+/// `GET /v1/lease/ttl`.
+#[derive(Debug, Deserialize)]
+pub struct LeaseTtlAnswer {
+    pub id: i64,
+    /// Seconds left.
+    pub ttl: i64,
+    pub granted_ttl: i64,
+    /// Keys only (no values); present when asked for with `keys=true`.
+    #[serde(default)]
+    pub keys: Vec<WireKv>,
+}
+
+/// `GET /v1/lease/list`.
+#[derive(Debug, Deserialize)]
+pub struct LeasesAnswer {
+    #[serde(default)]
+    pub leases: Vec<i64>,
+}
+
+/// `POST /v1/lock/acquire`: the holder's key.
+#[derive(Debug, Deserialize)]
+pub struct LockAnswer {
+    pub key: Option<String>,
+    pub key_base64: Option<String>,
+}
+
+impl LockAnswer {
+    pub fn key(&self, endpoint: &Endpoint) -> Result<Vec<u8>, ClientError> {
+        text_or_base64("key", self.key.as_deref(), self.key_base64.as_deref())
+            .map_err(|reason| ClientError::BadAnswer { endpoint: endpoint.clone(), reason })
+    }
+}
+
+/// `POST /v1/election/campaign`: the leadership won, which `proclaim` and `resign` name.
+#[derive(Debug, Deserialize)]
+pub struct CampaignAnswer {
+    pub key: Option<String>,
+    pub key_base64: Option<String>,
+    /// The leader key's create revision.
+    pub rev: i64,
+    pub lease: i64,
+}
+
+/// `GET /v1/election/leader`, and each message of `GET /v1/election/observe`.
+#[derive(Debug, Deserialize)]
+pub struct LeaderAnswer {
+    pub kv: WireKv,
 }
 
 /// `POST /v1/cluster/transfer-leader`.
@@ -922,6 +1099,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn repeatable_writes_fail_over_like_reads_and_waits_only_after_a_refused_connect() {
+        let keep_alive =
+            ApiRequest::post_json("/v1/lease/keepalive".into(), &serde_json::json!({"id": 1})).repeatable();
+        let acquire = ApiRequest::post_json("/v1/lock/acquire".into(), &serde_json::json!({"name": "n"}));
+        assert!(keep_alive.may_repeat() && !keep_alive.is_read());
+        assert!(!acquire.may_repeat());
+        let failures = [
+            Unreachable::Retryable { code: "no_leader".into(), message: "retry".into() },
+            Unreachable::TimedOut(Duration::from_secs(1)),
+            Unreachable::Body("connection reset".into()),
+        ];
+        for failure in &failures {
+            assert!(may_fail_over(&keep_alive, failure), "a keep-alive moves on after {failure}");
+            // A wait may have taken its place in line before any of these.
+            assert!(!waiting_may_fail_over(&acquire, failure), "a wait stops after {failure}");
+        }
+    }
+
     /// A real connect failure (nothing listens on the port) is the one transport error after
     /// which a write moves on; any other transport error stops it.
     #[tokio::test]
@@ -930,10 +1126,11 @@ mod tests {
         let client = Client::new(Vec::new(), Duration::from_secs(5));
         let ep = Endpoint::parse(&format!("127.0.0.1:{port}")).expect("valid endpoint");
         let put = ApiRequest::put_bytes("/v1/kv/k".into(), b"v".to_vec());
-        match client.call_endpoint(&ep, &put).await {
+        match client.call_endpoint(&ep, &put, Some(Duration::from_secs(5))).await {
             Outcome::Unreachable(failure @ Unreachable::Connect(_)) => {
                 assert_eq!(failure.to_string(), "connection refused");
                 assert!(may_fail_over(&put, &failure));
+                assert!(waiting_may_fail_over(&put, &failure));
             }
             Outcome::Unreachable(other) => panic!("expected a connect error, got {other}"),
             Outcome::Final(r) => panic!("expected a connect error, got {r:?}"),

@@ -6,13 +6,20 @@
 //! - `client.rs`: endpoints, failover, the wire types and the error a command reports.
 //! - `txn.rs`: etcdctl's txn syntax into the `POST /v1/txn` body.
 //! - `output.rs`: text and JSON output.
+//! - `lease.rs`: `keel lease …` and lease ids (hex for people, i64 on the wire).
+//! - `session.rs`: holding a lease: the keep-alive schedule and what it proves, the background
+//!   keep-alive, waiting in line under a lease, the signals that end a holder.
+//! - `lock.rs`: `keel lock`, and the command it runs tied to its life (`keel run-tied`).
+//! - `elect.rs`: `keel elect`, campaigning and observing.
 //! - `bench.rs`, `bench/`: `keel bench`, a load generator over the etcd v3 gRPC API (not HTTP), so
 //!   that it measures etcd and Keel alike.
 //! - `demo.rs`: `keel demo`, a 3-node cluster of real `keeld` processes that loses its leader
 //!   (exit 130 on Ctrl+C).
 //!
 //! Exit codes: 0 success, 1 the request failed (no endpoint answered, a write's outcome is
-//! unknown, the server refused, a malformed answer), 2 bad usage or bad input (clap's code, also a txn syntax error).
+//! unknown, the server refused, a malformed answer; a lock or leadership lost), 2 bad usage or bad
+//! input (clap's code, also a txn syntax error), 130 interrupted while waiting for a lock or a
+//! leadership; `keel lock NAME -- COMMAND` exits with the command's status.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -20,7 +27,11 @@ mod bench;
 mod client;
 mod debug;
 mod demo;
+mod elect;
+mod lease;
+mod lock;
 mod output;
+mod session;
 mod txn;
 
 use std::ffi::OsString;
@@ -31,6 +42,7 @@ use std::time::Duration;
 
 use bench::{BenchArgs, BenchError};
 use clap::{Args, Parser, Subcommand};
+use lease::{LeaseCommand, LeaseId};
 use serde_json::{json, Value};
 
 use client::{
@@ -79,6 +91,12 @@ enum Command {
         /// Also print the previous key-value.
         #[arg(long)]
         prev_kv: bool,
+        /// Attach the key to this lease (hex or decimal): it is deleted when the lease ends.
+        #[arg(long, value_name = "ID", value_parser = LeaseId::parse)]
+        lease: Option<LeaseId>,
+        /// Keep the key's current lease (the key must exist).
+        #[arg(long, conflicts_with = "lease")]
+        ignore_lease: bool,
     },
     /// Read a key, or a range of keys.
     Get(GetArgs),
@@ -120,6 +138,16 @@ enum Command {
         #[arg(long)]
         physical: bool,
     },
+    /// Leases: keys that live as long as a lease is kept alive.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Hold a lock of the cluster while COMMAND runs (its key and fencing token in
+    /// $KEEL_LOCK_KEY and $KEEL_LOCK_REVISION); exits with the command's status. Without a
+    /// command, print the lock's key and hold it until SIGINT or SIGTERM.
+    Lock(lock::LockArgs),
+    /// Campaign in an election: print the leader key and VALUE once leading, lead until SIGINT or
+    /// SIGTERM, then resign. `-l`: print each leader instead.
+    Elect(elect::ElectArgs),
     /// Cluster administration.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -132,6 +160,14 @@ enum Command {
     /// Offline inspection (no server needed).
     #[command(subcommand)]
     Debug(DebugCommand),
+    /// Internal, for `keel lock`: run COMMAND (exec) so that it gets SIGTERM when process PARENT
+    /// dies.
+    #[command(hide = true)]
+    RunTied {
+        parent: u32,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<OsString>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -289,6 +325,22 @@ enum CliError {
     Unconfirmed(String),
     /// `keel watch` was canceled by the server (its start revision is compacted); exit 1.
     Watch(String),
+    /// SIGINT and SIGTERM could not be caught, so a held lock could not be given back; exit 1.
+    Signals(io::Error),
+    /// `keel lock` or `keel elect` (named) did not get what it waited for; exit 1, or 130 when
+    /// interrupted.
+    Queue(&'static str, Box<session::QueueError>),
+    /// The lock's lease was lost while held (the command, if any, stopped); exit 1.
+    LockLost(lock::LockLost),
+    /// The leadership's lease was lost while held; exit 1.
+    LeadershipLost(elect::LeadershipLost),
+    /// `keel lock` could not start or wait for its command; exit 1.
+    Spawn(io::Error),
+    /// `keel lock`'s command exited with this non-zero code (or 128 + the signal that ended it):
+    /// keel exits with it and prints nothing.
+    CommandExit(u8),
+    /// `keel elect -l` lost the stream on every endpoint, three rounds in a row; exit 1.
+    Observe(String),
 }
 
 impl CliError {
@@ -298,7 +350,15 @@ impl CliError {
             | CliError::Stdin(_)
             | CliError::Bench(_)
             | CliError::Debug(_)
-            | CliError::Watch(_) => ExitCode::from(1),
+            | CliError::Watch(_)
+            | CliError::Signals(_)
+            | CliError::LockLost(_)
+            | CliError::LeadershipLost(_)
+            | CliError::Spawn(_)
+            | CliError::Observe(_) => ExitCode::from(1),
+            CliError::Queue(_, e) if matches!(**e, session::QueueError::Interrupted) => ExitCode::from(130),
+            CliError::Queue(..) => ExitCode::from(1),
+            CliError::CommandExit(code) => ExitCode::from(*code),
             CliError::Txn(_) | CliError::EmptyKey | CliError::BenchUsage(_) | CliError::Unconfirmed(_) => {
                 ExitCode::from(2)
             }
@@ -320,6 +380,13 @@ impl fmt::Display for CliError {
             CliError::Debug(e) => write!(f, "{e}"),
             CliError::Unconfirmed(e) => write!(f, "{e}"),
             CliError::Watch(e) => write!(f, "{e}"),
+            CliError::Signals(e) => write!(f, "cannot catch SIGINT and SIGTERM: {e}"),
+            CliError::Queue(what, e) => write!(f, "keel {what}: {e}"),
+            CliError::LockLost(e) => write!(f, "{e}"),
+            CliError::LeadershipLost(e) => write!(f, "{e}"),
+            CliError::Spawn(e) => write!(f, "cannot run the command: {e}"),
+            CliError::CommandExit(code) => write!(f, "the command exited with {code}"),
+            CliError::Observe(e) => write!(f, "{e}"),
         }
     }
 }
@@ -332,6 +399,10 @@ impl From<ClientError> for CliError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::RunTied { parent, command } = &cli.command {
+        // Becomes the command: no runtime, nothing else of keel's in the process.
+        return lock::run_tied(*parent, command);
+    }
     // One request at a time needs one thread; the load generator needs every core.
     let runtime = if matches!(cli.command, Command::Bench(_)) {
         tokio::runtime::Builder::new_multi_thread().enable_all().build()
@@ -352,6 +423,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        // The command said what it had to say; its status is keel's.
+        Err(e @ CliError::CommandExit(_)) => e.exit_code(),
         Err(e) => {
             let _ = writeln!(io::stderr(), "error: {e}");
             e.exit_code()
@@ -364,7 +437,9 @@ async fn run(cli: Cli) -> Result<String, CliError> {
     let json = cli.json;
     let client = &Client::new(cli.endpoints.clone(), cli.timeout);
     match cli.command {
-        Command::Put { key, value, prev_kv } => put(client, json, key, value, prev_kv).await,
+        Command::Put { key, value, prev_kv, lease, ignore_lease } => {
+            put(client, json, key, value, PutFlags { prev_kv, lease, ignore_lease }).await
+        }
         Command::Get(args) => get(client, json, args).await,
         Command::Del { key, prefix, prev_kv } => del(client, json, key, prefix, prev_kv).await,
         Command::Txn => run_txn(client, json).await,
@@ -380,6 +455,9 @@ async fn run(cli: Cli) -> Result<String, CliError> {
             }
             Ok(format!("compacted revision {revision}\n"))
         }
+        Command::Lease(cmd) => lease::run(client, json, cmd).await,
+        Command::Lock(args) => lock::run(client, json, args).await,
+        Command::Elect(args) => elect::run(client, json, args).await,
         Command::Cluster(cmd) => cluster(client, json, cmd).await,
         Command::Demo(args) => demo::run(args).await.map_err(CliError::Demo),
         Command::Debug(DebugCommand::DataDir { path }) => {
@@ -402,6 +480,8 @@ async fn run(cli: Cli) -> Result<String, CliError> {
             let plan = args.plan().map_err(CliError::BenchUsage)?;
             bench::run(&cli.endpoints, cli.timeout, json, plan).await.map_err(CliError::Bench)
         }
+        // Handled in `main`, before a runtime exists.
+        Command::RunTied { .. } => Ok(String::new()),
     }
 }
 
@@ -497,12 +577,19 @@ fn key_bytes(key: OsString) -> Result<Vec<u8>, CliError> {
     Ok(bytes)
 }
 
+/// `keel put` flags beside the key and the value.
+struct PutFlags {
+    prev_kv: bool,
+    lease: Option<LeaseId>,
+    ignore_lease: bool,
+}
+
 async fn put(
     client: &Client,
     json: bool,
     key: OsString,
     value: OsString,
-    prev_kv: bool,
+    flags: PutFlags,
 ) -> Result<String, CliError> {
     let key = key_bytes(key)?;
     let value = if value == "-" {
@@ -512,8 +599,17 @@ async fn put(
     } else {
         value.into_encoded_bytes()
     };
-    let params: &[(&str, Vec<u8>)] = if prev_kv { &[("prev_kv", b"true".to_vec())] } else { &[] };
-    let answer = client.call(&ApiRequest::put_bytes(with_query(&kv_path(&key), params), value)).await?;
+    let mut params: Vec<(&str, Vec<u8>)> = Vec::new();
+    if flags.prev_kv {
+        params.push(("prev_kv", b"true".to_vec()));
+    }
+    if let Some(lease) = flags.lease {
+        params.push(("lease", lease.0.to_string().into_bytes()));
+    }
+    if flags.ignore_lease {
+        params.push(("ignore_lease", b"true".to_vec()));
+    }
+    let answer = client.call(&ApiRequest::put_bytes(with_query(&kv_path(&key), &params), value)).await?;
     if json {
         return Ok(output::json_line(&answer.body));
     }
@@ -823,6 +919,58 @@ mod tests {
     fn put_accepts_dash_and_hyphenated_values() {
         let cli = Cli::try_parse_from(["keel", "put", "k", "-5"]).expect("parses");
         assert!(matches!(cli.command, Command::Put { value, .. } if value == "-5"));
+    }
+
+    #[test]
+    fn lock_takes_the_rest_of_the_line_as_its_command() {
+        let command = |args: &[&str]| match Cli::try_parse_from(args).expect("parses").command {
+            Command::Lock(l) => {
+                (l.ttl, l.command.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>())
+            }
+            other => panic!("not a lock: {other:?}"),
+        };
+        assert_eq!(command(&["keel", "lock", "n"]), (10, vec![]));
+        assert_eq!(
+            command(&["keel", "lock", "n", "--ttl", "3", "--", "ls", "-l"]),
+            (3, vec!["ls".into(), "-l".into()])
+        );
+        // Without `--` too, as etcdctl takes it; flags after the command are the command's.
+        assert_eq!(
+            command(&["keel", "lock", "n", "sh", "-c", "exit 1", "--ttl", "3"]),
+            (10, vec!["sh".into(), "-c".into(), "exit 1".into(), "--ttl".into(), "3".into()])
+        );
+        assert!(Cli::try_parse_from(["keel", "lock", "n", "--ttl", "0"]).is_err());
+        // Keel's own flags before the command are keel's.
+        let cli = Cli::try_parse_from(["keel", "lock", "n", "--json", "--", "true"]).expect("parses");
+        assert!(cli.json);
+        let cli = Cli::try_parse_from(["keel", "lock", "n", "--json"]).expect("parses");
+        assert!(cli.json);
+        assert!(matches!(cli.command, Command::Lock(l) if l.command.is_empty()));
+    }
+
+    #[test]
+    fn elect_needs_a_value_unless_it_listens() {
+        assert!(Cli::try_parse_from(["keel", "elect", "e", "v"]).is_ok());
+        assert!(Cli::try_parse_from(["keel", "elect", "-l", "e"]).is_ok());
+        assert!(Cli::try_parse_from(["keel", "elect", "e", "--listen"]).is_ok());
+        assert!(Cli::try_parse_from(["keel", "elect", "e"]).is_err());
+        assert!(Cli::try_parse_from(["keel", "elect", "-l", "e", "v"]).is_err());
+    }
+
+    #[test]
+    fn put_takes_a_lease_in_hex_or_decimal_or_keeps_its_own() {
+        let lease = |args: &[&str]| match Cli::try_parse_from(args).expect("parses").command {
+            Command::Put { lease, ignore_lease, .. } => (lease, ignore_lease),
+            other => panic!("not a put: {other:?}"),
+        };
+        assert_eq!(
+            lease(&["keel", "put", "k", "v", "--lease", "694d5765fc71500b"]).0,
+            Some(LeaseId(0x694d_5765_fc71_500b))
+        );
+        assert_eq!(lease(&["keel", "put", "k", "v", "--lease", "42"]).0, Some(LeaseId(42)));
+        assert_eq!(lease(&["keel", "put", "k", "v", "--ignore-lease"]), (None, true));
+        assert!(Cli::try_parse_from(["keel", "put", "k", "v", "--lease", "2a", "--ignore-lease"]).is_err());
+        assert!(Cli::try_parse_from(["keel", "put", "k", "v", "--lease", "nope"]).is_err());
     }
 
     #[test]

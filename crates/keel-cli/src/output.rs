@@ -4,6 +4,7 @@
 use base64::Engine as _;
 
 use crate::client::{Kv, Member, MembersAnswer, OpResult, StatusAnswer};
+use crate::lease::LeaseId;
 
 /// Printed before a key or value whose bytes are not UTF-8, followed by their base64.
 pub const BASE64_MARKER: &str = "(base64) ";
@@ -92,6 +93,47 @@ pub fn txn(succeeded: bool, results: &[OpResult]) -> String {
             OpResult::Get(kvs) => push_kvs(&mut out, kvs, false),
             OpResult::Delete(n) => out.push_str(&delete(*n, &[])),
         }
+    }
+    out
+}
+
+/// `keel lease grant`, as etcdctl prints it.
+pub fn lease_granted(id: LeaseId, ttl: i64) -> String {
+    format!("lease {id} granted with TTL({ttl}s)\n")
+}
+
+/// `keel lease revoke`.
+pub fn lease_revoked(id: LeaseId) -> String {
+    format!("lease {id} revoked\n")
+}
+
+/// One renewal of `keel lease keep-alive` (etcdctl's words: no unit after the TTL).
+pub fn lease_kept_alive(id: LeaseId, ttl: i64) -> String {
+    format!("lease {id} keepalived with TTL({ttl})\n")
+}
+
+/// `keel lease ttl`: the granted and remaining TTL, and with `--keys` the attached keys as
+/// etcdctl prints them (Go's `%v` of a list: `[a b]`).
+pub fn lease_ttl(id: LeaseId, granted_ttl: i64, remaining: i64, keys: Option<&[Vec<u8>]>) -> String {
+    let mut out = format!("lease {id} granted with TTL({granted_ttl}s), remaining({remaining}s)");
+    if let Some(keys) = keys {
+        let shown: Vec<String> = keys.iter().map(|k| show_bytes(k)).collect();
+        out.push_str(&format!(", attached keys([{}])", shown.join(" ")));
+    }
+    out.push('\n');
+    out
+}
+
+/// `keel lease ttl` of a lease that is gone, as etcdctl says it.
+pub fn lease_expired(id: LeaseId) -> String {
+    format!("lease {id} already expired\n")
+}
+
+/// `keel lease list`.
+pub fn leases(ids: &[LeaseId]) -> String {
+    let mut out = format!("found {} leases\n", ids.len());
+    for id in ids {
+        out.push_str(&format!("{id}\n"));
     }
     out
 }
@@ -275,6 +317,29 @@ mod tests {
         let results = [OpResult::Put, OpResult::Get(vec![kv(b"k", Some(b"v"))]), OpResult::Delete(2)];
         assert_eq!(txn(true, &results), "SUCCESS\n\nOK\n\nk\nv\n\n2\n");
         assert_eq!(txn(false, &[]), "FAILURE\n");
+    }
+
+    #[test]
+    fn lease_lines_read_like_etcdctl() {
+        let id = LeaseId(0x694d_5765_fc71_500b);
+        assert_eq!(lease_granted(id, 10), "lease 694d5765fc71500b granted with TTL(10s)\n");
+        assert_eq!(lease_revoked(LeaseId(10)), "lease 000000000000000a revoked\n");
+        assert_eq!(lease_kept_alive(id, 10), "lease 694d5765fc71500b keepalived with TTL(10)\n");
+        assert_eq!(
+            lease_ttl(id, 10, 7, None),
+            "lease 694d5765fc71500b granted with TTL(10s), remaining(7s)\n"
+        );
+        assert_eq!(
+            lease_ttl(id, 10, 7, Some(&[b"a".to_vec(), vec![0xff]])),
+            "lease 694d5765fc71500b granted with TTL(10s), remaining(7s), attached keys([a (base64) /w==])\n"
+        );
+        assert_eq!(
+            lease_ttl(id, 10, 7, Some(&[])),
+            "lease 694d5765fc71500b granted with TTL(10s), remaining(7s), attached keys([])\n"
+        );
+        assert_eq!(lease_expired(id), "lease 694d5765fc71500b already expired\n");
+        assert_eq!(leases(&[id, LeaseId(1)]), "found 2 leases\n694d5765fc71500b\n0000000000000001\n");
+        assert_eq!(leases(&[]), "found 0 leases\n");
     }
 
     #[test]
