@@ -494,3 +494,53 @@ fn elect_hands_leadership_over_and_listeners_see_it() {
     assert_eq!(keel(&all, &["lease", "list"]).ok(), "found 0 leases\n");
     assert_eq!(listener.stderr(), "", "the listener's stream never broke");
 }
+
+/// A lock whose lease is lost while its command runs: revoked (the keep-alive is told it is gone),
+/// or no longer confirmed because no member answers for a whole TTL. Either way the command gets
+/// SIGTERM and `keel lock` exits 1, saying why.
+#[test]
+fn a_lock_whose_lease_is_lost_stops_its_command() {
+    let mut c = Cluster::start();
+    let all = c.endpoints(&[1, 2, 3]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let order = dir.path().join("order");
+    let log = order.display();
+    let hold = format!(
+        r#"trap 'echo "stopped $1" >> '{log}'; exit 143' TERM; echo "start $1 $KEEL_LOCK_KEY" >> '{log}'; while :; do read line || exit 0; done"#
+    );
+
+    // Revoked from elsewhere.
+    let mut a = Running::start(&all, &["lock", "job", "--ttl", "3", "--", "sh", "-c", &hold, "sh", "a"]);
+    let key = wait_until("a runs its command", || match lines_of(&order).first() {
+        Some(line) => Ok(line.rsplit(' ').next().unwrap_or_default().to_owned()),
+        None => Err(a.stderr()),
+    });
+    // The key ends in the lease id in hex, unpadded: padded, it reads as hex whatever its digits.
+    let lease = format!("{:0>16}", key.strip_prefix("job/").expect("a key under the lock's name"));
+    assert_eq!(keel(&all, &["lease", "revoke", &lease]).ok(), format!("lease {lease} revoked\n"));
+    assert_eq!(a.exit(), Some(1));
+    assert_eq!(
+        a.stderr(),
+        format!("error: lock lost: lease {lease}: it expired or was revoked; the command was stopped with SIGTERM\n")
+    );
+    assert_eq!(lines_of(&order)[1], "stopped a");
+
+    // No member answers: after the TTL without an acknowledged keep-alive, the lock is lost.
+    let mut b = Running::start(&all, &["lock", "job", "--ttl", "2", "--", "sh", "-c", &hold, "sh", "b"]);
+    wait_until("b runs its command", || match lines_of(&order).len() {
+        3 => Ok(()),
+        _ => Err(b.stderr()),
+    });
+    for id in 1..=3 {
+        c.kill(id);
+    }
+    assert_eq!(b.exit(), Some(1));
+    let said = b.stderr();
+    assert!(
+        said.starts_with("error: lock lost: lease ")
+            && said.contains(": no keep-alive was acknowledged for its whole TTL (2s); last failure: ")
+            && said.ends_with("; the command was stopped with SIGTERM\n"),
+        "{said}"
+    );
+    assert_eq!(lines_of(&order)[3], "stopped b");
+}
