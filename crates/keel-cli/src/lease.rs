@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(ok("DEADBEEF"), Ok(0xdead_beef));
         // Decimal: what --json prints.
         assert_eq!(ok("10"), Ok(10));
-        assert_eq!(ok("7587862072646598667"), Ok(7_587_862_072_646_598_667));
+        assert_eq!(ok("7587817042727751691"), Ok(7_587_817_042_727_751_691));
         assert_eq!(ok("-5"), Ok(-5));
         // A 16-digit decimal, written so that it is not the printed hex form.
         assert_eq!(ok("+1234567890123456"), Ok(1_234_567_890_123_456));
