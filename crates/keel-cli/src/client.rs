@@ -307,6 +307,8 @@ pub enum DecodeError {
     MissingKey,
     /// Bytes the answer must carry, as `field` or `field_base64`, are in neither.
     Missing(&'static str),
+    /// A number the answer must carry is not there.
+    NoNumber(&'static str),
 }
 
 impl fmt::Display for DecodeError {
@@ -316,6 +318,7 @@ impl fmt::Display for DecodeError {
             DecodeError::Base64 { field, reason } => write!(f, "{field} is not base64: {reason}"),
             DecodeError::MissingKey => write!(f, "a key-value has neither key nor key_base64"),
             DecodeError::Missing(field) => write!(f, "the answer has neither {field} nor {field}_base64"),
+            DecodeError::NoNumber(field) => write!(f, "the answer has no {field}"),
         }
     }
 }

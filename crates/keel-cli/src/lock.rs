@@ -20,7 +20,9 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::Value;
 
-use crate::client::{kv_path, put_bytes_field, ApiRequest, Client, ClientError, LockAnswer, WireKv};
+use crate::client::{
+    kv_path, put_bytes_field, ApiRequest, Client, ClientError, DecodeError, LockAnswer, WireKv,
+};
 use crate::lease::LeaseId;
 use crate::session::{self, Lost, QueueError, Session, Signals, Stop};
 use crate::{key_bytes, CliError};
@@ -135,10 +137,25 @@ pub async fn run(client: &Client, json: bool, args: LockArgs) -> Result<String, 
         return Ok(String::new());
     }
 
-    let mut child = spawn_tied(&args.command, &held).map_err(CliError::Spawn)?;
+    let mut child = match spawn_tied(&args.command, &held) {
+        Ok(child) => child,
+        Err(e) => {
+            // Nothing runs: give the lock back now rather than when the lease expires.
+            release(client, &held.key, session).await;
+            return Err(CliError::Spawn(e));
+        }
+    };
     let status = loop {
         tokio::select! {
-            status = child.wait() => break status.map_err(CliError::Spawn)?,
+            status = child.wait() => match status {
+                Ok(status) => break status,
+                Err(e) => {
+                    // The command's fate is unknown: stop it before the lock is given back.
+                    stop_child(&mut child).await;
+                    release(client, &held.key, session).await;
+                    return Err(CliError::Spawn(e));
+                }
+            },
             stop = signals.recv() => {
                 // Ctrl+C at a terminal reaches the command too; SIGTERM came to keel alone.
                 if stop == Stop::Terminate {
@@ -163,7 +180,13 @@ pub async fn run(client: &Client, json: bool, args: LockArgs) -> Result<String, 
 /// the key is gone.
 async fn fencing_token(client: &Client, key: &[u8]) -> Result<Option<i64>, ClientError> {
     match client.call(&ApiRequest::get(kv_path(key))).await {
-        Ok(answer) => Ok(answer.decode::<WireKv>()?.create_revision),
+        Ok(answer) => match answer.decode::<WireKv>()?.create_revision {
+            Some(token) => Ok(Some(token)),
+            None => Err(ClientError::BadAnswer {
+                endpoint: answer.endpoint,
+                reason: DecodeError::NoNumber("create_revision"),
+            }),
+        },
         Err(e) if e.code() == Some("key_not_found") => Ok(None),
         Err(e) => Err(e),
     }
