@@ -544,3 +544,65 @@ fn a_lock_whose_lease_is_lost_stops_its_command() {
     );
     assert_eq!(lines_of(&order)[3], "stopped b");
 }
+
+/// A waiter whose endpoint dies while it waits: the wait broke off after it took its place, so it
+/// revokes that lease and waits again under a new one on the next endpoint, and still gets the
+/// lock after the holder, never with it.
+#[test]
+fn a_waiter_whose_endpoint_dies_waits_again_under_a_new_lease() {
+    let mut c = Cluster::start();
+    let all = c.endpoints(&[1, 2, 3]);
+    let leader = leader(&all);
+    let victim = a_follower(leader);
+    let other = (1..=3).find(|id| *id != victim && *id != leader).expect("three voters");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let order = dir.path().join("order");
+    let log = order.display();
+    let hold = format!(
+        r#"echo "start a $KEEL_LOCK_REVISION $KEEL_LOCK_KEY" >> '{log}'; read line; echo "end a $KEEL_LOCK_REVISION" >> '{log}'"#
+    );
+    let mut a = Running::start(&c.endpoints(&[leader, other]), &["lock", "job", "--", "sh", "-c", &hold]);
+    let key_a = wait_until("a runs its command", || match lines_of(&order).first() {
+        Some(line) => Ok(line.rsplit(' ').next().unwrap_or_default().to_owned()),
+        None => Err(a.stderr()),
+    });
+    // Keys list in key order, not in line order: b's is the one that is not a's.
+    let b_key = |keys: &[String]| match keys {
+        [x, y] if *x == key_a => Some(y.clone()),
+        [x, y] if *y == key_a => Some(x.clone()),
+        _ => None,
+    };
+    let take = format!(r#"echo "start b $KEEL_LOCK_REVISION" >> '{log}'"#);
+    let mut b = Running::start(&c.endpoints(&[victim, other]), &["lock", "job", "--", "sh", "-c", &take]);
+    let first = wait_until("b waits in line", || {
+        let keys = keys_under(&all, "job/");
+        b_key(&keys).ok_or_else(|| format!("{keys:?} {}", b.stderr()))
+    });
+
+    c.kill(victim);
+    let all = c.endpoints(&[leader, other]);
+    wait_until("b waits again under a new lease", || {
+        let keys = keys_under(&all, "job/");
+        match b_key(&keys) {
+            Some(again) if again != first && b.stderr().contains("; waiting again under a new lease\n") => {
+                Ok(())
+            }
+            _ => Err(format!("{keys:?} {}", b.stderr())),
+        }
+    });
+    assert_eq!(lines_of(&order).len(), 1, "b still waits for a");
+    a.close_stdin();
+    assert_eq!(a.exit(), Some(0), "{}", a.stderr());
+    assert_eq!(b.exit(), Some(0), "{}", b.stderr());
+    let lines = lines_of(&order);
+    let ta: i64 = lines[0]
+        .strip_prefix("start a ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .expect("a's start");
+    assert_eq!(lines[1], format!("end a {ta}"));
+    let tb: i64 = lines[2].strip_prefix("start b ").and_then(|t| t.parse().ok()).expect("b's start");
+    assert!(tb > ta, "tokens grow: {lines:?}");
+    assert!(keys_under(&all, "job/").is_empty());
+    assert_eq!(keel(&all, &["lease", "list"]).ok(), "found 0 leases\n", "b's first lease was revoked");
+}
