@@ -50,12 +50,15 @@ stop_cluster() { # [grace seconds, default 10] [signal, default TERM]
     kill "-${2:-TERM}" "${pids[@]}" 2>/dev/null || true
     # Give the members time to stop in order (etcd takes about 7 s when all stop at once), then
     # kill what is left. Polls: the members are this shell's children, but `wait` has no timeout.
-    for _ in $(seq $((${1:-10} * 10))); do
-        local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
+    # (Quiet: bash reports each member a signal ended, "Killed", as it notices.)
+    {
+        for _ in $(seq $((${1:-10} * 10))); do
+            local alive=0
+            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            ((alive)) || break
+            sleep 0.1
+        done
+    } 2>/dev/null
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && forced=1; done
     kill -KILL "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
