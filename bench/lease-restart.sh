@@ -100,12 +100,14 @@ restart() { # system signal run
         tail -n 20 "$work/$system-m$size"/*.log >&2
         die "$system, $size member(s): not ready after SIG$signal (its log is above)"
     fi
+    # What the members answered before they were ready, per restart (KEEP=1 keeps it).
+    { echo "== $system, $size member(s), SIG$signal #$run"; cat "$work/ready.log"; } >>"$work/probe.log"
     line=$(<"$work/ready.json")
     local range_ms ready_ms
     range_ms=$(awk -v a="$(field range_unix_us "$line")" -v t="$t0" 'BEGIN { printf "%.1f", (a - t) / 1000 }')
     ready_ms=$(awk -v a="$(field ready_unix_us "$line")" -v t="$t0" 'BEGIN { printf "%.1f", (a - t) / 1000 }')
     echo "{\"system\":\"$system\",\"members\":$size,\"signal\":\"$signal\",\"run\":$run,\"leases\":$LEASES,\"range_ms\":$range_ms,\"ready_ms\":$ready_ms}" >>"$RESULTS"
-    note "$system, $size member(s), SIG$signal #$run: range after $range_ms ms, ready after $ready_ms ms"
+    note "$system, $size member(s), SIG$signal #$run: range after $range_ms ms, ready after $ready_ms ms ($(field attempts "$line") attempts)"
     check_alive "$system" "m$size"
 }
 
@@ -120,7 +122,7 @@ for size in $SIZES; do
             for run in $(seq "$RESTARTS"); do restart "$system" "$signal" "$run"; done
         done
         stop_cluster
-        rm -rf "${work:?}/$system-m$size"
+        if [[ $KEEP != 1 ]]; then rm -rf "${work:?}/$system-m$size"; fi
     done
 done
 load_after=$(uptime)
@@ -129,6 +131,7 @@ med() { # system members signal field
     grep "\"system\":\"$1\",\"members\":$2,\"signal\":\"$3\"," "$RESULTS" |
         while read -r line; do field "$4" "$line"; done | median
 }
+ms() { awk -v x="$1" 'BEGIN { if (x == "-") print "-"; else printf "%.1f", x }'; }
 ratio() { awk -v k="$1" -v e="$2" 'BEGIN { if (k == "-" || e == "-" || e == 0) print "-"; else printf "%.2f", k / e }'; }
 verdict() { awk -v r="$1" 'BEGIN { if (r == "-") print "-"; else if (r < 2) print "PASS"; else print "FAIL" }'; }
 
@@ -143,7 +146,7 @@ for size in $SIZES; do
         ey=$(med etcd "$size" "$signal" ready_ms) ky=$(med keel "$size" "$signal" ready_ms)
         r=$(ratio "$ky" "$ey")
         # shellcheck disable=SC2059
-        printf "$fmt" "$size" "SIG$signal" "$er" "$kr" "$ey" "$ky" "$r" "$(verdict "$r")"
+        printf "$fmt" "$size" "SIG$signal" "$(ms "$er")" "$(ms "$kr")" "$(ms "$ey")" "$(ms "$ky")" "$r" "$(verdict "$r")"
     done
 done
 echo "range: a linearizable Range of key-00000000 answered (through member 1); ready: then LeaseTimeToLive of its lease answered a TTL"

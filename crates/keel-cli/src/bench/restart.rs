@@ -83,7 +83,8 @@ enum NotReady {
 /// `--op lease-ready`: until `plan.duration` has passed, asks the first endpoint for a
 /// linearizable Range of `key(0)`, which must hold the key attached to `lease_id`, and then (on
 /// the same or a later attempt) LeaseTimeToLive of `lease_id`, which must answer a TTL above 0;
-/// `READY_RETRY` after each failed attempt. The row says when each first succeeded.
+/// `READY_RETRY` after each failed attempt. The row says when each first succeeded; what the
+/// server answered meanwhile is counted on stderr.
 pub async fn ready(
     endpoints: &[Endpoint],
     timeout: Duration,
@@ -98,11 +99,16 @@ pub async fn ready(
     let mut channel = None;
     let mut range_at = None;
     let mut attempts = 0;
+    // What the server answered while not ready: said on stderr at the end.
+    let mut not_yet = ErrorTally::default();
     loop {
         attempts += 1;
         match attempt(&mut channel, endpoint, timeout, lease_id, &mut range_at).await {
             Ok(ttl) => {
                 let ready_at = unix_us(SystemTime::now());
+                if not_yet.total > 0 {
+                    note(&format!("not ready before, {}", not_yet.describe()));
+                }
                 return Ok(ReadyRow::new(
                     lease_id,
                     ttl,
@@ -115,8 +121,10 @@ pub async fn ready(
             Err(NotReady::Lost(what)) => return Err(BenchError::Lost(what)),
             Err(NotReady::Yet(why)) => {
                 if Instant::now() + READY_RETRY >= deadline {
+                    note(&not_yet.describe());
                     return Err(BenchError::NotReady { waited: began.elapsed(), last: why });
                 }
+                not_yet.add(why);
             }
         }
         tokio::time::sleep(READY_RETRY).await;
