@@ -1,9 +1,14 @@
-# Sourced by bench/compare-etcd.sh and bench/disk-per-put.sh: start, wait for and stop a 3-member
-# etcd or Keel cluster on loopback, and stop every process started when the script ends.
+# Sourced by bench/compare-etcd.sh, bench/disk-per-put.sh and bench/lease-restart.sh: start, wait
+# for and stop a 3-member (or `size`-member) etcd or Keel cluster on loopback, and stop every
+# process started when the script ends.
 #
 # The sourcing script sets prog (its name, for messages), PORT_BASE, KEEP, ETCD, KEEL and KEELD,
 # then, once it has made `work` (a fresh directory for the data dirs and logs), calls
-# cluster_init. It may define cleanup_more, run at exit.
+# cluster_init. It may set size (members per cluster, 1 to 9; 3 if unset) and define
+# cleanup_more, run at exit. Starting a cluster again with the same rep restarts it on its data
+# dirs (both systems ignore their founding flags once a data dir holds a cluster).
+
+size=${size:-3}
 
 die() { echo "$prog: $*" >&2; exit 2; }
 note() { echo "$prog: $*" >&2; }
@@ -37,17 +42,24 @@ run_child() { # OUT ERR command...
     return "$rc"
 }
 
-stop_cluster() { # [grace seconds, default 10]
+forced=0 # set by stop_cluster: 1 if members outlived the grace and were killed
+
+stop_cluster() { # [grace seconds, default 10] [signal, default TERM]
+    forced=0
     ((${#pids[@]})) || return 0
-    kill -TERM "${pids[@]}" 2>/dev/null || true
+    kill "-${2:-TERM}" "${pids[@]}" 2>/dev/null || true
     # Give the members time to stop in order (etcd takes about 7 s when all stop at once), then
-    # kill what is left.
-    for _ in $(seq $((${1:-10} * 10))); do
-        local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
+    # kill what is left. Polls: the members are this shell's children, but `wait` has no timeout.
+    # (Quiet: bash reports each member a signal ended, "Killed", as it notices.)
+    {
+        for _ in $(seq $((${1:-10} * 10))); do
+            local alive=0
+            for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            ((alive)) || break
+            sleep 0.1
+        done
+    } 2>/dev/null
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && forced=1; done
     kill -KILL "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
     pids=()
@@ -81,7 +93,11 @@ client_port() {
     echo $((PORT_BASE + offset + 10 * $2))
 }
 peer_port() { echo $(($(client_port "$1" "$2") + 1)); }
-endpoints() { echo "127.0.0.1:$(client_port "$1" 1),127.0.0.1:$(client_port "$1" 2),127.0.0.1:$(client_port "$1" 3)"; }
+endpoints() {
+    local list="" i
+    for i in $(seq "$size"); do list+="${list:+,}127.0.0.1:$(client_port "$1" "$i")"; done
+    echo "$list"
+}
 
 # Member i's state: etcd's member dir, Keel's data dir.
 state_dir() { # system rep i
@@ -89,40 +105,40 @@ state_dir() { # system rep i
 }
 
 start_etcd() {
-    local dir=$work/etcd-$1 cluster=""
-    for i in 1 2 3; do cluster+="${cluster:+,}e$i=http://127.0.0.1:$(peer_port etcd "$i")"; done
-    for i in 1 2 3; do
+    local dir=$work/etcd-$1 cluster="" i
+    for i in $(seq "$size"); do cluster+="${cluster:+,}e$i=http://127.0.0.1:$(peer_port etcd "$i")"; done
+    for i in $(seq "$size"); do
         local c=http://127.0.0.1:$(client_port etcd "$i") p=http://127.0.0.1:$(peer_port etcd "$i")
         mkdir -p "$dir"
         "$ETCD" --name "e$i" --data-dir "$dir/e$i" \
             --listen-client-urls "$c" --advertise-client-urls "$c" \
             --listen-peer-urls "$p" --initial-advertise-peer-urls "$p" \
             --initial-cluster "$cluster" --initial-cluster-token keel-compare --initial-cluster-state new \
-            >"$dir/e$i.log" 2>&1 &
+            >>"$dir/e$i.log" 2>&1 &
         pids+=($!)
     done
 }
 
 start_keel() {
-    local dir=$work/keel-$1 cluster=""
-    for i in 1 2 3; do cluster+="${cluster:+,}$i=127.0.0.1:$(peer_port keel "$i")"; done
-    for i in 1 2 3; do
+    local dir=$work/keel-$1 cluster="" i
+    for i in $(seq "$size"); do cluster+="${cluster:+,}$i=127.0.0.1:$(peer_port keel "$i")"; done
+    for i in $(seq "$size"); do
         mkdir -p "$dir"
         "$KEELD" --id "$i" --data-dir "$dir/n$i" \
             --client-addr "127.0.0.1:$(client_port keel "$i")" --peer-addr "127.0.0.1:$(peer_port keel "$i")" \
-            --initial-cluster "$cluster" >"$dir/n$i.log" 2>&1 &
+            --initial-cluster "$cluster" >>"$dir/n$i.log" 2>&1 &
         pids+=($!)
     done
 }
 
-# Starts 3 members of SYSTEM in fresh data dirs, after checking that their ports are free.
+# Starts the members of SYSTEM in fresh data dirs, after checking that their ports are free.
 start_cluster() { # system rep
-    for i in 1 2 3; do
+    for i in $(seq "$size"); do
         for port in $(client_port "$1" "$i") $(peer_port "$1" "$i"); do
             port_free "$port" || die "port $port is in use (set PORT_BASE)"
         done
     done
-    note "$1 rep $2: starting 3 members"
+    note "$1 rep $2: starting $size member(s)"
     "start_$1" "$2"
     wait_ready "$1" "$2"
 }

@@ -7,8 +7,10 @@
 # keel and keeld (cargo build --release -p keel-cli -p keel-kv).
 #
 # Knobs (environment): DURATION=10 REPS=3 PRELOAD=100000 WARMUP=1 VALUE_SIZE=256 CONNS=8
-# ROWS="put-1 put-64 put-256 get-l-1 get-l-64 get-s-64 put-hist watch-1 watch-100 watch-10000"
-# HISTORY=$PRELOAD HISTORY_KEYS=1000 WATCH_RATE=100 WATCH_STREAMS=16 PORT_BASE=21000 KEEP=0
+# ROWS="put-1 put-64 put-256 get-l-1 get-l-64 get-s-64 put-hist watch-1 watch-100 watch-10000
+#       lease-64 keepalive-10000 lock-1 lock-16"
+# HISTORY=$PRELOAD HISTORY_KEYS=1000 WATCH_RATE=100 WATCH_STREAMS=16 KEEPALIVE_STREAMS=16
+# KEEPALIVE_WINDOW=64 PORT_BASE=21000 KEEP=0
 # KEEL=target/release/keel KEELD=target/release/keeld ETCD=$(command -v etcd)
 # KEEL_BENCH_DIR=target/tmp (data dirs; not tmpfs, or fsync costs nothing) RESULTS=<file.jsonl>
 # Quick run: DURATION=2 REPS=1 PRELOAD=10000 bench/compare-etcd.sh
@@ -23,11 +25,13 @@ PRELOAD=${PRELOAD:-100000}
 WARMUP=${WARMUP:-1}
 VALUE_SIZE=${VALUE_SIZE:-256}
 CONNS=${CONNS:-8}
-ROWS=${ROWS:-put-1 put-64 put-256 get-l-1 get-l-64 get-s-64 put-hist watch-1 watch-100 watch-10000}
+ROWS=${ROWS:-put-1 put-64 put-256 get-l-1 get-l-64 get-s-64 put-hist watch-1 watch-100 watch-10000 lease-64 keepalive-10000 lock-1 lock-16}
 HISTORY=${HISTORY:-$PRELOAD}
 HISTORY_KEYS=${HISTORY_KEYS:-1000}
 WATCH_RATE=${WATCH_RATE:-100}
 WATCH_STREAMS=${WATCH_STREAMS:-16}
+KEEPALIVE_STREAMS=${KEEPALIVE_STREAMS:-16}
+KEEPALIVE_WINDOW=${KEEPALIVE_WINDOW:-64}
 PORT_BASE=${PORT_BASE:-21000}
 KEEP=${KEEP:-0}
 KEEL=${KEEL:-$root/target/release/keel}
@@ -45,19 +49,40 @@ check_binaries
 for knob in DURATION WARMUP; do
     [[ ${!knob} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$knob='${!knob}' is not a number of seconds"
 done
-for knob in REPS PRELOAD VALUE_SIZE CONNS PORT_BASE HISTORY HISTORY_KEYS WATCH_RATE WATCH_STREAMS; do
+for knob in REPS PRELOAD VALUE_SIZE CONNS PORT_BASE HISTORY HISTORY_KEYS WATCH_RATE WATCH_STREAMS \
+    KEEPALIVE_STREAMS KEEPALIVE_WINDOW; do
     [[ ${!knob} =~ ^[0-9]+$ ]] || die "$knob='${!knob}' is not a whole number"
 done
 ((REPS >= 1 && PRELOAD >= 1)) || die "REPS and PRELOAD must be at least 1"
 ((HISTORY >= 1 && HISTORY_KEYS >= 1 && WATCH_RATE >= 1 && WATCH_STREAMS >= 1)) ||
     die "HISTORY, HISTORY_KEYS, WATCH_RATE and WATCH_STREAMS must be at least 1"
+((KEEPALIVE_STREAMS >= 1 && KEEPALIVE_WINDOW >= 1)) || die "KEEPALIVE_STREAMS and KEEPALIVE_WINDOW must be at least 1"
 
 min() { echo $(($1 < $2 ? $1 : $2)); }
 
-# One row of the matrix: name -> the `keel bench` flags of its load. `watch-N` is any N watchers.
+# One row of the matrix: name -> the `keel bench` flags of its load. `watch-N` is any N watchers,
+# `lease-N` and `lock-N` any N clients, `keepalive-N` any N leases; `lease` is `lease-64` and
+# `keepalive` is `keepalive-10000`.
 row_args() {
     local op consistency clients
     case $1 in
+        lease) row_args lease-64; return ;;
+        keepalive) row_args keepalive-10000; return ;;
+        lease-* | lock-*)
+            # lease: each client grants a lease and revokes it, one op per pair. lock: the
+            # clients contend for one lock (v3lockpb.Lock), one op per Lock+Unlock.
+            op=${1%%-*} clients=${1#*-}
+            [[ $clients =~ ^[1-9][0-9]*$ ]] || return 1
+            echo "--op $op --clients $clients --conns $(min "$clients" "$CONNS")"
+            return ;;
+        keepalive-*)
+            # N leases granted first (not measured), kept alive over KEEPALIVE_STREAMS streams,
+            # KEEPALIVE_WINDOW requests in flight on each; revoked after.
+            local leases=${1#keepalive-} streams
+            [[ $leases =~ ^[1-9][0-9]*$ ]] || return 1
+            streams=$(min "$leases" "$KEEPALIVE_STREAMS")
+            echo "--op keepalive --leases $leases --clients $streams --conns $(min "$streams" "$CONNS") --window $KEEPALIVE_WINDOW"
+            return ;;
         put-1) read -r op consistency clients <<<"put linearizable 1" ;;
         put-64) read -r op consistency clients <<<"put linearizable 64" ;;
         put-256) read -r op consistency clients <<<"put linearizable 256" ;;
@@ -85,6 +110,11 @@ row_args() {
 row_label() {
     case $1 in
         put-hist) echo "put, $HISTORY revs (64)" ;;
+        lease) row_label lease-64 ;;
+        keepalive) row_label keepalive-10000 ;;
+        lease-*) echo "lease grant+revoke (${1#lease-})" ;;
+        lock-*) echo "lock+unlock (${1#lock-})" ;;
+        keepalive-*) echo "keepalive, ${1#keepalive-} leases ($(min "${1#keepalive-}" "$KEEPALIVE_STREAMS"))" ;;
         watch-*) echo "watch (${1#watch-})" ;;
         get-s-*) echo "get serializable (${1##*-})" ;;
         get-l-*) echo "get linearizable (${1##*-})" ;;
@@ -180,7 +210,7 @@ done
 echo
 echo "Keel vs etcd: medians of $REPS run(s), ${DURATION}s each, 3 members on loopback, leader-targeted, ${VALUE_SIZE}-byte values, $PRELOAD keys"
 if [[ -n $kv_rows ]]; then
-    fmt="%-24s %10s %10s %6s %11s %11s %6s %7s\n"
+    fmt="%-30s %10s %10s %6s %11s %11s %6s %7s\n"
     # shellcheck disable=SC2059 # the format is ours
     printf "$fmt" "ROW (clients)" "ETCD OPS/S" "KEEL OPS/S" "RATIO" "ETCD P99" "KEEL P99" "RATIO" "ERRORS"
     for row in $kv_rows; do
@@ -190,6 +220,10 @@ if [[ -n $kv_rows ]]; then
         printf "$fmt" "$(row_label "$row")" "$(num "$eo" 1 0)" "$(num "$ko" 1 0)" "$(ratio "$ko" "$eo")" \
             "$(ms "$ep")" "$(ms "$kp")" "$(ratio "$kp" "$ep")" "$(total "$row" errors)"
     done
+    if [[ $kv_rows =~ (lease|keepalive|lock) ]]; then
+        echo "lease grant+revoke: one op is a LeaseGrant and its LeaseRevoke; keepalive: one op is a keep-alive answered with a TTL (streams in parentheses);"
+        echo "lock+unlock: one op is a v3lockpb Lock and its Unlock, all clients contending for one lock"
+    fi
 fi
 if [[ -n $watch_rows ]]; then
     echo

@@ -2,11 +2,17 @@
 //!
 //! This file owns the command line and the plan it validates into, the workload (which key, which
 //! operation) and the errors; `bench/load.rs` sends the requests, `bench/watch.rs` runs the watch
-//! fan-out (`bench/wire.rs` speaks its RPC), `bench/report.rs` turns the latencies into the table
-//! and the JSON line. Everything here is pure: tests assert on values.
+//! fan-out, `bench/lease.rs` the lease loads (grant+revoke, keep-alive streams), `bench/lock.rs`
+//! the lock contention, `bench/restart.rs` what `bench/lease-restart.sh` needs (the lease loader,
+//! the readiness probe); `bench/wire.rs` speaks the RPCs without a generated client (Watch,
+//! `v3lockpb.Lock`), `bench/report.rs` turns the latencies into the table and the JSON line.
+//! Everything here is pure: tests assert on values.
 
+mod lease;
 mod load;
+mod lock;
 mod report;
+mod restart;
 mod watch;
 mod wire;
 
@@ -43,6 +49,21 @@ pub const MAX_RATE: u64 = 100_000;
 pub const DEFAULT_WATCHERS: u64 = 1;
 /// `--op watch` without `--rate`: puts per second, the default of etcd's `benchmark watch-latency`.
 pub const DEFAULT_RATE: u64 = 100;
+/// Most leases `--op keepalive` or `--op lease-load` may grant.
+pub const MAX_LEASES: u64 = 1_000_000;
+/// `--leases` when not given: the issue's "keep-alives over 10,000 live leases".
+pub const DEFAULT_LEASES: u64 = 10_000;
+/// `--ttl` when not given, in seconds: long enough that no lease of a run expires while it runs.
+pub const DEFAULT_TTL: i64 = 60;
+/// The longest TTL etcd grants (`lease.MaxLeaseTTL`, 9,000,000,000 s).
+pub const MAX_TTL: i64 = 9_000_000_000;
+/// `--op keepalive` without `--window`: keep-alive requests in flight on each stream.
+pub const DEFAULT_WINDOW: u64 = 64;
+/// Largest `--window`.
+pub const MAX_WINDOW: u64 = 10_000;
+/// A lock contender's lease outlives the run (warm-up and measurement) by at least this, so that
+/// no lease expires under a contender without keep-alives.
+pub const LOCK_LEASE_SLACK: Duration = Duration::from_secs(60);
 
 /// `keel bench` flags (the global `--endpoints`, `--timeout` and `--json` apply too).
 #[derive(Args, Debug, Clone)]
@@ -95,6 +116,21 @@ pub struct BenchArgs {
     /// [default: 100].
     #[arg(long, value_name = "PER_SEC")]
     pub rate: Option<u64>,
+    /// With `--op keepalive`: leases kept alive, granted before the run and spread over the
+    /// clients' streams; with `--op lease-load`: leases granted, each with one key [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub leases: Option<u64>,
+    /// With `--op lease`, `keepalive`, `lock` and `lease-load`: the TTL leases are granted with, in
+    /// seconds (a lock contender's is stretched to outlive the run) [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub ttl: Option<i64>,
+    /// With `--op keepalive`: keep-alive requests in flight on each stream [default: 64].
+    #[arg(long, value_name = "N")]
+    pub window: Option<u64>,
+    /// With `--op lease-ready`: the lease that LeaseTimeToLive must find, as `--op lease-load`
+    /// reported it (`sample_lease`).
+    #[arg(long, value_name = "ID")]
+    pub lease_id: Option<i64>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +140,20 @@ pub enum OpArg {
     Mixed,
     /// Watchers on one prefix, puts under it at a fixed rate; measures event delivery.
     Watch,
+    /// LeaseGrant, then LeaseRevoke of that lease: one op is the pair.
+    Lease,
+    /// Keep-alives of `--leases` leases, pipelined on one LeaseKeepAlive stream per client: one op
+    /// is an answer with a TTL.
+    Keepalive,
+    /// `v3lockpb.Lock` of one lock name that every client contends for, then `Unlock`: one op is
+    /// the pair.
+    Lock,
+    /// Not a measurement: grants `--leases` leases, each with one key put under it (for
+    /// `bench/lease-restart.sh`).
+    LeaseLoad,
+    /// Not a measurement: waits until the first endpoint answers a linearizable Range of
+    /// `key-00000000` and a LeaseTimeToLive of `--lease-id` (for `bench/lease-restart.sh`).
+    LeaseReady,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +182,29 @@ pub enum Workload {
     },
     /// Watchers on one prefix; the requests are puts under it, at a fixed rate.
     Watch(WatchSpec),
+    /// LeaseGrant then LeaseRevoke, in a loop.
+    Lease,
+    /// Keep-alives of leases granted before the run.
+    KeepAlive(KeepAliveSpec),
+    /// Lock then Unlock, every client on one lock.
+    Lock,
+    /// Grants `leases` leases, lease `i` with key `i` put under it.
+    LeaseLoad {
+        leases: u64,
+    },
+    /// Waits until the store answers, with key 0 attached to `lease_id`.
+    LeaseReady {
+        lease_id: i64,
+    },
+}
+
+/// `--op keepalive`: how many leases, and how many keep-alives a stream has in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepAliveSpec {
+    /// Leases granted before the run; lease `i` is kept alive by client `i mod clients`.
+    pub leases: usize,
+    /// Unanswered keep-alive requests on one stream, at most.
+    pub window: usize,
 }
 
 /// `--op watch`: who watches, and how fast the puts they watch come.
@@ -152,13 +225,25 @@ impl Workload {
             Workload::Get => "get",
             Workload::Mixed { .. } => "mixed",
             Workload::Watch(_) => "watch",
+            Workload::Lease => "lease",
+            Workload::KeepAlive(_) => "keepalive",
+            Workload::Lock => "lock",
+            Workload::LeaseLoad { .. } => "lease-load",
+            Workload::LeaseReady { .. } => "lease-ready",
         }
     }
 
-    /// The next request's operation.
+    /// The next request's operation, for the loads of puts and gets (the others send their own
+    /// requests; a put stands for them here).
     pub fn next_op(self, rng: &mut impl Rng) -> Op {
         match self {
-            Workload::Put | Workload::Watch(_) => Op::Put,
+            Workload::Put
+            | Workload::Watch(_)
+            | Workload::Lease
+            | Workload::KeepAlive(_)
+            | Workload::Lock
+            | Workload::LeaseLoad { .. }
+            | Workload::LeaseReady { .. } => Op::Put,
             Workload::Get => Op::Get,
             Workload::Mixed { read_ratio } => {
                 if rng.gen_bool(read_ratio) {
@@ -193,6 +278,8 @@ pub struct Plan {
     pub warmup: Duration,
     pub preload: u64,
     pub target_leader: bool,
+    /// The TTL leases are granted with, in seconds (the lease ops and `Lock`).
+    pub ttl: i64,
 }
 
 impl BenchArgs {
@@ -207,6 +294,7 @@ impl BenchArgs {
                 self.clients, self.conns
             ));
         }
+        self.refuse_flags_of_other_ops()?;
         let workload = match (self.op, self.read_ratio) {
             (OpArg::Put, None) => Workload::Put,
             (OpArg::Get, None) => Workload::Get,
@@ -218,16 +306,20 @@ impl BenchArgs {
                 Workload::Mixed { read_ratio }
             }
             (OpArg::Watch, None) => Workload::Watch(self.watch_spec()?),
+            (OpArg::Lease, None) => Workload::Lease,
+            (OpArg::Keepalive, None) => Workload::KeepAlive(self.keepalive_spec()?),
+            (OpArg::Lock, None) => Workload::Lock,
+            (OpArg::LeaseLoad, None) => Workload::LeaseLoad { leases: self.lease_count()? },
+            (OpArg::LeaseReady, None) => match self.lease_id {
+                Some(id) if id > 0 => Workload::LeaseReady { lease_id: id },
+                Some(id) => return Err(format!("--lease-id must be a lease id (above 0), not {id}")),
+                None => return Err("--op lease-ready needs --lease-id".to_owned()),
+            },
             (_, Some(_)) => return Err("--read-ratio applies to --op mixed only".to_owned()),
         };
-        if self.op != OpArg::Watch {
-            for (flag, given) in
-                [("--watchers", self.watchers), ("--streams", self.streams), ("--rate", self.rate)]
-            {
-                if given.is_some() {
-                    return Err(format!("{flag} applies to --op watch only"));
-                }
-            }
+        let ttl = self.ttl.unwrap_or(DEFAULT_TTL);
+        if !(1..=MAX_TTL).contains(&ttl) {
+            return Err(format!("--ttl must be 1 to {MAX_TTL} seconds, not {ttl}"));
         }
         if self.key_space == 0 || self.key_space > MAX_KEY_SPACE {
             return Err(format!("--key-space must be 1 to {MAX_KEY_SPACE}, not {}", self.key_space));
@@ -271,7 +363,57 @@ impl BenchArgs {
             warmup: self.warmup,
             preload: self.preload,
             target_leader: self.target_leader,
+            ttl,
         })
+    }
+
+    /// Refuses a flag that the chosen `--op` does not use, naming the ops that do.
+    fn refuse_flags_of_other_ops(&self) -> Result<(), String> {
+        use OpArg::{Keepalive, Lease, LeaseLoad, LeaseReady, Lock, Watch};
+        let flags: [(&str, bool, &[OpArg], &str); 7] = [
+            ("--watchers", self.watchers.is_some(), &[Watch], "--op watch"),
+            ("--streams", self.streams.is_some(), &[Watch], "--op watch"),
+            ("--rate", self.rate.is_some(), &[Watch], "--op watch"),
+            ("--leases", self.leases.is_some(), &[Keepalive, LeaseLoad], "--op keepalive and lease-load"),
+            ("--window", self.window.is_some(), &[Keepalive], "--op keepalive"),
+            (
+                "--ttl",
+                self.ttl.is_some(),
+                &[Lease, Keepalive, Lock, LeaseLoad],
+                "--op lease, keepalive, lock and lease-load",
+            ),
+            ("--lease-id", self.lease_id.is_some(), &[LeaseReady], "--op lease-ready"),
+        ];
+        match flags.iter().find(|(_, given, ops, _)| *given && !ops.contains(&self.op)) {
+            Some((flag, _, _, ops)) => Err(format!("{flag} applies to {ops} only")),
+            None => Ok(()),
+        }
+    }
+
+    /// `--leases`, checked.
+    fn lease_count(&self) -> Result<u64, String> {
+        match self.leases.unwrap_or(DEFAULT_LEASES) {
+            n @ 1..=MAX_LEASES => Ok(n),
+            n => Err(format!("--leases must be 1 to {MAX_LEASES}, not {n}")),
+        }
+    }
+
+    /// `--op keepalive`'s own flags: every stream needs a lease to keep alive.
+    fn keepalive_spec(&self) -> Result<KeepAliveSpec, String> {
+        let leases = self.lease_count()?;
+        if leases < self.clients {
+            return Err(format!(
+                "--leases ({leases}) must be at least --clients ({}): a stream without a lease sends nothing",
+                self.clients
+            ));
+        }
+        let window = self.window.unwrap_or(DEFAULT_WINDOW);
+        if window == 0 || window > MAX_WINDOW {
+            return Err(format!("--window must be 1 to {MAX_WINDOW}, not {window}"));
+        }
+        // Both are at most MAX_LEASES, which fits any usize.
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Ok(KeepAliveSpec { leases: size(leases), window: size(window) })
     }
 
     /// `--op watch`'s own flags. The watch streams need their connections: `--conns` is at most
@@ -377,6 +519,13 @@ pub enum BenchError {
     NothingSucceeded { errors: u64 },
     /// `--op watch`: the watchers could not all be created, so no put was sent.
     Watch { created: usize, wanted: usize, why: WatchFailure },
+    /// The leases a run holds (keep-alive's, the lock contenders') could not all be granted, so
+    /// nothing was measured; the first error.
+    Grant { granted: usize, wanted: usize, why: String },
+    /// `--op lease-ready`: not ready within `--duration`; the last failure.
+    NotReady { waited: Duration, last: String },
+    /// `--op lease-ready`: the store answered without what `--op lease-load` had written.
+    Lost(String),
 }
 
 /// Why a watcher could not be created.
@@ -430,6 +579,13 @@ impl fmt::Display for BenchError {
             BenchError::Watch { created, wanted, why } => {
                 write!(f, "cannot create the watchers ({created} of {wanted} created): {why}")
             }
+            BenchError::Grant { granted, wanted, why } => {
+                write!(f, "cannot grant the leases ({granted} of {wanted} granted, all revoked): {why}")
+            }
+            BenchError::NotReady { waited, last } => {
+                write!(f, "not ready after {:.1}s (--duration); last: {last}", waited.as_secs_f64())
+            }
+            BenchError::Lost(what) => write!(f, "the store answered, but {what}"),
         }
     }
 }
@@ -474,15 +630,25 @@ pub async fn run(
     plan: Plan,
 ) -> Result<String, BenchError> {
     let _ = writeln!(std::io::stderr(), "{}", plan.describe(endpoints));
-    if let Workload::Watch(spec) = plan.workload {
-        let (row, errors) = watch::run(endpoints, timeout, plan, spec).await?;
-        let _ = write!(std::io::stderr(), "{}", errors.describe());
-        if row.puts == 0 && errors.total > 0 {
-            return Err(BenchError::NothingSucceeded { errors: errors.total });
+    let (row, errors) = match plan.workload {
+        Workload::Watch(spec) => {
+            let (row, errors) = watch::run(endpoints, timeout, plan, spec).await?;
+            let _ = write!(std::io::stderr(), "{}", errors.describe());
+            if row.puts == 0 && errors.total > 0 {
+                return Err(BenchError::NothingSucceeded { errors: errors.total });
+            }
+            return Ok(if json { row.json_line() } else { row.table() });
         }
-        return Ok(if json { row.json_line() } else { row.table() });
-    }
-    let (row, errors) = load::run(endpoints, timeout, plan).await?;
+        Workload::LeaseReady { lease_id } => {
+            let row = restart::ready(endpoints, timeout, &plan, lease_id).await?;
+            return Ok(if json { row.json_line() } else { row.table() });
+        }
+        Workload::Put | Workload::Get | Workload::Mixed { .. } => load::run(endpoints, timeout, plan).await?,
+        Workload::Lease => lease::grant_revoke(endpoints, timeout, plan).await?,
+        Workload::KeepAlive(spec) => lease::keepalive(endpoints, timeout, plan, spec).await?,
+        Workload::Lock => lock::run(endpoints, timeout, plan).await?,
+        Workload::LeaseLoad { leases } => restart::load(endpoints, timeout, plan, leases).await?,
+    };
     let _ = write!(std::io::stderr(), "{}", errors.describe());
     if row.ops == 0 && errors.total > 0 {
         return Err(BenchError::NothingSucceeded { errors: errors.total });
@@ -491,6 +657,16 @@ pub async fn run(
 }
 
 impl Plan {
+    /// The TTL of a lock contender's lease: `ttl`, stretched so that it outlives the whole run by
+    /// `LOCK_LEASE_SLACK` (the contenders send no keep-alives). A lease that expired under a
+    /// contender would delete its key and end the run's mutual exclusion.
+    pub fn lock_lease_ttl(&self) -> i64 {
+        let run = self.warmup + self.duration + LOCK_LEASE_SLACK;
+        // At most 600 + 3600 + 60 s: the conversion cannot fail.
+        let run = i64::try_from(run.as_secs() + u64::from(run.subsec_nanos() > 0)).unwrap_or(MAX_TTL);
+        self.ttl.max(run).min(MAX_TTL)
+    }
+
     /// One line saying what the run will do.
     pub fn describe(&self, endpoints: &[Endpoint]) -> String {
         let endpoints: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
@@ -502,6 +678,53 @@ impl Plan {
             }
             Workload::Watch(spec) => {
                 return self.describe_watch(spec, &endpoints);
+            }
+            Workload::Lease => {
+                return format!(
+                    "bench: lease grant then revoke (TTL {}s), {} clients {}, {}",
+                    self.ttl,
+                    self.clients,
+                    self.over(&endpoints),
+                    self.then()
+                );
+            }
+            Workload::KeepAlive(spec) => {
+                return format!(
+                    "bench: keepalive, {} leases (TTL {}s) kept alive on {} streams (at most {} requests in flight each) {}, {}",
+                    spec.leases,
+                    self.ttl,
+                    self.clients,
+                    spec.window,
+                    self.over(&endpoints),
+                    self.then()
+                );
+            }
+            Workload::Lock => {
+                return format!(
+                    "bench: lock then unlock, {} contender(s) on one lock, each with its own lease (TTL {}s), {}, {}",
+                    self.clients,
+                    self.lock_lease_ttl(),
+                    self.over(&endpoints),
+                    self.then()
+                );
+            }
+            Workload::LeaseLoad { leases } => {
+                return format!(
+                    "bench: lease-load, {leases} leases (TTL {}s), lease i with key-%08d i ({}-byte value) put under it, {} in flight {}",
+                    self.ttl,
+                    self.value_size,
+                    self.clients,
+                    self.over(&endpoints)
+                );
+            }
+            Workload::LeaseReady { lease_id } => {
+                return format!(
+                    "bench: lease-ready, until {} answers a linearizable Range of {} (attached to lease {lease_id}) \
+                     and a LeaseTimeToLive of that lease with a TTL, at most {}s",
+                    endpoints.first().map_or("", String::as_str),
+                    String::from_utf8_lossy(&key(0)),
+                    self.duration.as_secs_f64(),
+                );
             }
         };
         let bound = self.bound();
@@ -524,6 +747,21 @@ impl Plan {
         } else {
             format!("{} requests or {}s", self.ops, self.duration.as_secs_f64())
         }
+    }
+
+    /// Where the requests go: "over N conns to A,B (the leader only)".
+    fn over(&self, endpoints: &[String]) -> String {
+        format!(
+            "over {} conns to {}{}",
+            self.conns,
+            endpoints.join(","),
+            if self.target_leader { " (the leader only)" } else { "" }
+        )
+    }
+
+    /// "warm-up Ws, then" the bound.
+    fn then(&self) -> String {
+        format!("warm-up {}s, then {}", self.warmup.as_secs_f64(), self.bound())
     }
 
     fn describe_watch(&self, spec: WatchSpec, endpoints: &[String]) -> String {
@@ -648,6 +886,60 @@ mod tests {
         assert!(refused(&["--rate", "0"]).contains("--rate"));
         assert!(refused(&["--rate", "100001"]).contains("--rate"));
         assert!(refused(&["--read-ratio", "0.5"]).contains("--read-ratio"));
+    }
+
+    #[test]
+    fn lease_ops_default_to_10000_leases_a_60s_ttl_and_a_window_of_64() {
+        let plan = args(&["--op", "keepalive", "--clients", "16", "--conns", "8"]).expect("valid");
+        assert_eq!(plan.workload, Workload::KeepAlive(KeepAliveSpec { leases: 10_000, window: 64 }));
+        assert_eq!((plan.ttl, plan.clients, plan.conns), (60, 16, 8));
+        assert_eq!(plan.workload.name(), "keepalive");
+        let plan = args(&["--op", "lease", "--ttl", "5"]).expect("valid");
+        assert_eq!((plan.workload, plan.ttl), (Workload::Lease, 5));
+        let plan = args(&["--op", "lease-load", "--leases", "100000", "--ttl", "3600"]).expect("valid");
+        assert_eq!((plan.workload, plan.ttl), (Workload::LeaseLoad { leases: 100_000 }, 3600));
+        let plan = args(&["--op", "lease-ready", "--lease-id", "7587"]).expect("valid");
+        assert_eq!(plan.workload, Workload::LeaseReady { lease_id: 7587 });
+        assert_eq!(args(&["--op", "lock"]).expect("valid").workload.name(), "lock");
+    }
+
+    #[test]
+    fn lease_flags_that_do_not_fit_are_refused_with_the_flag_named() {
+        let refused = |a: &[&str]| args(a).expect_err("refused");
+        assert!(refused(&["--op", "keepalive", "--leases", "0"]).contains("--leases"));
+        assert!(refused(&["--op", "keepalive", "--leases", "1000001"]).contains("--leases"));
+        assert!(refused(&["--op", "keepalive", "--leases", "3", "--clients", "4"]).contains("--leases"));
+        assert!(refused(&["--op", "keepalive", "--window", "0"]).contains("--window"));
+        assert!(refused(&["--op", "keepalive", "--window", "10001"]).contains("--window"));
+        assert!(refused(&["--op", "lease", "--ttl", "0"]).contains("--ttl"));
+        assert!(refused(&["--op", "lease", "--ttl", "9000000001"]).contains("--ttl"));
+        assert!(refused(&["--op", "lease-ready"]).contains("--lease-id"));
+        assert!(refused(&["--op", "lease-ready", "--lease-id", "0"]).contains("--lease-id"));
+        assert_eq!(
+            refused(&["--op", "lease", "--leases", "5"]),
+            "--leases applies to --op keepalive and lease-load only"
+        );
+        assert_eq!(refused(&["--op", "lock", "--window", "5"]), "--window applies to --op keepalive only");
+        assert_eq!(
+            refused(&["--ttl", "5"]),
+            "--ttl applies to --op lease, keepalive, lock and lease-load only"
+        );
+        assert_eq!(
+            refused(&["--op", "lease", "--lease-id", "5"]),
+            "--lease-id applies to --op lease-ready only"
+        );
+        assert_eq!(refused(&["--op", "lease", "--watchers", "5"]), "--watchers applies to --op watch only");
+    }
+
+    #[test]
+    fn a_lock_lease_outlives_the_run() {
+        let plan = args(&["--op", "lock", "--duration", "10", "--warmup", "0.5"]).expect("valid");
+        // 0.5 + 10 + 60 s, rounded up; more than the 60 s asked for.
+        assert_eq!(plan.lock_lease_ttl(), 71);
+        let plan = args(&["--op", "lock", "--duration", "10", "--ttl", "600"]).expect("valid");
+        assert_eq!(plan.lock_lease_ttl(), 600);
+        let plan = args(&["--op", "lock", "--ops", "10"]).expect("valid");
+        assert_eq!(plan.lock_lease_ttl(), 1 + 3600 + 60);
     }
 
     #[test]

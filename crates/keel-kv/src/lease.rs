@@ -292,10 +292,12 @@ pub async fn keep_time(api: KvApi) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        // Woken as soon as this node leads (or after a tick, to retry a failed confirmation).
+        let _ = api.node.wait_for(TICK, "leadership", |m| m.state == ServerState::Leader).await;
         let Some(term) = leading(&api) else { continue };
         if let Err(e) = api.node.confirm_leader().await {
             tracing::debug!("lease timers wait: leadership not confirmed yet: {e}");
+            tick.tick().await;
             continue;
         }
         if leading(&api) != Some(term) {

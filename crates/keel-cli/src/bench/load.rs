@@ -1,6 +1,9 @@
 //! The load itself: gRPC connections, finding the leader, the preload, and the clients, each a task
-//! sending one request at a time on one of the connections.
+//! sending one request at a time on one of the connections. The measured loop is shared by every
+//! load whose clients send one request (or one pair) at a time: puts and gets here, the lease and
+//! lock loads in `lease.rs` and `lock.rs`.
 
+use std::future::Future;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +26,7 @@ use crate::client::Endpoint;
 
 /// A client that got an error waits this long before its next request, so that an endpoint that
 /// refuses at once (down, no leader) is not hammered in a tight loop that starves the others.
-const ERROR_PAUSE: Duration = Duration::from_millis(10);
+pub(super) const ERROR_PAUSE: Duration = Duration::from_millis(10);
 
 /// Runs `plan` against `endpoints`; `timeout` bounds each connect and each request. Notes on
 /// progress go to stderr; the result is the row (printed by the caller) and the errors.
@@ -37,21 +40,44 @@ pub async fn run(
     let plan = Arc::new(plan);
     preload_noted(&channels, &plan).await;
 
-    let start = Instant::now() + plan.warmup;
-    let window = Arc::new(Window { start, end: start + plan.duration, issued: AtomicU64::new(0) });
-    let mut tasks = Vec::with_capacity(plan.clients);
-    for client in 0..plan.clients {
-        let Some(channel) = channels.get(spread(client, channels.len())) else { break };
-        let kv = KvClient::new(channel.clone());
-        tasks.push(tokio::spawn(client_loop(
-            kv,
-            Arc::clone(&plan),
-            Arc::clone(&window),
-            StdRng::from_entropy(),
-        )));
-    }
+    let serializable = plan.consistency == Consistency::Serializable;
+    let clients = (0..plan.clients)
+        .filter_map(|client| channels.get(spread(client, channels.len())))
+        .map(|channel| {
+            let mut rng = StdRng::from_entropy();
+            let value = random_value(&mut rng, plan.value_size);
+            KvRequests {
+                kv: KvClient::new(channel.clone()),
+                plan: Arc::clone(&plan),
+                serializable,
+                value,
+                rng,
+            }
+        })
+        .collect();
+    let (total, elapsed) = measure(clients, &plan).await;
+    let row = Row::new(&plan, &total, elapsed);
+    Ok((row, total.errors))
+}
+
+/// One client's requests, as the measured loop sends them: one at a time.
+pub(super) trait Requests: Send + 'static {
+    /// Sends the next request (or the next pair that counts as one op, such as a grant and its
+    /// revoke) and awaits the answer; on failure, the error as counted.
+    fn next(&mut self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Runs every client, each a task sending its requests one at a time through `plan`'s warm-up and
+/// then the measured window. Returns the merged tally and the measured time: from the window's
+/// start to the last measured answer.
+pub(super) async fn measure<R: Requests>(clients: Vec<R>, plan: &Plan) -> (Tally, Duration) {
+    let window = Arc::new(Window::after_warmup(plan));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| tokio::spawn(client_loop(client, plan.ops, Arc::clone(&window))))
+        .collect();
     let mut total = Tally::default();
-    let mut finished = start;
+    let mut finished = window.start;
     for task in tasks {
         match task.await {
             Ok((tally, done)) => {
@@ -61,8 +87,25 @@ pub async fn run(
             Err(e) => total.errors.add(format!("client task failed: {e}")),
         }
     }
-    let row = Row::new(&plan, &total, finished.saturating_duration_since(start));
-    Ok((row, total.errors))
+    (total, finished.saturating_duration_since(window.start))
+}
+
+/// A client of puts and gets: each request a random key of the key space.
+struct KvRequests {
+    kv: KvClient<Channel>,
+    plan: Arc<Plan>,
+    serializable: bool,
+    /// Sent with every put of this client.
+    value: Vec<u8>,
+    rng: StdRng,
+}
+
+impl Requests for KvRequests {
+    async fn next(&mut self) -> Result<(), String> {
+        let op = self.plan.workload.next_op(&mut self.rng);
+        let key = random_key(&mut self.rng, self.plan.key_space);
+        send(&mut self.kv, op, key, &self.value, self.serializable).await.map_err(|s| describe(&s))
+    }
 }
 
 /// The endpoints the run sends to: the leader alone with `--target-leader`, else all of them.
@@ -119,46 +162,51 @@ pub(super) fn note(text: &str) {
 }
 
 /// The measured window, shared by the clients.
-struct Window {
+pub(super) struct Window {
     /// Requests sent before this are warm-up: sent, not measured.
-    start: Instant,
+    pub start: Instant,
     /// No request is sent at or after this.
-    end: Instant,
+    pub end: Instant,
     /// Measured requests sent so far; none is sent once it reaches `plan.ops`.
     issued: AtomicU64,
 }
 
+impl Window {
+    /// The window of `plan`, its warm-up starting now.
+    pub fn after_warmup(plan: &Plan) -> Window {
+        let start = Instant::now() + plan.warmup;
+        Window { start, end: start + plan.duration, issued: AtomicU64::new(0) }
+    }
+
+    /// Whether a request may be sent now, and if so whether it is measured (counting it against
+    /// `ops`, the most measured requests).
+    pub fn admit(&self, ops: u64) -> Option<bool> {
+        let now = Instant::now();
+        if now >= self.end {
+            return None;
+        }
+        let measured = now >= self.start;
+        if measured && self.issued.fetch_add(1, Ordering::Relaxed) >= ops {
+            return None;
+        }
+        Some(measured)
+    }
+}
+
 /// One client: send, await the answer, record, repeat until the window ends or the measured
 /// request count is reached. Returns the tally and when its last answer came.
-async fn client_loop(
-    mut kv: KvClient<Channel>,
-    plan: Arc<Plan>,
-    window: Arc<Window>,
-    mut rng: StdRng,
-) -> (Tally, Instant) {
-    let value = random_value(&mut rng, plan.value_size);
-    let serializable = plan.consistency == Consistency::Serializable;
+async fn client_loop<R: Requests>(mut client: R, ops: u64, window: Arc<Window>) -> (Tally, Instant) {
     let mut tally = Tally::default();
-    loop {
-        let now = Instant::now();
-        if now >= window.end {
-            break;
-        }
-        let measured = now >= window.start;
-        if measured && window.issued.fetch_add(1, Ordering::Relaxed) >= plan.ops {
-            break;
-        }
-        let op = plan.workload.next_op(&mut rng);
-        let key = random_key(&mut rng, plan.key_space);
+    while let Some(measured) = window.admit(ops) {
         let sent = Instant::now();
-        let result = send(&mut kv, op, key, &value, serializable).await;
+        let result = client.next().await;
         let took = sent.elapsed();
         match result {
             Ok(()) if measured => tally.record(took),
             Ok(()) => {}
-            Err(status) => {
+            Err(error) => {
                 if measured {
-                    tally.errors.add(describe(&status));
+                    tally.errors.add(error);
                 }
                 tokio::time::sleep(ERROR_PAUSE).await;
             }

@@ -116,6 +116,13 @@ pub struct Row {
     pub errors: u64,
     /// From the start of the measurement to the last measured answer.
     pub duration_s: f64,
+    /// `--op keepalive` and `--op lease-load`: the leases granted; absent for other ops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leases: Option<u64>,
+    /// `--op lease-load`: lease 0's id (key 0 is attached to it), for `--op lease-ready`; absent
+    /// for other ops, and if lease 0 failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_lease: Option<i64>,
 }
 
 impl Row {
@@ -128,12 +135,12 @@ impl Row {
         Row {
             op: plan.workload.name(),
             consistency: match plan.workload {
-                Workload::Put | Workload::Watch(_) => None,
                 Workload::Get | Workload::Mixed { .. } => Some(plan.consistency.name()),
+                _ => None,
             },
             read_ratio: match plan.workload {
                 Workload::Mixed { read_ratio } => Some(read_ratio),
-                Workload::Put | Workload::Get | Workload::Watch(_) => None,
+                _ => None,
             },
             clients: plan.clients,
             conns: plan.conns,
@@ -147,6 +154,8 @@ impl Row {
             max_us: if ops == 0 { 0 } else { h.max() },
             errors: tally.errors.total,
             duration_s: round_to(secs, 3),
+            leases: None,
+            sample_lease: None,
         }
     }
 
@@ -162,7 +171,10 @@ impl Row {
     /// The table: a header and one row.
     pub fn table(&self) -> String {
         let op = match (self.consistency, self.read_ratio) {
-            (None, _) => self.op.to_owned(),
+            (None, _) => match self.leases {
+                Some(n) => format!("{} ({n} leases)", self.op),
+                None => self.op.to_owned(),
+            },
             (Some(c), None) => format!("{} ({c})", self.op),
             (Some(c), Some(r)) => format!("{} {:.0}% get ({c})", self.op, r * 100.0),
         };
@@ -324,6 +336,66 @@ impl WatchRow {
     }
 }
 
+/// What `--op lease-ready` found: when a restarted store first answered the Range, and when it was
+/// ready (the LeaseTimeToLive answered too), as wall-clock times that a script can compare with
+/// the moment it started the server.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReadyRow {
+    pub op: &'static str,
+    pub lease: i64,
+    /// The TTL LeaseTimeToLive answered.
+    pub ttl: i64,
+    /// Attempts made, the successful one included.
+    pub attempts: u64,
+    /// When the linearizable Range first succeeded, in µs since the Unix epoch.
+    pub range_unix_us: u64,
+    /// When LeaseTimeToLive succeeded (after the Range), in µs since the Unix epoch.
+    pub ready_unix_us: u64,
+    /// From the probe's start to ready.
+    pub waited_s: f64,
+}
+
+impl ReadyRow {
+    pub fn new(
+        lease: i64,
+        ttl: i64,
+        attempts: u64,
+        range_unix_us: u64,
+        ready_unix_us: u64,
+        waited: Duration,
+    ) -> Self {
+        ReadyRow {
+            op: "lease-ready",
+            lease,
+            ttl,
+            attempts,
+            range_unix_us,
+            ready_unix_us,
+            waited_s: round_to(waited.as_secs_f64(), 3),
+        }
+    }
+
+    /// The JSON line (with its newline).
+    pub fn json_line(&self) -> String {
+        // As Row::json_line: a struct of numbers and strings always serializes.
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+
+    /// The table: a header and one row.
+    pub fn table(&self) -> String {
+        let row = vec![
+            self.op.to_owned(),
+            self.lease.to_string(),
+            self.ttl.to_string(),
+            self.attempts.to_string(),
+            format!("{:.3}", self.waited_s),
+        ];
+        output::table(&["OP", "LEASE", "TTL", "ATTEMPTS", "WAITED S"], &[row])
+    }
+}
+
 fn quantile(tally: &Tally, q: f64) -> u64 {
     if tally.latency_us.is_empty() {
         0
@@ -366,6 +438,10 @@ mod tests {
             watchers: None,
             streams: None,
             rate: None,
+            leases: None,
+            ttl: None,
+            window: None,
+            lease_id: None,
         }
     }
 

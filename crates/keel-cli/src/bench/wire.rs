@@ -1,12 +1,26 @@
-//! The Watch RPC as the watch bench speaks it: create requests encoded by hand, and a response
-//! decoder that reads only what the bench needs (the watch id, the flags, each event's key) and
-//! skips the rest. The generated client would copy every value and allocate every key of every
-//! event; with 10,000 watchers that cost the client as much CPU as the server spent sending.
+//! The RPCs the bench speaks without a generated client, encoded by hand:
+//!
+//! - `Watch`: create requests, and a response decoder that reads only what the bench needs (the
+//!   watch id, the flags, each event's key) and skips the rest. The generated client would copy
+//!   every value and allocate every key of every event; with 10,000 watchers that cost the client
+//!   as much CPU as the server spent sending.
+//! - `v3lockpb.Lock` (`Lock`, `Unlock`): etcd serves it beside the KV API; encoded here, the bench
+//!   does not depend on which services `keel-kv` generates clients for.
 //!
 //! Protobuf wire format: each field is a varint tag (`field << 3 | wire type`) and a value: a varint
 //! (type 0), 8 bytes (1), a varint length and that many bytes (2), or 4 bytes (5). Field numbers
 //! are those of `crates/keel-kv/proto/etcdserverpb/rpc.proto` and `mvccpb/kv.proto`, which are
-//! etcd's.
+//! etcd's, and of etcd's `v3lockpb/v3lock.proto`:
+//!
+//! ```text
+//! LockRequest    { bytes name = 1; int64 lease = 2; }
+//! LockResponse   { etcdserverpb.ResponseHeader header = 1; bytes key = 2; }
+//! UnlockRequest  { bytes key = 1; }
+//! UnlockResponse { etcdserverpb.ResponseHeader header = 1; }
+//! ```
+//!
+//! A gRPC message on the wire is framed: a compression flag byte (0), a big-endian u32 length, and
+//! the protobuf.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -36,7 +50,7 @@ pub struct WatchBatch {
     pub others: u64,
 }
 
-/// A response that is not valid protobuf for `WatchResponse`.
+/// A response that is not valid protobuf for its message (the caller names the message).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WireError {
     /// The message ends inside a field.
@@ -52,12 +66,10 @@ pub enum WireError {
 impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WireError::Truncated => write!(f, "a WatchResponse ends inside a field"),
-            WireError::LongVarint => write!(f, "a WatchResponse has a varint over 10 bytes"),
-            WireError::WireType(t) => write!(f, "a WatchResponse has wire type {t}"),
-            WireError::Unexpected { field } => {
-                write!(f, "a WatchResponse has field {field} with the wrong wire type")
-            }
+            WireError::Truncated => write!(f, "ends inside a field"),
+            WireError::LongVarint => write!(f, "has a varint over 10 bytes"),
+            WireError::WireType(t) => write!(f, "has wire type {t}"),
+            WireError::Unexpected { field } => write!(f, "has field {field} with the wrong wire type"),
         }
     }
 }
@@ -217,20 +229,54 @@ fn put_bytes_field(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// `message` as one gRPC message on the wire: uncompressed flag, big-endian length, the protobuf.
+fn frame(message: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(message.len() + 5);
+    frame.push(0);
+    // The bench's requests are a few hundred bytes at most (keys and names), far under 4 GiB.
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(message);
+    frame
+}
+
 /// A `WatchRequest` whose `create_request` watches `key`..`range_end` from now, as one gRPC
-/// message (uncompressed flag, big-endian length, the protobuf).
+/// message.
 pub fn create_request_frame(key: &[u8], range_end: &[u8]) -> Vec<u8> {
     let mut create = Vec::with_capacity(key.len() + range_end.len() + 8);
     put_bytes_field(&mut create, 1, key);
     put_bytes_field(&mut create, 2, range_end);
     let mut request = Vec::with_capacity(create.len() + 4);
     put_bytes_field(&mut request, 1, &create);
-    let mut frame = Vec::with_capacity(request.len() + 5);
-    frame.push(0);
-    // A create request is a few hundred bytes at most (two keys), far under 4 GiB.
-    frame.extend_from_slice(&u32::try_from(request.len()).unwrap_or(u32::MAX).to_be_bytes());
-    frame.extend_from_slice(&request);
-    frame
+    frame(&request)
+}
+
+/// A `LockRequest` for the lock `name`, held under `lease`.
+pub fn lock_request(name: &[u8], lease: i64) -> Vec<u8> {
+    let mut request = Vec::with_capacity(name.len() + 16);
+    put_bytes_field(&mut request, 1, name);
+    put_varint(&mut request, 2 << 3);
+    // int64 is two's complement in a varint: the cast is the encoding.
+    put_varint(&mut request, lease as u64);
+    request
+}
+
+/// An `UnlockRequest` releasing the lock held by the key a `LockResponse` gave.
+pub fn unlock_request(key: &[u8]) -> Vec<u8> {
+    let mut request = Vec::with_capacity(key.len() + 4);
+    put_bytes_field(&mut request, 1, key);
+    request
+}
+
+/// A `LockResponse`'s key: the holder's key, which `Unlock` deletes. `None` if it has none.
+pub fn decode_lock_response(message: &[u8]) -> Result<Option<Vec<u8>>, WireError> {
+    let mut key = None;
+    let mut fields = Fields { rest: message };
+    while let Some((field, value)) = fields.next()? {
+        if field == 2 {
+            key = Some(bytes(2, value)?.to_vec());
+        }
+    }
+    Ok(key)
 }
 
 /// Decodes each response of a stream into a `WatchBatch`.
@@ -253,27 +299,58 @@ impl Decoder for BatchDecoder {
         if src.remaining() > 0 {
             src.advance(src.remaining());
         }
-        batch.map(Some).map_err(|e| Status::internal(e.to_string()))
+        batch.map(Some).map_err(|e| Status::internal(format!("a WatchResponse {e}")))
     }
 }
 
-/// Opens a Watch stream on `channel` whose request side sends `frames` (each a whole gRPC
-/// message) and then stays open: etcd ends a stream whose client has stopped sending.
-pub async fn open_watch(
+/// Hands over each response as its protobuf bytes, for the caller to decode.
+struct RawDecoder;
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// Whether a call's request side ends after its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestSide {
+    /// A unary call: the messages, then the end of the stream.
+    Ends,
+    /// A bidi stream that must stay open: etcd ends a Watch stream whose client has stopped
+    /// sending.
+    StaysOpen,
+}
+
+/// Calls `path` on `channel` with `frames` (each a whole gRPC message) as the request, and returns
+/// its responses, each decoded by `decoder`.
+async fn call<D>(
     channel: &mut Channel,
+    path: &'static str,
     frames: Vec<Vec<u8>>,
-    prefix: Vec<u8>,
-) -> Result<Streaming<WatchBatch>, Status> {
-    let frames = tokio_stream::iter(frames)
-        .map(|f| Ok::<_, Infallible>(Frame::data(Bytes::from(f))))
-        .chain(tokio_stream::pending());
+    request_side: RequestSide,
+    decoder: D,
+) -> Result<Streaming<D::Item>, Status>
+where
+    D: Decoder<Error = Status> + Send + 'static,
+{
+    let frames = tokio_stream::iter(frames).map(|f| Ok::<_, Infallible>(Frame::data(Bytes::from(f))));
+    let body = match request_side {
+        RequestSide::Ends => tonic::body::Body::new(StreamBody::new(frames)),
+        RequestSide::StaysOpen => {
+            tonic::body::Body::new(StreamBody::new(frames.chain(tokio_stream::pending())))
+        }
+    };
     let request = http::Request::builder()
         .method(http::Method::POST)
-        .uri("/etcdserverpb.Watch/Watch")
+        .uri(path)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
-        .body(tonic::body::Body::new(StreamBody::new(frames)))
-        .map_err(|e| Status::internal(format!("cannot build the Watch request: {e}")))?;
+        .body(body)
+        .map_err(|e| Status::internal(format!("cannot build the {path} request: {e}")))?;
     poll_fn(|cx| channel.poll_ready(cx)).await.map_err(|e| Status::unavailable(e.to_string()))?;
     let response = channel.call(request).await.map_err(|e| Status::unavailable(e.to_string()))?;
     // A server without the method answers with headers only, the status among them.
@@ -283,13 +360,31 @@ pub async fn open_watch(
         }
     }
     let status = response.status();
-    Ok(Streaming::new_response(
-        BatchDecoder { prefix },
-        response.into_body(),
-        status,
-        None,
-        Some(MAX_RESPONSE),
-    ))
+    Ok(Streaming::new_response(decoder, response.into_body(), status, None, Some(MAX_RESPONSE)))
+}
+
+/// Opens a Watch stream on `channel` whose request side sends `frames` (each a whole gRPC
+/// message) and then stays open.
+pub async fn open_watch(
+    channel: &mut Channel,
+    frames: Vec<Vec<u8>>,
+    prefix: Vec<u8>,
+) -> Result<Streaming<WatchBatch>, Status> {
+    call(channel, "/etcdserverpb.Watch/Watch", frames, RequestSide::StaysOpen, BatchDecoder { prefix }).await
+}
+
+/// A unary call of `path` with the protobuf `message`; its answer's protobuf, once the server has
+/// ended the call with status OK.
+pub async fn unary(channel: &mut Channel, path: &'static str, message: &[u8]) -> Result<Bytes, Status> {
+    let mut responses = call(channel, path, vec![frame(message)], RequestSide::Ends, RawDecoder).await?;
+    let Some(answer) = responses.message().await? else {
+        return Err(Status::internal(format!("{path} ended without an answer")));
+    };
+    // The trailers carry the call's status; reading past the answer checks it.
+    match responses.message().await? {
+        None => Ok(answer),
+        Some(_) => Err(Status::internal(format!("{path} answered twice"))),
+    }
 }
 
 #[cfg(test)]
@@ -397,6 +492,31 @@ mod tests {
         expected.extend_from_slice(&[0x12, 8]);
         expected.extend_from_slice(b"watch-a0");
         assert_eq!(frame, expected);
+    }
+
+    #[test]
+    fn lock_requests_are_etcds_messages() {
+        // LockRequest { 1: name, 2: lease } and UnlockRequest { 1: key }, as etcd's Go client
+        // encodes them.
+        let mut expected = vec![0x0a, 4];
+        expected.extend_from_slice(b"lock");
+        expected.extend_from_slice(&[0x10, 0xac, 0x02]);
+        assert_eq!(lock_request(b"lock", 300), expected);
+        let mut expected = vec![0x0a, 6];
+        expected.extend_from_slice(b"lock/1");
+        assert_eq!(unlock_request(b"lock/1"), expected);
+        assert_eq!(frame(&[7, 8]), [0, 0, 0, 0, 2, 7, 8]);
+    }
+
+    #[test]
+    fn a_lock_response_gives_the_holders_key() {
+        let mut m = Vec::new();
+        put_bytes_field(&mut m, 1, &header());
+        put_bytes_field(&mut m, 2, b"lock-a/694d7f1b2c3d4e5f");
+        assert_eq!(decode_lock_response(&m), Ok(Some(b"lock-a/694d7f1b2c3d4e5f".to_vec())));
+        assert_eq!(decode_lock_response(&[]), Ok(None));
+        assert_eq!(decode_lock_response(&m[..m.len() - 1]), Err(WireError::Truncated));
+        assert_eq!(decode_lock_response(&[2 << 3, 1]), Err(WireError::Unexpected { field: 2 }));
     }
 
     #[test]
