@@ -62,6 +62,15 @@ struct Place {
     first: Option<i64>,
 }
 
+/// A failure after the contender's key was put: the key is being withdrawn, so the request must
+/// not be retried as if nothing had happened (under the same lease, a retry could find its key
+/// and then lose it to the withdrawal). Not retryable; a client starts over under a new lease.
+fn queued(e: ApiError) -> ApiError {
+    ApiError::Unknown(format!(
+        "failed while waiting in line ({e}); this contender's key is withdrawn: start over under a new lease"
+    ))
+}
+
 /// `name/`: where the contenders' keys live.
 fn prefix(name: &[u8]) -> Vec<u8> {
     [name, b"/"].concat()
@@ -137,7 +146,9 @@ impl Drop for Watching<'_> {
 impl KvApi {
     /// Puts `prefix<lease hex>` with `lease` and `value` unless it exists; answers the place.
     async fn enqueue(&self, prefix: &[u8], lease: i64, value: &[u8]) -> Result<Place, ApiError> {
-        let key = [prefix, format!("{lease:x}").as_bytes()].concat();
+        // etcd's `%x` of an int64: a negative id is `-` and the magnitude.
+        let hex = if lease < 0 { format!("-{:x}", lease.unsigned_abs()) } else { format!("{lease:x}") };
+        let key = [prefix, hex.as_bytes()].concat();
         let put = Put { key: key.clone(), value: value.to_vec(), lease, ..Put::default() };
         let mine = Range { key: key.clone(), ..Range::default() };
         let txn = Txn {
@@ -215,9 +226,9 @@ impl KvApi {
         let revision = if place.first == Some(place.rev) {
             place.revision
         } else {
-            let waited = self.wait_deletes(&prefix, place.rev - 1).await?;
+            let waited = self.wait_deletes(&prefix, place.rev - 1).await.map_err(queued)?;
             // The key may have gone with its lease while it waited.
-            let (revision, there) = self.still_there(&place.key).await?;
+            let (revision, there) = self.still_there(&place.key).await.map_err(queued)?;
             if !there {
                 withdraw.disarm();
                 return Err(ApiError::Kv(KvError::LeaseNotFound));
@@ -249,13 +260,13 @@ impl KvApi {
         let withdraw = Withdraw { api: Some(self.clone()), key: place.key.clone() };
         // Campaigning again with the same lease keeps the place and proclaims the new value.
         if place.existing.as_deref().is_some_and(|v| v != value) {
-            self.proclaim(&leader, value).await?;
+            self.proclaim(&leader, value).await.map_err(queued)?;
         }
         let revision = if place.first == Some(place.rev) {
             place.revision
         } else {
-            let waited = self.wait_deletes(&prefix, place.rev - 1).await?;
-            let (revision, there) = self.still_there(&place.key).await?;
+            let waited = self.wait_deletes(&prefix, place.rev - 1).await.map_err(queued)?;
+            let (revision, there) = self.still_there(&place.key).await.map_err(queued)?;
             if !there {
                 withdraw.disarm();
                 return Err(ApiError::Kv(KvError::LeaseNotFound));
