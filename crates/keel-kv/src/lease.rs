@@ -321,7 +321,9 @@ pub async fn keep_time(api: KvApi) {
             for id in lessor.expired(REVOKES_PER_TICK) {
                 let api = api.clone();
                 tokio::spawn(async move {
-                    match api.node.propose(KvCommand::LeaseRevoke { id }).await {
+                    // Never forwarded: if this node no longer leads, its clock decided nothing
+                    // (the leader after it refreshed every lease when it took over).
+                    match api.node.propose_here(KvCommand::LeaseRevoke { id }).await {
                         Ok(r) => match r.result {
                             Ok(_) => tracing::debug!(lease = id, "lease expired and revoked"),
                             Err(KvError::LeaseNotFound) => {}

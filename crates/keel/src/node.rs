@@ -289,16 +289,38 @@ impl<SM: StateMachine> Node<SM> {
     /// The command is checked first ([`StateMachine::validate`], `limits.max_command_bytes`); a
     /// follower's leader checks it again before proposing it.
     pub async fn propose_indexed(&self, cmd: SM::Command) -> Result<(SM::Response, LogIndex), ProposeError> {
-        self.shared.sm.validate(&cmd).map_err(|refusal| ProposeError::InvalidCommand(refusal.0))?;
-        let bytes = codec::to_bytes(&cmd).map_err(|e| ProposeError::InvalidCommand(e.to_string()))?;
+        let cmd = self.encode_checked(&cmd)?;
+        let (reply, index) = self.propose_checked(cmd).await?;
+        Self::decode_reply(reply).map(|response| (response, index))
+    }
+
+    /// Like [`propose`](Self::propose), but only on this node, as the leader it is now: never
+    /// forwarded (a follower answers [`ProposeError::NotLeader`]). For what this node decided
+    /// because it leads (an application's timers running out): the current leader of a later term
+    /// must not carry out what a deposed leader decided. Such an entry commits only if this node
+    /// still leads, or a successor received it while this node led (and then applies it before it
+    /// takes over: see [`confirm_leader`](Self::confirm_leader)).
+    pub async fn propose_here(&self, cmd: SM::Command) -> Result<SM::Response, ProposeError> {
+        let cmd = self.encode_checked(&cmd)?;
+        let (reply, _) =
+            forward::local_write(&self.raft, self.timing, cmd).await.map_err(ProposeError::from)?;
+        Self::decode_reply(reply)
+    }
+
+    fn encode_checked(&self, cmd: &SM::Command) -> Result<Command, ProposeError> {
+        self.shared.sm.validate(cmd).map_err(|refusal| ProposeError::InvalidCommand(refusal.0))?;
+        let bytes = codec::to_bytes(cmd).map_err(|e| ProposeError::InvalidCommand(e.to_string()))?;
         forward::check_command_size(self.timing.max_command_bytes, bytes.len())?;
-        let (reply, index) = self.propose_checked(Command(bytes)).await?;
+        Ok(Command(bytes))
+    }
+
+    fn decode_reply(reply: Reply) -> Result<SM::Response, ProposeError> {
         let response = match reply {
             Reply::Response(bytes) => codec::from_bytes(&bytes)
                 .map_err(|e| ProposeError::Stopped(format!("state machine response does not decode: {e}")))?,
             Reply::Refused(why) => return Err(ProposeError::Refused(why)),
         };
-        Ok((response, index))
+        Ok(response)
     }
 
     /// Proposes an already encoded command (see [`codec`]) and answers the encoded reply. The
