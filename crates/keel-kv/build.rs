@@ -10,6 +10,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .build_transport(false)
-        .compile_protos(&["proto/etcdserverpb/rpc.proto", "proto/mvccpb/kv.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/etcdserverpb/rpc.proto",
+                "proto/mvccpb/kv.proto",
+                "proto/v3lockpb/v3lock.proto",
+                "proto/v3electionpb/v3election.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

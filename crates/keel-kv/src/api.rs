@@ -78,6 +78,14 @@ pub enum ApiError {
     Unknown(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("lease TTL is over the largest, {} seconds", store::MAX_LEASE_TTL)]
+    LeaseTtlTooLarge,
+    /// etcd's `ErrElectionNotLeader`: the leader key named does not lead (any more).
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    /// etcd's `ErrElectionNoLeader`: nobody leads the election.
+    #[error("election: no leader")]
+    ElectionNoLeader,
 }
 
 impl ApiError {
@@ -93,7 +101,8 @@ impl From<LimitError> for ApiError {
             e @ (LimitError::EmptyKey
             | LimitError::TooManyOps
             | LimitError::DuplicateKey
-            | LimitError::TooDeep) => ApiError::BadRequest(e.to_string()),
+            | LimitError::TooDeep
+            | LimitError::BadLease { .. }) => ApiError::BadRequest(e.to_string()),
         }
     }
 }
@@ -207,6 +216,8 @@ pub struct KvApi {
     pub port: Arc<crate::client_port::PortCounters>,
     /// How often an idle watch that asked for progress notifications gets one.
     pub watch_progress_notify_interval: std::time::Duration,
+    /// The leader's client port, for what only the leader answers (lease timers).
+    pub(crate) leader_channel: Arc<std::sync::Mutex<Option<(String, tonic::transport::Channel)>>>,
 }
 
 /// FNV-1a: a stable cluster id from the cluster name.
@@ -233,6 +244,7 @@ impl KvApi {
             counters: Arc::default(),
             port: Arc::default(),
             watch_progress_notify_interval: std::time::Duration::from_secs(600),
+            leader_channel: Arc::default(),
         }
     }
 

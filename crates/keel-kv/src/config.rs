@@ -222,6 +222,10 @@ impl KeeldConfig {
         if self.faults.watch_drop_event {
             store.hub().plant_drop_event();
         }
+        #[cfg(debug_assertions)]
+        if self.faults.lease_early_expiry {
+            store.lessor().plant_early_expiry();
+        }
         store
     }
 

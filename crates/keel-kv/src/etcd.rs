@@ -24,11 +24,19 @@ pub mod pb {
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
     }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+    }
 }
 
 use pb::etcdserverpb as rpc;
 use pb::mvccpb;
 
+mod lease;
+mod lock;
 mod watch;
 pub use watch::MAX_WATCHERS_PER_STREAM;
 
@@ -69,6 +77,13 @@ impl From<ApiError> for Status {
                 (Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision")
             }
             ApiError::Kv(KvError::LeaseNotFound) => (Code::NotFound, "etcdserver: requested lease not found"),
+            ApiError::Kv(KvError::LeaseExists) => {
+                (Code::FailedPrecondition, "etcdserver: lease already exists")
+            }
+            ApiError::LeaseTtlTooLarge => (Code::OutOfRange, "etcdserver: too large lease TTL"),
+            // etcd's election server answers its recipe's plain errors: gRPC's UNKNOWN.
+            ApiError::ElectionNotLeader => (Code::Unknown, "election: not leader"),
+            ApiError::ElectionNoLeader => (Code::Unknown, "election: no leader"),
             ApiError::Kv(KvError::NoSpace) => {
                 (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded")
             }
@@ -281,7 +296,10 @@ impl EtcdService {
             .into_iter()
             .map(|r| rpc::ResponseOp {
                 response: match r {
-                    OpResult::MemberId(_) | OpResult::Alarms(_) => None,
+                    OpResult::MemberId(_)
+                    | OpResult::Alarms(_)
+                    | OpResult::LeaseGranted { .. }
+                    | OpResult::LeaseRevoked { .. } => None,
                     r => Some(match r {
                         OpResult::Range(r) => rpc::response_op::Response::ResponseRange(rpc::RangeResponse {
                             header: self.header(revision),
@@ -305,9 +323,10 @@ impl EtcdService {
                         OpResult::Txn(t) => {
                             rpc::response_op::Response::ResponseTxn(self.txn_response(revision, t))
                         }
-                        OpResult::MemberId(_) | OpResult::Alarms(_) => {
-                            return rpc::ResponseOp { response: None }
-                        }
+                        OpResult::MemberId(_)
+                        | OpResult::Alarms(_)
+                        | OpResult::LeaseGranted { .. }
+                        | OpResult::LeaseRevoked { .. } => return rpc::ResponseOp { response: None },
                     }),
                 },
             })

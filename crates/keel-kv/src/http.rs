@@ -32,6 +32,8 @@ use crate::store::KvCommand;
 use crate::store::KvError;
 use crate::store::OpResult;
 
+mod leases;
+
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// The HTTP routes, to merge with the gRPC services on one address.
@@ -42,6 +44,18 @@ pub fn router(api: KvApi) -> Router {
         .route("/v1/txn", post(txn))
         .route("/v1/compact", post(compact))
         .route("/v1/watch", get(watch))
+        .route("/v1/lease/grant", post(leases::grant))
+        .route("/v1/lease/revoke", post(leases::revoke))
+        .route("/v1/lease/keepalive", post(leases::keep_alive))
+        .route("/v1/lease/ttl", get(leases::time_to_live))
+        .route("/v1/lease/list", get(leases::list))
+        .route("/v1/lock/acquire", post(leases::lock))
+        .route("/v1/lock/release", post(leases::unlock))
+        .route("/v1/election/campaign", post(leases::campaign))
+        .route("/v1/election/proclaim", post(leases::proclaim))
+        .route("/v1/election/resign", post(leases::resign))
+        .route("/v1/election/leader", get(leases::leader))
+        .route("/v1/election/observe", get(leases::observe))
         .route("/v1/cluster/init", post(init))
         .route("/v1/cluster/add-learner", post(add_learner))
         .route("/v1/cluster/join", post(join))
@@ -100,7 +114,11 @@ impl From<ApiError> for HttpError {
             ApiError::Kv(KvError::Compacted { .. }) | ApiError::Kv(KvError::FutureRevision { .. }) => {
                 (StatusCode::BAD_REQUEST, "compacted")
             }
-            ApiError::Kv(KvError::LeaseNotFound) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Kv(KvError::LeaseNotFound) => (StatusCode::NOT_FOUND, "lease_not_found"),
+            ApiError::Kv(KvError::LeaseExists) => (StatusCode::CONFLICT, "lease_exists"),
+            ApiError::LeaseTtlTooLarge => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::ElectionNotLeader => (StatusCode::CONFLICT, "not_leader"),
+            ApiError::ElectionNoLeader => (StatusCode::NOT_FOUND, "no_leader_elected"),
             // 507: the request is fine, the server has no room for it (until the alarm is cleared).
             ApiError::Kv(KvError::NoSpace) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             ApiError::Kv(KvError::ResponseTooLarge { .. }) => (StatusCode::BAD_REQUEST, "response_too_large"),
@@ -173,6 +191,9 @@ impl serde::Serialize for KvJson<'_> {
         m.serialize_entry("create_revision", &self.kv.create_revision)?;
         m.serialize_entry("mod_revision", &self.kv.mod_revision)?;
         m.serialize_entry("version", &self.kv.version)?;
+        if self.kv.lease != 0 {
+            m.serialize_entry("lease", &self.kv.lease)?;
+        }
         m.end()
     }
 }
@@ -291,7 +312,18 @@ async fn put_key(State(api): State<KvApi>, uri: Uri, body: Result<Bytes, BytesRe
         let key = path_key(&uri)?;
         let q = query(&uri);
         let value = body_bytes(&api, body)?.to_vec();
-        let put = store::Put { key, value, prev_kv: flag(&q, "prev_kv")?, ..Default::default() };
+        let lease = match q.get("lease") {
+            None => 0,
+            Some(_) => leases::signed(&q, "lease")?,
+        };
+        let put = store::Put {
+            key,
+            value,
+            lease,
+            ignore_lease: flag(&q, "ignore_lease")?,
+            prev_kv: flag(&q, "prev_kv")?,
+            ..Default::default()
+        };
         match api.write(KvCommand::Put(put)).await? {
             (revision, OpResult::Put { prev_kv }) => {
                 // `prev_kv` only when there is one (docs/http-api.md: `"prev_kv": KV?`).
@@ -622,6 +654,8 @@ fn op_result_json(r: &OpResult, revision: i64) -> Value {
         }
         OpResult::MemberId(id) => json!({"member_id": id}),
         OpResult::Alarms(alarms) => json!({"alarms": alarms_json(alarms)}),
+        OpResult::LeaseGranted { id, ttl } => json!({"lease": {"id": id, "ttl": ttl}}),
+        OpResult::LeaseRevoked { deleted } => json!({"revoke": {"deleted": deleted}}),
     }
 }
 

@@ -35,6 +35,8 @@ pub enum LimitError {
     DuplicateKey,
     #[error("txns nested more than {MAX_TXN_DEPTH} deep")]
     TooDeep,
+    #[error("lease {id} with TTL {ttl} cannot be granted (id 0, or TTL outside 1..=9000000000)")]
+    BadLease { id: i64, ttl: i64 },
 }
 
 /// The limits a node enforces on writes.
@@ -67,7 +69,16 @@ impl Limits {
             KvCommand::Put(p) => self.check_key(&p.key),
             KvCommand::DeleteRange(d) => self.check_key(&d.key),
             KvCommand::Txn(t) => self.check_txn(t, 1),
-            KvCommand::Compact { .. } | KvCommand::AllocateMemberId { .. } | KvCommand::Alarm(_) => Ok(()),
+            KvCommand::LeaseGrant { id, ttl } => {
+                if *id == 0 || !(1..=crate::store::MAX_LEASE_TTL).contains(ttl) {
+                    return Err(LimitError::BadLease { id: *id, ttl: *ttl });
+                }
+                Ok(())
+            }
+            KvCommand::Compact { .. }
+            | KvCommand::AllocateMemberId { .. }
+            | KvCommand::Alarm(_)
+            | KvCommand::LeaseRevoke { .. } => Ok(()),
         }
     }
 

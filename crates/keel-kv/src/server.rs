@@ -33,6 +33,7 @@ use crate::compaction::AutoCompaction;
 use crate::config::bare_addr;
 use crate::config::ClusterState;
 use crate::config::KeeldConfig;
+use crate::etcd::pb;
 use crate::etcd::pb::etcdserverpb as rpc;
 use crate::etcd::EtcdService;
 use crate::etcd::GRPC_OVERHEAD_BYTES;
@@ -212,6 +213,7 @@ impl Server {
         let mut background = vec![
             tokio::spawn(hub.run_sync(history_reader(node.clone()))),
             tokio::spawn(compaction::compactor(node.clone())),
+            tokio::spawn(crate::lease::keep_time(api.clone())),
             tokio::spawn(compaction::auto_compact(node.clone(), auto_compaction)),
         ];
         background.push(tokio::spawn(publish_client_addr(node.clone(), advertise)));
@@ -337,6 +339,9 @@ fn client_router(api: KvApi) -> axum::Router {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX),
     )
+    .add_service(rpc::lease_server::LeaseServer::new(svc.clone()))
+    .add_service(pb::v3lockpb::lock_server::LockServer::new(svc.clone()))
+    .add_service(pb::v3electionpb::election_server::ElectionServer::new(svc.clone()))
     .add_service(rpc::cluster_server::ClusterServer::new(svc.clone()))
     .add_service(rpc::maintenance_server::MaintenanceServer::new(svc));
     // Bodies over the limit are refused by the HTTP handlers with a JSON 413.

@@ -11,6 +11,9 @@
 //! - `kv`: key → [`Record`] (`create_revision | mod_revision | version | lease`, 8 bytes each LE,
 //!   then the value): the current version of every key.
 //! - `kv_events`, `kv_old`: the history (see [`crate::history`]).
+//! - `leases`: lease id (i64) → the TTL it was granted (i64 LE, seconds); `lease_keys`:
+//!   `(lease id, key)` → `()`, every key attached to a lease (the `lease` field of its record).
+//!   A lease's timer is not state: the leader keeps it ([`crate::lease`]).
 //! - `kv_meta`: `"revision"`, `"compact_revision"` (through Raft), `"compact_physical"`,
 //!   `"compact_cursor"`, `"compact_cursor_at"` (this node's progress removing history below it),
 //!   and `"last_member_id"` → i64; and one row per raised alarm,
@@ -37,6 +40,8 @@ use crate::history;
 use crate::history::Recorder;
 use crate::history::EVENTS;
 use crate::history::OLD;
+use crate::lease::LeaseChange;
+use crate::lease::Lessor;
 use crate::limits::Limits;
 use crate::watch::WatchHub;
 
@@ -48,6 +53,12 @@ pub(crate) const COMPACT_PHYSICAL: &str = "compact_physical";
 pub(crate) const COMPACT_CURSOR: &str = "compact_cursor";
 pub(crate) const COMPACT_CURSOR_AT: &str = "compact_cursor_at";
 const LAST_MEMBER_ID: &str = "last_member_id";
+/// Leases: id → the TTL it was granted, seconds (`i64` LE; later fields may follow).
+pub(crate) const LEASES: TableDefinition<i64, &[u8]> = TableDefinition::new("leases");
+/// The keys attached to each lease: `(lease id, key)` → nothing.
+pub(crate) const LEASE_KEYS: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("lease_keys");
+/// etcd's largest TTL (`MaxLeaseTTL`), seconds.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// An empty store is at revision 1, as in etcd: the first write makes revision 2.
 const FIRST_REVISION: i64 = 1;
 
@@ -71,6 +82,17 @@ pub enum KvCommand {
     /// Raises or clears an alarm (etcd's `Alarm` ACTIVATE / DEACTIVATE). Not a KV write: the
     /// revision does not move.
     Alarm(AlarmChange),
+    /// Grants a lease (etcd's `LeaseGrant`): `id` chosen by the node that proposes it (never 0),
+    /// `ttl` in seconds, already raised to the cluster's minimum. The revision does not move.
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    /// Revokes a lease (a client's `LeaseRevoke`, or the leader's decision that it expired) and
+    /// deletes every key attached to it, all in one revision.
+    LeaseRevoke {
+        id: i64,
+    },
 }
 
 /// An alarm etcd's API knows. Keel raises only `NoSpace` (a corruption stops the node instead).
@@ -280,6 +302,15 @@ pub enum OpResult {
     MemberId(u64),
     /// The answer to [`KvCommand::Alarm`]: the alarm raised or cleared, if any.
     Alarms(Vec<AlarmMember>),
+    /// The answer to [`KvCommand::LeaseGrant`].
+    LeaseGranted {
+        id: i64,
+        ttl: i64,
+    },
+    /// The answer to [`KvCommand::LeaseRevoke`]: how many keys it deleted.
+    LeaseRevoked {
+        deleted: i64,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,7 +333,7 @@ pub enum KvError {
     Compacted { requested: i64, compacted: i64 },
     #[error("mvcc: required revision {requested} is a future revision (current is {current})")]
     FutureRevision { requested: i64, current: i64 },
-    #[error("requested lease not found (Keel does not support leases yet)")]
+    #[error("requested lease not found")]
     LeaseNotFound,
     #[error("key not found (ignore_value / ignore_lease need an existing key)")]
     KeyNotFound,
@@ -316,6 +347,8 @@ pub enum KvError {
     /// [`answer_bytes`] per key). Only reads refuse it; ranges inside a txn have no budget.
     #[error("range answer is over the {limit} byte limit (max_response_bytes): read it in pages with limit, or ask for count_only or keys_only")]
     ResponseTooLarge { limit: u64 },
+    #[error("lease already exists")]
+    LeaseExists,
 }
 
 /// Bytes one key counts toward a range's answer budget besides its key and value: its metadata
@@ -448,22 +481,29 @@ fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
 // The state machine
 
 /// etcd's data model as a Keel state machine. Holds no state itself: everything is in the tables;
-/// its limits are what the leader checks before proposing a write, and its watch hub is where
-/// applied changes go out to this node's watchers.
+/// its limits are what the leader checks before proposing a write, its watch hub is where
+/// applied changes go out to this node's watchers, and its lessor is where applied grants and
+/// revokes go for the leader's expiry clock.
 #[derive(Clone, Debug, Default)]
 pub struct KvStore {
     limits: Limits,
     hub: Arc<WatchHub>,
+    lessor: Arc<Lessor>,
 }
 
 impl KvStore {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, hub: Arc::default() }
+        Self { limits, hub: Arc::default(), lessor: Arc::default() }
     }
 
     /// This node's watchers.
     pub fn hub(&self) -> &Arc<WatchHub> {
         &self.hub
+    }
+
+    /// This node's lease clocks.
+    pub fn lessor(&self) -> &Arc<Lessor> {
+        &self.lessor
     }
 }
 
@@ -484,19 +524,31 @@ impl StateMachine for KvStore {
         let mut meta = txn.open_table(META)?;
         let mut events = txn.open_table(EVENTS)?;
         let mut old = txn.open_table(OLD)?;
+        let mut leases = txn.open_table(LEASES)?;
+        let mut lease_keys = txn.open_table(LEASE_KEYS)?;
+        self.lessor.load_once(|| lease_rows(&leases))?;
         let mut revision = meta.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value());
         let mut compacted = meta.get(COMPACT_REVISION)?.map_or(0, |v| v.value());
         let mut capped = alarm_rows(&meta)?.iter().any(|a| a.alarm == AlarmKind::NoSpace);
         // Collected for the watchers only while some are live (the rest read history).
         let collect = self.hub.collecting();
         let mut changes = Vec::new();
+        let mut lease_changes = Vec::new();
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
             let history = Recorder::new(&mut events, &mut old, revision + 1, collect);
-            let mut w = Writer { kv: &mut kv, history, revision: revision + 1, wrote: false, compacted };
+            let mut w = Writer {
+                kv: &mut kv,
+                history,
+                leases: &mut leases,
+                lease_keys: &mut lease_keys,
+                revision: revision + 1,
+                wrote: false,
+                compacted,
+            };
             let result = match cmd {
                 // etcd's capped applier: refused on every replica alike while NOSPACE is raised.
-                KvCommand::Put(_) if capped => Ok(Err(KvError::NoSpace)),
+                KvCommand::Put(_) | KvCommand::LeaseGrant { .. } if capped => Ok(Err(KvError::NoSpace)),
                 KvCommand::Txn(t) if capped && txn_cost(&t) > 0 => Ok(Err(KvError::NoSpace)),
                 KvCommand::Put(put) => w.put(&put),
                 KvCommand::DeleteRange(del) => w.delete(&del),
@@ -525,6 +577,20 @@ impl StateMachine for KvStore {
                     capped = alarm_rows(&meta)?.iter().any(|a| a.alarm == AlarmKind::NoSpace);
                     Ok(Ok(OpResult::Alarms(changed.into_iter().collect())))
                 }
+                KvCommand::LeaseGrant { id, ttl } => {
+                    let granted = w.grant(id, ttl)?;
+                    if granted.is_ok() {
+                        lease_changes.push(LeaseChange::Granted { id, ttl });
+                    }
+                    Ok(granted)
+                }
+                KvCommand::LeaseRevoke { id } => {
+                    let revoked = w.revoke(id)?;
+                    if revoked.is_ok() {
+                        lease_changes.push(LeaseChange::Revoked { id });
+                    }
+                    Ok(revoked)
+                }
             }?;
             if w.wrote {
                 revision += 1;
@@ -536,6 +602,7 @@ impl StateMachine for KvStore {
         }
         meta.insert(REVISION, revision)?;
         self.hub.publish(collect.then_some(changes), revision, compacted);
+        self.lessor.applied(&lease_changes);
         Ok(out)
     }
 
@@ -543,7 +610,9 @@ impl StateMachine for KvStore {
         keel::dump_table(txn, META, out)?;
         keel::dump_table(txn, KV, out)?;
         keel::dump_table(txn, EVENTS, out)?;
-        keel::dump_table(txn, OLD, out)
+        keel::dump_table(txn, OLD, out)?;
+        keel::dump_table(txn, LEASES, out)?;
+        keel::dump_table(txn, LEASE_KEYS, out)
     }
 
     fn restore(&self, txn: &WriteTransaction, input: &mut dyn io::Read) -> Result<(), StateMachineError> {
@@ -551,12 +620,83 @@ impl StateMachine for KvStore {
         keel::load_table(txn, KV, input)?;
         keel::load_table(txn, EVENTS, input)?;
         keel::load_table(txn, OLD, input)?;
+        keel::load_table(txn, LEASES, input)?;
+        keel::load_table(txn, LEASE_KEYS, input)?;
         let meta = txn.open_table(META)?;
         let revision = meta.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value());
         let compacted = meta.get(COMPACT_REVISION)?.map_or(0, |v| v.value());
         // Every watcher catches up from the restored history.
         self.hub.reset(revision, compacted);
+        self.lessor.reset(lease_rows(&txn.open_table(LEASES)?)?);
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases
+
+fn lease_row(ttl: i64) -> [u8; 8] {
+    ttl.to_le_bytes()
+}
+
+fn parse_lease_row(id: i64, row: &[u8]) -> Result<i64, StateMachineError> {
+    row.get(..8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).ok_or_else(|| {
+        corrupt(io::Error::new(io::ErrorKind::InvalidData, format!("leases row {id} of {} bytes", row.len())))
+    })
+}
+
+/// Every lease and the TTL it was granted, in id order.
+fn lease_rows<T: ReadableTable<i64, &'static [u8]>>(
+    leases: &T,
+) -> Result<Vec<(i64, i64)>, StateMachineError> {
+    let mut out = Vec::new();
+    for row in leases.iter()? {
+        let (id, ttl) = row?;
+        out.push((id.value(), parse_lease_row(id.value(), ttl.value())?));
+    }
+    Ok(out)
+}
+
+/// A lease as the state holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub id: i64,
+    /// The TTL it was granted, seconds.
+    pub ttl: i64,
+    /// The keys attached to it, in key order (only when asked for).
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// Lease `id` in `txn`, with its keys if `keys`; None if there is no such lease.
+pub fn lease(txn: &ReadTransaction, id: i64, keys: bool) -> Result<Option<LeaseInfo>, StateMachineError> {
+    let leases = match txn.open_table(LEASES) {
+        Ok(t) => t,
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(row) = leases.get(id)? else { return Ok(None) };
+    let ttl = parse_lease_row(id, row.value())?;
+    let mut info = LeaseInfo { id, ttl, keys: Vec::new() };
+    if keys {
+        let attached = txn.open_table(LEASE_KEYS)?;
+        for row in attached.range::<(i64, &[u8])>((id, &[][..])..)? {
+            let (k, _) = row?;
+            let (lease, key) = k.value();
+            if lease != id {
+                break;
+            }
+            info.keys.push(key.to_vec());
+        }
+    }
+    Ok(Some(info))
+}
+
+/// Every lease in `txn` and its granted TTL, in id order.
+pub fn leases(txn: &ReadTransaction) -> Result<Vec<(i64, i64)>, StateMachineError> {
+    match txn.open_table(LEASES) {
+        Ok(t) => lease_rows(&t),
+        Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -624,7 +764,9 @@ pub fn cost(cmd: &KvCommand) -> u64 {
         KvCommand::DeleteRange(_)
         | KvCommand::Compact { .. }
         | KvCommand::AllocateMemberId { .. }
-        | KvCommand::Alarm(_) => 0,
+        | KvCommand::Alarm(_)
+        | KvCommand::LeaseGrant { .. }
+        | KvCommand::LeaseRevoke { .. } => 0,
     }
 }
 
@@ -650,6 +792,8 @@ fn txn_cost(t: &Txn) -> u64 {
 struct Writer<'a, 'h, 't> {
     kv: &'a mut keel::redb::Table<'t, &'static [u8], &'static [u8]>,
     history: Recorder<'h, 't>,
+    leases: &'a mut keel::redb::Table<'t, i64, &'static [u8]>,
+    lease_keys: &'a mut keel::redb::Table<'t, (i64, &'static [u8]), ()>,
     revision: i64,
     wrote: bool,
     /// The compaction revision: reads inside a txn below it are refused.
@@ -666,8 +810,63 @@ impl Writer<'_, '_, '_> {
         }
     }
 
+    fn lease_exists(&self, id: i64) -> Result<bool, StateMachineError> {
+        Ok(self.leases.get(id)?.is_some())
+    }
+
+    /// Moves `key` from lease `from` to lease `to` (0: none) in `lease_keys`.
+    fn attach(&mut self, key: &[u8], from: i64, to: i64) -> Result<(), StateMachineError> {
+        if from == to {
+            return Ok(());
+        }
+        if from != 0 {
+            self.lease_keys.remove((from, key))?;
+        }
+        if to != 0 {
+            self.lease_keys.insert((to, key), ())?;
+        }
+        Ok(())
+    }
+
+    fn grant(&mut self, id: i64, ttl: i64) -> Applied {
+        // `validate` refuses these on the leader; a forged entry is answered alike everywhere.
+        if id == 0 || !(1..=MAX_LEASE_TTL).contains(&ttl) {
+            return Ok(Err(KvError::InvalidRequest(format!("lease {id} with TTL {ttl} cannot be granted"))));
+        }
+        if self.lease_exists(id)? {
+            return Ok(Err(KvError::LeaseExists));
+        }
+        self.leases.insert(id, lease_row(ttl).as_slice())?;
+        Ok(Ok(OpResult::LeaseGranted { id, ttl }))
+    }
+
+    /// Deletes every key attached to lease `id` (one revision, if there are any) and the lease.
+    fn revoke(&mut self, id: i64) -> Applied {
+        if !self.lease_exists(id)? {
+            return Ok(Err(KvError::LeaseNotFound));
+        }
+        let mut keys = Vec::new();
+        for row in self.lease_keys.range::<(i64, &[u8])>((id, &[][..])..)? {
+            let (k, _) = row?;
+            let (lease, key) = k.value();
+            if lease != id {
+                break;
+            }
+            keys.push(key.to_vec());
+        }
+        let mut deleted = 0;
+        for key in keys {
+            let del = DeleteRange { key, ..DeleteRange::default() };
+            if let Ok(OpResult::DeleteRange { deleted: n, .. }) = self.delete(&del)? {
+                deleted += n;
+            }
+        }
+        self.leases.remove(id)?;
+        Ok(Ok(OpResult::LeaseRevoked { deleted }))
+    }
+
     fn put(&mut self, put: &Put) -> Applied {
-        if put.lease != 0 && !put.ignore_lease {
+        if put.lease != 0 && !put.ignore_lease && !self.lease_exists(put.lease)? {
             return Ok(Err(KvError::LeaseNotFound));
         }
         let prev = self.get(&put.key)?;
@@ -691,6 +890,7 @@ impl Writer<'_, '_, '_> {
             },
         };
         self.kv.insert(put.key.as_slice(), record.encode().as_slice())?;
+        self.attach(&put.key, prev.as_ref().map_or(0, |p| p.lease), record.lease)?;
         self.history.change(&put.key, prev.as_ref(), Some(&record))?;
         self.wrote = true;
         let prev_kv = if put.prev_kv { prev.map(|p| p.into_kv(put.key.clone(), false)) } else { None };
@@ -706,6 +906,7 @@ impl Writer<'_, '_, '_> {
         let mut prev_kvs = Vec::new();
         for (key, prev) in &doomed {
             self.kv.remove(key.as_slice())?;
+            self.attach(key, prev.lease, 0)?;
             self.history.change(key, Some(prev), None)?;
             if del.prev_kv {
                 prev_kvs.push(prev.clone().into_kv(key.clone(), false));
@@ -756,12 +957,14 @@ impl Writer<'_, '_, '_> {
     }
 
     /// Why a txn's ops would be refused, judged on the state before the txn (as etcd does): a put
-    /// with a lease, `ignore_value`/`ignore_lease` on a missing key, a read at a revision other
+    /// with a lease that does not exist, `ignore_value`/`ignore_lease` on a missing key, a read at a revision other
     /// than the current one. Checked before any op runs, so a refused txn writes nothing.
     fn check_ops(&self, ops: &[Op], current: Revisions) -> Result<Option<KvError>, StateMachineError> {
         for op in ops {
             let refused = match op {
-                Op::Put(p) if p.lease != 0 && !p.ignore_lease => Some(KvError::LeaseNotFound),
+                Op::Put(p) if p.lease != 0 && !p.ignore_lease && !self.lease_exists(p.lease)? => {
+                    Some(KvError::LeaseNotFound)
+                }
                 Op::Put(p) if (p.ignore_value || p.ignore_lease) && self.get(&p.key)?.is_none() => {
                     Some(KvError::KeyNotFound)
                 }

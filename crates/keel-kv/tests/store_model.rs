@@ -120,7 +120,10 @@ impl Model {
                 self.last_member_id = self.last_member_id.max(*above) + 1;
                 format!("member id {}", self.last_member_id)
             }
-            KvCommand::Compact { .. } => unreachable!(),
+            // Compaction and leases have models of their own (history_model.rs, lease_model.rs).
+            KvCommand::Compact { .. } | KvCommand::LeaseGrant { .. } | KvCommand::LeaseRevoke { .. } => {
+                unreachable!()
+            }
         };
         if wrote {
             self.revision = rev;

@@ -12,6 +12,9 @@
 //!   A `kill -9` in between loses entries a quorum counted as stored.
 //! - `watch-drop-event`: for state machines that serve watches (keeld): one live watch delivery
 //!   in every [`WATCH_DROP_EVERY`] loses its first event, silently. Watchers miss changes.
+//! - `lease-early-expiry`: for state machines with leases (keeld): the leader acknowledges
+//!   keep-alives without extending the lease, so a lease kept alive still expires its TTL after
+//!   its grant or the last leader change. A lock holder loses its lock while it believes it holds.
 //!
 //! Each breaks a guarantee Keel otherwise gives (see `ARCHITECTURE.md`, Invariants); never set the
 //! variable outside a test.
@@ -41,6 +44,11 @@ pub struct Faults {
     /// `watch-drop-event`: watch deliveries lose an event now and then.
     #[cfg(debug_assertions)]
     pub watch_drop_event: bool,
+    /// `lease-early-expiry`: the leader acknowledges keep-alives without extending the lease, so
+    /// a lease expires its TTL after its grant (or the last leader change) however it is kept
+    /// alive. (Applications that keep leases read it; keel itself keeps none.)
+    #[cfg(debug_assertions)]
+    pub lease_early_expiry: bool,
 }
 
 /// `KEEL_FAULT_INJECTION` cannot be honoured; the node must not start.
@@ -48,7 +56,7 @@ pub struct Faults {
 pub enum FaultsError {
     #[error(
         "KEEL_FAULT_INJECTION: unknown fault {name:?} (known: stale-reads, ack-before-fsync, \
-         watch-drop-event, comma-separated)"
+         watch-drop-event, lease-early-expiry, comma-separated)"
     )]
     Unknown { name: String },
     /// Refused rather than ignored, so a test runner never believes it tests a planted bug that is
@@ -81,6 +89,7 @@ impl Faults {
                 "stale-reads" => faults.stale_reads = true,
                 "ack-before-fsync" => faults.ack_before_fsync = true,
                 "watch-drop-event" => faults.watch_drop_event = true,
+                "lease-early-expiry" => faults.lease_early_expiry = true,
                 _ => return Err(FaultsError::Unknown { name: name.to_string() }),
             }
         }
@@ -108,6 +117,7 @@ impl fmt::Display for Faults {
                 (self.stale_reads, "stale-reads"),
                 (self.ack_before_fsync, "ack-before-fsync"),
                 (self.watch_drop_event, "watch-drop-event"),
+                (self.lease_early_expiry, "lease-early-expiry"),
             ]
             .into_iter()
             .filter_map(|(on, name)| on.then_some(name))

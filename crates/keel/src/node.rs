@@ -342,6 +342,17 @@ impl<SM: StateMachine> Node<SM> {
         self.wait_applied(index, self.forward_timeout().max(self.timing.election_timeout)).await
     }
 
+    /// Confirms that this node is the leader as of some moment after the call (per
+    /// `raft.read_policy`: a heartbeat round to a quorum, or the leader lease), then waits until
+    /// it has applied everything committed before then, its own term's first entry included.
+    /// Never forwards: a follower answers [`ReadError::NotLeader`]. For state only the leader
+    /// keeps (an application's timers): once this returns, no other leader of a later term was
+    /// elected before the call, and every entry an earlier leader committed is applied here.
+    pub async fn confirm_leader(&self) -> Result<(), ReadError> {
+        let index = forward::local_read_index(&self.raft, self.timing).await.map_err(ReadError::from)?;
+        self.wait_applied(index, self.forward_timeout().max(self.timing.election_timeout)).await
+    }
+
     fn forward_timeout(&self) -> Duration {
         Duration::from_millis(self.config.raft.forward_timeout_ms)
     }
