@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use keel_check::lock::{
-    check_lock, Acquire, Attach, FaultRecord, Fenced, Finding, GoneBy, Grant, Keepalive, KeepaliveOutcome,
-    LockHistory, LockRecord, LockReport, LockVerdict, Probe, Release, Revoke, Rule, Stop,
+    check_lock, Acquire, Attach, FaultRecord, Fenced, Finding, FloorBy, GoneBy, Grant, Keepalive,
+    KeepaliveOutcome, LockHistory, LockRecord, LockReport, LockVerdict, Probe, Release, Revoke, Rule, Stop,
 };
 use keel_check::Outcome;
 
@@ -302,6 +302,17 @@ fn a_lease_seen_gone_before_its_floor_is_caught_three_ways() {
     let report = check(h);
     assert_eq!(rules(&report), vec![Rule::EarlyExpiry], "{report}");
     assert!(matches!(&report.violations[0].finding, Finding::GoneEarly { by: GoneBy::Fenced { .. }, .. }));
+    // A revoke the client sent only after seeing the lease gone excuses nothing, and the report
+    // names the keep-alive that set the floor.
+    let mut h = base();
+    h.push(ka(1, 0xa, 2 * S, KeepaliveOutcome::Gone));
+    h.push(revoke(1, 0xa, 2100 * MS));
+    let report = check(h);
+    assert_eq!(rules(&report), vec![Rule::EarlyExpiry], "{report}");
+    assert!(matches!(
+        &report.violations[0].finding,
+        Finding::GoneEarly { floor_by: FloorBy::Keepalive { record: 2 }, floor_us, .. } if *floor_us == 4 * S
+    ));
     // None of these after the floor, or after the holder's own release or revoke, is a violation.
     let mut h = base();
     h.push(ka(1, 0xa, 4100 * MS, KeepaliveOutcome::Gone));
@@ -309,6 +320,11 @@ fn a_lease_seen_gone_before_its_floor_is_caught_three_ways() {
     h.push(probe(3, 0xc, "t/1", 4100 * MS, false));
     h.push(release(1, 10, 1500 * MS, Some(20)));
     h.push(fenced(1, 10, 1600 * MS, Outcome::Fail, None));
+    let report = check(h);
+    assert_eq!(report.verdict, LockVerdict::Valid, "{report}");
+    let mut h = base();
+    h.push(revoke(1, 0xa, 1900 * MS));
+    h.push(ka(1, 0xa, 2 * S, KeepaliveOutcome::Gone));
     let report = check(h);
     assert_eq!(report.verdict, LockVerdict::Valid, "{report}");
     // A probe sent before the put was acknowledged says nothing.

@@ -34,11 +34,10 @@ pub(crate) struct Floor {
 }
 
 impl LeaseView<'_> {
-    /// The earliest the server may let the lease go: the latest of the grant's and every
-    /// acknowledged keep-alive's send time + TTL (the server renewed after it was sent), or the
-    /// client's own revoke if it was sent before that. Keep-alives of unknown outcome count for
-    /// nothing: they may not have arrived.
-    pub fn floor(&self) -> Floor {
+    /// The earliest the server may let the lease go by its own clock: the latest of the grant's
+    /// and every acknowledged keep-alive's send time + TTL (the server renewed after the request
+    /// was sent). Keep-alives of unknown outcome count for nothing: they may not have arrived.
+    pub fn renewal_floor(&self) -> Floor {
         let (gi, g) = self.grant;
         let mut floor = Floor { at_us: g.sent_us + ttl_us(g.ttl), by: FloorBy::Grant { record: gi } };
         for &(i, k) in &self.keepalives {
@@ -49,6 +48,13 @@ impl LeaseView<'_> {
                 }
             }
         }
+        floor
+    }
+
+    /// The earliest the lease may end at all: its [renewal floor](Self::renewal_floor), or the
+    /// client's own revoke if that was sent first.
+    pub fn floor(&self) -> Floor {
+        let floor = self.renewal_floor();
         match self.revoke {
             Some((i, r)) if r.sent_us < floor.at_us => {
                 Floor { at_us: r.sent_us, by: FloorBy::Revoke { record: i } }

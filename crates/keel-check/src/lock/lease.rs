@@ -5,7 +5,9 @@
 //! at `t`), a linearizable read finds an attached key absent (answered at `t`; the key was put with
 //! the lease and is deleted by nothing else), or a fenced write of a holding on the lease is
 //! refused (answered at `t`; the lock key existed when acquired and its holder had not sent its
-//! release). Something happened at or before `t`; if `t` is before the floor, the lease ended early.
+//! release). Something happened at or before `t`; if `t` is before the floor (by the renewals
+//! alone: the grant and the acknowledged keep-alives) and before the client sent a revoke, the
+//! lease ended early.
 //!
 //! **Late.** For a lease whose client sent its last keep-alive (a `stop` record) and never revoked
 //! it: its deadline starts as the last keep-alive's answer (or giving up on it) + TTL + grace. A
@@ -33,9 +35,11 @@ pub(crate) struct LateCounts {
 
 pub(crate) fn check_early(index: &Indexed<'_>, out: &mut Vec<LockViolation>) {
     for (&id, lease) in &index.leases {
-        let floor = lease.floor();
+        // Seen gone before the client's own revoke was sent: only the renewals count.
+        let floor = lease.renewal_floor();
+        let revoked_us = lease.revoke.map_or(Micros::MAX, |(_, r)| r.sent_us);
         let mut gone = |record: usize, client: u64, by: GoneBy, at_us: Micros, lock: Option<String>| {
-            if at_us < floor.at_us {
+            if at_us < floor.at_us && at_us < revoked_us {
                 out.push(LockViolation {
                     rule: Rule::EarlyExpiry,
                     lock,

@@ -16,7 +16,8 @@
 //! - **fencing**: successful fenced writes carry non-decreasing tokens in revision order, none was
 //!   sent after a larger token had been acquired, none lands after its holder's release;
 //! - **early expiry**: no lease is seen gone (a keep-alive answered TTL 0, an attached key read
-//!   absent, a fenced write refused while its holder held) before that same floor;
+//!   absent, a fenced write refused while its holder held) before that same floor (its revoke
+//!   aside: seen gone before the client sent one is early whatever came after);
 //! - **late expiry**: a lease no longer kept alive has its keys deleted within TTL + the stated
 //!   bounds after its last keep-alive, stretched over the faults ([`Bounds`]).
 //!
