@@ -168,9 +168,12 @@ fn locks_kill_all() {
     lock_run(32, "keel", "kill-all");
 }
 
+/// Not `pause`: etcd 3.4.23 revokes leases early there, its bug #15247 (a leader stopped while
+/// leases ran out revokes them once it runs again, after another leader acknowledged
+/// keep-alives; fixed by etcd #16822), which the lock check finds (`docs/lock-check.md`).
 #[test]
-fn etcd_locks_pause_have_no_violation() {
-    lock_run(33, "etcd", "pause");
+fn etcd_locks_kill_leader_have_no_violation() {
+    lock_run(33, "etcd", "kill-leader");
 }
 
 #[test]
