@@ -182,12 +182,12 @@ fn etcd_locks_partition_leader_have_no_violation() {
 }
 
 fn caught(net_id: u8, fault: &str) {
-    caught_with(net_id, fault, &[]);
+    caught_with(net_id, fault, &[], "3");
 }
 
-fn caught_with(net_id: u8, fault: &str, extra: &[&str]) {
+fn caught_with(net_id: u8, fault: &str, extra: &[&str], max_runs: &str) {
     let mut args = extra.to_vec();
-    args.extend(["negative", "--fault", fault, "--max-runs", "3"]);
+    args.extend(["negative", "--fault", fault, "--max-runs", max_runs]);
     let (code, text) = chaos(net_id, &args);
     println!("{text}");
     assert_eq!(code, 0, "planted bug {fault} was not caught (exit {code}):\n{text}");
@@ -212,6 +212,8 @@ fn negative_control_watch_drop_event_is_caught() {
 
 #[test]
 fn negative_control_lease_early_expiry_is_caught() {
-    // Caught by the lock check only: `keel-chaos negative` does not count other findings.
-    caught_with(35, "lease-early-expiry", &LOCK_ARGS);
+    // Caught by the lock check only: `keel-chaos negative` does not count other findings. Under
+    // kill-leader every new leader gives the leases their whole TTL again, which hides the bug in
+    // some runs (caught in 5 of 6 single runs measured): up to 5 runs.
+    caught_with(35, "lease-early-expiry", &LOCK_ARGS, "5");
 }
