@@ -2,8 +2,8 @@
 //!
 //! `keel-chaos run` one run; `keel-chaos suite` many (the short CI suite by default);
 //! `keel-chaos negative` a planted bug that must be caught. Exit codes: 0 all runs passed,
-//! 1 a run found a violation, lost write, diverged replicas or broken watch guarantee (or a planted
-//! bug went unnoticed),
+//! 1 a run found a violation, lost write, diverged replicas, broken watch guarantee or broken lock
+//! or lease rule (or lock and lease clients that got nowhere, or a planted bug went unnoticed),
 //! 2 the harness itself failed (bad flags, no root, a cluster that never came up).
 
 use std::io::Write as _;
@@ -55,6 +55,14 @@ struct Common {
     /// guarantees (0: none).
     #[arg(long, global = true, default_value_t = 4)]
     watchers: usize,
+    /// Clients contending for locks (etcd's client-side mutex on leases, fenced writes), checked
+    /// by `keel-check lock` (0: none).
+    #[arg(long, global = true, default_value_t = 0)]
+    lock_clients: usize,
+    /// Clients keeping leases alive with a key attached, then letting them lapse: the key must
+    /// vanish neither before TTL after the last acknowledged keep-alive nor past the bound (0: none).
+    #[arg(long, global = true, default_value_t = 0)]
+    lease_clients: usize,
     /// Seconds between the progress notifications each watcher requests (0: none; they still ask
     /// for the periodic ones).
     #[arg(long, global = true, default_value_t = 0.0)]
@@ -93,7 +101,8 @@ enum Cmd {
         nodes: usize,
         #[arg(long, value_enum, default_value_t = Nemesis::Mixed)]
         nemesis: Nemesis,
-        /// Planted bugs for keeld (debug builds): stale-reads, ack-before-fsync, watch-drop-event.
+        /// Planted bugs for keeld (debug builds): stale-reads, ack-before-fsync, watch-drop-event,
+        /// lease-early-expiry.
         #[arg(long)]
         faults: Option<String>,
     },
@@ -111,15 +120,17 @@ enum Cmd {
     },
     /// A planted bug the harness must catch within `--max-runs` runs (exit 0 if caught).
     Negative {
-        /// stale-reads (followers answer linearizable reads locally), ack-before-fsync, or
+        /// stale-reads (followers answer linearizable reads locally), ack-before-fsync,
         /// watch-drop-event (watch responses silently lose events; must be caught by the watch
-        /// check).
+        /// check), or lease-early-expiry (keep-alives acknowledged without renewing; must be
+        /// caught by the lock check, with --lock-clients or --lease-clients).
         #[arg(long)]
         fault: String,
         #[arg(long, default_value_t = 5)]
         max_runs: usize,
         /// The nemesis [default: partition-leader for stale-reads, kill-leader for
-        /// watch-drop-event (watchers reconnect), kill-all otherwise].
+        /// watch-drop-event (watchers reconnect) and lease-early-expiry (leases meet leader
+        /// changes), kill-all otherwise].
         #[arg(long, value_enum)]
         nemesis: Option<Nemesis>,
     },
@@ -168,6 +179,8 @@ async fn main_async(flags: Flags) -> ExitCode {
         watchers: c.watchers,
         watch_progress_every: (c.watch_progress_every > 0.0)
             .then(|| Duration::from_secs_f64(c.watch_progress_every.max(0.01))),
+        lock_clients: c.lock_clients,
+        lease_clients: c.lease_clients,
     };
     let suite_spec = |faults: Option<String>| SuiteSpec {
         system: system(faults),
@@ -193,10 +206,10 @@ async fn main_async(flags: Flags) -> ExitCode {
                 check_budget: Duration::from_secs(c.check_budget),
             };
             match keel_chaos::run::run(spec, &mut out).await {
-                Ok((result, report, watch)) => {
+                Ok((result, reports)) => {
                     let _ = writeln!(out, "{result}");
                     if result.failed() {
-                        suite::explain(&report, watch.as_ref(), &mut out);
+                        suite::explain(&reports, &mut out);
                         return ExitCode::from(1);
                     }
                     ExitCode::SUCCESS
@@ -220,13 +233,15 @@ async fn main_async(flags: Flags) -> ExitCode {
             };
             let summary = suite::run_suite(&suite_spec(None), &nodes, &nemeses, rounds, &mut out).await;
             println!(
-                "summary: {} runs, {} operations, {} unknown outcomes, {} violations, {} lost writes, {} watch violations, {} runs with diverged replicas, {} undecided, {} harness errors",
+                "summary: {} runs, {} operations, {} unknown outcomes, {} violations, {} lost writes, {} watch violations, {} lock violations, {} idle lock runs, {} runs with diverged replicas, {} undecided, {} harness errors",
                 summary.runs,
                 summary.operations,
                 summary.unknown,
                 summary.violations,
                 summary.lost_writes,
                 summary.watch_violations,
+                summary.lock_violations,
+                summary.lock_idle_runs,
                 summary.diverged_runs,
                 summary.undecided,
                 summary.errors
@@ -244,12 +259,16 @@ async fn main_async(flags: Flags) -> ExitCode {
             }
             let nemesis = nemesis.unwrap_or(match fault.as_str() {
                 "stale-reads" => Nemesis::PartitionLeader,
-                "watch-drop-event" => Nemesis::KillLeader,
+                "watch-drop-event" | "lease-early-expiry" => Nemesis::KillLeader,
                 _ => Nemesis::KillAll,
             });
             let by = CaughtBy::for_fault(&fault);
             if by == CaughtBy::WatchCheck && c.watchers == 0 {
                 eprintln!("keel-chaos: {fault} can only be caught by watchers (--watchers > 0)");
+                return ExitCode::from(2);
+            }
+            if by == CaughtBy::LockCheck && c.lock_clients + c.lease_clients == 0 {
+                eprintln!("keel-chaos: {fault} can only be caught by lock or lease clients (--lock-clients, --lease-clients)");
                 return ExitCode::from(2);
             }
             let spec = suite_spec(Some(fault.clone()));

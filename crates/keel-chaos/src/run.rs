@@ -1,6 +1,6 @@
-//! One run: network, cluster, clients, watchers and nemesis for a while; then heal, wait for the
-//! nodes to agree, read every key from every node, let the watchers catch up, and check both
-//! histories.
+//! One run: network, cluster, clients, watchers, lock and lease clients and nemesis for a while;
+//! then heal, wait for the nodes to agree, read every key from every node, let the watchers catch
+//! up, read the lapsed leases' keys until they are gone, and check every history.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -11,6 +11,9 @@ use std::time::Duration;
 use keel_check::CheckOptions;
 use keel_check::History;
 use keel_check::KeyValues;
+use keel_check::LockHistory;
+use keel_check::LockReport;
+use keel_check::LockVerdict;
 use keel_check::Report;
 use keel_check::Verdict;
 use keel_check::WatchHistory;
@@ -23,6 +26,8 @@ use tokio::time::Instant;
 use crate::cluster::Cluster;
 use crate::cluster::ClusterError;
 use crate::cluster::System;
+use crate::locks;
+use crate::locks::LockRecorder;
 use crate::nemesis;
 use crate::nemesis::Nemesis;
 use crate::nemesis::Schedule;
@@ -35,6 +40,11 @@ use crate::workload::Workload;
 /// How long the watchers get, once the cluster has converged, to observe the last revision of their
 /// range: plenty for a healthy member to send what it has already applied.
 const WATCH_CATCH_UP: Duration = Duration::from_secs(20);
+
+/// How long, once the cluster has converged, the keys of lapsed leases are read until they are
+/// gone: past the late-expiry deadline of a lease stopped as the load ended (TTL ≤ 5 s, plus the
+/// bounds), so that a key that lingers is seen lingering.
+const FINAL_PROBES: Duration = Duration::from_secs(20);
 
 /// Everything that defines a run.
 #[derive(Debug, Clone)]
@@ -76,19 +86,39 @@ pub struct RunResult {
     pub watch_events: usize,
     /// Broken watch guarantees (`keel-check watch`).
     pub watch_violations: usize,
+    /// Lock and lease clients (0 and 0: no lock check).
+    pub lock_clients: usize,
+    pub lease_clients: usize,
+    /// Locks acquired, fenced writes that succeeded, lapsed leases whose expiry was judged.
+    pub lock_acquisitions: usize,
+    pub lock_fenced_ok: usize,
+    pub lease_expiries_decided: usize,
+    /// Broken lock and lease rules (`keel-check lock`).
+    pub lock_violations: usize,
     pub faults: Vec<String>,
     pub dir: PathBuf,
 }
 
 impl RunResult {
     /// True if the run proves a bug: a violation, a lost write, diverged replicas, a cluster that
-    /// did not converge once every fault was healed, or a broken watch guarantee.
+    /// did not converge once every fault was healed, a broken watch guarantee, a broken lock or
+    /// lease rule, or lock and lease clients that got nowhere ([`RunResult::locks_idle`]).
     pub fn failed(&self) -> bool {
         self.verdict == Verdict::NotLinearizable
             || self.lost_writes > 0
             || self.diverged_nodes > 0
             || !self.converged
             || self.watch_violations > 0
+            || self.lock_violations > 0
+            || self.locks_idle()
+    }
+
+    /// Lock clients that never acquired a lock, or lease clients none of whose leases was seen to
+    /// expire: the check had nothing to judge, which a run of any length with a working lease
+    /// service never gives.
+    pub fn locks_idle(&self) -> bool {
+        (self.lock_clients > 0 && self.lock_acquisitions == 0)
+            || (self.lease_clients > 0 && self.lease_expiries_decided == 0)
     }
 }
 
@@ -113,6 +143,17 @@ impl std::fmt::Display for RunResult {
                 self.watch_events, self.watchers, self.watch_violations
             )?;
         }
+        if self.lock_clients + self.lease_clients > 0 {
+            write!(
+                f,
+                "; locks: {} acquisitions, {} fenced writes, {} lease expiries judged, {} violations{}",
+                self.lock_acquisitions,
+                self.lock_fenced_ok,
+                self.lease_expiries_decided,
+                self.lock_violations,
+                if self.locks_idle() { " (IDLE: nothing to judge)" } else { "" }
+            )?;
+        }
         Ok(())
     }
 }
@@ -129,12 +170,18 @@ pub enum RunError {
     Check(String),
 }
 
+/// What a run's checks reported.
+pub struct Reports {
+    pub linearizability: Report,
+    /// `None` without watchers.
+    pub watch: Option<WatchReport>,
+    /// `None` without lock or lease clients.
+    pub lock: Option<LockReport>,
+}
+
 /// Runs `spec` and checks its histories. The reports, histories and final state are written to
-/// `spec.dir`; `log` gets progress lines. The watch report is `None` without watchers.
-pub async fn run(
-    spec: RunSpec,
-    log: &mut impl std::io::Write,
-) -> Result<(RunResult, Report, Option<WatchReport>), RunError> {
+/// `spec.dir`; `log` gets progress lines.
+pub async fn run(spec: RunSpec, log: &mut impl std::io::Write) -> Result<(RunResult, Reports), RunError> {
     std::fs::create_dir_all(&spec.dir)
         .map_err(|source| RunError::Io { what: format!("create {}", spec.dir.display()), source })?;
     let net = Net::create(spec.net_id, spec.nodes).map_err(ClusterError::from)?;
@@ -159,11 +206,22 @@ pub async fn run(
         spec.workload.clone(),
         endpoints.clone(),
         epoch,
-        stop_rx,
+        stop_rx.clone(),
         recorder.clone(),
     ));
     let mut watchers = (spec.workload.watchers > 0)
         .then(|| Watchers::start(&spec.workload, endpoints.clone(), epoch, recorder.clone()));
+    let locks_on = spec.workload.lock_clients + spec.workload.lease_clients > 0;
+    let lock_recorder = Arc::new(LockRecorder::new(epoch));
+    lock_recorder.push(keel_check::lock::LockRecord::Bounds(locks::bounds(&spec.system)));
+    let lock_clients = locks_on.then(|| {
+        tokio::spawn(locks::run(
+            spec.workload.clone(),
+            endpoints.clone(),
+            stop_rx.clone(),
+            lock_recorder.clone(),
+        ))
+    });
 
     let mut rng = StdRng::seed_from_u64(spec.workload.seed);
     let mut faults = Vec::new();
@@ -175,20 +233,28 @@ pub async fn run(
     };
     while spec.nemesis != Nemesis::None && Instant::now() + spec.schedule.quiet < end {
         tokio::time::sleep(spec.schedule.quiet).await;
+        let fault_at = lock_recorder.now_us();
         let what = match nemesis::inject(spec.nemesis, &mut cluster, &mut rng).await {
             Ok(w) => w,
             Err(e) => format!("fault not injected: {e}"),
         };
+        // A fault window for the lease timing check (`fault` ... `heal`), from before the fault.
+        lock_recorder.fault(fault_at, &what);
         event(&mut faults, log, what);
         let hold = rng.gen_range(spec.schedule.fault_min..=spec.schedule.fault_max);
         tokio::time::sleep(hold.min(end.saturating_duration_since(Instant::now()))).await;
         let what = nemesis::heal(&mut cluster)?;
+        lock_recorder.heal(&what);
         event(&mut faults, log, what);
     }
     tokio::time::sleep_until(end).await;
     let _ = stop_tx.send(true);
     let _ = clients.await;
+    if let Some(t) = lock_clients {
+        let _ = t.await;
+    }
     let what = nemesis::heal(&mut cluster)?;
+    lock_recorder.heal(&what);
     event(&mut faults, log, format!("end of load; {what}"));
 
     // Everything healed: the nodes must agree and hold the same data.
@@ -238,6 +304,12 @@ pub async fn run(
         }
         w.stop(end).await;
     }
+    if locks_on {
+        let left = locks::final_probes(&lock_recorder, &endpoints[leader - 1], FINAL_PROBES).await;
+        if left > 0 {
+            let _ = writeln!(log, "  {left} keys of lapsed leases still present after {FINAL_PROBES:?}");
+        }
+    }
     drop(cluster);
 
     let history = History { initial: KeyValues::new(), ops: recorder.take() };
@@ -267,6 +339,18 @@ pub async fn run(
             Some(report)
         }
     };
+    let lock_report = match locks_on {
+        false => None,
+        true => {
+            let history = LockHistory { records: lock_recorder.take() };
+            write("lock.jsonl", &|f| history.write_to(f).map_err(std::io::Error::other))?;
+            let report = keel_check::check_lock(&history).map_err(|e| RunError::Check(e.to_string()))?;
+            write("lock-report.json", &|f| {
+                serde_json::to_writer_pretty(f, &report).map_err(std::io::Error::other)
+            })?;
+            Some(report)
+        }
+    };
     let result = RunResult {
         system: spec.system.name().to_string(),
         nemesis: spec.nemesis.name(),
@@ -283,8 +367,17 @@ pub async fn run(
         watchers: spec.workload.watchers,
         watch_events: watch_report.as_ref().map_or(0, |r| r.summary.events),
         watch_violations: watch_report.as_ref().map_or(0, |r| r.violations.len()),
+        lock_clients: spec.workload.lock_clients,
+        lease_clients: spec.workload.lease_clients,
+        lock_acquisitions: lock_report.as_ref().map_or(0, |r| r.summary.acquisitions),
+        lock_fenced_ok: lock_report.as_ref().map_or(0, |r| r.summary.fenced_ok),
+        lease_expiries_decided: lock_report.as_ref().map_or(0, |r| r.summary.late_expiry_decided),
+        lock_violations: lock_report.as_ref().map_or(0, |r| match r.verdict {
+            LockVerdict::Valid => 0,
+            LockVerdict::Invalid => r.violations.len(),
+        }),
         faults,
         dir: spec.dir.clone(),
     };
-    Ok((result, report, watch_report))
+    Ok((result, Reports { linearizability: report, watch: watch_report, lock: lock_report }))
 }

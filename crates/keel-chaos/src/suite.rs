@@ -5,13 +5,13 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keel_check::Report;
-use keel_check::WatchReport;
+use keel_check::LockReport;
 
 use crate::cluster::System;
 use crate::nemesis::Nemesis;
 use crate::nemesis::Schedule;
 use crate::run::run;
+use crate::run::Reports;
 use crate::run::RunError;
 use crate::run::RunResult;
 use crate::run::RunSpec;
@@ -54,6 +54,9 @@ pub struct Summary {
     pub lost_writes: usize,
     /// Broken watch guarantees, over all runs.
     pub watch_violations: usize,
+    /// Broken lock and lease rules, over all runs; runs whose lock and lease clients got nowhere.
+    pub lock_violations: usize,
+    pub lock_idle_runs: usize,
     /// Runs whose replicas differed or did not converge once healed.
     pub diverged_runs: usize,
     /// Runs whose check ran out of budget (neither proven nor refuted).
@@ -70,6 +73,8 @@ impl Summary {
         self.violations += usize::from(r.verdict == keel_check::Verdict::NotLinearizable);
         self.lost_writes += r.lost_writes;
         self.watch_violations += r.watch_violations;
+        self.lock_violations += r.lock_violations;
+        self.lock_idle_runs += usize::from(r.locks_idle());
         self.diverged_runs += usize::from(r.diverged_nodes > 0 || !r.converged);
         self.undecided += usize::from(r.verdict == keel_check::Verdict::Unknown);
         if r.failed() {
@@ -82,12 +87,14 @@ impl Summary {
     }
 }
 
-/// How many watch violations [`explain`] prints (all are in the run's `watch-report.json`).
+/// How many watch (and lock) violations [`explain`] prints (all are in the run's
+/// `watch-report.json` and `lock-report.json`).
 const WATCH_VIOLATIONS_SHOWN: usize = 20;
 
-/// Prints why a run failed: the cheap findings, the smallest failing key's history, and the first
-/// broken watch guarantees.
-pub fn explain(report: &Report, watch: Option<&WatchReport>, out: &mut impl std::io::Write) {
+/// Prints why a run failed: the cheap findings, the smallest failing key's history, the first
+/// broken watch guarantees, and the first broken lock and lease rules.
+pub fn explain(reports: &Reports, out: &mut impl std::io::Write) {
+    let (report, watch, lock) = (&reports.linearizability, reports.watch.as_ref(), reports.lock.as_ref());
     for p in &report.phantom_reads {
         let _ = writeln!(out, "  phantom read: {p:?}");
     }
@@ -104,6 +111,25 @@ pub fn explain(report: &Report, watch: Option<&WatchReport>, out: &mut impl std:
         let counts: Vec<String> = watch.counts().iter().map(|(g, n)| format!("{g} {n}")).collect();
         let _ = writeln!(out, "  watch violations: {}", counts.join(", "));
         for v in watch.violations.iter().take(WATCH_VIOLATIONS_SHOWN) {
+            let _ = writeln!(out, "    {v}");
+        }
+    }
+    if let Some(lock) = lock {
+        explain_lock(lock, out);
+    }
+}
+
+fn explain_lock(lock: &LockReport, out: &mut impl std::io::Write) {
+    let s = &lock.summary;
+    let _ = writeln!(
+        out,
+        "  locks: {} acquisitions, {} fenced writes ok; leases: {} keep-alives ({} unanswered), {} lapsed leases judged, {} undecided",
+        s.acquisitions, s.fenced_ok, s.keepalives, s.keepalives_unknown, s.late_expiry_decided, s.late_expiry_undecided
+    );
+    if !lock.violations.is_empty() {
+        let counts: Vec<String> = lock.counts().iter().map(|(r, n)| format!("{r} {n}")).collect();
+        let _ = writeln!(out, "  lock violations: {}", counts.join(", "));
+        for v in lock.violations.iter().take(WATCH_VIOLATIONS_SHOWN) {
             let _ = writeln!(out, "    {v}");
         }
     }
@@ -126,10 +152,10 @@ pub async fn run_suite(
                 let seed = spec.workload.seed.wrapping_add((round * 1000 + n) as u64);
                 let run_spec = spec.run_spec(n, nodes, nemesis, seed);
                 match run(run_spec.clone(), out).await {
-                    Ok((result, report, watch)) => {
+                    Ok((result, reports)) => {
                         let _ = writeln!(out, "  => {result}");
                         if result.failed() {
-                            explain(&report, watch.as_ref(), out);
+                            explain(&reports, out);
                             let _ = writeln!(out, "  files: {}", result.dir.display());
                         }
                         summary.add(&result);
@@ -160,6 +186,8 @@ pub enum CaughtBy {
     AnyCheck,
     /// The watch checker: a run failing for another reason does not count.
     WatchCheck,
+    /// The lock checker (a broken lock or lease rule): nothing else counts.
+    LockCheck,
 }
 
 impl CaughtBy {
@@ -167,6 +195,7 @@ impl CaughtBy {
     pub fn for_fault(fault: &str) -> CaughtBy {
         match fault {
             "watch-drop-event" => CaughtBy::WatchCheck,
+            "lease-early-expiry" => CaughtBy::LockCheck,
             _ => CaughtBy::AnyCheck,
         }
     }
@@ -175,6 +204,7 @@ impl CaughtBy {
         match self {
             CaughtBy::AnyCheck => r.failed(),
             CaughtBy::WatchCheck => r.watch_violations > 0,
+            CaughtBy::LockCheck => r.lock_violations > 0,
         }
     }
 }
@@ -190,10 +220,10 @@ pub async fn negative_control(
 ) -> Result<Option<usize>, RunError> {
     for n in 1..=max_runs {
         let run_spec = spec.run_spec(n, 3, nemesis, spec.workload.seed.wrapping_add(n as u64));
-        let (result, report, watch) = run(run_spec, out).await?;
+        let (result, reports) = run(run_spec, out).await?;
         let _ = writeln!(out, "  => {result}");
         if result.failed() {
-            explain(&report, watch.as_ref(), out);
+            explain(&reports, out);
         }
         if by.caught(&result) {
             return Ok(Some(n));

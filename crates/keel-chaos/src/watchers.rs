@@ -45,7 +45,7 @@ const RECONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// A connection for long-lived streams: no per-request timeout (it would cut the stream), but
 /// HTTP/2 keepalive, so that a stream to a member that stopped answering (SIGSTOP) breaks and the
 /// watcher moves on. etcd refuses pings more often than every 5 s (`too_many_pings`).
-fn stream_channel(addr: &str, connect_timeout: Duration) -> Channel {
+pub(crate) fn stream_channel(addr: &str, connect_timeout: Duration) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("http://IP:PORT is a valid URI")
         .connect_timeout(connect_timeout)

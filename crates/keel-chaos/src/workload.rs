@@ -52,6 +52,10 @@ pub struct Workload {
     pub watchers: usize,
     /// How often each watcher asks for a progress notification, if at all.
     pub watch_progress_every: Option<Duration>,
+    /// Clients contending for locks with leases ([`crate::locks`]); 0 for none.
+    pub lock_clients: usize,
+    /// Clients keeping leases alive with a key attached, then letting them lapse; 0 for none.
+    pub lease_clients: usize,
 }
 
 /// The key names.

@@ -1,6 +1,6 @@
 //! What the `keel-check` binary does once its flags are parsed: read the history (and final state),
 //! run every check, print the report, and map the verdict to an exit code; or, for
-//! `keel-check watch`, the same with a watch history.
+//! `keel-check watch` and `keel-check lock`, the same with a watch or a lock history.
 
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::check::{check, CheckOptions, Verdict};
 use crate::history::{History, HistoryError, KeyValues};
+use crate::lock::{check_lock, InvalidLockHistory, LockHistory, LockHistoryError, LockVerdict};
 use crate::watch::{check_watch, InvalidWatchHistory, WatchHistory, WatchHistoryError, WatchVerdict};
 use crate::CheckError;
 
@@ -36,8 +37,12 @@ pub enum RunError {
     ParseFinal { path: PathBuf, source: serde_json::Error },
     #[error("watch history {path}, {source}")]
     ReadWatchHistory { path: PathBuf, source: WatchHistoryError },
+    #[error("lock history {path}, {source}")]
+    ReadLockHistory { path: PathBuf, source: LockHistoryError },
     #[error(transparent)]
     Check(#[from] CheckError),
+    #[error(transparent)]
+    CheckLock(#[from] InvalidLockHistory),
     #[error(transparent)]
     CheckWatch(#[from] InvalidWatchHistory),
     #[error("encoding the report: {0}")]
@@ -69,6 +74,40 @@ pub fn watch_exit_code(result: &Result<WatchVerdict, RunError>) -> u8 {
         Ok(WatchVerdict::Invalid) => EXIT_VIOLATION,
         Err(_) => EXIT_UNKNOWN,
     }
+}
+
+/// The exit code for a lock check's result: 0 valid, 1 a violation, 2 bad input.
+pub fn lock_exit_code(result: &Result<LockVerdict, RunError>) -> u8 {
+    match result {
+        Ok(LockVerdict::Valid) => EXIT_LINEARIZABLE,
+        Ok(LockVerdict::Invalid) => EXIT_VIOLATION,
+        Err(_) => EXIT_UNKNOWN,
+    }
+}
+
+/// `keel-check lock`'s inputs.
+#[derive(Debug, Clone)]
+pub struct LockRunConfig {
+    pub history: PathBuf,
+    /// Print the report as JSON instead of text.
+    pub json: bool,
+}
+
+/// Reads a lock history, checks it, and writes the report to `out`.
+pub fn run_lock(config: &LockRunConfig, out: &mut impl Write) -> Result<LockVerdict, RunError> {
+    let path = &config.history;
+    let file = File::open(path).map_err(|source| RunError::OpenHistory { path: path.clone(), source })?;
+    let history = LockHistory::read_from(BufReader::new(file))
+        .map_err(|source| RunError::ReadLockHistory { path: path.clone(), source })?;
+    let report = check_lock(&history)?;
+    if config.json {
+        serde_json::to_writer_pretty(&mut *out, &report).map_err(RunError::Encode)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{report}")?;
+    }
+    out.flush()?;
+    Ok(report.verdict)
 }
 
 /// `keel-check watch`'s inputs.

@@ -17,6 +17,11 @@
 //! responses: [`watch::check_watch`] checks etcd's watch guarantees (ordered, unique, atomic,
 //! bookmarkable, resumable, filtered, reliable, prev_kv) and that the events agree with the writes.
 //!
+//! Locks and leases too, from a history of leases, keep-alives, lock acquisitions and fenced
+//! writes: [`lock::check_lock`] checks mutual exclusion by validity, tokens, fencing, and that
+//! leases expire neither before their TTL after the last acknowledged keep-alive nor past the
+//! stated bound.
+//!
 //! # Layout
 //!
 //! - [`history`]: the JSON-lines format, its reader (errors name the line) and writer
@@ -27,6 +32,7 @@
 //! - [`violation`]: the report of a failing key: sub-history, longest linearizable prefix, stuck ops
 //! - [`check`](mod@check): runs everything under a budget into a [`Report`] with a [`Verdict`]
 //! - [`watch`]: the watch history format and the watch checks, into a [`WatchReport`]
+//! - [`lock`]: the lock history format and the lock and lease checks, into a [`LockReport`]
 //! - [`cli`]: what the `keel-check` binary does (`src/main.rs` only parses flags)
 
 pub mod check;
@@ -34,6 +40,7 @@ pub mod cli;
 pub mod final_state;
 pub mod history;
 mod index;
+pub mod lock;
 mod model;
 pub mod monotonic;
 pub mod phantom;
@@ -50,6 +57,7 @@ pub use history::{
     History, HistoryError, HistoryWriter, InvalidOp, KeyValues, Op, OpKind, Outcome, WriteError,
 };
 pub use index::{DuplicateWrite, OpRef};
+pub use lock::{check_lock, LockHistory, LockReport, LockVerdict, LockViolation};
 pub use model::Ignored;
 pub use monotonic::{check_monotonic_reads, NonMonotonicRead};
 pub use phantom::{check_phantom_reads, PhantomCause, PhantomRead};
