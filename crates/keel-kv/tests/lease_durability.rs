@@ -106,14 +106,27 @@ fn leases_and_their_keys_survive_a_whole_cluster_sigkill_and_their_ttls_are_not_
     let follower = ALL.into_iter().find(|id| *id != leader).expect("a follower");
     rt.block_on(async {
         let mut c = connect(&eps).await;
+        // Not cut short: the whole TTL again, and an election timeout, from when the new leader
+        // took up the timers (after the restart): at least what it had left before the kill, less
+        // the time since the restart beyond the election timeout.
+        let (left, granted, keys) = ttl(&mut c, long).await;
+        let since_restart = killed.elapsed();
+        eprintln!("{left} s left {since_restart:?} after the restart, {left_before} s before the kill");
+        assert_eq!((LONG, vec!["a/1".to_string(), "a/2".into()]), (granted, keys));
+        let beyond = since_restart.saturating_sub(ELECTION_TIMEOUT).as_secs_f64().ceil() as i64;
+        assert!(
+            left >= left_before - beyond,
+            "{left} s left after the restart, {left_before} s before the kill"
+        );
+        let whole = LONG + ELECTION_TIMEOUT.as_secs() as i64;
+        let since = since_restart.as_secs_f64().ceil() as i64;
+        assert!(
+            left >= whole - since,
+            "{left} s left {since_restart:?} after the restart: less than the whole TTL"
+        );
         assert_eq!(BTreeSet::from([long, short]), leases(&mut c).await, "the leases after the restart");
         assert_eq!(vec![("a/1".to_string(), long), ("a/2".into(), long)], keys_under(&mut c, "a/").await);
         assert_eq!(vec![("s/1".to_string(), short)], keys_under(&mut c, "s/").await);
-        // Not cut short: at least what it had left before the kill (the whole TTL again, and an
-        // election timeout, from when the new leader took up the timers).
-        let (left, granted, keys) = ttl(&mut c, long).await;
-        assert_eq!((LONG, vec!["a/1".to_string(), "a/2".into()]), (granted, keys));
-        assert!(left >= left_before, "{left} s left after the restart, {left_before} s before it");
         let (left, _, keys) = ttl(&mut c, short).await;
         assert!(left > 0 && keys == ["s/1"], "the short lease after the restart: {left} s, {keys:?}");
 
