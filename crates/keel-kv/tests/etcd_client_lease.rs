@@ -510,6 +510,20 @@ async fn elections(s: Sys) {
     assert_eq!((key_a.clone(), "a2".to_string()), kv_value(&r), "{name}");
     assert_eq!(before + 2, header_rev(r.header()), "{name}: {r:?}");
 
+    // Campaigning again with the same lease (through another member) keeps the place and
+    // proclaims the new value; the answer's header is that of the txn that found the key.
+    let again = connect(ep_b).await.campaign("el", "a3", la).await.expect("campaign again");
+    let lk = again.leader().expect("a leader key");
+    assert_eq!(
+        (lk_a.key(), lk_a.rev(), lk_a.lease()),
+        (lk.key(), lk.rev(), lk.lease()),
+        "{name}: the same place"
+    );
+    assert_eq!(before + 2, header_rev(again.header()), "{name}: {again:?}");
+    let r = within("the value campaigned again observed", observed.recv()).await.expect("observed");
+    assert_eq!((key_a.clone(), "a3".to_string()), kv_value(&r), "{name}");
+    assert_eq!(before + 3, header_rev(r.header()), "{name}: {r:?}");
+
     // B campaigns through the other member and waits.
     let mut b = connect(ep_b).await;
     let lb = b.lease_grant(30, None).await.expect("grant").id();
@@ -520,7 +534,7 @@ async fn elections(s: Sys) {
         async move { key_of(&mut kv, &key_b).await.ok_or_else(|| "not yet".to_string()) }
     })
     .await;
-    assert_eq!(before + 3, revision(&mut kv).await, "{name}");
+    assert_eq!(before + 4, revision(&mut kv).await, "{name}");
     revision(&mut connect(ep_b).await).await;
     assert!(!campaigning.is_finished(), "{name}: B leads while A does: {:?}", campaigning.await);
 
@@ -533,23 +547,23 @@ async fn elections(s: Sys) {
     );
     // Resigning with a stale key deletes nothing and is no error.
     let r = a.resign(Some(ResignOptions::new().with_leader(stale))).await.expect("resign");
-    assert_eq!(before + 3, header_rev(r.header()), "{name}: a stale resign writes nothing");
+    assert_eq!(before + 4, header_rev(r.header()), "{name}: a stale resign writes nothing");
     assert_eq!(
-        (key_a.clone(), "a2".to_string()),
+        (key_a.clone(), "a3".to_string()),
         kv_value(&a.leader("el").await.expect("leader")),
         "{name}: A still leads"
     );
 
     let r = a.resign(Some(ResignOptions::new().with_leader(lk_a.clone()))).await.expect("resign");
-    assert_eq!(before + 4, header_rev(r.header()), "{name}: a resign is a delete");
+    assert_eq!(before + 5, header_rev(r.header()), "{name}: a resign is a delete");
     let won = within("B's campaign", campaigning).await.expect("the task").expect("campaign");
     let lk_b = won.leader().expect("a leader key").clone();
     assert_eq!(
-        (key_b.as_bytes(), before + 3, lb),
+        (key_b.as_bytes(), before + 4, lb),
         (lk_b.key(), lk_b.rev(), lk_b.lease()),
         "{name}: B's leader key"
     );
-    assert!(header_rev(won.header()) >= before + 3, "{name}: B's campaign answer: {won:?}");
+    assert!(header_rev(won.header()) >= before + 4, "{name}: B's campaign answer: {won:?}");
     let r = within("the second leader observed", observed.recv()).await.expect("observed");
     assert_eq!((key_b.clone(), "b1".to_string()), kv_value(&r), "{name}");
     assert_eq!(
