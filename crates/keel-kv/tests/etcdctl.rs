@@ -1065,3 +1065,474 @@ fn watch_json_output_as_etcd() {
     let c = Cluster::start();
     json_script(&ctl, &Target::keel(&ctl, &c));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Leases, `lock` and `elect`: run against etcd 3.4 first (a single member), then against keeld,
+// through its leader and a follower (which forwards keep-alives and time-to-live to the leader).
+// etcdctl's `lock` and `elect` are etcd's client recipes (a session lease kept alive, txns,
+// watches), not the Lock and Election services.
+// ---------------------------------------------------------------------------------------------
+
+/// The lease id in `lease <id> granted with TTL(<ttl>s)`, after checking the line is exactly that.
+#[track_caller]
+fn granted(name: &str, out: &str, ttl: i64) -> String {
+    let id = out.split(' ').nth(1).unwrap_or_default().to_string();
+    assert!(
+        id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{name}: a %016x lease id in {out:?}"
+    );
+    assert_eq!(format!("lease {id} granted with TTL({ttl}s)\n"), out, "{name}");
+    id
+}
+
+/// The remaining seconds `lease timetolive` printed, after checking the line is `expected` with
+/// them filled in at `{r}`; and that they are between `low` and `high`.
+#[track_caller]
+fn remaining(name: &str, out: &str, expected: &str, low: i64, high: i64) -> i64 {
+    let r: i64 = out
+        .split_once("remaining(")
+        .and_then(|(_, rest)| rest.split_once("s)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: no remaining TTL in {out:?}"));
+    assert_eq!(expected.replace("{r}", &r.to_string()), keys_sorted(out), "{name}");
+    assert!((low..=high).contains(&r), "{name}: remaining({r}s), expected {low}..={high}: {out:?}");
+    r
+}
+
+/// `lease timetolive --keys` output with the attached keys sorted: etcd lists them in the order
+/// of a Go map, which changes from one call to the next.
+fn keys_sorted(out: &str) -> String {
+    let Some((head, rest)) = out.split_once("attached keys([") else { return out.to_string() };
+    let Some((keys, tail)) = rest.split_once("])") else { return out.to_string() };
+    let mut keys: Vec<&str> = keys.split(' ').collect();
+    keys.sort_unstable();
+    format!("{head}attached keys([{}]){tail}", keys.join(" "))
+}
+
+/// `get KEY -w json` without the ids that differ between the systems (cluster, member, term).
+fn get_json(ctl: &Etcdctl, ep: &str, key: &str) -> serde_json::Value {
+    let out = ctl.ok(ep, &["get", key, "-w", "json"]);
+    let mut v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let header = v["header"].as_object_mut().unwrap_or_else(|| panic!("no header in {out}"));
+    for id in ["cluster_id", "member_id", "raft_term"] {
+        assert!(header.remove(id).is_some(), "no {id} in {out}");
+    }
+    v
+}
+
+const LEASE_NOT_FOUND: &str = "Error: etcdserver: requested lease not found";
+
+/// `lease grant / timetolive [--keys] / keep-alive --once / list / revoke`, `put --lease`, `get -w
+/// json`, through each of the target's watching members, and the errors for an unknown lease.
+fn lease_script(ctl: &Etcdctl, t: &Target) {
+    let all = t.all.as_str();
+    for ep in &t.watchers {
+        let name = format!("{} at {ep}", t.name);
+        let name = name.as_str();
+        let ep = ep.as_str();
+        let base = revision(ctl, all);
+        let start = Instant::now();
+        let id = granted(name, &ctl.ok(ep, &["lease", "grant", "30"]), 30);
+        let lease = format!("--lease={id}");
+        assert_eq!("OK\n", ctl.ok(ep, &["put", &lease, "lk1", "v1"]), "{name}");
+        assert_eq!("OK\n", ctl.ok(ep, &["put", &lease, "lk2", "v2"]), "{name}");
+        let left = 30 - start.elapsed().as_secs() as i64;
+        let with_keys =
+            format!("lease {id} granted with TTL(30s), remaining({{r}}s), attached keys([lk1 lk2])\n");
+        let out = ctl.ok(ep, &["lease", "timetolive", &id, "--keys"]);
+        remaining(name, &out, &with_keys, left - 2, 29);
+        let out = ctl.ok(ep, &["lease", "timetolive", &id]);
+        remaining(
+            name,
+            &out,
+            &format!("lease {id} granted with TTL(30s), remaining({{r}}s)\n"),
+            left - 2,
+            29,
+        );
+        assert_eq!(
+            format!("lease {id} keepalived with TTL(30)\n"),
+            ctl.ok(ep, &["lease", "keep-alive", "--once", &id]),
+            "{name}"
+        );
+        // Kept alive: the whole TTL again (less the second being counted).
+        let out = ctl.ok(ep, &["lease", "timetolive", &id]);
+        remaining(name, &out, &format!("lease {id} granted with TTL(30s), remaining({{r}}s)\n"), 28, 29);
+        assert_eq!(format!("found 1 leases\n{id}\n"), ctl.ok(ep, &["lease", "list"]), "{name}");
+
+        let lease_dec = i64::from_str_radix(&id, 16).expect("a hex lease id");
+        let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+        let expected = serde_json::json!({"header": {"revision": base + 2}, "kvs": [{"key": b64("lk1"),
+            "create_revision": base + 1, "mod_revision": base + 1, "version": 1, "value": b64("v1"),
+            "lease": lease_dec}], "count": 1});
+        assert_eq!(expected, get_json(ctl, ep, "lk1"), "{name}: the key's lease");
+
+        assert_eq!(format!("lease {id} revoked\n"), ctl.ok(ep, &["lease", "revoke", &id]), "{name}");
+        assert_eq!("", ctl.ok(ep, &["get", "--prefix", "lk"]), "{name}: the keys went with the lease");
+        assert_eq!(base + 3, revision(ctl, all), "{name}: both deletes at one revision");
+        let expired = format!("lease {id} already expired\n");
+        assert_eq!(expired, ctl.ok(ep, &["lease", "timetolive", &id]), "{name}");
+        assert_eq!(expired, ctl.ok(ep, &["lease", "timetolive", &id, "--keys"]), "{name}");
+        assert_eq!(
+            (Some(2), LEASE_NOT_FOUND.to_string()),
+            ctl.fails(ep, &["lease", "keep-alive", "--once", &id]),
+            "{name}: a revoked lease"
+        );
+        assert_eq!(
+            (Some(1), LEASE_NOT_FOUND.to_string()),
+            ctl.fails(ep, &["put", &lease, "lk1", "v"]),
+            "{name}"
+        );
+        assert_eq!("found 0 leases\n", ctl.ok(ep, &["lease", "list"]), "{name}");
+
+        // A lease nobody granted.
+        assert_eq!(
+            (Some(1), LEASE_NOT_FOUND.to_string()),
+            ctl.fails(ep, &["put", "--lease=1234abcd", "k", "v"]),
+            "{name}"
+        );
+        assert_eq!(
+            (Some(1), "Error: failed to revoke lease (etcdserver: requested lease not found)".to_string()),
+            ctl.fails(ep, &["lease", "revoke", "1234abcd"]),
+            "{name}"
+        );
+        assert_eq!(
+            (Some(2), LEASE_NOT_FOUND.to_string()),
+            ctl.fails(ep, &["lease", "keep-alive", "--once", "1234abcd"]),
+            "{name}"
+        );
+        assert_eq!(
+            "lease 000000001234abcd already expired\n",
+            ctl.ok(ep, &["lease", "timetolive", "1234abcd", "--keys"]),
+            "{name}"
+        );
+        // TTLs: below the minimum raised to it (2 s: 1.5 default election timeouts, rounded up),
+        // above the maximum refused.
+        let short = granted(name, &ctl.ok(ep, &["lease", "grant", "1"]), 2);
+        assert_eq!(format!("lease {short} revoked\n"), ctl.ok(ep, &["lease", "revoke", &short]), "{name}");
+        assert_eq!(
+            (Some(1), "Error: failed to grant lease (etcdserver: too large lease TTL)".to_string()),
+            ctl.fails(ep, &["lease", "grant", "9000000001"]),
+            "{name}"
+        );
+    }
+}
+
+/// Two leases granted with TTL 1 (raised to 2 s), each with a key. `etcdctl lease keep-alive`
+/// (through the second watching member) keeps one alive: it and its key are still there after
+/// twice the TTL, until revoked. Nobody keeps the other: its key goes by itself, never before the
+/// TTL from the grant and at most `slack` after it.
+fn lease_expiry_script(ctl: &Etcdctl, t: &Target, slack: Duration) {
+    let name = t.name;
+    let all = t.all.as_str();
+    let ttl = Duration::from_secs(2);
+    let kept = granted(name, &ctl.ok(all, &["lease", "grant", "1"]), 2);
+    assert_eq!("OK\n", ctl.ok(all, &["put", &format!("--lease={kept}"), "kept", "v"]), "{name}");
+    let keep_alive = ctl.spawn(&t.watchers[1], &["lease", "keep-alive", &kept]);
+    let sent = Instant::now();
+    let id = granted(name, &ctl.ok(all, &["lease", "grant", "1"]), 2);
+    assert_eq!("OK\n", ctl.ok(all, &["put", &format!("--lease={id}"), "expiring", "v"]), "{name}");
+    // The first read that finds it gone ended after the key went, which is after the grant was
+    // sent plus the TTL.
+    let gone = loop {
+        let out = ctl.ok(all, &["get", "expiring"]);
+        let at = sent.elapsed();
+        if out.is_empty() {
+            break at;
+        }
+        assert_eq!("expiring\nv\n", out, "{name}");
+        assert!(at < ttl + slack, "{name}: the key is still there {at:?} after the grant");
+        std::thread::sleep(POLL);
+    };
+    eprintln!("{name}: a lease of {ttl:?} expired {gone:?} after its grant was sent");
+    assert!(gone >= ttl, "{name}: the key went {gone:?} after the grant was sent: before its TTL");
+    assert_eq!(format!("lease {id} already expired\n"), ctl.ok(all, &["lease", "timetolive", &id]), "{name}");
+
+    // Meanwhile, and for twice its TTL, the lease kept alive stays.
+    while sent.elapsed() < 2 * ttl {
+        assert_eq!(
+            "kept\nv\n",
+            ctl.ok(all, &["get", "kept"]),
+            "{name}: a lease kept alive, {:?}",
+            sent.elapsed()
+        );
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(format!("found 1 leases\n{kept}\n"), ctl.ok(all, &["lease", "list"]), "{name}");
+    assert_eq!(format!("lease {kept} revoked\n"), ctl.ok(all, &["lease", "revoke", &kept]), "{name}");
+    // keep-alive says so, and ends.
+    let (code, out, err) = keep_alive.finish();
+    let renewed = format!("lease {kept} keepalived with TTL(2)\n");
+    let times = out.matches(&renewed).count();
+    assert_eq!(
+        (Some(0), format!("{}lease {kept} expired or revoked.\n", renewed.repeat(times)), String::new()),
+        (code, out, err),
+        "{name}: lease keep-alive"
+    );
+    // At least one keep-alive for each TTL.
+    assert!(times >= 3, "{name}: {times} keep-alives answered");
+    assert_eq!("", ctl.ok(all, &["get", "kept"]), "{name}");
+    assert_eq!("found 0 leases\n", ctl.ok(all, &["lease", "list"]), "{name}");
+}
+
+#[test]
+fn lease_commands_as_etcd() {
+    let ctl = Etcdctl::find();
+    {
+        let e = Etcd::start(&[]);
+        let t = Target::etcd(&e);
+        lease_script(&ctl, &t);
+        // etcd looks for expired leases every 500 ms.
+        lease_expiry_script(&ctl, &t, Duration::from_secs(2));
+    }
+    let c = Cluster::start();
+    let t = Target::keel(&ctl, &c);
+    lease_script(&ctl, &t);
+    // keeld's leader looks every 100 ms, then a revoke goes through Raft.
+    lease_expiry_script(&ctl, &t, Duration::from_secs(2));
+}
+
+/// A running `etcdctl lock` whose command records, in a shared log, when it starts and ends
+/// holding the lock; it holds it until its release file exists. Started in a process group of
+/// its own, so that a SIGKILL takes the command with it.
+struct Holder {
+    name: &'static str,
+    run: Running,
+}
+
+impl Holder {
+    fn start(ctl: &Etcdctl, ep: &str, dir: &std::path::Path, name: &'static str, ttl: u32) -> Holder {
+        use std::os::unix::process::CommandExt as _;
+        let log = dir.join("log");
+        let release = dir.join(format!("release-{name}"));
+        // The shell waits for a file the test creates: a condition, polled.
+        let script = format!(
+            "echo \"start $0 $ETCD_LOCK_KEY $ETCD_LOCK_REV\" >> {log}; \
+             until [ -e {release} ]; do sleep 0.02; done; echo \"end $0\" >> {log}",
+            log = log.display(),
+            release = release.display()
+        );
+        let ttl = format!("--ttl={ttl}");
+        let args = ["lock", ttl.as_str(), "lk", "--", "sh", "-c", script.as_str(), name];
+        let mut cmd = ctl.command(ep, &args);
+        cmd.process_group(0);
+        let mut child = cmd.spawn().expect("start etcdctl lock");
+        let (out, r1) = collect(child.stdout.take().expect("piped stdout"));
+        let (err, r2) = collect(child.stderr.take().expect("piped stderr"));
+        let stdin = child.stdin.take();
+        let what = format!("etcdctl lock ({name}) at {ep}");
+        Holder { name, run: Running { what, child, stdin, out, err, readers: vec![r1, r2], taken: 0 } }
+    }
+
+    fn release(&self, dir: &std::path::Path) {
+        File::create(dir.join(format!("release-{}", self.name))).expect("create the release file");
+    }
+
+    /// SIGKILLs etcdctl and its command (its process group).
+    fn kill(self) {
+        let group = format!("-{}", self.run.child.id());
+        let status = Command::new("kill").args(["-KILL", "--", &group]).status().expect("run kill");
+        assert!(status.success(), "kill -KILL -- {group}: {status}");
+        self.run.stop();
+    }
+
+    /// Waits for etcdctl to exit after its command ended: it must exit 0 having printed nothing.
+    fn exits(self, name: &str) {
+        let what = self.run.what.clone();
+        assert_eq!((Some(0), String::new(), String::new()), self.run.finish(), "{name}: {what}");
+    }
+}
+
+/// The log's lines.
+fn log_lines(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("log")).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+/// Waits until the log has `n` lines; answers them.
+fn wait_log(name: &str, dir: &std::path::Path, n: usize) -> Vec<String> {
+    wait_until(&format!("{name}: {n} lines in the lock log"), || {
+        let lines = log_lines(dir);
+        if lines.len() >= n {
+            Ok(lines)
+        } else {
+            Err(format!("{lines:?}"))
+        }
+    })
+}
+
+/// Waits until `n` contenders' keys are under `prefix`.
+fn wait_in_line(ctl: &Etcdctl, all: &str, name: &str, prefix: &str, n: usize) {
+    wait_until(&format!("{name}: {n} keys under {prefix}"), || {
+        let out = ctl.ok(all, &["get", "--prefix", prefix, "--keys-only"]);
+        let keys = out.lines().filter(|l| !l.is_empty()).count();
+        if keys == n {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
+}
+
+/// A holder's `start NAME KEY REV` line: (name, key, rev).
+fn started(line: &str) -> (String, String, i64) {
+    let f: Vec<&str> = line.split(' ').collect();
+    assert!(f.len() == 4 && f[0] == "start", "a start line: {line:?}");
+    (f[1].to_string(), f[2].to_string(), f[3].parse().unwrap_or_else(|_| panic!("a revision in {line:?}")))
+}
+
+/// Three `etcdctl lock` processes on one lock, through different members: one holder at a time,
+/// in the order they asked; then a holder SIGKILLed lets the next one in once its session lease
+/// expires, not before.
+fn lock_script(ctl: &Etcdctl, t: &Target) {
+    let name = t.name;
+    let all = t.all.as_str();
+    let (first, second) = (t.watchers[0].as_str(), t.watchers[1].as_str());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = dir.path();
+
+    let a = Holder::start(ctl, first, dir, "A", 10);
+    wait_log(name, dir, 1);
+    let b = Holder::start(ctl, second, dir, "B", 10);
+    wait_in_line(ctl, all, name, "lk/", 2);
+    let c = Holder::start(ctl, first, dir, "C", 10);
+    wait_in_line(ctl, all, name, "lk/", 3);
+    assert_eq!(1, log_lines(dir).len(), "{name}: only A holds the lock: {:?}", log_lines(dir));
+    a.release(dir);
+    wait_log(name, dir, 3);
+    a.exits(name);
+    b.release(dir);
+    wait_log(name, dir, 5);
+    b.exits(name);
+    c.release(dir);
+    wait_log(name, dir, 6);
+    c.exits(name);
+    let lines = log_lines(dir);
+    assert_eq!(6, lines.len(), "{name}: {lines:?}");
+    let holders: Vec<(String, String, i64)> = [&lines[0], &lines[2], &lines[4]].map(|l| started(l)).into();
+    let order: Vec<&str> = holders.iter().map(|h| h.0.as_str()).collect();
+    assert_eq!(vec!["A", "B", "C"], order, "{name}: in the order they asked: {lines:?}");
+    assert_eq!(["end A", "end B", "end C"], [&lines[1], &lines[3], &lines[5]].map(String::as_str), "{name}");
+    assert!(holders.iter().all(|h| h.1.starts_with("lk/")), "{name}: {holders:?}");
+    let revs: Vec<i64> = holders.iter().map(|h| h.2).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{name}: each holder's revision grows: {revs:?}");
+    assert_eq!("", ctl.ok(all, &["get", "--prefix", "lk/"]), "{name}: every key unlocked");
+
+    // A holder killed: its session lease (TTL 3 s, kept alive every second until the kill) must
+    // run out before the next one gets the lock.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = dir.path();
+    const TTL: u32 = 3;
+    let a = Holder::start(ctl, second, dir, "A", TTL);
+    wait_log(name, dir, 1);
+    let held = Instant::now();
+    let b = Holder::start(ctl, first, dir, "B", TTL);
+    wait_in_line(ctl, all, name, "lk/", 2);
+    // A's session keeps its lease alive: for longer than its TTL, B still waits.
+    let ttl = Duration::from_secs(TTL.into());
+    while held.elapsed() < ttl + Duration::from_secs(1) {
+        assert_eq!(1, log_lines(dir).len(), "{name}: B got the lock while A held it: {:?}", log_lines(dir));
+        std::thread::sleep(POLL);
+    }
+    let killed = Instant::now();
+    a.kill();
+    let lines = wait_log(name, dir, 2);
+    let waited = killed.elapsed();
+    eprintln!("{name}: the lock passed on {waited:?} after its holder was killed (session TTL {TTL} s)");
+    assert_eq!("B", started(&lines[1]).0, "{name}: {lines:?}");
+    // The last keep-alive was at most a third of the TTL before the kill.
+    assert!(
+        waited >= ttl / 2,
+        "{name}: the lock passed on {waited:?} after the kill: before the lease ran out"
+    );
+    assert!(
+        waited <= ttl + Duration::from_secs(3),
+        "{name}: the lock passed on only {waited:?} after the kill"
+    );
+    b.release(dir);
+    wait_log(name, dir, 3);
+    b.exits(name);
+    assert_eq!("", ctl.ok(all, &["get", "--prefix", "lk/"]), "{name}: every key unlocked");
+}
+
+#[test]
+fn lock_excludes_queues_and_passes_on_as_etcd() {
+    let ctl = Etcdctl::find();
+    {
+        let e = Etcd::start(&[]);
+        lock_script(&ctl, &Target::etcd(&e));
+    }
+    let c = Cluster::start();
+    lock_script(&ctl, &Target::keel(&ctl, &c));
+}
+
+impl Running {
+    /// Sends SIGINT.
+    fn interrupt(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-INT", &pid]).status().expect("run kill");
+        assert!(status.success(), "kill -INT {pid}: {status}");
+    }
+}
+
+/// `etcdctl elect -l` observing while `etcdctl elect NAME one` leads and `... two` waits; the
+/// first is interrupted (it resigns), and the observer prints the second.
+fn elect_script(ctl: &Etcdctl, t: &Target) {
+    let name = t.name;
+    let all = t.all.as_str();
+    let (first, second) = (t.watchers[0].as_str(), t.watchers[1].as_str());
+    let observer = ctl.spawn(second, &["elect", "-l", "el"]);
+    let one = ctl.spawn(first, &["elect", "el", "one"]);
+    // The leader prints its key (`el/<lease id in hex>`) and its value.
+    let printed_one = wait_until(&format!("{name}: elect el one leads"), || {
+        let out = one.stdout();
+        if out.ends_with("\none\n") || one.closed() {
+            Ok(out)
+        } else {
+            Err(out)
+        }
+    });
+    let key_one = printed_one.strip_suffix("\none\n").unwrap_or_default();
+    assert!(
+        key_one
+            .strip_prefix("el/")
+            .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit())),
+        "{name}: {printed_one:?}"
+    );
+    observer.expect_stdout(&printed_one);
+    let two = ctl.spawn(second, &["elect", "el", "two"]);
+    wait_in_line(ctl, all, name, "el/", 2);
+    assert_eq!("", two.stdout(), "{name}: the second campaigner waits");
+    one.interrupt();
+    let (code, out, err) = one.finish();
+    assert_eq!(
+        (Some(0), printed_one.clone(), String::new()),
+        (code, out, err),
+        "{name}: elect one, interrupted"
+    );
+    let printed_two = wait_until(&format!("{name}: elect el two leads"), || {
+        let out = two.stdout();
+        if out.ends_with("\ntwo\n") || two.closed() {
+            Ok(out)
+        } else {
+            Err(out)
+        }
+    });
+    assert_ne!(printed_one.replace("one", "two"), printed_two, "{name}: another key");
+    observer.expect_stdout(&format!("{printed_one}{printed_two}"));
+    two.interrupt();
+    assert_eq!((Some(0), printed_two.clone(), String::new()), two.finish(), "{name}: elect two, interrupted");
+    assert_eq!("", ctl.ok(all, &["get", "--prefix", "el/"]), "{name}: both resigned");
+    observer.interrupt();
+    let (_, out, _) = observer.finish();
+    assert_eq!(format!("{printed_one}{printed_two}"), out, "{name}: nothing more observed");
+}
+
+#[test]
+fn elect_as_etcd() {
+    let ctl = Etcdctl::find();
+    {
+        let e = Etcd::start(&[]);
+        elect_script(&ctl, &Target::etcd(&e));
+    }
+    let c = Cluster::start();
+    elect_script(&ctl, &Target::keel(&ctl, &c));
+}
