@@ -262,19 +262,18 @@ impl KvApi {
         if place.existing.as_deref().is_some_and(|v| v != value) {
             self.proclaim(&leader, value).await.map_err(queued)?;
         }
-        let revision = if place.first == Some(place.rev) {
-            place.revision
-        } else {
-            let waited = self.wait_deletes(&prefix, place.rev - 1).await.map_err(queued)?;
-            let (revision, there) = self.still_there(&place.key).await.map_err(queued)?;
+        if place.first != Some(place.rev) {
+            self.wait_deletes(&prefix, place.rev - 1).await.map_err(queued)?;
+            let (_, there) = self.still_there(&place.key).await.map_err(queued)?;
             if !there {
                 withdraw.disarm();
                 return Err(ApiError::Kv(KvError::LeaseNotFound));
             }
-            revision.max(waited)
-        };
+        }
         withdraw.disarm();
-        Ok((revision, leader))
+        // etcd answers a campaign with the header of the txn that queued it, however long it
+        // waited (a lock, with the read that found it free).
+        Ok((place.revision, leader))
     }
 
     /// `Proclaim`: the leader's key gets `value`, if it still leads as `leader`.

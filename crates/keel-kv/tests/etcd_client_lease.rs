@@ -644,10 +644,6 @@ async fn recipe_answers(s: Sys) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "keeld differs from etcd 3.4 (reported): Lock/Campaign with an unknown lease answer NOT_FOUND, \
-            not UNKNOWN; Proclaim/Resign without a leader INVALID_ARGUMENT with an `etcdserver: ` prefix, \
-            not UNKNOWN `\"leader\" field must be provided`; a campaign that waited carries the header \
-            of the read after the wait, not of the put that queued it"]
 async fn lock_and_election_answers_as_etcd() {
     as_etcd(recipe_answers).await;
 }

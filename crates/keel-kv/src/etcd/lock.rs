@@ -21,10 +21,28 @@ fn leader_key(k: LeaderKey) -> election::LeaderKey {
     election::LeaderKey { name: k.name, key: k.key, rev: k.rev, lease: k.lease }
 }
 
-/// The `leader` field, which etcd requires (`ErrMissingLeaderKey`).
-fn required(k: Option<election::LeaderKey>) -> Result<LeaderKey, ApiError> {
-    let k = k.ok_or_else(|| ApiError::BadRequest("\"leader\" field must be provided".into()))?;
+/// The `leader` field, which etcd requires (`ErrMissingLeaderKey`, a plain error: `UNKNOWN`).
+fn required(k: Option<election::LeaderKey>) -> Result<LeaderKey, Status> {
+    let k = k.ok_or_else(|| Status::unknown("\"leader\" field must be provided"))?;
     Ok(LeaderKey { name: k.name, key: k.key, rev: k.rev, lease: k.lease })
+}
+
+/// etcd's lock and election servers run its client recipes and answer the client's errors as
+/// plain errors: gRPC `UNKNOWN` with the server's message (e.g. a lease that does not exist).
+fn recipe_status(e: ApiError) -> Status {
+    let status = Status::from(e);
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+            Status::unknown(status.message().to_string())
+        }
+        _ => status,
+    }
+}
+
+/// Counts the request and answers its error as etcd's recipe servers do.
+fn done<T>(svc: &EtcdService, r: Result<T, ApiError>) -> Result<Response<T>, Status> {
+    svc.api.count(true, r.is_err());
+    r.map(Response::new).map_err(recipe_status)
 }
 
 #[tonic::async_trait]
@@ -39,7 +57,7 @@ impl lock::lock_server::Lock for EtcdService {
             .lock(&r.name, r.lease)
             .await
             .map(|(revision, key)| lock::LockResponse { header: self.header(revision), key });
-        self.done(result)
+        done(self, result)
     }
 
     async fn unlock(
@@ -52,7 +70,7 @@ impl lock::lock_server::Lock for EtcdService {
             .unlock(&key)
             .await
             .map(|revision| lock::UnlockResponse { header: self.header(revision) });
-        self.done(result)
+        done(self, result)
     }
 }
 
@@ -66,7 +84,7 @@ impl election::election_server::Election for EtcdService {
         let result = self.api.campaign(&r.name, r.lease, &r.value).await.map(|(revision, leader)| {
             election::CampaignResponse { header: self.header(revision), leader: Some(leader_key(leader)) }
         });
-        self.done(result)
+        done(self, result)
     }
 
     async fn proclaim(
@@ -74,11 +92,9 @@ impl election::election_server::Election for EtcdService {
         request: Request<election::ProclaimRequest>,
     ) -> Result<Response<election::ProclaimResponse>, Status> {
         let r = request.into_inner();
-        let result = match required(r.leader) {
-            Ok(leader) => self.api.proclaim(&leader, &r.value).await,
-            Err(e) => Err(e),
-        };
-        self.done(result.map(|revision| election::ProclaimResponse { header: self.header(revision) }))
+        let leader = required(r.leader)?;
+        let result = self.api.proclaim(&leader, &r.value).await;
+        done(self, result.map(|revision| election::ProclaimResponse { header: self.header(revision) }))
     }
 
     async fn leader(
@@ -89,7 +105,7 @@ impl election::election_server::Election for EtcdService {
         let result = self.api.election_leader(&name).await.map(|(revision, leader)| {
             election::LeaderResponse { header: self.header(revision), kv: Some(kv(leader)) }
         });
-        self.done(result)
+        done(self, result)
     }
 
     type ObserveStream = ObserveStream;
@@ -114,7 +130,7 @@ impl election::election_server::Election for EtcdService {
                         Some((Ok(resp), Some(rx)))
                     }
                     // The first error ends the stream.
-                    Err(e) => Some((Err(Status::from(e)), None)),
+                    Err(e) => Some((Err(recipe_status(e)), None)),
                 }
             }
         });
@@ -126,10 +142,8 @@ impl election::election_server::Election for EtcdService {
         &self,
         request: Request<election::ResignRequest>,
     ) -> Result<Response<election::ResignResponse>, Status> {
-        let result = match required(request.into_inner().leader) {
-            Ok(leader) => self.api.resign(&leader).await,
-            Err(e) => Err(e),
-        };
-        self.done(result.map(|revision| election::ResignResponse { header: self.header(revision) }))
+        let leader = required(request.into_inner().leader)?;
+        let result = self.api.resign(&leader).await;
+        done(self, result.map(|revision| election::ResignResponse { header: self.header(revision) }))
     }
 }
