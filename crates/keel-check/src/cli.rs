@@ -100,14 +100,24 @@ pub fn run_lock(config: &LockRunConfig, out: &mut impl Write) -> Result<LockVerd
     let history = LockHistory::read_from(BufReader::new(file))
         .map_err(|source| RunError::ReadLockHistory { path: path.clone(), source })?;
     let report = check_lock(&history)?;
-    if config.json {
-        serde_json::to_writer_pretty(&mut *out, &report).map_err(RunError::Encode)?;
+    write_report(&report, config.json, out)?;
+    Ok(report.verdict)
+}
+
+/// Writes a report as pretty JSON or as its text form.
+fn write_report<R: serde::Serialize + std::fmt::Display>(
+    report: &R,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), RunError> {
+    if json {
+        serde_json::to_writer_pretty(&mut *out, report).map_err(RunError::Encode)?;
         writeln!(out)?;
     } else {
         write!(out, "{report}")?;
     }
     out.flush()?;
-    Ok(report.verdict)
+    Ok(())
 }
 
 /// `keel-check watch`'s inputs.
@@ -125,13 +135,7 @@ pub fn run_watch(config: &WatchRunConfig, out: &mut impl Write) -> Result<WatchV
     let history = WatchHistory::read_from(BufReader::new(file))
         .map_err(|source| RunError::ReadWatchHistory { path: path.clone(), source })?;
     let report = check_watch(&history)?;
-    if config.json {
-        serde_json::to_writer_pretty(&mut *out, &report).map_err(RunError::Encode)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{report}")?;
-    }
-    out.flush()?;
+    write_report(&report, config.json, out)?;
     Ok(report.verdict)
 }
 
@@ -146,13 +150,7 @@ pub fn run(config: &RunConfig, out: &mut impl Write) -> Result<Verdict, RunError
         None => None,
     };
     let report = check(&history, final_state.as_ref(), &CheckOptions::with_budget(config.budget))?;
-    if config.json {
-        serde_json::to_writer_pretty(&mut *out, &report).map_err(RunError::Encode)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{report}")?;
-    }
-    out.flush()?;
+    write_report(&report, config.json, out)?;
     Ok(report.verdict)
 }
 

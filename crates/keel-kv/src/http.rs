@@ -463,15 +463,9 @@ async fn watch(State(api): State<KvApi>, uri: Uri) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel(crate::watch::STREAM_CHANNEL);
     let registered = hub.watch(filter, start_revision, 0, tx);
     let created = if start_revision <= 0 { registered.start_revision - 1 } else { hub.revision() };
-    /// Unregisters the watcher when the response stream is dropped (the client went away).
-    struct Registration(std::sync::Arc<crate::watch::WatchHub>, crate::watch::WatcherKey);
-    impl Drop for Registration {
-        fn drop(&mut self) {
-            self.0.cancel(self.1);
-        }
-    }
+    // Unregisters the watcher when the response stream is dropped (the client went away).
     let closed = hub.closed();
-    let guard = Registration(hub, registered.key);
+    let guard = crate::watch::Watching(hub, registered.key);
     let first = SseEvent::default().data(json!({"created": true, "revision": created}).to_string());
     let events = futures_util::stream::unfold(Some((rx, guard, Box::pin(closed))), move |state| async move {
         let (mut rx, guard, mut closed) = state?;

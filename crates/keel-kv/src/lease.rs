@@ -77,6 +77,15 @@ struct Inner {
     timers: HashMap<i64, Timer>,
 }
 
+impl Inner {
+    /// Every lease of the state, each with a timer from now.
+    fn load(&mut self, rows: Vec<(i64, i64)>) {
+        let now = Instant::now();
+        self.timers = rows.into_iter().map(|(id, ttl)| (id, timer(ttl, now))).collect();
+        self.loaded = true;
+    }
+}
+
 /// What [`Lessor::renew`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Renewal {
@@ -128,9 +137,7 @@ impl Lessor {
     ) -> Result<(), StateMachineError> {
         let mut inner = self.lock();
         if !inner.loaded {
-            let now = Instant::now();
-            inner.timers = rows()?.into_iter().map(|(id, ttl)| (id, timer(ttl, now))).collect();
-            inner.loaded = true;
+            inner.load(rows()?);
         }
         Ok(())
     }
@@ -156,10 +163,7 @@ impl Lessor {
 
     /// Replaces every timer with the leases of a restored snapshot.
     pub fn reset(&self, rows: Vec<(i64, i64)>) {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        inner.timers = rows.into_iter().map(|(id, ttl)| (id, timer(ttl, now))).collect();
-        inner.loaded = true;
+        self.lock().load(rows);
     }
 
     /// This node became the leader and has applied everything earlier leaders committed: every
@@ -172,8 +176,7 @@ impl Lessor {
     ) -> Result<usize, StateMachineError> {
         let mut inner = self.lock();
         if !inner.loaded {
-            inner.timers = rows()?.into_iter().map(|(id, ttl)| (id, timer(ttl, Instant::now()))).collect();
-            inner.loaded = true;
+            inner.load(rows()?);
         }
         let now = Instant::now();
         for t in inner.timers.values_mut() {
@@ -499,7 +502,9 @@ impl KvApi {
 
     /// A channel to the leader's client port (cached while the leader stays).
     fn leader_channel(&self) -> Result<tonic::transport::Channel, ApiError> {
-        let m = self.node.metrics();
+        // Borrowed, not copied: this runs for every forwarded keep-alive.
+        let metrics = self.node.raft().metrics();
+        let m = metrics.borrow_watched();
         let leader = m.current_leader.ok_or_else(|| ApiError::NoLeader("no leader known".into()))?;
         if leader == self.member_id() {
             return Err(ApiError::NoLeader(

@@ -37,7 +37,7 @@ use crate::store::Txn;
 use crate::watch::Delivery;
 use crate::watch::Filter;
 use crate::watch::WatchHub;
-use crate::watch::WatcherKey;
+use crate::watch::Watching;
 
 /// One leadership of an election (etcd's `LeaderKey`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -131,18 +131,6 @@ impl Drop for Withdraw {
     }
 }
 
-/// Cancels a watcher of the hub when dropped.
-struct Watching<'a> {
-    hub: &'a WatchHub,
-    key: WatcherKey,
-}
-
-impl Drop for Watching<'_> {
-    fn drop(&mut self) {
-        self.hub.cancel(self.key);
-    }
-}
-
 impl KvApi {
     /// Puts `prefix<lease hex>` with `lease` and `value` unless it exists; answers the place.
     async fn enqueue(&self, prefix: &[u8], lease: i64, value: &[u8]) -> Result<Place, ApiError> {
@@ -190,7 +178,7 @@ impl KvApi {
         let hub: &Arc<WatchHub> = self.hub();
         let filter = Filter { key: key.to_vec(), no_put: true, ..Filter::default() };
         let registered = hub.watch(filter, after + 1, 0, tx);
-        let _watching = Watching { hub, key: registered.key };
+        let _watching = Watching(hub.clone(), registered.key);
         let closed = hub.closed();
         tokio::pin!(closed);
         loop {
@@ -210,10 +198,27 @@ impl KvApi {
         }
     }
 
-    /// Whether `key` still exists (a linearizable read); answers the revision read.
-    async fn still_there(&self, key: &[u8]) -> Result<(i64, bool), ApiError> {
-        let (revision, r) = self.range(&Range { key: key.to_vec(), ..Range::default() }, false).await?;
-        Ok((revision, !r.kvs.is_empty()))
+    /// Waits until `place` is first in line under `prefix`: answers None if it already was, else
+    /// the revision of the read that found it first. Its key may have gone with its lease while
+    /// it waited: then "requested lease not found". `withdraw` deletes the key if this fails.
+    async fn wait_turn(
+        &self,
+        prefix: &[u8],
+        place: &Place,
+        withdraw: Withdraw,
+    ) -> Result<Option<i64>, ApiError> {
+        if place.first == Some(place.rev) {
+            withdraw.disarm();
+            return Ok(None);
+        }
+        let waited = self.wait_deletes(prefix, place.rev - 1).await.map_err(queued)?;
+        let mine = Range { key: place.key.clone(), ..Range::default() };
+        let (revision, r) = self.range(&mine, false).await.map_err(queued)?;
+        withdraw.disarm();
+        if r.kvs.is_empty() {
+            return Err(ApiError::Kv(KvError::LeaseNotFound));
+        }
+        Ok(Some(revision.max(waited)))
     }
 
     /// `Lock`: waits until the caller holds lock `name` with `lease` (0: a new lease of
@@ -223,20 +228,8 @@ impl KvApi {
         let prefix = prefix(name);
         let place = self.enqueue(&prefix, lease, b"").await?;
         let withdraw = Withdraw { api: Some(self.clone()), key: place.key.clone() };
-        let revision = if place.first == Some(place.rev) {
-            place.revision
-        } else {
-            let waited = self.wait_deletes(&prefix, place.rev - 1).await.map_err(queued)?;
-            // The key may have gone with its lease while it waited.
-            let (revision, there) = self.still_there(&place.key).await.map_err(queued)?;
-            if !there {
-                withdraw.disarm();
-                return Err(ApiError::Kv(KvError::LeaseNotFound));
-            }
-            revision.max(waited)
-        };
-        withdraw.disarm();
-        Ok((revision, place.key))
+        let revision = self.wait_turn(&prefix, &place, withdraw).await?;
+        Ok((revision.unwrap_or(place.revision), place.key))
     }
 
     /// `Unlock`: deletes the holder's key; answers the revision.
@@ -262,15 +255,7 @@ impl KvApi {
         if place.existing.as_deref().is_some_and(|v| v != value) {
             self.proclaim(&leader, value).await.map_err(queued)?;
         }
-        if place.first != Some(place.rev) {
-            self.wait_deletes(&prefix, place.rev - 1).await.map_err(queued)?;
-            let (_, there) = self.still_there(&place.key).await.map_err(queued)?;
-            if !there {
-                withdraw.disarm();
-                return Err(ApiError::Kv(KvError::LeaseNotFound));
-            }
-        }
-        withdraw.disarm();
+        self.wait_turn(&prefix, &place, withdraw).await?;
         // etcd answers a campaign with the header of the txn that queued it, however long it
         // waited (a lock, with the read that found it free).
         Ok((place.revision, leader))
@@ -344,7 +329,7 @@ impl KvApi {
             let filter =
                 Filter { key: prefix.clone(), range_end: prefix_range_end(&prefix), ..Filter::default() };
             let registered = hub.watch(filter, from + 1, 0, tx);
-            let _watching = Watching { hub, key: registered.key };
+            let _watching = Watching(hub.clone(), registered.key);
             loop {
                 let delivery = tokio::select! {
                     d = rx.recv() => d,

@@ -657,6 +657,23 @@ fn lease_rows<T: ReadableTable<i64, &'static [u8]>>(
     Ok(out)
 }
 
+/// The keys attached to lease `id`, in key order.
+fn attached_keys<T: ReadableTable<(i64, &'static [u8]), ()>>(
+    lease_keys: &T,
+    id: i64,
+) -> Result<Vec<Vec<u8>>, StateMachineError> {
+    let mut keys = Vec::new();
+    for row in lease_keys.range::<(i64, &[u8])>((id, &[][..])..)? {
+        let (k, _) = row?;
+        let (lease, key) = k.value();
+        if lease != id {
+            break;
+        }
+        keys.push(key.to_vec());
+    }
+    Ok(keys)
+}
+
 /// A lease as the state holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseInfo {
@@ -678,15 +695,7 @@ pub fn lease(txn: &ReadTransaction, id: i64, keys: bool) -> Result<Option<LeaseI
     let ttl = parse_lease_row(id, row.value())?;
     let mut info = LeaseInfo { id, ttl, keys: Vec::new() };
     if keys {
-        let attached = txn.open_table(LEASE_KEYS)?;
-        for row in attached.range::<(i64, &[u8])>((id, &[][..])..)? {
-            let (k, _) = row?;
-            let (lease, key) = k.value();
-            if lease != id {
-                break;
-            }
-            info.keys.push(key.to_vec());
-        }
+        info.keys = attached_keys(&txn.open_table(LEASE_KEYS)?, id)?;
     }
     Ok(Some(info))
 }
@@ -845,17 +854,8 @@ impl Writer<'_, '_, '_> {
         if !self.lease_exists(id)? {
             return Ok(Err(KvError::LeaseNotFound));
         }
-        let mut keys = Vec::new();
-        for row in self.lease_keys.range::<(i64, &[u8])>((id, &[][..])..)? {
-            let (k, _) = row?;
-            let (lease, key) = k.value();
-            if lease != id {
-                break;
-            }
-            keys.push(key.to_vec());
-        }
         let mut deleted = 0;
-        for key in keys {
+        for key in attached_keys(&*self.lease_keys, id)? {
             let del = DeleteRange { key, ..DeleteRange::default() };
             if let Ok(OpResult::DeleteRange { deleted: n, .. }) = self.delete(&del)? {
                 deleted += n;

@@ -149,6 +149,15 @@ impl std::fmt::Debug for WatchHub {
     }
 }
 
+/// Unregisters a watcher when dropped (its stream or its waiter went away).
+pub struct Watching(pub Arc<WatchHub>, pub WatcherKey);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.cancel(self.1);
+    }
+}
+
 /// What registering a watcher answered.
 #[derive(Debug)]
 pub struct Registered {

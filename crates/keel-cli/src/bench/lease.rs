@@ -16,9 +16,7 @@ use tokio::time::Instant;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::load::{
-    connect_spread, describe, measure, note, preload_noted, targets, Requests, Window, ERROR_PAUSE,
-};
+use super::load::{describe, measure, note, prepare, Requests, Window, ERROR_PAUSE};
 use super::report::{ErrorTally, Row, Tally};
 use super::{spread, BenchError, KeepAliveSpec, Plan, PRELOAD_CLIENTS};
 use crate::client::Endpoint;
@@ -30,10 +28,7 @@ pub async fn grant_revoke(
     timeout: Duration,
     plan: Plan,
 ) -> Result<(Row, ErrorTally), BenchError> {
-    let targets = targets(endpoints, timeout, &plan).await?;
-    let channels = connect_spread(&targets, plan.conns, timeout).await?;
-    let plan = Arc::new(plan);
-    preload_noted(&channels, &plan).await;
+    let (channels, plan) = prepare(endpoints, timeout, plan).await?;
     let clients = (0..plan.clients)
         .filter_map(|client| channels.get(spread(client, channels.len())))
         .map(|channel| GrantRevoke { leases: LeaseClient::new(channel.clone()), ttl: plan.ttl })
@@ -185,10 +180,7 @@ pub async fn keepalive(
     plan: Plan,
     spec: KeepAliveSpec,
 ) -> Result<(Row, ErrorTally), BenchError> {
-    let targets = targets(endpoints, timeout, &plan).await?;
-    let channels = connect_spread(&targets, plan.conns, timeout).await?;
-    let plan = Arc::new(plan);
-    preload_noted(&channels, &plan).await;
+    let (channels, plan) = prepare(endpoints, timeout, plan).await?;
     let leases = grant_all(&channels, spec.leases, plan.ttl).await?;
 
     let window = Arc::new(Window::after_warmup(&plan));

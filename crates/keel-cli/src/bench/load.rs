@@ -35,10 +35,7 @@ pub async fn run(
     timeout: Duration,
     plan: Plan,
 ) -> Result<(Row, ErrorTally), BenchError> {
-    let targets = targets(endpoints, timeout, &plan).await?;
-    let channels = connect_spread(&targets, plan.conns, timeout).await?;
-    let plan = Arc::new(plan);
-    preload_noted(&channels, &plan).await;
+    let (channels, plan) = prepare(endpoints, timeout, plan).await?;
 
     let serializable = plan.consistency == Consistency::Serializable;
     let clients = (0..plan.clients)
@@ -106,6 +103,20 @@ impl Requests for KvRequests {
         let key = random_key(&mut self.rng, self.plan.key_space);
         send(&mut self.kv, op, key, &self.value, self.serializable).await.map_err(|s| describe(&s))
     }
+}
+
+/// What every load does first: find its targets, open `plan.conns` connections spread over them,
+/// and run `--preload` if asked for.
+pub(super) async fn prepare(
+    endpoints: &[Endpoint],
+    timeout: Duration,
+    plan: Plan,
+) -> Result<(Vec<Channel>, Arc<Plan>), BenchError> {
+    let targets = targets(endpoints, timeout, &plan).await?;
+    let channels = connect_spread(&targets, plan.conns, timeout).await?;
+    let plan = Arc::new(plan);
+    preload_noted(&channels, &plan).await;
+    Ok((channels, plan))
 }
 
 /// The endpoints the run sends to: the leader alone with `--target-leader`, else all of them.

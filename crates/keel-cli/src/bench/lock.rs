@@ -4,13 +4,12 @@
 //! `Lock` also waits for the holders before it, so the rate is bounded by the hand-offs (each an
 //! `Unlock`'s delete seen by the next waiter), one at a time.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::Channel;
 
 use super::lease::{grant_all, revoke_all};
-use super::load::{connect_spread, describe, measure, preload_noted, targets, Requests};
+use super::load::{describe, measure, prepare, Requests};
 use super::report::{ErrorTally, Row};
 use super::wire::{decode_lock_response, lock_request, unary, unlock_request};
 use super::{spread, BenchError, Plan};
@@ -27,10 +26,7 @@ pub async fn run(
     timeout: Duration,
     plan: Plan,
 ) -> Result<(Row, ErrorTally), BenchError> {
-    let targets = targets(endpoints, timeout, &plan).await?;
-    let channels = connect_spread(&targets, plan.conns, timeout).await?;
-    let plan = Arc::new(plan);
-    preload_noted(&channels, &plan).await;
+    let (channels, plan) = prepare(endpoints, timeout, plan).await?;
     let leases = grant_all(&channels, plan.clients, plan.lock_lease_ttl()).await?;
     let name = lock_name(&mut rand::thread_rng());
     let clients = leases
