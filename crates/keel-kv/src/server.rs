@@ -452,10 +452,14 @@ async fn leave(api: &KvApi) {
 
 /// Asks a member (at `config.join`, a client address) to add this node as a learner; answers the
 /// node id (the configured one, or one the cluster assigned).
+///
+/// A node is usually started while its cluster is busy: electing a leader, or with the member it
+/// names restarting. What cannot last (no answer, no leader, an outcome the member could not
+/// learn: HTTP 5xx) is asked again, with backoff, for up to [`JOIN_DEADLINE`]; the cluster
+/// answers a repeated join with the same id (`KvApi::join`), so a retry of a join that was carried
+/// out is harmless. A refusal (4xx: another cluster, an address a voter holds) is final at once.
 async fn join_cluster(config: &KeeldConfig, me: &NodeInfo) -> Result<NodeId, RunError> {
-    use http_body_util::BodyExt;
     let via = bare_addr(&config.join).to_string();
-    let fail = |reason: String| RunError::Join { via: via.clone(), reason };
     let mut body = serde_json::json!({
         "peer_addr": me.peer_addr,
         "client_addr": me.client_addr,
@@ -464,35 +468,82 @@ async fn join_cluster(config: &KeeldConfig, me: &NodeInfo) -> Result<NodeId, Run
     if config.id != 0 {
         body["id"] = config.id.into();
     }
+    let body = body.to_string();
+    let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let reason = match join_once(&via, &body).await {
+            Ok(id) => return Ok(id),
+            Err(JoinFailure::Refused(reason)) => return Err(RunError::Join { via, reason }),
+            Err(JoinFailure::Transient(reason)) => reason,
+        };
+        let now = tokio::time::Instant::now();
+        if now + backoff >= deadline {
+            return Err(RunError::Join {
+                via,
+                reason: format!("{reason} (still failing after {JOIN_DEADLINE:?})"),
+            });
+        }
+        tracing::warn!(%via, "cannot join yet, asking again in {backoff:?}: {reason}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+enum JoinFailure {
+    /// Worth asking again: no answer, or the member could not carry the request out now.
+    Transient(String),
+    /// The cluster refused this node; asking again would get the same answer.
+    Refused(String),
+}
+
+/// One join request, bounded by [`JOIN_ATTEMPT_TIMEOUT`].
+async fn join_once(via: &str, body: &str) -> Result<NodeId, JoinFailure> {
+    use http_body_util::BodyExt;
     let client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let request = hyper::Request::post(format!("http://{via}/v1/cluster/join"))
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(hyper::body::Bytes::from(body.to_string())))
-        .map_err(|e| fail(e.to_string()))?;
-    let answer = tokio::time::timeout(JOIN_TIMEOUT, async {
-        let resp = client.request(request).await.map_err(|e| fail(format!("no answer: {e}")))?;
+        .map_err(|e| JoinFailure::Refused(e.to_string()))?;
+    let answer = tokio::time::timeout(JOIN_ATTEMPT_TIMEOUT, async {
+        let resp =
+            client.request(request).await.map_err(|e| JoinFailure::Transient(format!("no answer: {e}")))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| fail(e.to_string()))?.to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|_| fail(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))))?;
-        Ok::<_, RunError>((status, json))
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| JoinFailure::Transient(format!("answer cut off: {e}")))?
+            .to_bytes();
+        Ok::<_, JoinFailure>((status, bytes))
     })
     .await
-    .map_err(|_| fail(format!("no answer within {JOIN_TIMEOUT:?}")))??;
-    match answer {
-        (status, json) if status.is_success() => json["id"]
-            .as_u64()
+    .map_err(|_| JoinFailure::Transient(format!("no answer within {JOIN_ATTEMPT_TIMEOUT:?}")))??;
+    let (status, bytes) = answer;
+    let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    let message = match &json {
+        Some(json) => json["error"]["message"].as_str().map_or_else(|| json.to_string(), str::to_string),
+        None => String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    if status.is_success() {
+        return json
+            .as_ref()
+            .and_then(|json| json["id"].as_u64())
             .filter(|id| *id != 0)
-            .ok_or_else(|| fail(format!("answer has no node id: {json}"))),
-        (status, json) => Err(fail(format!(
-            "HTTP {status}: {}",
-            json["error"]["message"].as_str().unwrap_or(&json.to_string())
-        ))),
+            .ok_or_else(|| JoinFailure::Refused(format!("answer has no node id: {message}")));
+    }
+    let reason = format!("HTTP {status}: {message}");
+    if status.is_server_error() || status == hyper::StatusCode::TOO_MANY_REQUESTS {
+        Err(JoinFailure::Transient(reason))
+    } else {
+        Err(JoinFailure::Refused(reason))
     }
 }
 
-const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `keeld --join` keeps asking while the cluster cannot answer (see [`join_cluster`]).
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A node that joined as a learner asks to be promoted to voter once it has caught up (the
 /// leader refuses until it holds 90% of the log). Stops once it is a voter.

@@ -108,6 +108,66 @@ async fn a_join_whose_answer_was_lost_is_answered_again() {
     c.shutdown().await;
 }
 
+/// `keeld --join` asks again while the member it names cannot answer (found by the fault runs:
+/// the leader a new member joined through was killed, the member asked restarted, and the joiner
+/// exited for good on "no answer" and "HTTP 503"). Here the address given to the joiner answers
+/// its first two requests with a 503, as a member without a leader does, then forwards to a real
+/// member: the joiner joins. A refusal (another cluster's name) is final at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joiner_asks_again_while_the_member_it_names_cannot_answer() {
+    use tokio::io::AsyncReadExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let c = Cluster::start(3, |_| {}).await;
+    let member = c.servers[&c.follower()].client_addr;
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let via = front.local_addr().expect("addr").to_string();
+    let answered_503 = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered_503.clone();
+    let front_task = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = front.accept().await else { return };
+            if count.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+                let mut buf = vec![0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let body = r#"{"error":{"code":"no_leader","message":"no leader elected yet"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(member).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+
+    let mut config = support::config(0, c.dir.path(), support::free_port(), support::free_port(), "");
+    config.data_dir = c.dir.path().join("joiner");
+    config.join = via.clone();
+    let joiner = Server::start(config).await.expect("joins once the member answers");
+    assert_eq!(2, answered_503.load(std::sync::atomic::Ordering::SeqCst), "asked through both 503s");
+    assert_eq!(4, joiner.node().id());
+    wait_promoted(&joiner).await;
+
+    let mut other = support::config(0, c.dir.path(), support::free_port(), support::free_port(), "");
+    other.data_dir = c.dir.path().join("stranger");
+    other.cluster_name = "another-cluster".into();
+    other.join = member.to_string();
+    match Server::start(other).await {
+        Err(RunError::Join { reason, .. }) => assert!(reason.contains("another-cluster"), "{reason}"),
+        Err(e) => panic!("expected a join refusal, got {e}"),
+        Ok(_) => panic!("a node of another cluster joined"),
+    }
+    front_task.abort();
+    joiner.shutdown().await.expect("stop");
+    c.shutdown().await;
+}
+
 /// A node that must receive more in log entries than one AppendEntries call can carry within the
 /// heartbeat interval (here 120 values of 256 KiB, 30 MiB; openraft would send them in one call)
 /// gets them in 1 MiB calls and catches up; it used to time out and retry the same call forever.
