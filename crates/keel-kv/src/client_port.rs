@@ -72,6 +72,12 @@ pub struct PortCounters {
     pub timed_out: AtomicU64,
 }
 
+/// The subject CN of the verified client certificate a TLS connection presented
+/// (`--client-cert-auth`), added to the extensions of every request on that connection (tonic
+/// requests carry them too). With auth on, etcd takes it as the user of a request without a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCertName(pub String);
+
 /// The listener, the service it serves, and its limits.
 pub struct ClientPort {
     pub listener: TcpListener,
