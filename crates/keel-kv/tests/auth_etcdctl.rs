@@ -94,12 +94,31 @@ fn script() -> Vec<(&'static str, &'static str)> {
         ("get app/x --user bob:bobpw", ""),
         ("get --prefix app/ --user bob:bobpw", ""),
         ("put app/y 2 --user bob:bobpw", ""),
+        ("get foo", ""),
+        ("put foo v", ""),
+        ("get foo --user bob:bobpw", ""),
+        ("get --prefix app/ --user alice:alicepw", ""),
+        ("put app/x 2 --user alice:alicepw", ""),
+        ("put b 1 --user alice:alicepw", ""),
+        ("get b --user alice:alicepw", ""),
+        ("del foo --user alice:alicepw", ""),
+        ("put foo v2 --user alice:alicepw", ""),
+        ("role list --user alice:alicepw", ""),
+        ("user list --user bob:bobpw", ""),
+        ("user get alice --user alice:alicepw", ""),
+        ("user get bob --user alice:alicepw", ""),
+        ("role get reader --user alice:alicepw", ""),
+        ("role get writer --user alice:alicepw", ""),
+        ("user add eve:x --user alice:alicepw", ""),
+        ("auth disable --user alice:alicepw", ""),
         ("user delete root --user root:rootpw", ""),
         ("user revoke-role root root --user root:rootpw", ""),
         ("role delete root --user root:rootpw", ""),
         ("auth enable --user root:rootpw", ""),
         ("user passwd bob --interactive=false --user root:rootpw", "bobpw2\n"),
         ("get app/x --user bob:bobpw", ""),
+        ("get app/x --user bob:bobpw2", ""),
+        ("user revoke-role bob writer --user root:rootpw", ""),
         ("get app/x --user bob:bobpw2", ""),
         ("auth disable --user root:rootpw", ""),
         ("auth disable", ""),
@@ -134,6 +153,15 @@ fn auth_commands_answer_as_etcd() {
         let procs = Procs::start(3, 0, "");
         run(|i| procs.client(i as u64 % 3 + 1))
     };
+    // The script does what it means to on etcd (not, say, fail to connect throughout).
+    let etcd_said = |cmd: &str| &etcd.iter().find(|(c, _)| c == cmd).expect("a command of the script").1;
+    assert_eq!("Role reader updated\n", etcd_said("role grant-permission reader read a z").stdout);
+    assert_eq!(
+        "Error: etcdserver: permission denied\n",
+        etcd_said("get --prefix app/ --user alice:alicepw").stderr
+    );
+    assert_eq!("Error: etcdserver: user name is empty\n", etcd_said("get foo").stderr);
+    assert_eq!("alice\nbob\nroot\n", etcd_said("user list").stdout);
     for ((cmd, want), (_, got)) in etcd.iter().zip(&keel) {
         assert_eq!(want, got, "etcdctl {cmd}: etcd answered the first, keeld the second");
     }
