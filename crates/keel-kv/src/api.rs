@@ -231,6 +231,9 @@ pub struct KvApi {
     pub bcrypt_cost: u32,
     /// How long a token from `Authenticate` is good for (etcd's `--auth-token-ttl`, 300 s).
     pub auth_token_ttl: std::time::Duration,
+    /// Whether auth is on, as last read, with the state machine's auth epoch then: requests
+    /// while auth is off cost no read of the state.
+    auth_seen: Arc<std::sync::Mutex<Option<(u64, bool)>>>,
 }
 
 /// etcd's default bcrypt cost (`--bcrypt-cost`).
@@ -266,6 +269,7 @@ impl KvApi {
             leader_channel: Arc::default(),
             bcrypt_cost: DEFAULT_BCRYPT_COST,
             auth_token_ttl: DEFAULT_AUTH_TOKEN_TTL,
+            auth_seen: Arc::default(),
         }
     }
 
@@ -936,9 +940,23 @@ impl KvApi {
         self.authorize(user, &Need::Root)
     }
 
-    /// Whether auth is on in this node's applied state.
+    /// Whether auth is on in this node's applied state. Read once per auth change (see
+    /// `KvStore::auth_epoch`), not per request: a read of the state commits the batch being
+    /// applied, which every request while auth is off would otherwise force.
     pub fn auth_enabled_here(&self) -> Result<bool, ApiError> {
-        Ok(self.node.read_local(|_, txn| AuthView::open(txn)?.status())??.enabled)
+        let epoch = self.node.state_machine().auth_epoch();
+        let seen = *self.auth_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, on)) = seen {
+            if at == epoch {
+                return Ok(on);
+            }
+        }
+        let on = self.node.read_local(|_, txn| AuthView::open(txn)?.status())??.enabled;
+        // Kept only if no auth change was applied meanwhile (else the read may predate it).
+        if self.node.state_machine().auth_epoch() == epoch {
+            *self.auth_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((epoch, on));
+        }
+        Ok(on)
     }
 
     /// Who a request is from while auth is on, from its token, else from its verified TLS client
@@ -949,6 +967,9 @@ impl KvApi {
         token: Option<&str>,
         cert_name: Option<&str>,
     ) -> Result<Option<Caller>, ApiError> {
+        if !self.auth_enabled_here()? {
+            return Ok(None);
+        }
         let now = unix_now();
         let judged = self.node.read_local(|_, txn| {
             let view = AuthView::open(txn)?;

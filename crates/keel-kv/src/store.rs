@@ -25,6 +25,8 @@
 //! reads, deletes and compaction keep working.
 
 use std::io;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use keel::redb::ReadTransaction;
@@ -512,11 +514,21 @@ pub struct KvStore {
     limits: Limits,
     hub: Arc<WatchHub>,
     lessor: Arc<Lessor>,
+    /// Moves after every batch that applied an auth change, and after a restore: what the client
+    /// APIs cached of the auth state (whether auth is on) is stale once it moves.
+    auth_epoch: Arc<AtomicU64>,
 }
 
 impl KvStore {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, hub: Arc::default(), lessor: Arc::default() }
+        Self { limits, hub: Arc::default(), lessor: Arc::default(), auth_epoch: Arc::default() }
+    }
+
+    /// See [`KvStore`]'s `auth_epoch`. It moves only after the batch's `apply` returned, so a
+    /// reader that sees the new value and then reads the state (which first commits the batches
+    /// applied) sees the change.
+    pub fn auth_epoch(&self) -> u64 {
+        self.auth_epoch.load(Ordering::SeqCst)
     }
 
     /// This node's watchers.
@@ -558,6 +570,7 @@ impl StateMachine for KvStore {
         let mut changes = Vec::new();
         let mut lease_changes = Vec::new();
         let mut out = Vec::with_capacity(cmds.len());
+        let mut auth_changed = false;
         for cmd in cmds {
             // etcd's auth applier: the user's permissions on the state as it is now.
             let cmd = match cmd {
@@ -630,7 +643,10 @@ impl StateMachine for KvStore {
                     }
                     Ok(granted)
                 }
-                KvCommand::Auth(change) => auth::apply(txn, change),
+                KvCommand::Auth(change) => {
+                    auth_changed = true;
+                    auth::apply(txn, change)
+                }
                 KvCommand::AsUser { .. } => {
                     Ok(Err(KvError::InvalidRequest("a request on behalf of a user nested in another".into())))
                 }
@@ -652,6 +668,9 @@ impl StateMachine for KvStore {
         }
         meta.insert(REVISION, revision)?;
         self.hub.publish(collect.then_some(changes), revision, compacted);
+        if auth_changed {
+            self.auth_epoch.fetch_add(1, Ordering::SeqCst);
+        }
         self.lessor.applied(&lease_changes);
         Ok(out)
     }
@@ -680,6 +699,7 @@ impl StateMachine for KvStore {
         // Every watcher catches up from the restored history.
         self.hub.reset(revision, compacted);
         self.lessor.reset(lease_rows(&txn.open_table(LEASES)?)?);
+        self.auth_epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
