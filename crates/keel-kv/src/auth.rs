@@ -521,13 +521,19 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> AuthView<T> {
         need: PermType,
     ) -> Result<bool, StateMachineError> {
         let Some(user) = self.user(name)? else { return Ok(false) };
+        let roles = self.roles_of(&user)?;
+        Ok(permitted(&user, &roles, key, range_end, need))
+    }
+
+    /// The records of `user`'s roles (a role deleted meanwhile is skipped, as etcd does).
+    fn roles_of(&self, user: &UserRecord) -> Result<Vec<RoleRecord>, StateMachineError> {
         let mut roles = Vec::with_capacity(user.roles.len());
         for r in &user.roles {
             if let Some(role) = self.role(r)? {
                 roles.push(role);
             }
         }
-        Ok(permitted(&user, &roles, key, range_end, need))
+        Ok(roles)
     }
 
     /// Why `caller` (None: a request without credentials) may not do what `need` says, if it
@@ -559,19 +565,9 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> AuthView<T> {
             return Ok(None);
         }
         let Need::Keys(accesses) = need else { return Ok(Some(AuthError::PermissionDenied)) };
-        let mut roles = Vec::with_capacity(user.roles.len());
-        for r in &user.roles {
-            if let Some(role) = self.role(r)? {
-                roles.push(role);
-            }
-        }
+        let roles = self.roles_of(&user)?;
         let denied = accesses.iter().any(|a| !permitted(&user, &roles, &a.key, &a.range_end, a.need));
         Ok(denied.then_some(AuthError::PermissionDenied))
-    }
-
-    /// Whether user `name` holds role `root`.
-    pub fn is_root(&self, name: &str) -> Result<bool, StateMachineError> {
-        Ok(self.user(name)?.is_some_and(|u| u.roles.iter().any(|r| r == ROOT)))
     }
 
     /// The user a token names, if it is valid now (`now`: seconds since the Unix epoch): issued
