@@ -290,3 +290,46 @@ fn a_snapshot_without_auth_tables_restores_with_auth_off() {
     txn.commit().expect("commit");
     assert_eq!((vec![], vec![], false, 1), judge(&db2, &[]));
 }
+
+#[test]
+fn a_token_ends_with_its_ttl_its_password_its_user_or_a_disable() {
+    let db = memory_db();
+    let apply = |cmds: Vec<AuthCommand>| {
+        let txn = db.begin_write().expect("write txn");
+        let out =
+            KvStore::default().apply(&txn, cmds.into_iter().map(KvCommand::Auth).collect()).expect("apply");
+        txn.commit().expect("commit");
+        assert!(out.iter().all(|r| r.result.is_ok()), "{out:?}");
+    };
+    let user = |name: &str| AuthCommand::UserAdd { name: name.into(), password_hash: Some("h".into()) };
+    apply(vec![
+        user("root"),
+        AuthCommand::UserGrantRole { user: "root".into(), role: "root".into() },
+        user("alice"),
+        AuthCommand::Enable { secret: [1; 32] },
+    ]);
+    // What Authenticate does once the password checked: bind the token to that password.
+    let issue = |expires: u64| {
+        let read = db.begin_read().expect("read");
+        let view = AuthView::open(&read).expect("view");
+        let rev = view.user("alice").expect("user").expect("alice").password_revision;
+        view.issue_token("alice", rev, expires).expect("issue").expect("auth is on")
+    };
+    let check = |token: &str, now: u64| {
+        let read = db.begin_read().expect("read");
+        AuthView::open(&read).expect("view").check_token(token, now).expect("check").map(|c| c.name)
+    };
+    let t = issue(100);
+    assert_eq!(Ok("alice".to_string()), check(&t, 99));
+    assert_eq!(Err(AuthError::InvalidAuthToken), check(&t, 100), "expired");
+    assert_eq!(Err(AuthError::InvalidAuthToken), check(&format!("{t}x"), 99), "altered");
+    apply(vec![AuthCommand::UserChangePassword { name: "alice".into(), password_hash: "h2".into() }]);
+    assert_eq!(Err(AuthError::InvalidAuthToken), check(&t, 99), "after a password change");
+    let t = issue(100);
+    assert_eq!(Ok("alice".to_string()), check(&t, 99));
+    apply(vec![AuthCommand::Disable, AuthCommand::Enable { secret: [2; 32] }]);
+    assert_eq!(Err(AuthError::InvalidAuthToken), check(&t, 99), "after auth was disabled and enabled again");
+    let t = issue(100);
+    apply(vec![AuthCommand::UserDelete { name: "alice".into() }, user("alice")]);
+    assert_eq!(Err(AuthError::InvalidAuthToken), check(&t, 99), "after a delete and a new user of that name");
+}
