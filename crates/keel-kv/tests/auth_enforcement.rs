@@ -1,7 +1,7 @@
 //! Auth enforced on an in-process three-node cluster, through etcd's gRPC API with the token set by
 //! hand: a token from one member works on every member; a password change or deleting the user
 //! ends it at once; a revoked role denies the very next request, on a follower too; a txn with one
-//! forbidden op is refused whole; a watch on a forbidden range is refused; admin calls need root;
+//! forbidden op is refused whole; a watch or a lock on a forbidden range is refused; admin calls need root;
 //! etcd's errors for a missing or bad token. And the HTTP API's bearer and basic credentials.
 
 mod support;
@@ -225,6 +225,18 @@ async fn watches_and_admin_calls_need_their_permissions() {
         Code::PermissionDenied,
         "etcdserver: permission denied",
     );
+
+    // Locks: the recipe's keys are the user's to touch, or not.
+    use keel_kv::etcd::pb::v3lockpb as lock;
+    let mut l = lock::lock_client::LockClient::new(channel(&ep).await);
+    let req = |name: &str| lock::LockRequest { name: name.into(), lease: 0 };
+    assert_refused(
+        l.lock(with(req("b/lk"), Some(&t))).await,
+        Code::PermissionDenied,
+        "etcdserver: permission denied",
+    );
+    let held = l.lock(with(req("a/lk"), Some(&t))).await.expect("a lock under a/").into_inner().key;
+    l.unlock(with(lock::UnlockRequest { key: held }, Some(&t))).await.expect("unlock");
     c.shutdown().await;
 }
 
