@@ -17,6 +17,14 @@ use keel::NodeInfo;
 use keel::ProposeError;
 use keel::ReadError;
 
+use crate::auth;
+use crate::auth::AuthCommand;
+use crate::auth::AuthError;
+use crate::auth::AuthStatus;
+use crate::auth::AuthView;
+use crate::auth::Caller;
+use crate::auth::Need;
+use crate::auth::Permission;
 use crate::limits::LimitError;
 use crate::limits::Limits;
 use crate::store;
@@ -102,7 +110,8 @@ impl From<LimitError> for ApiError {
             | LimitError::TooManyOps
             | LimitError::DuplicateKey
             | LimitError::TooDeep
-            | LimitError::BadLease { .. }) => ApiError::BadRequest(e.to_string()),
+            | LimitError::BadLease { .. }
+            | LimitError::NestedUser) => ApiError::BadRequest(e.to_string()),
         }
     }
 }
@@ -220,6 +229,13 @@ pub struct KvApi {
     pub tls: TlsSettings,
     /// The leader's client port, for what only the leader answers (lease timers).
     pub(crate) leader_channel: Arc<std::sync::Mutex<Option<(String, tonic::transport::Channel)>>>,
+    /// bcrypt's cost for the password hashes this node makes (etcd's `--bcrypt-cost`, default 10).
+    pub bcrypt_cost: u32,
+    /// How long a token from `Authenticate` is good for (etcd's `--auth-token-ttl`, 300 s).
+    pub auth_token_ttl: std::time::Duration,
+    /// Whether auth is on, as last read, with the state machine's auth epoch then: requests
+    /// while auth is off cost no read of the state.
+    auth_seen: Arc<std::sync::Mutex<Option<(u64, bool)>>>,
 }
 
 /// Which of this cluster's ports speak TLS (for the `https://` of the URLs members show), and how
@@ -244,6 +260,12 @@ impl TlsSettings {
         }
     }
 }
+
+/// etcd's default bcrypt cost (`--bcrypt-cost`).
+pub const DEFAULT_BCRYPT_COST: u32 = 10;
+
+/// etcd's default lifetime of a simple token (`--auth-token-ttl`).
+pub const DEFAULT_AUTH_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// FNV-1a: a stable cluster id from the cluster name.
 pub fn cluster_id(name: &str) -> u64 {
@@ -271,6 +293,9 @@ impl KvApi {
             watch_progress_notify_interval: std::time::Duration::from_secs(600),
             tls: TlsSettings::default(),
             leader_channel: Arc::default(),
+            bcrypt_cost: DEFAULT_BCRYPT_COST,
+            auth_token_ttl: DEFAULT_AUTH_TOKEN_TTL,
+            auth_seen: Arc::default(),
         }
     }
 
@@ -670,5 +695,319 @@ impl KvApi {
         if failed {
             errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auth: users, roles, permissions, tokens (etcd's `Auth` service; see `crate::auth`)
+
+/// A refusal by etcd's auth rules.
+fn auth_err(e: AuthError) -> ApiError {
+    ApiError::Kv(KvError::Auth(e))
+}
+
+/// Seconds since the Unix epoch on this node's clock (token expiry).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl KvApi {
+    /// Proposes an auth change on behalf of `user` (None: auth is off here; else the apply
+    /// refuses it unless the user holds role `root`); answers the store's (KV) revision for the
+    /// response header.
+    async fn auth_write(&self, user: Option<&Caller>, cmd: AuthCommand) -> Result<i64, ApiError> {
+        self.check_running()?;
+        let cmd = match user {
+            Some(u) => KvCommand::AsUser { caller: Some(u.clone()), cmd: Box::new(KvCommand::Auth(cmd)) },
+            None => KvCommand::Auth(cmd),
+        };
+        let resp = self.node.propose(cmd).await?;
+        match resp.result {
+            Ok(OpResult::Auth { .. }) => Ok(resp.revision),
+            Ok(other) => Err(ApiError::Internal(format!("auth change answered {other:?}"))),
+            Err(e) => Err(ApiError::Kv(e)),
+        }
+    }
+
+    /// Reads the auth state linearizably (as a range without `serializable`): on a follower, after
+    /// the leader's read index is applied here. Answers the store's revision with `f`'s result.
+    async fn auth_read<R>(
+        &self,
+        f: impl FnOnce(&AuthView) -> Result<R, keel::StateMachineError>,
+    ) -> Result<(i64, R), ApiError> {
+        self.node.linearize().await?;
+        let read = self.node.read_local(|_, txn| {
+            let revision = store::revision(txn)?;
+            Ok::<_, keel::StateMachineError>((revision, f(&AuthView::open(txn)?)?))
+        })?;
+        Ok(read?)
+    }
+
+    /// bcrypt of `password` at this node's cost, off the async threads (tens of milliseconds).
+    async fn hash_password(&self, password: String) -> Result<String, ApiError> {
+        let cost = self.bcrypt_cost;
+        tokio::task::spawn_blocking(move || bcrypt::hash(password, cost))
+            .await
+            .map_err(|e| ApiError::Internal(format!("password hashing stopped: {e}")))?
+            .map_err(|e| ApiError::BadRequest(format!("password cannot be hashed: {e}")))
+    }
+
+    pub async fn auth_enable(&self, user: Option<&Caller>) -> Result<i64, ApiError> {
+        // The token key, if this is the cluster's first enable (a later one keeps the first key).
+        let mut secret = [0u8; auth::SECRET_BYTES];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| ApiError::Internal("no randomness for the token key".into()))?;
+        self.auth_write(user, AuthCommand::Enable { secret }).await
+    }
+
+    pub async fn auth_disable(&self, user: Option<&Caller>) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::Disable).await
+    }
+
+    /// Whether auth is on, and the auth revision (linearizable).
+    pub async fn auth_status(&self) -> Result<(i64, AuthStatus), ApiError> {
+        self.auth_read(|v| v.status()).await
+    }
+
+    /// etcd's `Authenticate`: checks the password against the current state (linearizable) and
+    /// answers a token for the user. Nothing goes through Raft: every member can check the token.
+    pub async fn authenticate(&self, name: &str, password: String) -> Result<(i64, String), ApiError> {
+        let (_, (status, user)) = self.auth_read(|v| Ok((v.status()?, v.user(name)?))).await?;
+        if !status.enabled {
+            return Err(auth_err(AuthError::AuthNotEnabled));
+        }
+        let Some((hash, password_revision)) =
+            user.and_then(|u| Some((u.password_hash?, u.password_revision)))
+        else {
+            return Err(auth_err(AuthError::AuthFailed));
+        };
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
+            .await
+            .map_err(|e| ApiError::Internal(format!("password check stopped: {e}")))?;
+        if !ok.unwrap_or(false) {
+            tracing::info!(user = name, "authentication failed");
+            return Err(auth_err(AuthError::AuthFailed));
+        }
+        // Bound to the password just checked: if it changed meanwhile, the token is refused on use
+        // (etcd retries its check instead; the client sees the same, a token that fails).
+        let expires = unix_now().saturating_add(self.auth_token_ttl.as_secs().max(1));
+        let (revision, token) = self.node.read_local(|_, txn| {
+            let token = AuthView::open(txn)?.issue_token(name, password_revision, expires)?;
+            Ok::<_, keel::StateMachineError>((store::revision(txn)?, token))
+        })??;
+        Ok((revision, token.ok_or(auth_err(AuthError::AuthNotEnabled))?))
+    }
+
+    pub async fn user_add(
+        &self,
+        user: Option<&Caller>,
+        name: &str,
+        password: String,
+        no_password: bool,
+    ) -> Result<i64, ApiError> {
+        if name.is_empty() {
+            return Err(auth_err(AuthError::UserEmpty));
+        }
+        let password_hash = if no_password { None } else { Some(self.hash_password(password).await?) };
+        self.auth_write(user, AuthCommand::UserAdd { name: name.to_string(), password_hash }).await
+    }
+
+    /// The roles of user `name` (linearizable).
+    pub async fn user_get(&self, name: &str) -> Result<(i64, Vec<String>), ApiError> {
+        let (revision, user) = self.auth_read(|v| v.user(name)).await?;
+        Ok((revision, user.ok_or(auth_err(AuthError::UserNotFound))?.roles))
+    }
+
+    pub async fn user_list(&self) -> Result<(i64, Vec<String>), ApiError> {
+        self.auth_read(|v| v.user_names()).await
+    }
+
+    pub async fn user_delete(&self, user: Option<&Caller>, name: &str) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::UserDelete { name: name.to_string() }).await
+    }
+
+    pub async fn user_change_password(
+        &self,
+        user: Option<&Caller>,
+        name: &str,
+        password: String,
+    ) -> Result<i64, ApiError> {
+        let password_hash = self.hash_password(password).await?;
+        self.auth_write(user, AuthCommand::UserChangePassword { name: name.to_string(), password_hash }).await
+    }
+
+    pub async fn user_grant_role(
+        &self,
+        user: Option<&Caller>,
+        name: &str,
+        role: &str,
+    ) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::UserGrantRole { user: name.to_string(), role: role.to_string() })
+            .await
+    }
+
+    pub async fn user_revoke_role(
+        &self,
+        user: Option<&Caller>,
+        name: &str,
+        role: &str,
+    ) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::UserRevokeRole { user: name.to_string(), role: role.to_string() })
+            .await
+    }
+
+    pub async fn role_add(&self, user: Option<&Caller>, name: &str) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::RoleAdd { name: name.to_string() }).await
+    }
+
+    /// The permissions of role `name` (linearizable).
+    pub async fn role_get(&self, name: &str) -> Result<(i64, Vec<Permission>), ApiError> {
+        let (revision, role) = self.auth_read(|v| v.role(name)).await?;
+        Ok((revision, role.ok_or(auth_err(AuthError::RoleNotFound))?.perms))
+    }
+
+    pub async fn role_list(&self) -> Result<(i64, Vec<String>), ApiError> {
+        self.auth_read(|v| v.role_names()).await
+    }
+
+    pub async fn role_delete(&self, user: Option<&Caller>, name: &str) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::RoleDelete { name: name.to_string() }).await
+    }
+
+    pub async fn role_grant_permission(
+        &self,
+        user: Option<&Caller>,
+        role: &str,
+        perm: Permission,
+    ) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::RoleGrantPermission { role: role.to_string(), perm }).await
+    }
+
+    pub async fn role_revoke_permission(
+        &self,
+        user: Option<&Caller>,
+        role: &str,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+    ) -> Result<i64, ApiError> {
+        self.auth_write(user, AuthCommand::RoleRevokePermission { role: role.to_string(), key, range_end })
+            .await
+    }
+
+    /// Proposes `cmd` on behalf of `user` (from [`Self::request_user`]; None: auth is off here):
+    /// with a user, the leader's apply judges it on the state then (`KvCommand::AsUser`).
+    pub async fn write_as(&self, user: Option<&Caller>, cmd: KvCommand) -> Result<(i64, OpResult), ApiError> {
+        match user {
+            Some(u) => self.write(KvCommand::AsUser { caller: Some(u.clone()), cmd: Box::new(cmd) }).await,
+            None => self.write(cmd).await,
+        }
+    }
+
+    /// [`Self::range`] for `user`: refused unless the user may read the range, judged in the same
+    /// read of the state as the range itself (after the read index, when linearizable).
+    pub async fn range_as(
+        &self,
+        user: Option<&Caller>,
+        r: &Range,
+        serializable: bool,
+    ) -> Result<(i64, RangeResult), ApiError> {
+        let Some(user) = user else { return self.range(r, serializable).await };
+        self.check_key(&r.key)?;
+        if !serializable {
+            self.node.linearize().await?;
+        }
+        let need = Need::Keys(vec![auth::Access {
+            key: r.key.clone(),
+            range_end: r.range_end.clone(),
+            need: auth::PermType::Read,
+        }]);
+        let budget = self.max_response_bytes;
+        let read = self.node.read_local(|_, txn| {
+            if let Some(refused) = AuthView::open(txn)?.refusal(Some(user), &need)? {
+                return Ok(Err(refused));
+            }
+            store::range(txn, r, budget).map(Ok)
+        })?;
+        let (revision, result) = read?.map_err(auth_err)?;
+        Ok((revision, result.map_err(ApiError::Kv)?))
+    }
+
+    /// Refuses unless `user` (None: auth is off here) may do what `need` says, on this node's
+    /// applied state: for what is not proposed (watch creation, admin calls).
+    pub fn authorize(&self, user: Option<&Caller>, need: &Need) -> Result<(), ApiError> {
+        if user.is_none() {
+            return Ok(());
+        }
+        match self.node.read_local(|_, txn| AuthView::open(txn)?.refusal(user, need))?? {
+            None => Ok(()),
+            Some(e) => Err(auth_err(e)),
+        }
+    }
+
+    /// `UserGet`'s rule (etcd): root, or the user asking about itself.
+    pub fn authorize_user_get(&self, user: Option<&Caller>, name: &str) -> Result<(), ApiError> {
+        if user.is_some_and(|u| u.name == name) {
+            return Ok(());
+        }
+        self.authorize(user, &Need::Root)
+    }
+
+    /// `RoleGet`'s rule (etcd): root, or a user holding the role.
+    pub fn authorize_role_get(&self, user: Option<&Caller>, role: &str) -> Result<(), ApiError> {
+        let Some(u) = user else { return Ok(()) };
+        let holds = self.node.read_local(|_, txn| {
+            AuthView::open(txn)?
+                .user(&u.name)
+                .map(|rec| rec.is_some_and(|rec| rec.roles.iter().any(|r| r == role)))
+        })??;
+        if holds {
+            return Ok(());
+        }
+        self.authorize(user, &Need::Root)
+    }
+
+    /// Whether auth is on in this node's applied state. Read once per auth change (see
+    /// `KvStore::auth_epoch`), not per request: a read of the state commits the batch being
+    /// applied, which every request while auth is off would otherwise force.
+    pub fn auth_enabled_here(&self) -> Result<bool, ApiError> {
+        let epoch = self.node.state_machine().auth_epoch();
+        let seen = *self.auth_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, on)) = seen {
+            if at == epoch {
+                return Ok(on);
+            }
+        }
+        let on = self.node.read_local(|_, txn| AuthView::open(txn)?.status())??.enabled;
+        // Kept only if no auth change was applied meanwhile (else the read may predate it).
+        if self.node.state_machine().auth_epoch() == epoch {
+            *self.auth_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((epoch, on));
+        }
+        Ok(on)
+    }
+
+    /// Who a request is from while auth is on, from its token, else from its verified TLS client
+    /// certificate's CN; None while auth is off (everything is allowed). Judged on this node's
+    /// applied state (serializable), as etcd judges tokens locally.
+    pub fn request_user(
+        &self,
+        token: Option<&str>,
+        cert_name: Option<&str>,
+    ) -> Result<Option<Caller>, ApiError> {
+        if !self.auth_enabled_here()? {
+            return Ok(None);
+        }
+        let now = unix_now();
+        let judged = self.node.read_local(|_, txn| {
+            let view = AuthView::open(txn)?;
+            if !view.status()?.enabled {
+                return Ok::<_, keel::StateMachineError>(Ok(None));
+            }
+            Ok(match (token, cert_name) {
+                (Some(token), _) => view.check_token(token, now)?.map(Some),
+                (None, Some(cn)) if !cn.is_empty() => Ok(Some(Caller::named(cn))),
+                (None, _) => Err(AuthError::UserEmpty),
+            })
+        })??;
+        judged.map_err(auth_err)
     }
 }

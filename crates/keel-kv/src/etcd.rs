@@ -21,6 +21,9 @@ pub mod pb {
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
     }
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
     }
@@ -35,6 +38,7 @@ pub mod pb {
 use pb::etcdserverpb as rpc;
 use pb::mvccpb;
 
+mod auth;
 mod lease;
 mod lock;
 mod watch;
@@ -95,6 +99,7 @@ impl From<ApiError> for Status {
             ApiError::Kv(e @ KvError::ResponseTooLarge { .. }) => {
                 return Status::resource_exhausted(format!("etcdserver: {e}"))
             }
+            ApiError::Kv(KvError::Auth(a)) => return auth_status(a),
             ApiError::NotLearner(_) => {
                 (Code::FailedPrecondition, "etcdserver: can only promote a learner member")
             }
@@ -117,6 +122,27 @@ impl From<ApiError> for Status {
         };
         etcd_error(code, message, &detail)
     }
+}
+
+/// etcd's gRPC error for an auth refusal (`rpctypes`): its code, and its message word for word.
+fn auth_status(e: &crate::auth::AuthError) -> Status {
+    use crate::auth::AuthError as A;
+    use tonic::Code;
+    let code = match e {
+        A::RootUserNotExist
+        | A::RootRoleNotExist
+        | A::UserAlreadyExist
+        | A::UserNotFound
+        | A::RoleAlreadyExist
+        | A::RoleNotFound
+        | A::RoleNotGranted
+        | A::PermissionNotGranted
+        | A::AuthNotEnabled => Code::FailedPrecondition,
+        A::UserEmpty | A::RoleEmpty | A::AuthFailed | A::InvalidAuthMgmt => Code::InvalidArgument,
+        A::PermissionDenied => Code::PermissionDenied,
+        A::InvalidAuthToken => Code::Unauthenticated,
+    };
+    Status::new(code, format!("etcdserver: {e}"))
 }
 
 /// Serves the etcd services; one clone per service.
@@ -147,6 +173,21 @@ impl EtcdService {
     fn done<T>(&self, r: Result<T, ApiError>) -> Result<Response<T>, Status> {
         self.api.count(true, r.is_err());
         r.map(Response::new).map_err(Status::from)
+    }
+
+    /// Who sent `request` while auth is on (None: auth is off here): the user its `token`
+    /// metadata names (etcd's key; `authorization` as etcd 3.5 also reads it), else the CN of the
+    /// verified TLS client certificate of its connection.
+    fn user_of<T>(&self, request: &Request<T>) -> Result<Option<crate::auth::Caller>, ApiError> {
+        let md = request.metadata();
+        let token = md.get("token").or_else(|| md.get("authorization")).and_then(|v| v.to_str().ok());
+        let cert = request.extensions().get::<crate::client_port::ClientCertName>().map(|c| c.0.as_str());
+        self.api.request_user(token, cert)
+    }
+
+    /// Refuses unless the sender of `request` holds role `root` (etcd's `IsAdminPermitted`).
+    fn admin<T>(&self, request: &Request<T>) -> Result<(), ApiError> {
+        self.api.authorize(self.user_of(request)?.as_ref(), &crate::auth::Need::Root)
     }
 
     fn check_size(&self, msg: &impl prost::Message) -> Result<(), ApiError> {
@@ -298,7 +339,8 @@ impl EtcdService {
                     OpResult::MemberId(_)
                     | OpResult::Alarms(_)
                     | OpResult::LeaseGranted { .. }
-                    | OpResult::LeaseRevoked { .. } => None,
+                    | OpResult::LeaseRevoked { .. }
+                    | OpResult::Auth { .. } => None,
                     r => Some(match r {
                         OpResult::Range(r) => rpc::response_op::Response::ResponseRange(rpc::RangeResponse {
                             header: self.header(revision),
@@ -325,7 +367,8 @@ impl EtcdService {
                         OpResult::MemberId(_)
                         | OpResult::Alarms(_)
                         | OpResult::LeaseGranted { .. }
-                        | OpResult::LeaseRevoked { .. } => return rpc::ResponseOp { response: None },
+                        | OpResult::LeaseRevoked { .. }
+                        | OpResult::Auth { .. } => return rpc::ResponseOp { response: None },
                     }),
                 },
             })
@@ -333,9 +376,13 @@ impl EtcdService {
         rpc::TxnResponse { header: self.header(revision), succeeded: t.succeeded, responses }
     }
 
-    async fn range(&self, r: rpc::RangeRequest) -> Result<rpc::RangeResponse, ApiError> {
+    async fn range(
+        &self,
+        user: Option<&crate::auth::Caller>,
+        r: rpc::RangeRequest,
+    ) -> Result<rpc::RangeResponse, ApiError> {
         let serializable = r.serializable;
-        let (revision, result) = self.api.range(&range_of(r), serializable).await?;
+        let (revision, result) = self.api.range_as(user, &range_of(r), serializable).await?;
         Ok(rpc::RangeResponse {
             header: self.header(revision),
             kvs: result.kvs.into_iter().map(kv).collect(),
@@ -344,9 +391,13 @@ impl EtcdService {
         })
     }
 
-    async fn put(&self, p: rpc::PutRequest) -> Result<rpc::PutResponse, ApiError> {
+    async fn put(
+        &self,
+        user: Option<&crate::auth::Caller>,
+        p: rpc::PutRequest,
+    ) -> Result<rpc::PutResponse, ApiError> {
         self.check_size(&p)?;
-        match self.api.write(store::KvCommand::Put(put_of(p))).await? {
+        match self.api.write_as(user, store::KvCommand::Put(put_of(p))).await? {
             (revision, OpResult::Put { prev_kv }) => {
                 Ok(rpc::PutResponse { header: self.header(revision), prev_kv: prev_kv.map(kv) })
             }
@@ -354,9 +405,13 @@ impl EtcdService {
         }
     }
 
-    async fn delete_range(&self, d: rpc::DeleteRangeRequest) -> Result<rpc::DeleteRangeResponse, ApiError> {
+    async fn delete_range(
+        &self,
+        user: Option<&crate::auth::Caller>,
+        d: rpc::DeleteRangeRequest,
+    ) -> Result<rpc::DeleteRangeResponse, ApiError> {
         self.check_size(&d)?;
-        match self.api.write(store::KvCommand::DeleteRange(delete_of(d))).await? {
+        match self.api.write_as(user, store::KvCommand::DeleteRange(delete_of(d))).await? {
             (revision, OpResult::DeleteRange { deleted, prev_kvs }) => Ok(rpc::DeleteRangeResponse {
                 header: self.header(revision),
                 deleted,
@@ -366,12 +421,16 @@ impl EtcdService {
         }
     }
 
-    async fn txn(&self, t: rpc::TxnRequest) -> Result<rpc::TxnResponse, ApiError> {
+    async fn txn(
+        &self,
+        user: Option<&crate::auth::Caller>,
+        t: rpc::TxnRequest,
+    ) -> Result<rpc::TxnResponse, ApiError> {
         self.check_size(&t)?;
         let txn = txn_of(t)?;
         // Every txn, read-only ones included, goes through the log: its reads and compares are then
-        // linearizable with every write.
-        match self.api.write(store::KvCommand::Txn(txn)).await? {
+        // linearizable with every write (and its permissions judged at apply, the whole txn at once).
+        match self.api.write_as(user, store::KvCommand::Txn(txn)).await? {
             (revision, OpResult::Txn(t)) => Ok(self.txn_response(revision, t)),
             (_, other) => Err(ApiError::Internal(format!("txn answered {other:?}"))),
         }
@@ -384,22 +443,42 @@ impl rpc::kv_server::Kv for EtcdService {
         &self,
         request: Request<rpc::RangeRequest>,
     ) -> Result<Response<rpc::RangeResponse>, Status> {
-        self.done(EtcdService::range(self, request.into_inner()).await)
+        let r = async {
+            let user = self.user_of(&request)?;
+            EtcdService::range(self, user.as_ref(), request.into_inner()).await
+        }
+        .await;
+        self.done(r)
     }
 
     async fn put(&self, request: Request<rpc::PutRequest>) -> Result<Response<rpc::PutResponse>, Status> {
-        self.done(EtcdService::put(self, request.into_inner()).await)
+        let r = async {
+            let user = self.user_of(&request)?;
+            EtcdService::put(self, user.as_ref(), request.into_inner()).await
+        }
+        .await;
+        self.done(r)
     }
 
     async fn delete_range(
         &self,
         request: Request<rpc::DeleteRangeRequest>,
     ) -> Result<Response<rpc::DeleteRangeResponse>, Status> {
-        self.done(EtcdService::delete_range(self, request.into_inner()).await)
+        let r = async {
+            let user = self.user_of(&request)?;
+            EtcdService::delete_range(self, user.as_ref(), request.into_inner()).await
+        }
+        .await;
+        self.done(r)
     }
 
     async fn txn(&self, request: Request<rpc::TxnRequest>) -> Result<Response<rpc::TxnResponse>, Status> {
-        self.done(EtcdService::txn(self, request.into_inner()).await)
+        let r = async {
+            let user = self.user_of(&request)?;
+            EtcdService::txn(self, user.as_ref(), request.into_inner()).await
+        }
+        .await;
+        self.done(r)
     }
 
     async fn compact(
@@ -422,6 +501,9 @@ impl rpc::cluster_server::Cluster for EtcdService {
         &self,
         request: Request<rpc::MemberAddRequest>,
     ) -> Result<Response<rpc::MemberAddResponse>, Status> {
+        if let Err(e) = self.admin(&request) {
+            return self.done(Err(e));
+        }
         let req = request.into_inner();
         let r = async {
             let peer = match req.peer_ur_ls.as_slice() {
@@ -444,6 +526,9 @@ impl rpc::cluster_server::Cluster for EtcdService {
         &self,
         request: Request<rpc::MemberRemoveRequest>,
     ) -> Result<Response<rpc::MemberRemoveResponse>, Status> {
+        if let Err(e) = self.admin(&request) {
+            return self.done(Err(e));
+        }
         let id = request.into_inner().id;
         let r = async {
             self.api.remove_member(id).await?;
@@ -460,6 +545,9 @@ impl rpc::cluster_server::Cluster for EtcdService {
         &self,
         request: Request<rpc::MemberUpdateRequest>,
     ) -> Result<Response<rpc::MemberUpdateResponse>, Status> {
+        if let Err(e) = self.admin(&request) {
+            return self.done(Err(e));
+        }
         let req = request.into_inner();
         let r = async {
             let [peer] = req.peer_ur_ls.as_slice() else {
@@ -493,6 +581,9 @@ impl rpc::cluster_server::Cluster for EtcdService {
         &self,
         request: Request<rpc::MemberPromoteRequest>,
     ) -> Result<Response<rpc::MemberPromoteResponse>, Status> {
+        if let Err(e) = self.admin(&request) {
+            return self.done(Err(e));
+        }
         let id = request.into_inner().id;
         let r = async {
             self.api.promote(id).await?;
@@ -586,13 +677,19 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
 
     async fn defragment(
         &self,
-        _: Request<rpc::DefragmentRequest>,
+        request: Request<rpc::DefragmentRequest>,
     ) -> Result<Response<rpc::DefragmentResponse>, Status> {
+        if let Err(e) = self.admin(&request) {
+            return self.done(Err(e));
+        }
         // redb reuses freed pages itself; there is nothing to defragment.
         self.done(Ok(rpc::DefragmentResponse { header: self.header(self.api.revision()) }))
     }
 
-    async fn hash(&self, _: Request<rpc::HashRequest>) -> Result<Response<rpc::HashResponse>, Status> {
+    async fn hash(&self, request: Request<rpc::HashRequest>) -> Result<Response<rpc::HashResponse>, Status> {
+        if let Err(e) = self.admin(&request) {
+            return self.done(Err(e));
+        }
         let r = self.api.hash_kv().map(|(hash, rev)| rpc::HashResponse { header: self.header(rev), hash });
         self.done(r)
     }
@@ -601,6 +698,9 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
         &self,
         request: Request<rpc::HashKvRequest>,
     ) -> Result<Response<rpc::HashKvResponse>, Status> {
+        if let Err(e) = self.admin(&request) {
+            return self.done(Err(e));
+        }
         let requested = request.into_inner().revision;
         let r = self.api.hash_kv().and_then(|(hash, rev)| {
             if requested > 0 && requested != rev {

@@ -32,6 +32,7 @@ use crate::store::KvCommand;
 use crate::store::KvError;
 use crate::store::OpResult;
 
+mod auth;
 mod leases;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -72,6 +73,8 @@ pub fn router(api: KvApi) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/v1/auth/authenticate", post(auth::authenticate))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), auth::gate))
         .with_state(api)
 }
 
@@ -122,6 +125,7 @@ impl From<ApiError> for HttpError {
             // 507: the request is fine, the server has no room for it (until the alarm is cleared).
             ApiError::Kv(KvError::NoSpace) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             ApiError::Kv(KvError::ResponseTooLarge { .. }) => (StatusCode::BAD_REQUEST, "response_too_large"),
+            ApiError::Kv(KvError::Auth(a)) => auth_status(a),
             ApiError::Rejected(_)
             | ApiError::NotLearner(_)
             | ApiError::PeerAddrExists(..)
@@ -134,6 +138,23 @@ impl From<ApiError> for HttpError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         Self { status, code, message, retryable }
+    }
+}
+
+/// The HTTP status and code of an auth refusal.
+fn auth_status(e: &crate::auth::AuthError) -> (StatusCode, &'static str) {
+    use crate::auth::AuthError as A;
+    match e {
+        A::UserEmpty | A::InvalidAuthToken | A::AuthFailed => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+        A::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
+        A::UserNotFound | A::RoleNotFound => (StatusCode::NOT_FOUND, "not_found"),
+        A::UserAlreadyExist | A::RoleAlreadyExist => (StatusCode::CONFLICT, "exists"),
+        A::RootUserNotExist
+        | A::RootRoleNotExist
+        | A::RoleNotGranted
+        | A::PermissionNotGranted
+        | A::AuthNotEnabled => (StatusCode::CONFLICT, "failed_precondition"),
+        A::RoleEmpty | A::InvalidAuthMgmt => (StatusCode::BAD_REQUEST, "bad_request"),
     }
 }
 
@@ -650,6 +671,7 @@ fn op_result_json(r: &OpResult, revision: i64) -> Value {
         OpResult::Alarms(alarms) => json!({"alarms": alarms_json(alarms)}),
         OpResult::LeaseGranted { id, ttl } => json!({"lease": {"id": id, "ttl": ttl}}),
         OpResult::LeaseRevoked { deleted } => json!({"revoke": {"deleted": deleted}}),
+        OpResult::Auth { auth_revision } => json!({"auth_revision": auth_revision}),
     }
 }
 

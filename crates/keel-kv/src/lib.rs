@@ -3,6 +3,7 @@
 //! by a node that [`server`] runs (the `keeld` binary is a thin wrapper around [`server::run`]).
 
 pub mod api;
+pub mod auth;
 pub mod client_port;
 pub mod compaction;
 pub mod config;

@@ -37,6 +37,8 @@ pub enum LimitError {
     TooDeep,
     #[error("lease {id} with TTL {ttl} cannot be granted (id 0, or TTL outside 1..=9000000000)")]
     BadLease { id: i64, ttl: i64 },
+    #[error("a request on behalf of a user nested in another")]
+    NestedUser,
 }
 
 /// The limits a node enforces on writes.
@@ -78,7 +80,12 @@ impl Limits {
             KvCommand::Compact { .. }
             | KvCommand::AllocateMemberId { .. }
             | KvCommand::Alarm(_)
-            | KvCommand::LeaseRevoke { .. } => Ok(()),
+            | KvCommand::LeaseRevoke { .. }
+            | KvCommand::Auth(_) => Ok(()),
+            KvCommand::AsUser { cmd, .. } => match **cmd {
+                KvCommand::AsUser { .. } => Err(LimitError::NestedUser),
+                ref inner => self.check(inner),
+            },
         }
     }
 

@@ -378,6 +378,7 @@ fn client_router(api: KvApi) -> axum::Router {
     .add_service(pb::v3lockpb::lock_server::LockServer::new(svc.clone()))
     .add_service(pb::v3electionpb::election_server::ElectionServer::new(svc.clone()))
     .add_service(rpc::cluster_server::ClusterServer::new(svc.clone()))
+    .add_service(rpc::auth_server::AuthServer::new(svc.clone()))
     .add_service(rpc::maintenance_server::MaintenanceServer::new(svc));
     // Bodies over the limit are refused by the HTTP handlers with a JSON 413.
     let body_limit = axum::extract::DefaultBodyLimit::max(api.max_request_bytes + 1);

@@ -18,12 +18,15 @@
 //!   `"compact_cursor"`, `"compact_cursor_at"` (this node's progress removing history below it),
 //!   and `"last_member_id"` → i64; and one row per raised alarm,
 //!   `"alarm/<TYPE>/<member id, 20 digits>"` → the member id (see [`AlarmKind`]).
+//! - `auth_users`, `auth_roles`, `auth_meta`: users, roles, the auth switch (see [`crate::auth`]).
 //!
 //! Alarms: while a `NOSPACE` alarm is raised (by any member), every replica refuses puts and txns
 //! with a put ([`KvError::NoSpace`]), deterministically at apply, as etcd's capped applier does;
 //! reads, deletes and compaction keep working.
 
 use std::io;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use keel::redb::ReadTransaction;
@@ -36,6 +39,10 @@ use keel::StateMachineError;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::auth;
+use crate::auth::AuthCommand;
+use crate::auth::AuthError;
+use crate::auth::Caller;
 use crate::history;
 use crate::history::Recorder;
 use crate::history::EVENTS;
@@ -92,6 +99,17 @@ pub enum KvCommand {
     /// deletes every key attached to it, all in one revision.
     LeaseRevoke {
         id: i64,
+    },
+    /// Changes users, roles or the auth switch ([`crate::auth`]). Not a KV write: the revision
+    /// does not move; the auth revision does.
+    Auth(AuthCommand),
+    /// `cmd` on behalf of `caller` (None: a request without credentials), sent while auth is on:
+    /// applied only if the user may, judged at apply on the state then (etcd's auth applier),
+    /// else refused alike on every replica with [`KvError::Auth`]. `cmd` is never itself an
+    /// `AsUser` (`validate` refuses it).
+    AsUser {
+        caller: Option<Caller>,
+        cmd: Box<KvCommand>,
     },
 }
 
@@ -311,6 +329,10 @@ pub enum OpResult {
     LeaseRevoked {
         deleted: i64,
     },
+    /// The answer to [`KvCommand::Auth`]: the auth revision after it.
+    Auth {
+        auth_revision: u64,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,6 +371,9 @@ pub enum KvError {
     ResponseTooLarge { limit: u64 },
     #[error("lease already exists")]
     LeaseExists,
+    /// An auth change refused by etcd's rules (an unknown user, a duplicate role, ...).
+    #[error("{0}")]
+    Auth(AuthError),
 }
 
 /// Bytes one key counts toward a range's answer budget besides its key and value: its metadata
@@ -489,11 +514,21 @@ pub struct KvStore {
     limits: Limits,
     hub: Arc<WatchHub>,
     lessor: Arc<Lessor>,
+    /// Moves after every batch that applied an auth change, and after a restore: what the client
+    /// APIs cached of the auth state (whether auth is on) is stale once it moves.
+    auth_epoch: Arc<AtomicU64>,
 }
 
 impl KvStore {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, hub: Arc::default(), lessor: Arc::default() }
+        Self { limits, hub: Arc::default(), lessor: Arc::default(), auth_epoch: Arc::default() }
+    }
+
+    /// See [`KvStore`]'s `auth_epoch`. It moves only after the batch's `apply` returned, so a
+    /// reader that sees the new value and then reads the state (which first commits the batches
+    /// applied) sees the change.
+    pub fn auth_epoch(&self) -> u64 {
+        self.auth_epoch.load(Ordering::SeqCst)
     }
 
     /// This node's watchers.
@@ -535,7 +570,31 @@ impl StateMachine for KvStore {
         let mut changes = Vec::new();
         let mut lease_changes = Vec::new();
         let mut out = Vec::with_capacity(cmds.len());
+        let mut auth_changed = false;
         for cmd in cmds {
+            // etcd's auth applier: the user's permissions on the state as it is now.
+            let cmd = match cmd {
+                KvCommand::AsUser { caller, cmd } => {
+                    let lease = match &*cmd {
+                        KvCommand::Put(p) if p.lease != 0 => Some(p.lease),
+                        KvCommand::LeaseRevoke { id } => Some(*id),
+                        _ => None,
+                    };
+                    let on_lease = match lease {
+                        Some(id) => attached_keys(&lease_keys, id)?,
+                        None => Vec::new(),
+                    };
+                    let need = auth::needs(&cmd, &mut |_| on_lease.clone());
+                    match auth::AuthView::in_write(txn)?.refusal(caller.as_ref(), &need)? {
+                        None => *cmd,
+                        Some(e) => {
+                            out.push(KvResponse { revision, result: Err(KvError::Auth(e)) });
+                            continue;
+                        }
+                    }
+                }
+                cmd => cmd,
+            };
             let history = Recorder::new(&mut events, &mut old, revision + 1, collect);
             let mut w = Writer {
                 kv: &mut kv,
@@ -584,6 +643,13 @@ impl StateMachine for KvStore {
                     }
                     Ok(granted)
                 }
+                KvCommand::Auth(change) => {
+                    auth_changed = true;
+                    auth::apply(txn, change)
+                }
+                KvCommand::AsUser { .. } => {
+                    Ok(Err(KvError::InvalidRequest("a request on behalf of a user nested in another".into())))
+                }
                 KvCommand::LeaseRevoke { id } => {
                     let revoked = w.revoke(id)?;
                     if revoked.is_ok() {
@@ -602,6 +668,9 @@ impl StateMachine for KvStore {
         }
         meta.insert(REVISION, revision)?;
         self.hub.publish(collect.then_some(changes), revision, compacted);
+        if auth_changed {
+            self.auth_epoch.fetch_add(1, Ordering::SeqCst);
+        }
         self.lessor.applied(&lease_changes);
         Ok(out)
     }
@@ -612,7 +681,8 @@ impl StateMachine for KvStore {
         keel::dump_table(txn, EVENTS, out)?;
         keel::dump_table(txn, OLD, out)?;
         keel::dump_table(txn, LEASES, out)?;
-        keel::dump_table(txn, LEASE_KEYS, out)
+        keel::dump_table(txn, LEASE_KEYS, out)?;
+        auth::dump(txn, out)
     }
 
     fn restore(&self, txn: &WriteTransaction, input: &mut dyn io::Read) -> Result<(), StateMachineError> {
@@ -622,12 +692,14 @@ impl StateMachine for KvStore {
         keel::load_table(txn, OLD, input)?;
         keel::load_table(txn, LEASES, input)?;
         keel::load_table(txn, LEASE_KEYS, input)?;
+        auth::load(txn, input)?;
         let meta = txn.open_table(META)?;
         let revision = meta.get(REVISION)?.map_or(FIRST_REVISION, |v| v.value());
         let compacted = meta.get(COMPACT_REVISION)?.map_or(0, |v| v.value());
         // Every watcher catches up from the restored history.
         self.hub.reset(revision, compacted);
         self.lessor.reset(lease_rows(&txn.open_table(LEASES)?)?);
+        self.auth_epoch.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -775,7 +847,9 @@ pub fn cost(cmd: &KvCommand) -> u64 {
         | KvCommand::AllocateMemberId { .. }
         | KvCommand::Alarm(_)
         | KvCommand::LeaseGrant { .. }
-        | KvCommand::LeaseRevoke { .. } => 0,
+        | KvCommand::LeaseRevoke { .. }
+        | KvCommand::Auth(_) => 0,
+        KvCommand::AsUser { cmd, .. } => cost(cmd),
     }
 }
 

@@ -121,9 +121,12 @@ impl Model {
                 format!("member id {}", self.last_member_id)
             }
             // Compaction and leases have models of their own (history_model.rs, lease_model.rs).
-            KvCommand::Compact { .. } | KvCommand::LeaseGrant { .. } | KvCommand::LeaseRevoke { .. } => {
-                unreachable!()
-            }
+            // Not generated (auth has its own model: auth_model.rs).
+            KvCommand::Compact { .. }
+            | KvCommand::LeaseGrant { .. }
+            | KvCommand::LeaseRevoke { .. }
+            | KvCommand::Auth(_)
+            | KvCommand::AsUser { .. } => unreachable!(),
         };
         if wrote {
             self.revision = rev;

@@ -45,12 +45,16 @@ impl rpc::lease_server::Lease for EtcdService {
         &self,
         request: Request<rpc::LeaseRevokeRequest>,
     ) -> Result<Response<rpc::LeaseRevokeResponse>, Status> {
-        let id = request.into_inner().id;
-        let result = self
-            .api
-            .lease_revoke(id)
-            .await
-            .map(|revision| rpc::LeaseRevokeResponse { header: self.header(revision) });
+        // With auth on, the user must be allowed to write every key on the lease (etcd), judged
+        // at apply.
+        let result = async {
+            let user = self.user_of(&request)?;
+            let id = request.into_inner().id;
+            let (revision, _) =
+                self.api.write_as(user.as_ref(), crate::store::KvCommand::LeaseRevoke { id }).await?;
+            Ok(rpc::LeaseRevokeResponse { header: self.header(revision) })
+        }
+        .await;
         self.done(result)
     }
 

@@ -13,6 +13,9 @@ use super::pb::v3electionpb as election;
 use super::pb::v3lockpb as lock;
 use super::EtcdService;
 use crate::api::ApiError;
+use crate::auth::Access;
+use crate::auth::Need;
+use crate::auth::PermType;
 use crate::lock::LeaderKey;
 
 type ObserveStream = Pin<Box<dyn Stream<Item = Result<election::LeaderResponse, Status>> + Send>>;
@@ -39,6 +42,35 @@ fn recipe_status(e: ApiError) -> Status {
     }
 }
 
+/// What a lock or an election named `name` touches with auth on: it puts, reads and deletes the
+/// keys under `name/` (etcd's recipes run as the caller, so its permissions apply to them).
+fn recipe_keys(name: &[u8]) -> Need {
+    let mut prefix = name.to_vec();
+    prefix.push(b'/');
+    let end = crate::store::prefix_range_end(&prefix);
+    Need::Keys(vec![Access::new(&prefix, &end, PermType::Read), Access::new(&prefix, &end, PermType::Write)])
+}
+
+/// Writing one key (unlock, proclaim, resign: the caller's own key).
+fn write_key(key: &[u8]) -> Need {
+    Need::Keys(vec![Access::new(key, &[], PermType::Write)])
+}
+
+/// Reading the keys under `name/` (leader, observe).
+fn read_keys(name: &[u8]) -> Need {
+    let mut prefix = name.to_vec();
+    prefix.push(b'/');
+    let end = crate::store::prefix_range_end(&prefix);
+    Need::Keys(vec![Access::new(&prefix, &end, PermType::Read)])
+}
+
+impl EtcdService {
+    /// Refuses unless the sender of `request` may do what `need` says.
+    fn allow<T>(&self, request: &Request<T>, need: &Need) -> Result<(), ApiError> {
+        self.api.authorize(self.user_of(request)?.as_ref(), need)
+    }
+}
+
 /// Counts the request and answers its error as etcd's recipe servers do.
 fn done<T>(svc: &EtcdService, r: Result<T, ApiError>) -> Result<Response<T>, Status> {
     svc.api.count(true, r.is_err());
@@ -51,6 +83,9 @@ impl lock::lock_server::Lock for EtcdService {
         &self,
         request: Request<lock::LockRequest>,
     ) -> Result<Response<lock::LockResponse>, Status> {
+        if let Err(e) = self.allow(&request, &recipe_keys(&request.get_ref().name)) {
+            return done(self, Err(e));
+        }
         let r = request.into_inner();
         let result = self
             .api
@@ -64,6 +99,9 @@ impl lock::lock_server::Lock for EtcdService {
         &self,
         request: Request<lock::UnlockRequest>,
     ) -> Result<Response<lock::UnlockResponse>, Status> {
+        if let Err(e) = self.allow(&request, &write_key(&request.get_ref().key)) {
+            return done(self, Err(e));
+        }
         let key = request.into_inner().key;
         let result = self
             .api
@@ -80,6 +118,9 @@ impl election::election_server::Election for EtcdService {
         &self,
         request: Request<election::CampaignRequest>,
     ) -> Result<Response<election::CampaignResponse>, Status> {
+        if let Err(e) = self.allow(&request, &recipe_keys(&request.get_ref().name)) {
+            return done(self, Err(e));
+        }
         let r = request.into_inner();
         let result = self.api.campaign(&r.name, r.lease, &r.value).await.map(|(revision, leader)| {
             election::CampaignResponse { header: self.header(revision), leader: Some(leader_key(leader)) }
@@ -91,6 +132,12 @@ impl election::election_server::Election for EtcdService {
         &self,
         request: Request<election::ProclaimRequest>,
     ) -> Result<Response<election::ProclaimResponse>, Status> {
+        if let Err(e) = self.allow(
+            &request,
+            &write_key(request.get_ref().leader.as_ref().map_or(&[][..], |l| l.key.as_slice())),
+        ) {
+            return done(self, Err(e));
+        }
         let r = request.into_inner();
         let leader = required(r.leader)?;
         let result = self.api.proclaim(&leader, &r.value).await;
@@ -101,6 +148,9 @@ impl election::election_server::Election for EtcdService {
         &self,
         request: Request<election::LeaderRequest>,
     ) -> Result<Response<election::LeaderResponse>, Status> {
+        if let Err(e) = self.allow(&request, &read_keys(&request.get_ref().name)) {
+            return done(self, Err(e));
+        }
         let name = request.into_inner().name;
         let result = self.api.election_leader(&name).await.map(|(revision, leader)| {
             election::LeaderResponse { header: self.header(revision), kv: Some(kv(leader)) }
@@ -114,6 +164,9 @@ impl election::election_server::Election for EtcdService {
         &self,
         request: Request<election::LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        if let Err(e) = self.allow(&request, &read_keys(&request.get_ref().name)) {
+            return done(self, Err(e));
+        }
         let name = request.into_inner().name;
         let (tx, rx) = mpsc::channel(16);
         let api = self.api.clone();
@@ -142,6 +195,12 @@ impl election::election_server::Election for EtcdService {
         &self,
         request: Request<election::ResignRequest>,
     ) -> Result<Response<election::ResignResponse>, Status> {
+        if let Err(e) = self.allow(
+            &request,
+            &write_key(request.get_ref().leader.as_ref().map_or(&[][..], |l| l.key.as_slice())),
+        ) {
+            return done(self, Err(e));
+        }
         let leader = required(request.into_inner().leader)?;
         let result = self.api.resign(&leader).await;
         done(self, result.map(|revision| election::ResignResponse { header: self.header(revision) }))

@@ -54,6 +54,10 @@ struct Session {
     next_id: i64,
     /// A progress request waits for every watcher to be synced.
     progress_wanted: bool,
+    /// Who opened the stream (its `token` metadata, its client certificate's CN): with auth on,
+    /// each create is judged on them, as etcd does.
+    token: Option<String>,
+    cert_name: Option<String>,
 }
 
 #[tonic::async_trait]
@@ -65,6 +69,10 @@ impl rpc::watch_server::Watch for EtcdService {
         request: Request<Streaming<rpc::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.api.count(true, false);
+        let md = request.metadata();
+        let token = md.get("token").or_else(|| md.get("authorization")).and_then(|v| v.to_str().ok());
+        let token = token.map(str::to_string);
+        let cert_name = request.extensions().get::<crate::client_port::ClientCertName>().map(|c| c.0.clone());
         let inbound = request.into_inner();
         let (out, out_rx) = mpsc::channel(OUT_CHANNEL);
         let (hub_tx, hub_rx) = mpsc::channel(STREAM_CHANNEL);
@@ -75,6 +83,8 @@ impl rpc::watch_server::Watch for EtcdService {
             watchers: HashMap::new(),
             next_id: 0,
             progress_wanted: false,
+            token,
+            cert_name,
         };
         tokio::spawn(session.run(inbound, hub_rx));
         let responses =
@@ -162,6 +172,18 @@ impl Session {
         }
     }
 
+    fn may_watch(&self, c: &rpc::WatchCreateRequest) -> bool {
+        let api = &self.svc.api;
+        let need = crate::auth::Need::Keys(vec![crate::auth::Access::new(
+            &c.key,
+            &c.range_end,
+            crate::auth::PermType::Read,
+        )]);
+        api.request_user(self.token.as_deref(), self.cert_name.as_deref())
+            .and_then(|user| api.authorize(user.as_ref(), &need))
+            .is_ok()
+    }
+
     async fn create(&mut self, c: rpc::WatchCreateRequest) -> Result<(), Gone> {
         let hub = self.svc.api.hub().clone();
         let svc = self.svc.clone();
@@ -180,6 +202,20 @@ impl Session {
         }
         if c.key.len() > self.svc.api.max_key_bytes || c.range_end.len() > self.svc.api.max_key_bytes {
             return self.send(refuse("etcdserver: key is too large")).await;
+        }
+        // etcd: with auth on, the stream's user must be allowed to read the range; refused (an
+        // unknown user, a bad token too) with etcd's answer, which keeps the client's watch id.
+        if !self.may_watch(&c) {
+            return self
+                .send(rpc::WatchResponse {
+                    header: svc.header(hub.revision()),
+                    watch_id: c.watch_id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: "etcdserver: permission denied".into(),
+                    ..Default::default()
+                })
+                .await;
         }
         // etcd: a range whose end is not after its key selects nothing.
         if !matches!(c.range_end.as_slice(), [] | [0]) && c.key >= c.range_end {
