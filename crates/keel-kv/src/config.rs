@@ -159,6 +159,16 @@ pub struct KeeldConfig {
     /// Accept only peers whose certificate's subject CN is this (`--peer-cert-allowed-cn`).
     #[serde(alias = "peer-cert-allowed-cn")]
     pub peer_cert_allowed_cn: String,
+    /// etcd's `--auth-token`: `simple` (the only kind Keel issues: signed tokens any member
+    /// checks, see docs/etcd-api.md "Auth"). `jwt,…` is refused with the reason.
+    #[serde(alias = "auth-token")]
+    pub auth_token: String,
+    /// How long a token from `Authenticate` is good for, in seconds (`--auth-token-ttl`).
+    #[serde(alias = "auth-token-ttl")]
+    pub auth_token_ttl: u64,
+    /// bcrypt's cost for the password hashes this node makes (`--bcrypt-cost`, 4..=31).
+    #[serde(alias = "bcrypt-cost")]
+    pub bcrypt_cost: u32,
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
@@ -203,6 +213,9 @@ impl Default for KeeldConfig {
             peer_trusted_ca_file: PathBuf::new(),
             peer_client_cert_auth: false,
             peer_cert_allowed_cn: String::new(),
+            auth_token: "simple".into(),
+            auth_token_ttl: crate::api::DEFAULT_AUTH_TOKEN_TTL.as_secs(),
+            bcrypt_cost: crate::api::DEFAULT_BCRYPT_COST,
             raft: node.raft,
             log: node.log,
             state_machine: node.state_machine,
@@ -422,6 +435,25 @@ impl KeeldConfig {
             return Err(invalid(
                 "client_cert_auth",
                 "needs trusted_ca_file, the CA that signs client certificates",
+            ));
+        }
+        match self.auth_token.split(',').next().unwrap_or_default() {
+            "simple" => {}
+            "jwt" => {
+                return Err(invalid(
+                    "auth_token",
+                    "Keel issues one kind of token, signed ones any member checks (docs/etcd-api.md, Auth): use simple",
+                ))
+            }
+            other => return Err(invalid("auth_token", format!("{other:?} is not a token kind (simple)"))),
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(invalid("auth_token_ttl", "must be at least 1 second"));
+        }
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(invalid(
+                "bcrypt_cost",
+                "must be between 4 and 31 (bcrypt's range; etcd's default is 10)",
             ));
         }
         if self.max_key_bytes == 0 || self.max_key_bytes > self.max_request_bytes {

@@ -227,6 +227,8 @@ impl Server {
         }
         api.max_response_bytes = config.max_response_bytes;
         api.tls = tls_settings;
+        api.bcrypt_cost = config.bcrypt_cost;
+        api.auth_token_ttl = Duration::from_secs(config.auth_token_ttl);
         api.watch_progress_notify_interval = Duration::from_millis(config.watch_progress_notify_interval_ms);
         let port_counters = Arc::new(PortCounters::default());
         api.port = port_counters.clone();

@@ -382,3 +382,40 @@ fn replaced_certificates_take_effect_without_a_restart() {
     });
     assert_eq!("a\n1\n", ok(etcdctl(&c.endpoints(), &good, &["get", "a"])).expect("get after rotation"));
 }
+
+/// With `--client-cert-auth` and auth on, a request without a token acts as the user its
+/// certificate's CN names (as etcd does): alice's certificate gets alice's permissions, root's
+/// gets everything, a CN that names no user gets nothing.
+#[test]
+fn with_client_certificates_the_cn_is_the_user() {
+    let pki = Pki::new();
+    let c = Cluster::start(&pki, 1, |_| vec![]);
+    let cert = |cn: &str| pki.ca.issue(cn, Use::Client);
+    let (root, alice, mallory) = (cert("root"), cert("alice"), cert("mallory"));
+    let as_ = |who: &CertFiles, args: &[&str]| {
+        etcdctl(
+            &c.endpoints(),
+            &[("cacert", pki.ca.cert.as_path()), ("cert", who.cert.as_path()), ("key", who.key.as_path())],
+            args,
+        )
+    };
+    wait_until("the cluster answers", || ok(as_(&root, &["put", "other/x", "0"])));
+    for args in [
+        &["user", "add", "root:root-pw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "alice:alice-pw"],
+        &["role", "add", "app"],
+        &["role", "grant-permission", "app", "readwrite", "--prefix=true", "app/"],
+        &["user", "grant-role", "alice", "app"],
+        &["auth", "enable"],
+    ] {
+        ok(as_(&root, args)).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+    ok(as_(&alice, &["put", "app/x", "1"])).expect("alice's certificate writes under app/");
+    let denied = as_(&alice, &["put", "other/x", "1"]);
+    assert!(!denied.status.success() && text(&denied).contains("permission denied"), "{}", text(&denied));
+    ok(as_(&root, &["put", "other/x", "2"])).expect("root's certificate writes anywhere");
+    let stranger = as_(&mallory, &["get", "app/x"]);
+    assert!(!stranger.status.success(), "a CN that names no user: {}", text(&stranger));
+    assert_eq!("other/x\n2\n", ok(as_(&root, &["get", "other/x"])).expect("root reads"));
+}

@@ -131,6 +131,15 @@ struct Flags {
     /// Accept only peers whose certificate's subject CN is this.
     #[arg(long, value_name = "CN", help_heading = "TLS (etcd's flags)")]
     peer_cert_allowed_cn: Option<String>,
+    /// Token kind: `simple` (signed tokens every member checks) [default: simple].
+    #[arg(long, value_name = "KIND", help_heading = "Auth (etcd's flags)")]
+    auth_token: Option<String>,
+    /// Seconds a token from Authenticate stays good [default: 300].
+    #[arg(long, value_name = "SECONDS", help_heading = "Auth (etcd's flags)")]
+    auth_token_ttl: Option<u64>,
+    /// bcrypt cost of the password hashes this node makes [default: 10].
+    #[arg(long, value_name = "COST", help_heading = "Auth (etcd's flags)")]
+    bcrypt_cost: Option<u32>,
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
@@ -173,6 +182,7 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
     );
     set!(cert_file, key_file, trusted_ca_file, client_cert_auth);
     set!(peer_cert_file, peer_key_file, peer_trusted_ca_file, peer_client_cert_auth, peer_cert_allowed_cn);
+    set!(auth_token, auth_token_ttl, bcrypt_cost);
     c.validate()?;
     Ok(c)
 }
