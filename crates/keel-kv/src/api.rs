@@ -216,8 +216,33 @@ pub struct KvApi {
     pub port: Arc<crate::client_port::PortCounters>,
     /// How often an idle watch that asked for progress notifications gets one.
     pub watch_progress_notify_interval: std::time::Duration,
+    /// Which ports speak TLS, and how this member dials other members' client ports.
+    pub tls: TlsSettings,
     /// The leader's client port, for what only the leader answers (lease timers).
     pub(crate) leader_channel: Arc<std::sync::Mutex<Option<(String, tonic::transport::Channel)>>>,
+}
+
+/// Which of this cluster's ports speak TLS (for the `https://` of the URLs members show), and how
+/// this member dials other members' client ports (forwarded lease keep-alives).
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    pub client: bool,
+    pub peer: bool,
+    /// `None` with client TLS off; an error says why this member cannot dial them (no CA to
+    /// verify them with).
+    pub member_grpc: Option<Result<Arc<keel::tls::ClientTls>, String>>,
+}
+
+impl TlsSettings {
+    /// `scheme://addr` of a client (`peer` false) or peer address; nothing for an empty one.
+    pub fn urls(&self, addr: &str, peer: bool) -> Vec<String> {
+        let https = if peer { self.peer } else { self.client };
+        match addr {
+            "" => vec![],
+            a if https => vec![format!("https://{a}")],
+            a => vec![format!("http://{a}")],
+        }
+    }
 }
 
 /// FNV-1a: a stable cluster id from the cluster name.
@@ -244,6 +269,7 @@ impl KvApi {
             counters: Arc::default(),
             port: Arc::default(),
             watch_progress_notify_interval: std::time::Duration::from_secs(600),
+            tls: TlsSettings::default(),
             leader_channel: Arc::default(),
         }
     }

@@ -7,6 +7,12 @@
 //! slow-header and 200 slow-body connections open for minutes (each one a task, buffers and a
 //! file descriptor).
 //!
+//! TLS (`--cert-file`): every connection completes its handshake before anything else, within
+//! the first-request deadline and under the connection cap like any other connection; gRPC and
+//! HTTP/1.1 share the port (ALPN `h2`, `http/1.1`). A plaintext client is told the port needs TLS
+//! (see [`keel::tls::accept`]). The subject CN of a verified client certificate rides on every
+//! request of the connection as [`ClientCertName`].
+//!
 //! Stop: [`ClientPort::serve`] stops accepting when `stop` completes, asks every connection to
 //! finish gracefully (HTTP/1: close once the request in flight is answered; HTTP/2: GOAWAY, the
 //! streams in flight finish), and returns once all are closed. The caller bounds that wait; when
@@ -31,7 +37,6 @@ use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -83,13 +88,16 @@ pub struct ClientPort {
     pub listener: TcpListener,
     pub limits: Limits,
     pub counters: Arc<PortCounters>,
+    /// Serve TLS only (`None`: plaintext only).
+    pub tls: Option<Arc<keel::tls::ServerTls>>,
 }
 
 impl ClientPort {
     /// Serves `router` until `stop` completes, then closes every connection gracefully and
     /// returns once they are all gone.
     pub async fn serve(self, router: axum::Router, stop: impl Future<Output = ()>) {
-        let ClientPort { listener, limits, counters } = self;
+        let ClientPort { listener, limits, counters, tls } = self;
+        let refusals = keel::tls::RateLimitedLog::default();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -140,8 +148,23 @@ impl ClientPort {
                 counters: counters.clone(),
                 closing: closing_rx.clone(),
             };
+            let (tls, refusals) = (tls.clone(), refusals.clone());
             connections.spawn(async move {
-                conn.serve(tcp).await;
+                conn.counters.open.fetch_add(1, Ordering::Relaxed);
+                let counters = conn.counters.clone();
+                match tls {
+                    None => conn.serve(tcp, None).await,
+                    Some(tls) => match keel::tls::accept(&tls, tcp, limits.header_timeout).await {
+                        Ok(a) => conn.serve(a.stream, a.client_cn.map(ClientCertName)).await,
+                        Err(e) => {
+                            if matches!(e, keel::tls::AcceptError::Timeout(_)) {
+                                counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                            }
+                            refusals.log(|| format!("client connection from {peer} refused: {e}"));
+                        }
+                    },
+                }
+                counters.open.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
@@ -161,15 +184,18 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(mut self, tcp: TcpStream) {
-        self.counters.open.fetch_add(1, Ordering::Relaxed);
+    async fn serve<IO>(mut self, io: IO, cert_name: Option<ClientCertName>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity::default());
         let service = Tracked {
             router: self.router.clone(),
             activity: activity.clone(),
             body_timeout: self.limits.header_timeout,
+            cert_name,
         };
-        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let idle = activity.idle(self.limits);
         tokio::pin!(idle);
@@ -199,7 +225,6 @@ impl Connection {
                 let _ = conn.as_mut().await;
             }
         }
-        self.counters.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -283,6 +308,8 @@ struct Tracked {
     router: axum::Router,
     activity: Arc<Activity>,
     body_timeout: Duration,
+    /// The connection's verified client certificate CN, given to every request.
+    cert_name: Option<ClientCertName>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
@@ -290,9 +317,12 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
         use tower_service::Service;
         let in_flight = self.activity.begin();
+        if let Some(name) = &self.cert_name {
+            req.extensions_mut().insert(name.clone());
+        }
         let mut router = self.router.clone();
         // A client stream's body is the stream: it lasts as long as the client watches.
         let timeout = if is_client_stream(req.uri().path()) { None } else { Some(self.body_timeout) };

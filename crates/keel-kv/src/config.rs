@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use keel::config::ConfigError;
 use keel::config::LogConfig;
@@ -123,6 +124,41 @@ pub struct KeeldConfig {
     /// (milliseconds; etcd's `--experimental-watch-progress-notify-interval`).
     #[serde(alias = "watch-progress-notify-interval-ms")]
     pub watch_progress_notify_interval_ms: u64,
+    /// The client port's certificate (PEM; etcd's `--cert-file`). Set: the client port serves TLS
+    /// only, gRPC and HTTP/JSON alike. Members also present it when they call each other's client
+    /// ports (forwarded lease keep-alives, `--join`), so with `client_cert_auth` it must be valid
+    /// for TLS client use too (`keel certs node` makes such certificates).
+    #[serde(alias = "cert-file")]
+    pub cert_file: PathBuf,
+    /// Its private key (PEM; `--key-file`).
+    #[serde(alias = "key-file")]
+    pub key_file: PathBuf,
+    /// The CA that signs client certificates (PEM; `--trusted-ca-file`). Set: clients must present
+    /// a certificate it signed (as in etcd, it implies `client_cert_auth`). Members also trust it
+    /// for each other's client ports.
+    #[serde(alias = "trusted-ca-file")]
+    pub trusted_ca_file: PathBuf,
+    /// Require client certificates signed by `trusted_ca_file` (`--client-cert-auth`); with auth
+    /// on, a request without a token is the user its certificate's CN names.
+    #[serde(alias = "client-cert-auth")]
+    pub client_cert_auth: bool,
+    /// This member's certificate for the peer port (`--peer-cert-file`): presented to peers that
+    /// dial it and to peers it dials (valid for TLS server and client use). Set: peer TLS on.
+    #[serde(alias = "peer-cert-file")]
+    pub peer_cert_file: PathBuf,
+    #[serde(alias = "peer-key-file")]
+    pub peer_key_file: PathBuf,
+    /// The cluster CA (`--peer-trusted-ca-file`); required with peer TLS: a member accepts only
+    /// peers whose certificate it signed, and trusts only peers it signed.
+    #[serde(alias = "peer-trusted-ca-file")]
+    pub peer_trusted_ca_file: PathBuf,
+    /// etcd's `--peer-client-cert-auth`: Keel always requires peers' certificates under peer TLS;
+    /// accepted for etcd's command lines.
+    #[serde(alias = "peer-client-cert-auth")]
+    pub peer_client_cert_auth: bool,
+    /// Accept only peers whose certificate's subject CN is this (`--peer-cert-allowed-cn`).
+    #[serde(alias = "peer-cert-allowed-cn")]
+    pub peer_cert_allowed_cn: String,
     pub raft: RaftConfig,
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
@@ -158,6 +194,15 @@ impl Default for KeeldConfig {
             client_idle_timeout_ms: DEFAULT_CLIENT_IDLE_TIMEOUT_MS,
             client_keepalive_interval_ms: DEFAULT_CLIENT_KEEPALIVE_INTERVAL_MS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            trusted_ca_file: PathBuf::new(),
+            client_cert_auth: false,
+            peer_cert_file: PathBuf::new(),
+            peer_key_file: PathBuf::new(),
+            peer_trusted_ca_file: PathBuf::new(),
+            peer_client_cert_auth: false,
+            peer_cert_allowed_cn: String::new(),
             raft: node.raft,
             log: node.log,
             state_machine: node.state_machine,
@@ -179,9 +224,9 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, reason: reason.into() }
 }
 
-/// Strips an `http://` scheme, as etcd tools write addresses.
+/// Strips an `http://` or `https://` scheme, as etcd tools write addresses.
 pub fn bare_addr(addr: &str) -> &str {
-    addr.trim().trim_start_matches("http://").trim_end_matches('/')
+    addr.trim().trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/')
 }
 
 impl KeeldConfig {
@@ -210,6 +255,13 @@ impl KeeldConfig {
                 // API admitted, and a forwarded command cannot exceed it.
                 max_command_bytes: (self.max_request_bytes + crate::etcd::GRPC_OVERHEAD_BYTES) as u64,
                 max_snapshot_bytes: self.max_snapshot_bytes,
+            },
+            peer_tls: keel::tls::PeerTlsConfig {
+                cert_file: self.peer_cert_file.clone(),
+                key_file: self.peer_key_file.clone(),
+                trusted_ca_file: self.peer_trusted_ca_file.clone(),
+                client_cert_auth: self.peer_client_cert_auth,
+                allowed_cn: self.peer_cert_allowed_cn.clone(),
             },
             faults: self.faults,
         }
@@ -285,6 +337,53 @@ impl KeeldConfig {
         }
     }
 
+    /// Whether the client port serves TLS.
+    pub fn client_tls_enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+
+    /// The client port's TLS (`None`: plaintext). Loads the files: a bad one is an error now.
+    pub fn client_tls(&self) -> Result<Option<Arc<keel::tls::ServerTls>>, keel::tls::TlsError> {
+        if !self.client_tls_enabled() {
+            return Ok(None);
+        }
+        let ca = (!self.trusted_ca_file.as_os_str().is_empty()).then_some(self.trusted_ca_file.as_path());
+        keel::tls::ServerTls::new(&self.cert_file, &self.key_file, ca, None, keel::tls::ALPN_H2_AND_HTTP1)
+            .map(Some)
+    }
+
+    /// How this member calls other members' client ports (forwarded keep-alives, `--join`, the
+    /// removal check): `None` when client TLS is off. It trusts `trusted_ca_file` (else the peer
+    /// CA) and presents `cert_file`; with neither CA set it cannot verify them: an error.
+    pub fn member_client_tls(
+        &self,
+        alpn: &[&[u8]],
+    ) -> Result<Option<Arc<keel::tls::ClientTls>>, keel::tls::TlsError> {
+        if !self.client_tls_enabled() {
+            return Ok(None);
+        }
+        let ca = [&self.trusted_ca_file, &self.peer_trusted_ca_file]
+            .into_iter()
+            .find(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| {
+                keel::tls::TlsError::Config(
+                    "with client TLS, members call each other's client ports only if they can verify \
+                     them: set trusted_ca_file or peer_trusted_ca_file"
+                        .into(),
+                )
+            })?;
+        keel::tls::ClientTls::new(ca, Some((&self.cert_file, &self.key_file)), alpn).map(Some)
+    }
+
+    /// The scheme of this cluster's client URLs (`https` with client TLS).
+    pub fn client_scheme(&self) -> &'static str {
+        if self.client_tls_enabled() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Whether this node joins an existing cluster through `join`.
     pub fn joins(&self) -> bool {
         !self.join.trim().is_empty()
@@ -308,6 +407,22 @@ impl KeeldConfig {
             if !bare_addr(addr).contains(':') {
                 return Err(invalid(field, format!("{addr:?} is not HOST:PORT")));
             }
+        }
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if self.client_tls_enabled() != set(&self.key_file) {
+            return Err(invalid("cert_file", "cert_file and key_file go together"));
+        }
+        if !self.client_tls_enabled() && (set(&self.trusted_ca_file) || self.client_cert_auth) {
+            return Err(invalid(
+                "trusted_ca_file",
+                "client certificate checks need client TLS: set cert_file and key_file",
+            ));
+        }
+        if self.client_cert_auth && !set(&self.trusted_ca_file) {
+            return Err(invalid(
+                "client_cert_auth",
+                "needs trusted_ca_file, the CA that signs client certificates",
+            ));
         }
         if self.max_key_bytes == 0 || self.max_key_bytes > self.max_request_bytes {
             return Err(invalid("max_key_bytes", "must be between 1 and max_request_bytes"));

@@ -140,7 +140,7 @@ impl EtcdService {
     }
 
     fn members(&self) -> Vec<rpc::Member> {
-        self.api.members().iter().map(member).collect()
+        self.api.members().iter().map(|m| member(m, &self.api.tls)).collect()
     }
 
     /// Counts the request and converts its error.
@@ -154,16 +154,15 @@ impl EtcdService {
     }
 }
 
-fn member(m: &Member) -> rpc::Member {
-    let url = |addr: &str| if addr.is_empty() { vec![] } else { vec![format!("http://{addr}")] };
+fn member(m: &Member, tls: &crate::api::TlsSettings) -> rpc::Member {
     // etcd shows a member that has not published its client address yet with an empty name
     // (etcdctl prints it as "unstarted").
     let name = if m.client_addr.is_empty() { String::new() } else { format!("keel{}", m.id) };
     rpc::Member {
         id: m.id,
         name,
-        peer_ur_ls: url(&m.peer_addr),
-        client_ur_ls: url(&m.client_addr),
+        peer_ur_ls: tls.urls(&m.peer_addr, true),
+        client_ur_ls: tls.urls(&m.client_addr, false),
         is_learner: !m.voter,
     }
 }
@@ -433,7 +432,7 @@ impl rpc::cluster_server::Cluster for EtcdService {
             let added = self.api.add_member(None, &peer, "", req.is_learner).await?;
             Ok(rpc::MemberAddResponse {
                 header: self.header(self.api.revision()),
-                member: Some(member(&added)),
+                member: Some(member(&added, &self.api.tls)),
                 members: self.members(),
             })
         }

@@ -526,10 +526,19 @@ impl KvApi {
                 return Ok(channel.clone());
             }
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ApiError::Internal(format!("leader client address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
+            .connect_timeout(Duration::from_secs(2));
+        let channel = match &self.tls.member_grpc {
+            None => endpoint.connect_lazy(),
+            Some(Ok(tls)) => endpoint.connect_with_connector_lazy(keel::tls::TlsConnector::new(
+                tls.clone(),
+                Duration::from_secs(2) + keel::tls::HANDSHAKE_TIMEOUT,
+            )),
+            Some(Err(why)) => {
+                return Err(ApiError::Unavailable(format!("cannot reach the leader's client port: {why}")))
+            }
+        };
         *cached = Some((addr, channel.clone()));
         Ok(channel)
     }

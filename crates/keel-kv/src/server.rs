@@ -22,6 +22,7 @@ use keel::Node;
 use keel::NodeId;
 use keel::NodeInfo;
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -53,6 +54,8 @@ pub enum RunError {
     Start(#[from] keel::StartError),
     #[error("cannot form the initial cluster: {0}")]
     Bootstrap(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] keel::tls::TlsError),
     #[error("cannot join the cluster through {via}: {reason}")]
     Join { via: String, reason: String },
     /// This node was removed from its cluster; its data dir must not be used to rejoin.
@@ -134,6 +137,28 @@ impl Server {
         if stored.is_some() {
             config.initial_cluster = initial_cluster;
         }
+        // Certificates next: a file that does not load must stop keeld before anything starts.
+        let peer_tls_config = config.node_config().peer_tls;
+        let client_tls = config.client_tls()?;
+        let peer_tls = if peer_tls_config.enabled() {
+            Some((peer_tls_config.server()?, peer_tls_config.client()?))
+        } else {
+            None
+        };
+        let member_tls = |alpn: &[&[u8]]| match config.member_client_tls(alpn) {
+            Ok(None) => None,
+            Ok(Some(tls)) => Some(Ok(tls)),
+            Err(e) => Some(Err(e.to_string())),
+        };
+        let tls_settings = crate::api::TlsSettings {
+            client: client_tls.is_some(),
+            peer: peer_tls.is_some(),
+            member_grpc: member_tls(keel::tls::ALPN_H2),
+        };
+        let member_http = member_tls(&[b"http/1.1"]);
+        if let Some(Err(why)) = &member_http {
+            tracing::warn!("{why}: lease keep-alives sent to a follower will fail, and so will --join");
+        }
         // Listen first: a taken port is the most common startup failure, and must not leave a
         // half-started node behind.
         let peer_listener = bind("peer", &config.peer_addr).await?;
@@ -151,13 +176,16 @@ impl Server {
         let advertise = NodeInfo::new(peer_addr.to_string(), client_addr.to_string());
         let joining = stored.is_none() && config.joins();
         if joining {
-            config.id = join_cluster(&config, &advertise).await?;
+            config.id = join_cluster(&config, &advertise, member_http.clone()).await?;
             tracing::info!(id = config.id, via = %config.join, "added to the cluster as a learner");
         }
 
         let node_config = config.node_config();
-        let network = GrpcNetwork::new(node_config.cluster_name.clone(), node_config.id)
+        let mut network = GrpcNetwork::new(node_config.cluster_name.clone(), node_config.id)
             .with_append_timeout(Duration::from_millis(node_config.raft.election_timeout_max_ms));
+        if let Some((_, dial)) = &peer_tls {
+            network = network.with_tls(dial.clone());
+        }
         let max_peer_message_bytes = node_config.max_peer_message_bytes();
         let node = Arc::new(Node::start(node_config, config.state_machine(), network).await?);
         // The watchers start from what is applied now (applies since are published to them).
@@ -180,9 +208,13 @@ impl Server {
         let (stop_peer, peer_stopped) = oneshot::channel::<()>();
         let peer = PeerServer::new(config.cluster_name.clone(), config.id, node.service())
             .with_max_message_bytes(max_peer_message_bytes);
-        let peer_server = tokio::spawn(grpc::serve(peer_listener, peer, async {
+        let peer_stop = async {
             let _ = peer_stopped.await;
-        }));
+        };
+        let peer_server = match &peer_tls {
+            None => tokio::spawn(grpc::serve(peer_listener, peer, peer_stop)),
+            Some((serve, _)) => tokio::spawn(grpc::serve_tls(peer_listener, peer, serve.clone(), peer_stop)),
+        };
 
         let mut api =
             KvApi::new(node.clone(), advertise.clone(), config.max_request_bytes, config.max_key_bytes);
@@ -194,6 +226,7 @@ impl Server {
             );
         }
         api.max_response_bytes = config.max_response_bytes;
+        api.tls = tls_settings;
         api.watch_progress_notify_interval = Duration::from_millis(config.watch_progress_notify_interval_ms);
         let port_counters = Arc::new(PortCounters::default());
         api.port = port_counters.clone();
@@ -202,6 +235,7 @@ impl Server {
             listener: client_listener,
             limits: config.client_limits(),
             counters: port_counters.clone(),
+            tls: client_tls,
         };
         let client_server = tokio::spawn(port.serve(client_router(api.clone()), async {
             let _ = client_stopped.await;
@@ -221,7 +255,8 @@ impl Server {
             background.push(tokio::spawn(promote_when_caught_up(node.clone())));
         }
         let (removed_tx, removed) = oneshot::channel();
-        background.push(tokio::spawn(watch_removal(node.clone(), marker, removed_tx)));
+        let ask_with = member_http.and_then(Result::ok);
+        background.push(tokio::spawn(watch_removal(node.clone(), marker, removed_tx, ask_with)));
         tracing::info!(id = config.id, %client_addr, %peer_addr, "keeld serving");
         Ok(Server {
             api,
@@ -458,8 +493,24 @@ async fn leave(api: &KvApi) {
 /// learn: HTTP 5xx) is asked again, with backoff, for up to [`JOIN_DEADLINE`]; the cluster
 /// answers a repeated join with the same id (`KvApi::join`), so a retry of a join that was carried
 /// out is harmless. A refusal (4xx: another cluster, an address a voter holds) is final at once.
-async fn join_cluster(config: &KeeldConfig, me: &NodeInfo) -> Result<NodeId, RunError> {
+async fn join_cluster(
+    config: &KeeldConfig,
+    me: &NodeInfo,
+    tls: Option<Result<Arc<keel::tls::ClientTls>, String>>,
+) -> Result<NodeId, RunError> {
     let via = bare_addr(&config.join).to_string();
+    let tls = match tls {
+        None if config.join.trim().starts_with("https://") => {
+            return Err(RunError::Join {
+                via,
+                reason: "an https:// member needs client TLS here: cert_file, key_file and a trusted CA"
+                    .into(),
+            })
+        }
+        None => None,
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(reason)) => return Err(RunError::Join { via, reason }),
+    };
     let mut body = serde_json::json!({
         "peer_addr": me.peer_addr,
         "client_addr": me.client_addr,
@@ -472,7 +523,7 @@ async fn join_cluster(config: &KeeldConfig, me: &NodeInfo) -> Result<NodeId, Run
     let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let reason = match join_once(&via, &body).await {
+        let reason = match join_once(tls.as_deref(), &via, &body).await {
             Ok(id) => return Ok(id),
             Err(JoinFailure::Refused(reason)) => return Err(RunError::Join { via, reason }),
             Err(JoinFailure::Transient(reason)) => reason,
@@ -498,29 +549,22 @@ enum JoinFailure {
 }
 
 /// One join request, bounded by [`JOIN_ATTEMPT_TIMEOUT`].
-async fn join_once(via: &str, body: &str) -> Result<NodeId, JoinFailure> {
-    use http_body_util::BodyExt;
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let request = hyper::Request::post(format!("http://{via}/v1/cluster/join"))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(hyper::body::Bytes::from(body.to_string())))
-        .map_err(|e| JoinFailure::Refused(e.to_string()))?;
-    let answer = tokio::time::timeout(JOIN_ATTEMPT_TIMEOUT, async {
-        let resp =
-            client.request(request).await.map_err(|e| JoinFailure::Transient(format!("no answer: {e}")))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| JoinFailure::Transient(format!("answer cut off: {e}")))?
-            .to_bytes();
-        Ok::<_, JoinFailure>((status, bytes))
-    })
+async fn join_once(tls: Option<&keel::tls::ClientTls>, via: &str, body: &str) -> Result<NodeId, JoinFailure> {
+    let (status, bytes) = match member_request(
+        tls,
+        via,
+        hyper::Method::POST,
+        "/v1/cluster/join",
+        body.to_string(),
+        JOIN_ATTEMPT_TIMEOUT,
+    )
     .await
-    .map_err(|_| JoinFailure::Transient(format!("no answer within {JOIN_ATTEMPT_TIMEOUT:?}")))??;
-    let (status, bytes) = answer;
+    {
+        Ok(answer) => answer,
+        // A certificate the member refuses, or one this node cannot verify, stays so.
+        Err(MemberCallError::Tls(e)) => return Err(JoinFailure::Refused(e)),
+        Err(MemberCallError::Io(e)) => return Err(JoinFailure::Transient(e)),
+    };
     let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     let message = match &json {
         Some(json) => json["error"]["message"].as_str().map_or_else(|| json.to_string(), str::to_string),
@@ -539,6 +583,96 @@ async fn join_once(via: &str, body: &str) -> Result<NodeId, JoinFailure> {
     } else {
         Err(JoinFailure::Refused(reason))
     }
+}
+
+/// Why a call to another member's client port failed.
+enum MemberCallError {
+    /// The TLS handshake failed: a certificate refused on either side, or TLS against plaintext.
+    Tls(String),
+    /// No connection, no answer in time, or the connection broke.
+    Io(String),
+}
+
+/// One HTTP/1.1 request to another member's client port at `addr`, over TLS when `tls` is given;
+/// answers the status and the body, read in full within `timeout`.
+async fn member_request(
+    tls: Option<&keel::tls::ClientTls>,
+    addr: &str,
+    method: hyper::Method,
+    path: &str,
+    body: String,
+    timeout: Duration,
+) -> Result<(hyper::StatusCode, hyper::body::Bytes), MemberCallError> {
+    use http_body_util::BodyExt;
+    let call = async {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .map_err(|e| MemberCallError::Io(e.to_string()))?;
+        let answer = match tls {
+            None => {
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| MemberCallError::Io(format!("no answer: {e}")))?;
+                send_http1(hyper_util::rt::TokioIo::new(tcp), request).await?
+            }
+            Some(tls) => {
+                let stream = tls.connect(addr, timeout).await.map_err(|e| match e.kind() {
+                    std::io::ErrorKind::InvalidData => MemberCallError::Tls(e.to_string()),
+                    _ => MemberCallError::Io(format!("no answer: {e}")),
+                })?;
+                send_http1(hyper_util::rt::TokioIo::new(stream), request).await?
+            }
+        };
+        let status = answer.status();
+        let bytes = answer
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| MemberCallError::Io(format!("answer cut off: {e}")))?
+            .to_bytes();
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| MemberCallError::Io(format!("no answer within {timeout:?}")))?
+}
+
+async fn send_http1<IO>(
+    io: IO,
+    request: hyper::Request<http_body_util::Full<hyper::body::Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, MemberCallError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let failed = |e: hyper::Error| match tls_refusal(&e) {
+        Some(why) => MemberCallError::Tls(why),
+        None => MemberCallError::Io(format!("no answer: {e}")),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(failed)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(request).await.map_err(failed)
+}
+
+/// The TLS error under `e`, if a TLS alert or certificate check ended the connection: under TLS
+/// 1.3 a server refuses the client's certificate after the client's handshake is done, so the
+/// refusal shows on the first request.
+fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return Some(format!("TLS: {io}"));
+            }
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// How long `keeld --join` keeps asking while the cluster cannot answer (see [`join_cluster`]).
@@ -581,6 +715,7 @@ async fn watch_removal(
     node: Arc<Node<KvStore>>,
     marker: std::path::PathBuf,
     removed: oneshot::Sender<String>,
+    tls: Option<Arc<keel::tls::ClientTls>>,
 ) {
     let id = node.id();
     let interval = Duration::from_millis(node.config().raft.election_timeout_max_ms * 3);
@@ -599,7 +734,7 @@ async fn watch_removal(
             if m.current_leader != Some(id) {
                 let peers: Vec<NodeInfo> =
                     membership.nodes().filter(|(n, _)| **n != id).map(|(_, info)| info.clone()).collect();
-                removed_per_peers(id, &node.config().cluster_name, &peers).await
+                removed_per_peers(id, &node.config().cluster_name, &peers, tls.as_deref()).await
             } else {
                 None
             }
@@ -633,18 +768,23 @@ async fn watch_removal(
 /// Asks `peers` (by their client address) for their status. Answers the evidence if the leader of
 /// the same cluster does not list `id`. Only the leader's word counts: it appends a membership
 /// change before anyone else sees it, so another member may not list a node that just joined.
-async fn removed_per_peers(id: NodeId, cluster: &str, peers: &[NodeInfo]) -> Option<String> {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+async fn removed_per_peers(
+    id: NodeId,
+    cluster: &str,
+    peers: &[NodeInfo],
+    tls: Option<&keel::tls::ClientTls>,
+) -> Option<String> {
     for peer in peers.iter().filter(|p| !p.client_addr.is_empty()) {
-        let ask = async {
-            let uri = format!("http://{}/v1/cluster/status", peer.client_addr);
-            let resp = client.get(uri.parse().ok()?).await.ok()?;
-            let bytes = resp.into_body().collect().await.ok()?.to_bytes();
-            serde_json::from_slice::<serde_json::Value>(&bytes).ok()
-        };
-        let Ok(Some(status)) = tokio::time::timeout(Duration::from_secs(2), ask).await else { continue };
+        let ask = member_request(
+            tls,
+            &peer.client_addr,
+            hyper::Method::GET,
+            "/v1/cluster/status",
+            String::new(),
+            Duration::from_secs(2),
+        );
+        let Ok((_, bytes)) = ask.await else { continue };
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
         let same_cluster = status["cluster_name"].as_str() == Some(cluster);
         let leads = status["state"].as_str() == Some("leader");
         let members = status["members"].as_array();

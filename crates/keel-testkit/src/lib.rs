@@ -6,6 +6,10 @@
 //! running at once, a connection or another port-0 bind takes the port before the server binds it
 //! (`AddrInUse`). [`free_ports`] picks ports outside that range, and reserves each one with a file
 //! lock that the other test processes of this machine honour.
+//!
+//! [`pki`]: throwaway CAs and certificates for the TLS tests.
+
+pub mod pki;
 
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeSet;

@@ -45,6 +45,11 @@ pub struct Config {
     pub log: LogConfig,
     pub state_machine: StateMachineConfig,
     pub limits: LimitsConfig,
+    /// TLS between members (`[peer_tls]`): off unless `cert_file` is set. The node itself does
+    /// not listen: whoever serves its peer port passes [`PeerTlsConfig::server`] to
+    /// [`crate::network::grpc::serve_tls`], and [`PeerTlsConfig::client`] to
+    /// [`crate::network::grpc::GrpcNetwork::with_tls`].
+    pub peer_tls: crate::tls::PeerTlsConfig,
     /// Planted bugs for fault tests (debug builds only). Never read from TOML: a test sets it, or
     /// `keeld` from `KEEL_FAULT_INJECTION` (see [`crate::faults`]).
     #[serde(skip)]
@@ -126,6 +131,7 @@ impl Default for Config {
             log: LogConfig::default(),
             state_machine: StateMachineConfig::default(),
             limits: LimitsConfig::default(),
+            peer_tls: crate::tls::PeerTlsConfig::default(),
             faults: Faults::default(),
         }
     }
@@ -203,6 +209,9 @@ impl Config {
         }
         if self.cluster_name.is_empty() {
             return invalid("cluster_name", "must not be empty");
+        }
+        if let Err(reason) = self.peer_tls.validate() {
+            return invalid("peer_tls", &reason);
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {

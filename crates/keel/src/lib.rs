@@ -31,6 +31,7 @@ pub mod network;
 pub mod node;
 pub mod state_machine;
 pub mod storage;
+pub mod tls;
 pub mod types;
 
 pub use config::Config;

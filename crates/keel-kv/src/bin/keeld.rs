@@ -102,6 +102,35 @@ struct Flags {
     /// (etcd's --experimental-watch-progress-notify-interval) [default: 600000].
     #[arg(long, value_name = "MS")]
     watch_progress_notify_interval_ms: Option<u64>,
+    /// TLS certificate of the client port (PEM): the port then serves TLS only, gRPC and
+    /// HTTP/JSON alike. Use one valid for TLS client use too (members present it to each other).
+    #[arg(long, value_name = "FILE", help_heading = "TLS (etcd's flags)")]
+    cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", help_heading = "TLS (etcd's flags)")]
+    key_file: Option<PathBuf>,
+    /// CA that signs client certificates (PEM): clients must present one it signed.
+    #[arg(long, value_name = "FILE", help_heading = "TLS (etcd's flags)")]
+    trusted_ca_file: Option<PathBuf>,
+    /// Require client certificates (needs --trusted-ca-file); with auth on, a request without a
+    /// token is the user the certificate's CN names.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "TLS (etcd's flags)")]
+    client_cert_auth: Option<bool>,
+    /// This member's certificate for the peer port (PEM), presented to peers both ways: peer TLS on.
+    #[arg(long, value_name = "FILE", help_heading = "TLS (etcd's flags)")]
+    peer_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", help_heading = "TLS (etcd's flags)")]
+    peer_key_file: Option<PathBuf>,
+    /// The cluster CA (PEM): only peers with a certificate it signed are accepted and trusted.
+    #[arg(long, value_name = "FILE", help_heading = "TLS (etcd's flags)")]
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Accepted for etcd's command lines: peer TLS always requires the peers' certificates.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", help_heading = "TLS (etcd's flags)")]
+    peer_client_cert_auth: Option<bool>,
+    /// Accept only peers whose certificate's subject CN is this.
+    #[arg(long, value_name = "CN", help_heading = "TLS (etcd's flags)")]
+    peer_cert_allowed_cn: Option<String>,
 }
 
 fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
@@ -142,6 +171,8 @@ fn config(flags: Flags) -> Result<KeeldConfig, keel::config::ConfigError> {
         auto_compaction_retention,
         watch_progress_notify_interval_ms
     );
+    set!(cert_file, key_file, trusted_ca_file, client_cert_auth);
+    set!(peer_cert_file, peer_key_file, peer_trusted_ca_file, peer_client_cert_auth, peer_cert_allowed_cn);
     c.validate()?;
     Ok(c)
 }
@@ -201,7 +232,7 @@ fn main() -> ExitCode {
             tracing::info!("stopped cleanly");
             ExitCode::SUCCESS
         }
-        Err(e @ keel_kv::server::RunError::Config(_)) => {
+        Err(e @ (keel_kv::server::RunError::Config(_) | keel_kv::server::RunError::Tls(_))) => {
             eprintln!("keeld: {e}");
             ExitCode::from(2)
         }

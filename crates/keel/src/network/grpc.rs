@@ -336,6 +336,62 @@ pub async fn serve(
         .await
 }
 
+/// [`serve`] over TLS: every connection completes a handshake with `tls` (bounded by
+/// [`crate::tls::HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at once) before a byte of gRPC is
+/// read; with a trusted CA in `tls`, a peer without a certificate the CA signed is refused in the
+/// handshake. A plaintext client is told that TLS is required and closed.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    server: PeerServer,
+    tls: Arc<crate::tls::ServerTls>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<crate::tls::TlsStream, std::io::Error>>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let acceptor = tokio::spawn(async move {
+        let warn = crate::tls::RateLimitedLog::default();
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accepting a peer connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                warn.log(|| format!("peer connection from {peer} closed: {MAX_HANDSHAKES} TLS handshakes already in progress"));
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tx, tls, warn) = (tx.clone(), tls.clone(), warn.clone());
+            tokio::spawn(async move {
+                let accepted = crate::tls::accept(&tls, tcp, crate::tls::HANDSHAKE_TIMEOUT).await;
+                drop(permit);
+                match accepted {
+                    Ok(a) => {
+                        let _ = tx.send(Ok(a.stream)).await;
+                    }
+                    Err(e) => warn.log(|| format!("peer connection from {peer} refused: {e}")),
+                }
+            });
+        }
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let streams = server.clone();
+    let shutdown = async move {
+        shutdown.await;
+        acceptor.abort();
+        streams.close_streams();
+    };
+    tonic::transport::Server::builder()
+        .serve_with_incoming_shutdown(server.into_service(), incoming, shutdown)
+        .await
+}
+
+/// TLS handshakes in progress at once on the peer port; a connection beyond is closed.
+pub const MAX_HANDSHAKES: usize = 256;
+
 // ---------------------------------------------------------------------------------------------
 // Client
 
@@ -350,6 +406,8 @@ pub struct GrpcNetwork {
     from: NodeId,
     append_timeout: Duration,
     forward_clients: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+    /// Dial peers with TLS (mutual: this node presents its certificate). `None`: plaintext.
+    tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 impl GrpcNetwork {
@@ -359,7 +417,15 @@ impl GrpcNetwork {
             from,
             append_timeout: DEFAULT_APPEND_TIMEOUT,
             forward_clients: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Dial peers over TLS with `tls` (see [`crate::config::Config::peer_tls`]); the peers must
+    /// serve with [`serve_tls`].
+    pub fn with_tls(mut self, tls: Arc<crate::tls::ClientTls>) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// The least time an AppendEntries call that carries entries may take before it counts as
@@ -375,14 +441,21 @@ impl GrpcNetwork {
     fn channel(&self, target: NodeId, node: &NodeInfo) -> Result<Channel, String> {
         let channel = Endpoint::from_shared(format!("http://{}", node.peer_addr))
             .map(|e| {
-                e.connect_timeout(CONNECT_TIMEOUT)
+                let e = e
+                    .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
                     // Detect a silently dead peer (host gone, partition) so the channel reconnects
                     // instead of timing out every call on a connection that will never answer.
                     .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                     .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                    .keep_alive_while_idle(true)
-                    .connect_lazy()
+                    .keep_alive_while_idle(true);
+                match &self.tls {
+                    None => e.connect_lazy(),
+                    Some(tls) => e.connect_with_connector_lazy(crate::tls::TlsConnector::new(
+                        tls.clone(),
+                        CONNECT_TIMEOUT + crate::tls::HANDSHAKE_TIMEOUT,
+                    )),
+                }
             })
             .map_err(|e| format!("invalid peer address {:?} of node {target}: {e}", node.peer_addr));
         if let Err(e) = &channel {
