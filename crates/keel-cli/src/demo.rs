@@ -71,6 +71,10 @@ pub struct DemoArgs {
     /// `root`'s for the demo's requests.
     #[arg(long)]
     pub tls: bool,
+    /// After step 5, leave the cluster running until Ctrl+C (then step 6, exit 0), to try the
+    /// commands printed in step 1 against it.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,6 +206,10 @@ pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
                 }),
                 result = steps(&mut cluster, &mut out) => result,
             };
+            let outcome = match outcome {
+                Ok(()) if args.hold => hold(&mut cluster, &mut out).await,
+                other => other,
+            };
             match &outcome {
                 Ok(()) => out.begin(step(6, "stopping the cluster")),
                 Err(DemoError::Interrupted) => {
@@ -254,11 +262,10 @@ async fn steps(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
         out.detail(format!("node {}: pid {pid}, client {}, peer {}", node.id, node.client, node.peer));
     }
     out.detail(format!("leader: node {leader} ({})", cluster.node(leader)?.client));
-    if let Some(tls) = &cluster.tls {
-        let endpoints: Vec<String> = cluster.nodes.iter().map(|n| format!("https://{}", n.client)).collect();
-        for line in tls.commands(&endpoints.join(",")) {
-            out.detail(line);
-        }
+    let scheme = if cluster.tls.is_some() { "https" } else { "http" };
+    let endpoints: Vec<String> = cluster.nodes.iter().map(|n| format!("{scheme}://{}", n.client)).collect();
+    for line in commands(&endpoints.join(","), cluster.tls.as_ref()) {
+        out.detail(line);
     }
 
     let all_endpoints = all.iter().map(|&id| cluster.endpoint(id)).collect::<Result<Vec<_>, _>>()?;
@@ -323,6 +330,19 @@ async fn steps(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
     check_all_readable(&acked, &local, out)?;
     out.detail(format!("node {leader} holds all {} acknowledged writes in its own state: yes", acked.len()));
     Ok(())
+}
+
+/// `--hold`: the cluster keeps running until Ctrl+C (the handler is still installed: the
+/// select in [`run`] polled it first), checked on every second so that a node that exits says so.
+async fn hold(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
+    out.line("holding the cluster (--hold): try the commands of step 1; Ctrl+C stops it");
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            signal = tokio::signal::ctrl_c() => return signal.map_err(DemoError::Signal),
+            _ = ticks.tick() => cluster.check_running()?,
+        }
+    }
 }
 
 /// Step 4 bar the writer: waits for some acknowledged writes, SIGKILLs the leader, waits for the
@@ -815,20 +835,22 @@ impl DemoTls {
         flags.push("--peer-client-cert-auth".to_owned());
         flags
     }
+}
 
-    /// The commands that reach the cluster while it runs.
-    fn commands(&self, endpoints: &str) -> Vec<String> {
-        let flags = format!(
-            "--cacert {} --cert {} --key {}",
-            self.file("ca.pem"),
-            self.file("root.pem"),
-            self.file("root-key.pem")
-        );
-        vec![
-            format!("try: keel --endpoints {endpoints} {flags} get --prefix {PREFIX}"),
-            format!("     ETCDCTL_API=3 etcdctl --endpoints {endpoints} {flags} get --prefix {PREFIX}"),
-        ]
-    }
+/// The commands that reach the cluster while it runs (`--hold` keeps it running).
+fn commands(endpoints: &str, tls: Option<&DemoTls>) -> Vec<String> {
+    let flags = tls.map_or(String::new(), |t| {
+        format!(
+            " --cacert {} --cert {} --key {}",
+            t.file("ca.pem"),
+            t.file("root.pem"),
+            t.file("root-key.pem")
+        )
+    });
+    vec![
+        format!("try: keel --endpoints {endpoints}{flags} get --prefix {PREFIX}"),
+        format!("     ETCDCTL_API=3 etcdctl --endpoints {endpoints}{flags} get --prefix {PREFIX}"),
+    ]
 }
 
 /// Makes the certificates of `--tls` in `<dir>/certs` with `keel certs`: a CA, one for each

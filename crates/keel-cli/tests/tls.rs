@@ -1,6 +1,8 @@
-//! The `keel` client over TLS: `keel bench` (gRPC, ALPN h2) against a real etcd 3.4 that
-//! requires client certificates, with certificates from `keel certs`; and the failures a user
-//! meets (a wrong CA, no client certificate, TLS to a plaintext port) as one clear line.
+//! The `keel` client over TLS, with certificates from `keel certs`: `keel bench` (gRPC, ALPN h2)
+//! against a real etcd 3.4 that requires client certificates; the HTTP/JSON commands (ALPN
+//! http/1.1) and `keel bench` against real keeld processes with TLS on both ports; and the
+//! failures a user meets (a wrong CA, no client certificate, TLS to a plaintext port, plaintext
+//! to a TLS port) as one clear line.
 
 mod support;
 
@@ -11,16 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use keel_testkit::free_ports;
-use support::{keel, wait_until, Run};
-
-/// A CA, a member certificate `m1` (127.0.0.1, localhost) and `root`'s client certificate.
-fn make_certs(dir: &Path) {
-    let d = dir.to_str().expect("utf-8 path");
-    keel("127.0.0.1:1", &["certs", "init", "--dir", d]).ok();
-    keel("127.0.0.1:1", &["certs", "node", "m1", "--dir", d, "--host", "127.0.0.1", "--host", "localhost"])
-        .ok();
-    keel("127.0.0.1:1", &["certs", "client", "root", "--dir", d]).ok();
-}
+use support::{client_tls_flags, keel, make_certs, wait_until, Cluster, Run};
 
 /// `--cacert CA --cert root.pem --key root-key.pem`, from `dir`.
 fn client_flags(ca_dir: &Path, cert_dir: Option<&Path>) -> Vec<String> {
@@ -60,9 +53,9 @@ impl Etcd {
             .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("e1={peer_url}")])
-            .args(["--cert-file", &file("m1.pem"), "--key-file", &file("m1-key.pem")])
+            .args(["--cert-file", &file("n1.pem"), "--key-file", &file("n1-key.pem")])
             .args(["--trusted-ca-file", &file("ca.pem"), "--client-cert-auth"])
-            .args(["--peer-cert-file", &file("m1.pem"), "--peer-key-file", &file("m1-key.pem")])
+            .args(["--peer-cert-file", &file("n1.pem"), "--peer-key-file", &file("n1-key.pem")])
             .args(["--peer-trusted-ca-file", &file("ca.pem"), "--peer-client-cert-auth"])
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("clone the log handle"))
@@ -220,4 +213,88 @@ fn tls_to_a_plaintext_port_says_so() {
     args.extend(["get", "k"]);
     let http = keel(&url, &args);
     one_line_error(&http, &url, "TLS: the server does not speak TLS (is it a plaintext port? use http://)");
+}
+
+/// `keel FLAGS ARGS` against `endpoints`.
+fn keel_tls(endpoints: &str, flags: &[String], args: &[&str]) -> Run {
+    let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+    all.extend_from_slice(args);
+    keel(endpoints, &all)
+}
+
+#[test]
+fn the_json_api_commands_and_bench_work_over_tls_against_keeld() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    make_certs(certs.path());
+    let cluster = Cluster::start_tls(certs.path());
+    let flags = client_tls_flags(certs.path());
+    let https: Vec<String> = (1..=3).map(|id| format!("https://{}", cluster.client(id))).collect();
+    let all = https.join(",");
+
+    assert_eq!(keel_tls(&all, &flags, &["put", "greeting", "hello"]).ok(), "OK\n");
+    assert_eq!(keel_tls(&https[2], &flags, &["get", "greeting"]).ok(), "greeting\nhello\n");
+    // A bare host:port is TLS once --cacert is given.
+    let bare = cluster.client(2);
+    assert_eq!(keel_tls(&bare, &flags, &["get", "greeting", "--serializable"]).ok(), "greeting\nhello\n");
+    let txn = support::keel_with_input(
+        &all,
+        &[flags.iter().map(String::as_str).collect::<Vec<_>>(), vec!["txn"]].concat(),
+        b"value(\"greeting\") = \"hello\"\n\nput greeting bye\n\n",
+    )
+    .ok();
+    assert!(txn.starts_with("SUCCESS"), "{txn}");
+    // `cluster status` dials every member's client address (bare in the membership) over TLS.
+    let status = keel_tls(&all, &flags, &["cluster", "status", "--json"]).json();
+    let rows = status["members"].as_array().expect("members");
+    assert_eq!(rows.len(), 3, "{status}");
+    assert!(rows.iter().all(|r| r.get("error").is_none() && r["status"]["state"].is_string()), "{status}");
+    // A lease and a key on it, kept by the keep-alive path over TLS.
+    let granted = keel_tls(&all, &flags, &["lease", "grant", "30", "--json"]).json();
+    let id = granted["id"].as_i64().expect("lease id").to_string();
+    keel_tls(&all, &flags, &["put", "leased", "v", "--lease", &id]).ok();
+    keel_tls(&all, &flags, &["lease", "keep-alive", &id, "--once"]).ok();
+
+    // The etcd gRPC API on the same port (ALPN h2).
+    let run =
+        bench(&all, &flags, &["--json", "--op", "put", "--clients", "4", "--ops", "100", "--target-leader"]);
+    let put = bench_json(run);
+    assert_eq!(put["errors"], 0, "{put}");
+}
+
+#[test]
+fn keeld_refusals_read_in_one_line_and_a_refused_write_is_not_an_unknown_outcome() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    make_certs(certs.path());
+    let cluster = Cluster::start_tls(certs.path());
+    let url = format!("https://{}", cluster.client(1));
+
+    let other = tempfile::tempdir().expect("temp dir");
+    make_certs(other.path());
+    let wrong_ca = keel_tls(&url, &client_flags(other.path(), Some(certs.path())), &["get", "k"]);
+    one_line_error(&wrong_ca, &url, "(TLS: the server's certificate is not signed by a CA in --cacert)");
+    assert!(wrong_ca.stderr.contains("no endpoint answered"), "{}", wrong_ca.stderr);
+
+    // No client certificate: refused at the handshake, so a write moves on to the next endpoint
+    // (all refuse: no endpoint answered), never "the outcome is unknown".
+    let two = format!("{url},https://{}", cluster.client(2));
+    let no_cert = keel_tls(&two, &client_flags(certs.path(), None), &["put", "k", "v"]);
+    one_line_error(&no_cert, &url, "(TLS: the server requires a client certificate (give --cert and --key))");
+    assert!(no_cert.stderr.starts_with("error: no endpoint answered: "), "{}", no_cert.stderr);
+    let bench_no_cert = bench(&url, &client_flags(certs.path(), None), &["--ops", "10"]);
+    one_line_error(
+        &bench_no_cert,
+        &url,
+        "TLS: the server requires a client certificate (give --cert and --key)",
+    );
+
+    let foreign = keel_tls(&url, &client_flags(certs.path(), Some(other.path())), &["get", "k"]);
+    one_line_error(&foreign, &url, "TLS: the server refused the handshake");
+
+    // Plaintext to the TLS port: keeld answers in HTTP what to do.
+    let plain = format!("http://{}", cluster.client(1));
+    let run = keel(&plain, &["get", "k"]);
+    one_line_error(&run, cluster.client(1).as_str(), "this port requires TLS");
+
+    // TLS to a plaintext port: the peer port of a member is TLS too here, so a port that speaks
+    // HTTP in plaintext is this test's own (see tls_to_a_plaintext_port_says_so).
 }
