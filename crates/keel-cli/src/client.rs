@@ -1063,6 +1063,18 @@ mod tests {
     }
 
     #[test]
+    fn without_cacert_only_https_is_refused_and_nothing_is_tls() {
+        let plain = |e: &str| Endpoint::parse(e).expect("valid endpoint").secured(None);
+        for e in ["127.0.0.1:2379", "http://127.0.0.1:2379"] {
+            let endpoint = plain(e).expect("dialed in plaintext");
+            assert!(!endpoint.is_tls());
+            assert_eq!(endpoint.base_url(), "http://127.0.0.1:2379");
+        }
+        let refused = plain("https://127.0.0.1:2379").expect_err("https needs --cacert");
+        assert!(refused.to_string().starts_with("https://127.0.0.1:2379 needs --cacert"), "{refused}");
+    }
+
+    #[test]
     fn endpoints_reject_what_cannot_be_dialed() {
         assert_eq!(Endpoint::parse(""), Err(EndpointError::Empty));
         assert_eq!(Endpoint::parse("ftp://a:1"), Err(EndpointError::Scheme("ftp".into())));

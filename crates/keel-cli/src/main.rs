@@ -1,9 +1,13 @@
-//! `keel`: the command-line client for Keel clusters, over the HTTP/JSON API (`docs/http-api.md`).
+//! `keel`: the command-line client for Keel clusters, over the HTTP/JSON API (`docs/http-api.md`),
+//! in plaintext or TLS.
 //!
 //! # Layout
 //!
 //! - `main.rs`: the command line (clap) and one function per command.
 //! - `client.rs`: endpoints, failover, the wire types and the error a command reports.
+//! - `tls.rs`: `--cacert/--cert/--key` into rustls configs, the connector both clients dial
+//!   through (HTTP/1.1 and gRPC), and what a failed handshake means in words.
+//! - `certs.rs`: `keel certs`, a development CA and the certificates it signs (rcgen).
 //! - `txn.rs`: etcdctl's txn syntax into the `POST /v1/txn` body.
 //! - `output.rs`: text and JSON output.
 //! - `lease.rs`: `keel lease …` and lease ids (hex for people, i64 on the wire).
