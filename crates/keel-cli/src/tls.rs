@@ -391,7 +391,8 @@ pub fn explain(err: &(dyn StdError + 'static)) -> Option<String> {
             };
         }
         if let Some(io) = e.downcast_ref::<io::Error>() {
-            if let Some(text) = explain_io(io, true) {
+            // Only a rustls error: an early EOF elsewhere is not about TLS.
+            if let Some(text) = io.get_ref().and_then(|e| e.downcast_ref()).map(|e| explain_rustls(e, true)) {
                 return Some(text);
             }
         }
@@ -439,6 +440,7 @@ fn handshake_alert(alert: AlertDescription) -> bool {
     )
 }
 
+/// A failed handshake (`io` from tokio-rustls' connect) in words.
 fn explain_io(io: &io::Error, client_cert: bool) -> Option<String> {
     if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         return Some(explain_rustls(tls, client_cert));
@@ -509,6 +511,14 @@ mod tests {
         );
         assert!(!refused_in_handshake(&plaintext));
         assert_eq!(explain(&io::Error::from(io::ErrorKind::ConnectionRefused)), None);
+        // An early EOF is about TLS only during a handshake.
+        assert_eq!(explain(&io::Error::from(io::ErrorKind::UnexpectedEof)), None);
+        let cut =
+            DialError::Handshake { source: io::Error::from(io::ErrorKind::UnexpectedEof), client_cert: true };
+        assert_eq!(
+            explain(&cut).as_deref(),
+            Some("the connection closed during the TLS handshake (is it a plaintext port? use http://)")
+        );
     }
 
     #[test]
