@@ -375,6 +375,74 @@ pub async fn check_h2(authority: &str, tls: &ClientTls, timeout: Duration) -> Re
     }
 }
 
+/// [`check_h2`] for a plaintext endpoint: sends the h2 preface and reads the server's first
+/// frames, up to `timeout`. A server that refuses plaintext (a TLS port: keeld answers with a
+/// GOAWAY saying so) fails it with the server's words; HTTP/2 would otherwise report only a
+/// "transport error". Anything else passes: the connection proper reports its own failures.
+pub async fn check_h2_plaintext(authority: &str, timeout: Duration) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let check = async {
+        let Ok(mut tcp) = TcpStream::connect(authority).await else { return Ok(()) };
+        if tcp.write_all(H2_PREFACE).await.is_err() {
+            return Ok(());
+        }
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            match first_frames(&got) {
+                Frames::GoAway(why) => return Err(why),
+                Frames::Settled => return Ok(()),
+                Frames::More if got.len() > 16 * 1024 => return Ok(()),
+                Frames::More => {}
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, check).await.unwrap_or(Ok(()))
+}
+
+/// What a server's first HTTP/2 frames say.
+#[derive(Debug, PartialEq, Eq)]
+enum Frames {
+    /// A GOAWAY: the connection is refused, with the server's debug data as the reason.
+    GoAway(String),
+    /// Complete frames and no GOAWAY among them: the server went on.
+    Settled,
+    /// Not enough bytes yet to tell.
+    More,
+}
+
+fn first_frames(bytes: &[u8]) -> Frames {
+    let mut rest = bytes;
+    let mut frames = 0;
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let kind = rest[3];
+        let Some(payload) = rest.get(9..9 + len) else { return Frames::More };
+        if kind == 0x7 {
+            let debug = payload.get(8..).unwrap_or_default();
+            let text = String::from_utf8_lossy(debug).trim().to_owned();
+            let text = if text.is_empty() { "no reason given".to_owned() } else { text };
+            return Frames::GoAway(format!("the server refused the connection (HTTP/2 GOAWAY): {text}"));
+        }
+        frames += 1;
+        if kind != 0x4 || frames > 1 {
+            return Frames::Settled;
+        }
+        rest = &rest[9 + len..];
+    }
+    // A server's SETTINGS alone, nothing after it in what has come so far: it went on (a
+    // refusing keeld sends its SETTINGS and GOAWAY in one write, so they arrive together), and
+    // a server that waits for more before it speaks again must not hold the check up.
+    if frames == 1 && rest.is_empty() {
+        return Frames::Settled;
+    }
+    Frames::More
+}
+
 // ---------------------------------------------------------------------------------------------
 // Explaining failures
 // ---------------------------------------------------------------------------------------------
@@ -519,6 +587,28 @@ mod tests {
             explain(&cut).as_deref(),
             Some("the connection closed during the TLS handshake (is it a plaintext port? use http://)")
         );
+    }
+
+    #[test]
+    fn a_goaway_among_the_first_frames_is_the_refusal_and_settings_are_not() {
+        let settings = [0u8, 0, 0, 0x4, 0, 0, 0, 0, 0];
+        let mut goaway = settings.to_vec();
+        let debug = b"this port requires TLS";
+        goaway.extend_from_slice(&[0, 0, (8 + debug.len()) as u8, 0x7, 0, 0, 0, 0, 0]);
+        goaway.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
+        goaway.extend_from_slice(debug);
+        assert_eq!(
+            first_frames(&goaway),
+            Frames::GoAway(
+                "the server refused the connection (HTTP/2 GOAWAY): this port requires TLS".into()
+            )
+        );
+        assert_eq!(first_frames(&goaway[..12]), Frames::More);
+        assert_eq!(first_frames(&settings[..5]), Frames::More);
+        assert_eq!(first_frames(&settings), Frames::Settled);
+        let mut ack = settings.to_vec();
+        ack.extend_from_slice(&[0, 0, 0, 0x4, 1, 0, 0, 0, 0]);
+        assert_eq!(first_frames(&ack), Frames::Settled);
     }
 
     #[test]

@@ -294,6 +294,9 @@ fn keeld_refusals_read_in_one_line_and_a_refused_write_is_not_an_unknown_outcome
     let plain = format!("http://{}", cluster.client(1));
     let run = keel(&plain, &["get", "k"]);
     one_line_error(&run, cluster.client(1).as_str(), "this port requires TLS");
+    // ... and in HTTP/2, which keel bench reads.
+    let run = bench(&plain, &[], &["--ops", "10"]);
+    one_line_error(&run, cluster.client(1).as_str(), "(HTTP/2 GOAWAY): this port requires TLS");
 
     // TLS to a plaintext port: the peer port of a member is TLS too here, so a port that speaks
     // HTTP in plaintext is this test's own (see tls_to_a_plaintext_port_says_so).

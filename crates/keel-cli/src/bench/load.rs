@@ -285,12 +285,14 @@ async fn preload(channels: &[Channel], plan: &Arc<Plan>) -> ErrorTally {
 }
 
 /// One HTTP/2 connection to `endpoint`, made now so that an unreachable endpoint fails the run
-/// before it starts; `timeout` bounds the connect and, later, every request on it. Over TLS, a
-/// check first ([`tls::check_h2`]): HTTP/2 would hide why a server refused the handshake.
+/// before it starts; `timeout` bounds the connect and, later, every request on it. A check
+/// first ([`tls::check_h2`], [`tls::check_h2_plaintext`]): HTTP/2 would hide why a server
+/// refused the handshake, or refused plaintext on a TLS port.
 pub(super) async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, BenchError> {
     let failed = |why: String| BenchError::Connect { endpoint: endpoint.to_string(), why };
-    if let Some(client_tls) = endpoint.tls() {
-        tls::check_h2(endpoint.authority(), client_tls, timeout).await.map_err(failed)?;
+    match endpoint.tls() {
+        Some(client_tls) => tls::check_h2(endpoint.authority(), client_tls, timeout).await.map_err(failed)?,
+        None => tls::check_h2_plaintext(endpoint.authority(), timeout).await.map_err(failed)?,
     }
     let mut tcp = HttpConnector::new();
     tcp.set_nodelay(true);
