@@ -9,6 +9,10 @@
 # dirs (both systems ignore their founding flags once a data dir holds a cluster).
 
 size=${size:-3}
+# TLS=1: every system but `keel-plain` with TLS on both ports and client certificates required on
+# both (etcd's flags, which keeld shares), certificates from `keel certs` made by cluster_init in
+# $work/certs; the keel commands get --cacert/--cert/--key through keel_to.
+TLS=${TLS:-0}
 
 die() { echo "$prog: $*" >&2; exit 2; }
 note() { echo "$prog: $*" >&2; }
@@ -82,35 +86,78 @@ cluster_init() {
     if [[ $(stat -f -c %T "$work") == tmpfs ]]; then
         note "warning: $work is on tmpfs, where fsync does nothing; set KEEL_BENCH_DIR to a disk"
     fi
+    if [[ $TLS == 1 ]]; then make_certs; fi
+}
+
+# ---- TLS ------------------------------------------------------------------------------------
+
+certs=""
+# A CA, member i's certificate m<i> (server and client, 127.0.0.1 and localhost: its client
+# port, its peer port and dialing its peers, for either system) and root's client certificate.
+make_certs() {
+    certs=$work/certs
+    "$KEEL" certs init --dir "$certs" >/dev/null
+    for i in $(seq "$size"); do
+        "$KEEL" certs node "m$i" --dir "$certs" --host 127.0.0.1 --host localhost >/dev/null
+    done
+    "$KEEL" certs client root --dir "$certs" >/dev/null
+    note "TLS on both ports, client certificates required: certificates in $certs"
+}
+
+tls_on() { [[ $TLS == 1 && $1 != *-plain ]]; } # system
+scheme() { if tls_on "$1"; then echo https; else echo http; fi; }
+
+# Member i's TLS flags, etcd's names (keeld takes the same).
+member_tls_flags() { # system i
+    tls_on "$1" || return 0
+    local cert=$certs/m$2.pem key=$certs/m$2-key.pem ca=$certs/ca.pem
+    echo "--cert-file $cert --key-file $key --trusted-ca-file $ca --client-cert-auth" \
+        "--peer-cert-file $cert --peer-key-file $key --peer-trusted-ca-file $ca --peer-client-cert-auth"
+}
+
+# Runs keel against SYSTEM's members: `keel --endpoints <its endpoints> [TLS flags] ARGS...`.
+keel_to() { # system args...
+    local system=$1
+    shift
+    if tls_on "$system"; then
+        "$KEEL" --endpoints "$(endpoints "$system")" \
+            --cacert "$certs/ca.pem" --cert "$certs/root.pem" --key "$certs/root-key.pem" "$@"
+    else
+        "$KEEL" --endpoints "$(endpoints "$system")" "$@"
+    fi
 }
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# Ports: etcd member i: client PORT_BASE+10i, peer +1; Keel node i: PORT_BASE+100+10i, peer +1.
+# Ports: etcd member i: client PORT_BASE+10i, peer +1; Keel node i: PORT_BASE+100+10i, peer +1;
+# Keel in plaintext beside a TLS run (`keel-plain`): PORT_BASE+200+10i, peer +1.
 client_port() {
     local offset=0
     [[ $1 == keel ]] && offset=100
+    [[ $1 == keel-plain ]] && offset=200
     echo $((PORT_BASE + offset + 10 * $2))
 }
 peer_port() { echo $(($(client_port "$1" "$2") + 1)); }
 endpoints() {
     local list="" i
-    for i in $(seq "$size"); do list+="${list:+,}127.0.0.1:$(client_port "$1" "$i")"; done
+    for i in $(seq "$size"); do list+="${list:+,}$(scheme "$1")://127.0.0.1:$(client_port "$1" "$i")"; done
     echo "$list"
 }
 
 # Member i's state: etcd's member dir, Keel's data dir.
 state_dir() { # system rep i
-    if [[ $1 == etcd ]]; then echo "$work/etcd-$2/e$3/member"; else echo "$work/keel-$2/n$3"; fi
+    if [[ $1 == etcd ]]; then echo "$work/etcd-$2/e$3/member"; else echo "$work/$1-$2/n$3"; fi
 }
 
 start_etcd() {
-    local dir=$work/etcd-$1 cluster="" i
-    for i in $(seq "$size"); do cluster+="${cluster:+,}e$i=http://127.0.0.1:$(peer_port etcd "$i")"; done
+    local dir=$work/etcd-$1 cluster="" i s
+    s=$(scheme etcd)
+    for i in $(seq "$size"); do cluster+="${cluster:+,}e$i=$s://127.0.0.1:$(peer_port etcd "$i")"; done
     for i in $(seq "$size"); do
-        local c=http://127.0.0.1:$(client_port etcd "$i") p=http://127.0.0.1:$(peer_port etcd "$i")
+        local c=$s://127.0.0.1:$(client_port etcd "$i") p=$s://127.0.0.1:$(peer_port etcd "$i") tls
+        read -ra tls <<<"$(member_tls_flags etcd "$i")"
         mkdir -p "$dir"
-        "$ETCD" --name "e$i" --data-dir "$dir/e$i" \
+        "$ETCD" --name "e$i" --data-dir "$dir/e$i" "${tls[@]}" \
             --listen-client-urls "$c" --advertise-client-urls "$c" \
             --listen-peer-urls "$p" --initial-advertise-peer-urls "$p" \
             --initial-cluster "$cluster" --initial-cluster-token keel-compare --initial-cluster-state new \
@@ -119,13 +166,16 @@ start_etcd() {
     done
 }
 
-start_keel() {
-    local dir=$work/keel-$1 cluster="" i
-    for i in $(seq "$size"); do cluster+="${cluster:+,}$i=127.0.0.1:$(peer_port keel "$i")"; done
+start_keel() { # rep [system: keel or keel-plain]
+    local system=${2:-keel}
+    local dir=$work/$system-$1 cluster="" i
+    for i in $(seq "$size"); do cluster+="${cluster:+,}$i=127.0.0.1:$(peer_port "$system" "$i")"; done
     for i in $(seq "$size"); do
+        local tls
+        read -ra tls <<<"$(member_tls_flags "$system" "$i")"
         mkdir -p "$dir"
-        "$KEELD" --id "$i" --data-dir "$dir/n$i" \
-            --client-addr "127.0.0.1:$(client_port keel "$i")" --peer-addr "127.0.0.1:$(peer_port keel "$i")" \
+        "$KEELD" --id "$i" --data-dir "$dir/n$i" "${tls[@]}" \
+            --client-addr "127.0.0.1:$(client_port "$system" "$i")" --peer-addr "127.0.0.1:$(peer_port "$system" "$i")" \
             --initial-cluster "$cluster" >>"$dir/n$i.log" 2>&1 &
         pids+=($!)
     done
@@ -138,18 +188,17 @@ start_cluster() { # system rep
             port_free "$port" || die "port $port is in use (set PORT_BASE)"
         done
     done
-    note "$1 rep $2: starting $size member(s)"
-    "start_$1" "$2"
+    note "$1 rep $2: starting $size member(s)$(tls_on "$1" && echo ", TLS")"
+    if [[ $1 == keel-plain ]]; then start_keel "$2" keel-plain; else "start_$1" "$2"; fi
     wait_ready "$1" "$2"
 }
 
 # Ready: a leader answers a linearizable read. Polls for at most 60 s, and stops early if a
 # member died.
 wait_ready() {
-    local system=$1 rep=$2 eps
-    eps=$(endpoints "$system")
+    local system=$1 rep=$2
     for _ in $(seq 120); do
-        if run_child /dev/null /dev/null "$KEEL" --endpoints "$eps" --timeout 1 bench --target-leader \
+        if run_child /dev/null /dev/null keel_to "$system" --timeout 1 bench --target-leader \
             --op get --key-space 1 --ops 1 --warmup 0; then
             return 0
         fi

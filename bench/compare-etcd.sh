@@ -14,8 +14,21 @@
 # KEEL=target/release/keel KEELD=target/release/keeld ETCD=$(command -v etcd)
 # KEEL_BENCH_DIR=target/tmp (data dirs; not tmpfs, or fsync costs nothing) RESULTS=<file.jsonl>
 # Quick run: DURATION=2 REPS=1 PRELOAD=10000 bench/compare-etcd.sh
+#
+# --tls: both systems with TLS on both ports and client certificates required (certificates from
+# `keel certs`), and Keel once more in plaintext in the same run (`keel-plain`), for a
+# TLS/PLAIN column: Keel's throughput with TLS over its throughput without.
 
 set -euo pipefail
+
+TLS=0
+for arg in "$@"; do
+    case $arg in
+        --tls) TLS=1 ;;
+        -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) echo "compare-etcd: unknown argument '$arg' (only --tls)" >&2; exit 2 ;;
+    esac
+done
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -137,7 +150,7 @@ bench() { # system rep row
     read -ra args <<<"$(row_args "$row")"
     : >"$work/run.log"
     if run_child "$work/line.json" "$work/run.log" \
-        "$KEEL" --endpoints "$(endpoints "$system")" --timeout 5 bench --json --target-leader \
+        keel_to "$system" --timeout 5 bench --json --target-leader \
         "${args[@]}" --value-size "$VALUE_SIZE" --duration "$DURATION" --warmup "$WARMUP"; then
         line=$(<"$work/line.json")
         echo "{\"system\":\"$system\",\"rep\":$rep,\"row\":\"$row\",${line#\{}" >>"$RESULTS"
@@ -160,7 +173,7 @@ measure() { # system rep
     start_cluster "$system" "$rep"
     local started=$SECONDS
     run_child /dev/null "$work/bench.log" \
-        "$KEEL" --endpoints "$(endpoints "$system")" --timeout 5 bench --target-leader --op put --clients 1 \
+        keel_to "$system" --timeout 5 bench --target-leader --op put --clients 1 \
         --preload "$PRELOAD" --key-space "$PRELOAD" --value-size "$VALUE_SIZE" --ops 1 --warmup 0 || die "$system: preload failed (see $work/bench.log; KEEP=1 keeps it)"
     note "$system rep $rep: preloaded $PRELOAD keys in $((SECONDS - started)) s"
     for row in $ROWS; do bench "$system" "$rep" "$row"; done
@@ -181,16 +194,18 @@ median() { # numbers on stdin -> median (mean of the middle two for an even coun
 note "etcd: $("$ETCD" --version | sed -n 1p), keeld: $("$KEELD" --version)"
 note "matrix: $ROWS; ${DURATION}s each after ${WARMUP}s warm-up, $REPS repetition(s), $PRELOAD keys, ${VALUE_SIZE}-byte values"
 load_before=$(uptime)
+systems="etcd keel"
+((TLS)) && systems="etcd keel keel-plain"
 for rep in $(seq "$REPS"); do
-    # Alternate which system goes first, so drift in the machine's speed affects both alike.
-    if ((rep % 2)); then order="etcd keel"; else order="keel etcd"; fi
+    # Alternate the order, so drift in the machine's speed affects every system alike.
+    if ((rep % 2)); then order=$systems; else order=$(tr ' ' '\n' <<<"$systems" | tac | tr '\n' ' '); fi
     for system in $order; do measure "$system" "$rep"; done
 done
 load_after=$(uptime)
 
 # The runs of a row (of one system): none if every one failed.
 runs() { # row [system]
-    grep "\"system\":\"${2:-[a-z]*}\",\"rep\":[0-9]*,\"row\":\"$1\"," "$RESULTS" || true
+    grep "\"system\":\"${2:-[a-z-]*}\",\"rep\":[0-9]*,\"row\":\"$1\"," "$RESULTS" || true
 }
 med() { # system row field
     runs "$2" "$1" | while read -r line; do field "$3" "$line"; done | median
@@ -207,18 +222,29 @@ for row in $ROWS; do
     if [[ $row == watch-* ]]; then watch_rows+=" $row"; else kv_rows+=" $row"; fi
 done
 
+# With --tls, one more column: Keel's median with TLS over its median in plaintext (same rows,
+# same run), TLS/PLAIN; below 1 is what TLS costs.
+tls_col="" tls_head=()
+if ((TLS)); then tls_col=" %9s" tls_head=("TLS/PLAIN"); fi
+tls_cell() { # row field keel-tls-median -> the TLS/PLAIN cell, or nothing without --tls
+    ((TLS)) || return 0
+    ratio "$3" "$(med keel-plain "$1" "$2")"
+}
+
 echo
-echo "Keel vs etcd: medians of $REPS run(s), ${DURATION}s each, 3 members on loopback, leader-targeted, ${VALUE_SIZE}-byte values, $PRELOAD keys"
+echo "Keel vs etcd: medians of $REPS run(s), ${DURATION}s each, 3 members on loopback, leader-targeted, ${VALUE_SIZE}-byte values, $PRELOAD keys$( ((TLS)) && echo ", TLS on both ports (client certificates required)")"
 if [[ -n $kv_rows ]]; then
-    fmt="%-30s %10s %10s %6s %11s %11s %6s %7s\n"
+    fmt="%-30s %10s %10s %6s %11s %11s %6s %7s${tls_col}\n"
     # shellcheck disable=SC2059 # the format is ours
-    printf "$fmt" "ROW (clients)" "ETCD OPS/S" "KEEL OPS/S" "RATIO" "ETCD P99" "KEEL P99" "RATIO" "ERRORS"
+    printf "$fmt" "ROW (clients)" "ETCD OPS/S" "KEEL OPS/S" "RATIO" "ETCD P99" "KEEL P99" "RATIO" "ERRORS" \
+        "${tls_head[@]}"
     for row in $kv_rows; do
         eo=$(med etcd "$row" ops_per_s) ko=$(med keel "$row" ops_per_s)
         ep=$(med etcd "$row" p99_us) kp=$(med keel "$row" p99_us)
         # shellcheck disable=SC2059
         printf "$fmt" "$(row_label "$row")" "$(num "$eo" 1 0)" "$(num "$ko" 1 0)" "$(ratio "$ko" "$eo")" \
-            "$(ms "$ep")" "$(ms "$kp")" "$(ratio "$kp" "$ep")" "$(total "$row" errors)"
+            "$(ms "$ep")" "$(ms "$kp")" "$(ratio "$kp" "$ep")" "$(total "$row" errors)" \
+            $(tls_cell "$row" ops_per_s "$ko")
     done
     if [[ $kv_rows =~ (lease|keepalive|lock) ]]; then
         echo "lease grant+revoke: one op is a LeaseGrant and its LeaseRevoke; keepalive: one op is a keep-alive answered with a TTL (streams in parentheses);"
@@ -228,10 +254,10 @@ fi
 if [[ -n $watch_rows ]]; then
     echo
     echo "Watch: N watchers on one prefix, puts under it at $WATCH_RATE/s; events/s over all watchers; latency from a put's send to a watcher's receipt"
-    fmt="%-24s %10s %10s %6s %11s %11s %6s %11s %11s %6s %7s %7s\n"
+    fmt="%-24s %10s %10s %6s %11s %11s %6s %11s %11s %6s %7s %7s${tls_col}\n"
     # shellcheck disable=SC2059
     printf "$fmt" "ROW (watchers)" "ETCD EV/S" "KEEL EV/S" "RATIO" "ETCD P50" "KEEL P50" "RATIO" \
-        "ETCD P99" "KEEL P99" "RATIO" "MISSED" "ERRORS"
+        "ETCD P99" "KEEL P99" "RATIO" "MISSED" "ERRORS" "${tls_head[@]}"
     for row in $watch_rows; do
         eo=$(med etcd "$row" events_per_s) ko=$(med keel "$row" events_per_s)
         e50=$(med etcd "$row" p50_us) k50=$(med keel "$row" p50_us)
@@ -240,10 +266,11 @@ if [[ -n $watch_rows ]]; then
         printf "$fmt" "$(row_label "$row")" "$(num "$eo" 1 0)" "$(num "$ko" 1 0)" "$(ratio "$ko" "$eo")" \
             "$(ms "$e50")" "$(ms "$k50")" "$(ratio "$k50" "$e50")" \
             "$(ms "$e99")" "$(ms "$k99")" "$(ratio "$k99" "$e99")" \
-            "$(total "$row" missed)" "$(total "$row" errors)"
+            "$(total "$row" missed)" "$(total "$row" errors)" $(tls_cell "$row" events_per_s "$ko")
     done
 fi
-echo "ratios are Keel/etcd: ops/s and events/s above 1, latencies below 1 favour Keel; missed and errors: both systems, all runs"
+echo "ratios are Keel/etcd: ops/s and events/s above 1, latencies below 1 favour Keel; missed and errors: every system, all runs"
+((TLS)) && echo "TLS/PLAIN is Keel with TLS over Keel in plaintext (keel-plain, same run): ops/s or events/s; 1 means TLS costs nothing"
 echo "load before: $load_before"
 echo "load after:  $load_after"
 echo "every run: $RESULTS"

@@ -509,8 +509,9 @@ pub fn pick_leader(views: &[(Endpoint, Result<MemberView, String>)]) -> Result<E
 /// not here: they are counted and reported.
 #[derive(Debug)]
 pub enum BenchError {
-    /// The endpoint could not be connected to before the run.
-    Connect { endpoint: String, source: tonic::transport::Error },
+    /// The endpoint could not be connected to before the run; why, in words (the TLS cause
+    /// when the handshake failed).
+    Connect { endpoint: String, why: String },
     /// `--target-leader`: no endpoint is the leader; one reason per endpoint.
     NoLeader(Vec<String>),
     /// The runtime could not start.
@@ -566,9 +567,7 @@ impl fmt::Display for WatchFailure {
 impl fmt::Display for BenchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BenchError::Connect { endpoint, source } => {
-                write!(f, "cannot connect to {endpoint}: {}", error_chain(source))
-            }
+            BenchError::Connect { endpoint, why } => write!(f, "cannot connect to {endpoint}: {why}"),
             BenchError::NoLeader(reasons) => {
                 write!(f, "no endpoint is the leader (--target-leader): {}", reasons.join(", "))
             }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -16,6 +17,8 @@ use hyper_util::rt::TokioExecutor;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+use crate::tls::{Alpn, ClientTls, Connector, TlsError};
 
 /// Largest answer body read into memory. Range answers are not bounded by the server's
 /// `max_request_bytes`, so this is generous; it only stops a runaway answer.
@@ -36,23 +39,39 @@ const KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_')
 // Endpoints and URL encoding
 // ---------------------------------------------------------------------------------------------
 
-/// One server client address, `host:port`. Displayed without a scheme, as the user knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One server client address, `host:port`, and how it is dialed: plaintext, or TLS with the
+/// client's [`ClientTls`]. Displayed as the user knows it: `host:port`, `https://host:port`
+/// when dialed over TLS.
+#[derive(Clone)]
 pub struct Endpoint {
     authority: String,
+    scheme: Scheme,
+    /// Set (by [`Endpoint::secured`]) exactly when this endpoint is dialed over TLS.
+    tls: Option<Arc<ClientTls>>,
+}
+
+/// The scheme an endpoint was given with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scheme {
+    /// `host:port`: TLS when `--cacert` is given, as etcdctl does.
+    Bare,
+    Http,
+    Https,
 }
 
 impl Endpoint {
-    /// Parses `host:port` or `http://host:port` (a trailing `/` is allowed). A port is required:
-    /// `http://host` meaning port 80 would surprise a user of a store that listens on 2379.
+    /// Parses `host:port`, `http://host:port` or `https://host:port` (a trailing `/` is allowed).
+    /// A port is required: `http://host` meaning port 80 would surprise a user of a store that
+    /// listens on 2379. An `https://` endpoint is usable only once [`Endpoint::secured`].
     pub fn parse(input: &str) -> Result<Endpoint, EndpointError> {
         let trimmed = input.trim();
         if trimmed.is_empty() {
             return Err(EndpointError::Empty);
         }
-        let rest = match trimmed.split_once("://") {
-            None => trimmed,
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        let (scheme, rest) = match trimmed.split_once("://") {
+            None => (Scheme::Bare, trimmed),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (Scheme::Http, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (Scheme::Https, rest),
             Some((scheme, _)) => return Err(EndpointError::Scheme(scheme.to_owned())),
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
@@ -72,23 +91,75 @@ impl Endpoint {
                 EndpointError::NoPort(input.to_owned())
             });
         }
-        Ok(Endpoint { authority: authority.as_str().to_owned() })
+        Ok(Endpoint { authority: authority.as_str().to_owned(), scheme, tls: None })
+    }
+
+    /// Decides how the endpoint is dialed, given the client's TLS settings (`None`: no
+    /// `--cacert`): `https://` over TLS (refused without settings), `http://` in plaintext, a bare
+    /// `host:port` over TLS exactly when there are settings.
+    pub fn secured(mut self, tls: Option<&Arc<ClientTls>>) -> Result<Endpoint, TlsError> {
+        self.tls = match (self.scheme, tls) {
+            (Scheme::Http, _) | (Scheme::Bare, None) => None,
+            (Scheme::Https | Scheme::Bare, Some(tls)) => Some(tls.clone()),
+            (Scheme::Https, None) => {
+                return Err(TlsError::HttpsWithoutCacert(format!("https://{}", self.authority)))
+            }
+        };
+        Ok(self)
+    }
+
+    /// Whether the endpoint is dialed over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The TLS settings it is dialed with, if any.
+    pub fn tls(&self) -> Option<&Arc<ClientTls>> {
+        self.tls.as_ref()
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// `scheme://host:port` with the scheme it is dialed with.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.is_tls() { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority)
     }
 
     fn url(&self, path_and_query: &str) -> String {
-        format!("http://{}{}", self.authority, path_and_query)
+        format!("{}{}", self.base_url(), path_and_query)
+    }
+}
+
+impl PartialEq for Endpoint {
+    fn eq(&self, other: &Endpoint) -> bool {
+        self.authority == other.authority && self.scheme == other.scheme && self.is_tls() == other.is_tls()
+    }
+}
+
+impl Eq for Endpoint {}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Endpoint({self})")
     }
 }
 
 impl From<std::net::SocketAddr> for Endpoint {
-    /// A socket address is always a valid `host:port` (IPv6 in brackets).
+    /// A socket address is always a valid `host:port` (IPv6 in brackets), dialed in plaintext.
     fn from(addr: std::net::SocketAddr) -> Endpoint {
-        Endpoint { authority: addr.to_string() }
+        Endpoint { authority: addr.to_string(), scheme: Scheme::Bare, tls: None }
     }
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_tls() {
+            f.write_str("https://")?;
+        }
         f.write_str(&self.authority)
     }
 }
@@ -107,7 +178,9 @@ impl fmt::Display for EndpointError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EndpointError::Empty => write!(f, "empty endpoint (expected host:port)"),
-            EndpointError::Scheme(s) => write!(f, "unsupported scheme '{s}://' (only http:// is served)"),
+            EndpointError::Scheme(s) => {
+                write!(f, "unsupported scheme '{s}://' (expected http:// or https://)")
+            }
             EndpointError::Path(e) => write!(f, "endpoint '{e}' has a path (expected host:port)"),
             EndpointError::NoPort(e) => write!(f, "endpoint '{e}' has no port (expected host:port)"),
             EndpointError::Invalid(e) => write!(f, "invalid endpoint '{e}' (expected host:port)"),
@@ -154,7 +227,7 @@ pub enum Unreachable {
     /// No complete answer within `--timeout`. The request may have been sent and carried out:
     /// keel cannot tell whether the deadline struck while connecting or after sending.
     TimedOut(Duration),
-    /// Connecting failed (refused, unroutable): nothing was sent.
+    /// Connecting failed (refused, unroutable, the TLS handshake refused): nothing was sent.
     Connect(hyper_util::client::legacy::Error),
     /// The exchange failed after connecting (reset, closed before the answer): the request may
     /// have been sent and carried out.
@@ -226,7 +299,7 @@ pub enum ClientError {
     NoEndpoint(Vec<Attempt>),
     /// A write reached `last` and no complete answer came back: it may have been applied, so it
     /// was not sent to another endpoint. `before` are the endpoints that certainly did not apply it.
-    OutcomeUnknown { before: Vec<Attempt>, last: Attempt },
+    OutcomeUnknown { before: Vec<Attempt>, last: Box<Attempt> },
     /// The server refused the request with a non-retryable error (`docs/http-api.md`, Errors).
     Server { code: String, message: String },
     /// An error status without the JSON error body (a proxy, or not a keeld).
@@ -337,6 +410,9 @@ pub fn format_duration(d: Duration) -> String {
 /// A short human reason from an error chain: the innermost I/O error when there is one
 /// ("connection refused" rather than "client error (Connect)").
 fn describe_cause(err: &(dyn StdError + 'static)) -> String {
+    if let Some(tls) = crate::tls::explain(err) {
+        return tls;
+    }
     let mut innermost: &(dyn StdError + 'static) = err;
     let mut io: Option<&std::io::Error> = None;
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
@@ -461,11 +537,15 @@ enum Outcome {
 pub struct Client {
     endpoints: Vec<Endpoint>,
     timeout: Duration,
-    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    /// How endpoints met along the way (members' client addresses) are dialed.
+    tls: Option<Arc<ClientTls>>,
+    http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
 }
 
 impl Client {
-    pub fn new(endpoints: Vec<Endpoint>, timeout: Duration) -> Client {
+    /// A client of `endpoints` (each already [`Endpoint::secured`]); `tls` is what other
+    /// addresses it is told of are dialed with.
+    pub fn new(endpoints: Vec<Endpoint>, timeout: Duration, tls: Option<Arc<ClientTls>>) -> Client {
         let mut connector = HttpConnector::new();
         // Bounds connecting on its own, for the requests whose answer may take long to come
         // ([`Client::call_waiting`]); the other requests are bounded as a whole anyway.
@@ -475,8 +555,9 @@ impl Client {
         connector.set_keepalive(Some(TCP_KEEPALIVE_IDLE));
         connector.set_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL));
         connector.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
+        let connector = Connector::new(connector, tls.clone(), Alpn::Http1);
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
-        Client { endpoints, timeout, http }
+        Client { endpoints, timeout, tls, http }
     }
 
     /// The same client (same endpoints and connections) with another per-request timeout.
@@ -519,7 +600,10 @@ impl Client {
                     let fail_over = may_fail_over(request, &failure);
                     let attempt = Attempt { endpoint: endpoint.clone(), failure };
                     if !fail_over {
-                        return Err(ClientError::OutcomeUnknown { before: attempts, last: attempt });
+                        return Err(ClientError::OutcomeUnknown {
+                            before: attempts,
+                            last: Box::new(attempt),
+                        });
                     }
                     attempts.push(attempt);
                 }
@@ -599,6 +683,13 @@ impl Client {
         self.timeout
     }
 
+    /// An address met along the way (a member's client address), dialed as the client's own
+    /// endpoints are: over TLS when the client has `--cacert`, unless it says `http://`.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, String> {
+        let endpoint = Endpoint::parse(addr).map_err(|e| e.to_string())?;
+        endpoint.secured(self.tls.as_ref()).map_err(|e| e.to_string())
+    }
+
     /// Sends to exactly one endpoint, with no failover (e.g. one member's own status).
     pub async fn call_one(&self, endpoint: &Endpoint, request: &ApiRequest) -> Result<Answer, ClientError> {
         match self.call_endpoint(endpoint, request, Some(self.timeout)).await {
@@ -608,7 +699,7 @@ impl Client {
                 Err(if may_fail_over(request, &attempt.failure) {
                     ClientError::NoEndpoint(vec![attempt])
                 } else {
-                    ClientError::OutcomeUnknown { before: Vec::new(), last: attempt }
+                    ClientError::OutcomeUnknown { before: Vec::new(), last: Box::new(attempt) }
                 })
             }
         }
@@ -635,7 +726,10 @@ impl Client {
         // One deadline covers connecting, sending and reading the whole answer.
         let exchange = async {
             let response = self.http.request(http_request).await.map_err(|e| {
-                if e.is_connect() {
+                // A server that refuses our certificate (or its absence) says so once the TLS 1.3
+                // handshake is over on our side, when the request may be on its way: it never
+                // read the request, as surely as if connecting had failed.
+                if e.is_connect() || crate::tls::refused_in_handshake(&e) {
                     Unreachable::Connect(e)
                 } else {
                     Unreachable::Transport(e)
@@ -969,9 +1063,21 @@ mod tests {
     }
 
     #[test]
+    fn without_cacert_only_https_is_refused_and_nothing_is_tls() {
+        let plain = |e: &str| Endpoint::parse(e).expect("valid endpoint").secured(None);
+        for e in ["127.0.0.1:2379", "http://127.0.0.1:2379"] {
+            let endpoint = plain(e).expect("dialed in plaintext");
+            assert!(!endpoint.is_tls());
+            assert_eq!(endpoint.base_url(), "http://127.0.0.1:2379");
+        }
+        let refused = plain("https://127.0.0.1:2379").expect_err("https needs --cacert");
+        assert!(refused.to_string().starts_with("https://127.0.0.1:2379 needs --cacert"), "{refused}");
+    }
+
+    #[test]
     fn endpoints_reject_what_cannot_be_dialed() {
         assert_eq!(Endpoint::parse(""), Err(EndpointError::Empty));
-        assert_eq!(Endpoint::parse("https://a:1"), Err(EndpointError::Scheme("https".into())));
+        assert_eq!(Endpoint::parse("ftp://a:1"), Err(EndpointError::Scheme("ftp".into())));
         assert_eq!(Endpoint::parse("a:1/v1"), Err(EndpointError::Path("a:1/v1".into())));
         assert_eq!(Endpoint::parse("localhost"), Err(EndpointError::NoPort("localhost".into())));
         assert_eq!(Endpoint::parse("http://a"), Err(EndpointError::NoPort("http://a".into())));
@@ -980,8 +1086,8 @@ mod tests {
         assert_eq!(Endpoint::parse("[::1]"), Err(EndpointError::NoPort("[::1]".into())));
         assert_eq!(Endpoint::parse("user@a:1"), Err(EndpointError::Invalid("user@a:1".into())));
         assert_eq!(
-            Endpoint::parse("https://a:1").expect_err("https is refused").to_string(),
-            "unsupported scheme 'https://' (only http:// is served)"
+            Endpoint::parse("ftp://a:1").expect_err("ftp is refused").to_string(),
+            "unsupported scheme 'ftp://' (expected http:// or https://)"
         );
     }
 
@@ -1126,7 +1232,7 @@ mod tests {
     #[tokio::test]
     async fn connect_errors_are_told_apart_from_errors_after_sending() {
         let port = keel_testkit::free_port();
-        let client = Client::new(Vec::new(), Duration::from_secs(5));
+        let client = Client::new(Vec::new(), Duration::from_secs(5), None);
         let ep = Endpoint::parse(&format!("127.0.0.1:{port}")).expect("valid endpoint");
         let put = ApiRequest::put_bytes("/v1/kv/k".into(), b"v".to_vec());
         match client.call_endpoint(&ep, &put, Some(Duration::from_secs(5))).await {
@@ -1147,10 +1253,10 @@ mod tests {
                 endpoint: Endpoint::parse("127.0.0.1:2379").expect("valid endpoint"),
                 failure: Unreachable::Retryable { code: "no_leader".into(), message: "no leader".into() },
             }],
-            last: Attempt {
+            last: Box::new(Attempt {
                 endpoint: Endpoint::parse("127.0.0.1:22379").expect("valid endpoint"),
                 failure: Unreachable::TimedOut(Duration::from_millis(500)),
-            },
+            }),
         };
         assert_eq!(
             err.to_string(),

@@ -18,15 +18,18 @@ use std::io::{self, Write as _};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::certs;
 use crate::client::{
     decode_kvs, kv_path, with_query, ApiRequest, Client, ClientError, Endpoint, Kv, RangeAnswer,
 };
+use crate::tls::{ClientTls, TlsFiles};
 
 /// The founding members are nodes 1..=NODES.
 const NODES: u64 = 3;
@@ -63,6 +66,15 @@ pub struct DemoArgs {
     /// Keep the temporary directory (data dirs and logs) instead of removing it at the end.
     #[arg(long)]
     pub keep: bool,
+    /// TLS on both ports of every node, with mutual TLS: certificates from `keel certs` in the
+    /// demo's directory, each node's for its client port, its peer port and dialing its peers,
+    /// `root`'s for the demo's requests.
+    #[arg(long)]
+    pub tls: bool,
+    /// After step 5, leave the cluster running until Ctrl+C (then step 6, exit 0), to try the
+    /// commands printed in step 1 against it.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -89,6 +101,8 @@ pub enum DemoError {
     /// Acknowledged writes that a read did not return as written: what the demo exists to show
     /// cannot happen.
     Lost { missing: Vec<String>, acknowledged: usize },
+    /// The certificates of `--tls` could not be made or read.
+    Certs(String),
     /// Ctrl+C.
     Interrupted,
 }
@@ -124,6 +138,7 @@ impl fmt::Display for DemoError {
             }
             DemoError::Signal(e) => write!(f, "cannot handle Ctrl+C ({e}), so no node was started"),
             DemoError::Io { doing, source } => write!(f, "{doing}: {source}"),
+            DemoError::Certs(e) => write!(f, "--tls: {e}"),
             DemoError::TimedOut { waited_for, after, last, logs } => {
                 write!(f, "timed out after {} waiting for {waited_for} (last: {last}); see ", secs(*after))?;
                 let logs: Vec<String> = logs.iter().map(|l| l.display().to_string()).collect();
@@ -169,8 +184,15 @@ pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
     out.line("keel demo: a 3-node cluster on loopback loses its leader and keeps every acknowledged write");
     out.line(format!("keeld: {}", keeld.display()));
     out.line(format!("data and logs: {}", dir.display()));
+    if args.tls {
+        out.line(format!(
+            "TLS on both ports, client certificates required; certificates (keel certs) in {}",
+            dir.join("certs").display()
+        ));
+    }
 
-    let outcome = match Cluster::new(keeld, &dir) {
+    let tls = if args.tls { Some(make_certs(&dir)) } else { None };
+    let outcome = match tls.transpose().and_then(|tls| Cluster::new(keeld, &dir, tls)) {
         Err(e) => Err(e),
         Ok(mut cluster) => {
             let outcome = tokio::select! {
@@ -183,6 +205,10 @@ pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
                     Err(e) => DemoError::Signal(e),
                 }),
                 result = steps(&mut cluster, &mut out) => result,
+            };
+            let outcome = match outcome {
+                Ok(()) if args.hold => hold(&mut cluster, &mut out).await,
+                other => other,
             };
             match &outcome {
                 Ok(()) => out.begin(step(6, "stopping the cluster")),
@@ -220,7 +246,7 @@ pub async fn run(args: DemoArgs) -> Result<String, DemoError> {
 
 /// Steps 1 to 5; the caller stops the cluster (step 6) whatever happens here.
 async fn steps(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
-    let probe = Client::new(Vec::new(), PROBE_TIMEOUT);
+    let probe = Client::new(Vec::new(), PROBE_TIMEOUT, cluster.client_tls());
     let all: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
 
     out.begin(step(1, format!("starting {NODES} keeld nodes")));
@@ -236,9 +262,14 @@ async fn steps(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
         out.detail(format!("node {}: pid {pid}, client {}, peer {}", node.id, node.client, node.peer));
     }
     out.detail(format!("leader: node {leader} ({})", cluster.node(leader)?.client));
+    let scheme = if cluster.tls.is_some() { "https" } else { "http" };
+    let endpoints: Vec<String> = cluster.nodes.iter().map(|n| format!("{scheme}://{}", n.client)).collect();
+    for line in commands(&endpoints.join(","), cluster.tls.as_ref()) {
+        out.detail(line);
+    }
 
-    let client =
-        Client::new(cluster.nodes.iter().map(|n| Endpoint::from(n.client)).collect(), REQUEST_TIMEOUT);
+    let all_endpoints = all.iter().map(|&id| cluster.endpoint(id)).collect::<Result<Vec<_>, _>>()?;
+    let client = Client::new(all_endpoints, REQUEST_TIMEOUT, cluster.client_tls());
     out.begin(step(2, format!("writing {FIRST_WRITES} keys")));
     let started = Instant::now();
     let mut acked = BTreeMap::new();
@@ -280,7 +311,7 @@ async fn steps(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
     check_all_readable(&acked, &read, out)?;
     out.detail(format!("all {} acknowledged writes readable: yes (no acknowledged write lost)", acked.len()));
 
-    let leader_addr = Endpoint::from(cluster.node(new_leader)?.client);
+    let leader_addr = cluster.endpoint(new_leader)?;
     let target = node_status(&probe, &leader_addr)
         .await
         .map_err(|source| DemoError::Request {
@@ -294,11 +325,24 @@ async fn steps(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
     cluster.start(leader)?;
     let applied = wait_applied(cluster, &probe, leader, target).await?;
     out.end(format!("caught up to applied index {applied} ({})", secs(started.elapsed())));
-    let restarted = Endpoint::from(cluster.node(leader)?.client);
+    let restarted = cluster.endpoint(leader)?;
     let local = read_all(&client, Some(&restarted)).await?;
     check_all_readable(&acked, &local, out)?;
     out.detail(format!("node {leader} holds all {} acknowledged writes in its own state: yes", acked.len()));
     Ok(())
+}
+
+/// `--hold`: the cluster keeps running until Ctrl+C (the handler is still installed: the
+/// select in [`run`] polled it first), checked on every second so that a node that exits says so.
+async fn hold(cluster: &mut Cluster, out: &mut Out) -> Result<(), DemoError> {
+    out.line("holding the cluster (--hold): try the commands of step 1; Ctrl+C stops it");
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            signal = tokio::signal::ctrl_c() => return signal.map_err(DemoError::Signal),
+            _ = ticks.tick() => cluster.check_running()?,
+        }
+    }
 }
 
 /// Step 4 bar the writer: waits for some acknowledged writes, SIGKILLs the leader, waits for the
@@ -386,7 +430,7 @@ async fn wait_ready(cluster: &mut Cluster, probe: &Client) -> Result<(), DemoErr
         let mut not_ready = Vec::new();
         for node in &cluster.nodes {
             let request = ApiRequest::get("/ready".into());
-            if let Err(e) = probe.call_one(&Endpoint::from(node.client), &request).await {
+            if let Err(e) = probe.call_one(&cluster.endpoint(node.id)?, &request).await {
                 not_ready.push(format!("node {}: {e}", node.id));
             }
         }
@@ -411,7 +455,7 @@ async fn wait_leader(
         let mut statuses = Vec::new();
         let mut seen = Vec::new();
         for &id in among {
-            match node_status(probe, &Endpoint::from(cluster.node(id)?.client)).await {
+            match node_status(probe, &cluster.endpoint(id)?).await {
                 Ok(status) => {
                     seen.push(format!("node {id}: {status}"));
                     statuses.push((id, status));
@@ -430,8 +474,7 @@ async fn wait_leader(
 
 /// Polls node `id` until it has applied the log up to `target`; returns its applied index.
 async fn wait_applied(cluster: &mut Cluster, probe: &Client, id: u64, target: u64) -> Result<u64, DemoError> {
-    let node = cluster.node(id)?;
-    let (addr, log) = (Endpoint::from(node.client), node.log.clone());
+    let (addr, log) = (cluster.endpoint(id)?, cluster.node(id)?.log.clone());
     let wait =
         Wait::new(format!("node {id} to apply the log up to index {target}"), CATCH_UP_DEADLINE, vec![log]);
     loop {
@@ -626,11 +669,13 @@ struct Cluster {
     keeld: PathBuf,
     initial_cluster: String,
     nodes: Vec<Node>,
+    /// `--tls`: the certificates, and the client's settings made of them.
+    tls: Option<DemoTls>,
 }
 
 impl Cluster {
     /// Chooses the addresses and files of nodes 1..=NODES under `dir`; starts nothing.
-    fn new(keeld: PathBuf, dir: &Path) -> Result<Cluster, DemoError> {
+    fn new(keeld: PathBuf, dir: &Path, tls: Option<DemoTls>) -> Result<Cluster, DemoError> {
         let bind_error = |source| DemoError::Io { doing: "binding a loopback port".into(), source };
         // Every listener stays bound until all are chosen, so the ports are distinct; then they
         // are released for keeld. Another process could take one in between: keeld would then
@@ -652,7 +697,17 @@ impl Cluster {
         }
         drop(held);
         let initial_cluster: Vec<String> = nodes.iter().map(|n| format!("{}={}", n.id, n.peer)).collect();
-        Ok(Cluster { keeld, initial_cluster: initial_cluster.join(","), nodes })
+        Ok(Cluster { keeld, initial_cluster: initial_cluster.join(","), nodes, tls })
+    }
+
+    /// Node `id`'s client address, dialed as the demo dials it (TLS with `--tls`).
+    fn endpoint(&self, id: u64) -> Result<Endpoint, DemoError> {
+        let plain = Endpoint::from(self.node(id)?.client);
+        plain.secured(self.client_tls().as_ref()).map_err(|e| DemoError::Certs(e.to_string()))
+    }
+
+    fn client_tls(&self) -> Option<Arc<ClientTls>> {
+        self.tls.as_ref().map(|t| t.client.clone())
     }
 
     fn node(&self, id: u64) -> Result<&Node, DemoError> {
@@ -665,7 +720,7 @@ impl Cluster {
 
     /// Starts node `id` (again: a restarted node resumes from its data dir).
     fn start(&mut self, id: u64) -> Result<(), DemoError> {
-        let Cluster { keeld, initial_cluster, nodes } = self;
+        let Cluster { keeld, initial_cluster, nodes, tls } = self;
         let node = nodes.iter_mut().find(|n| n.id == id).ok_or(DemoError::UnknownNode(id))?;
         let log = OpenOptions::new()
             .create(true)
@@ -684,6 +739,7 @@ impl Cluster {
             .arg(node.peer.to_string())
             .arg("--initial-cluster")
             .arg(&*initial_cluster)
+            .args(tls.as_ref().map(|t| t.keeld_flags(id)).unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_too)
@@ -744,6 +800,81 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `--tls`: the certificates `keel certs` made in `<dir>/certs` (a CA, one per node, `root`'s),
+/// and the demo's client settings.
+struct DemoTls {
+    dir: PathBuf,
+    client: Arc<ClientTls>,
+}
+
+impl DemoTls {
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// etcd's flags, as keeld takes them: TLS on both ports, client certificates required on
+    /// both, the node's own certificate for both and for dialing its peers.
+    fn keeld_flags(&self, id: u64) -> Vec<String> {
+        let (cert, key, ca) =
+            (self.file(&format!("n{id}.pem")), self.file(&format!("n{id}-key.pem")), self.file("ca.pem"));
+        let mut flags = Vec::new();
+        for (flag, value) in [
+            ("--cert-file", &cert),
+            ("--key-file", &key),
+            ("--trusted-ca-file", &ca),
+            ("--peer-cert-file", &cert),
+            ("--peer-key-file", &key),
+            ("--peer-trusted-ca-file", &ca),
+        ] {
+            flags.push(flag.to_owned());
+            flags.push(value.clone());
+        }
+        flags.push("--client-cert-auth".to_owned());
+        flags.push("--peer-client-cert-auth".to_owned());
+        flags
+    }
+}
+
+/// The commands that reach the cluster while it runs (`--hold` keeps it running).
+fn commands(endpoints: &str, tls: Option<&DemoTls>) -> Vec<String> {
+    let flags = tls.map_or(String::new(), |t| {
+        format!(
+            " --cacert {} --cert {} --key {}",
+            t.file("ca.pem"),
+            t.file("root.pem"),
+            t.file("root-key.pem")
+        )
+    });
+    vec![
+        format!("try: keel --endpoints {endpoints}{flags} get --prefix {PREFIX}"),
+        format!("     ETCDCTL_API=3 etcdctl --endpoints {endpoints}{flags} get --prefix {PREFIX}"),
+    ]
+}
+
+/// Makes the certificates of `--tls` in `<dir>/certs` with `keel certs`: a CA, one for each
+/// node (127.0.0.1 and localhost), and `root`'s client certificate; reads the client's settings.
+fn make_certs(dir: &Path) -> Result<DemoTls, DemoError> {
+    let certs_dir = dir.join("certs");
+    let common = || certs::Common::in_dir(certs_dir.clone());
+    let failed = |e: certs::CertsError| DemoError::Certs(e.to_string());
+    certs::run(certs::CertsCommand::Init { common: common() }).map_err(failed)?;
+    for id in 1..=NODES {
+        let hosts = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+        certs::run(certs::CertsCommand::Node { name: format!("n{id}"), hosts, common: common() })
+            .map_err(failed)?;
+    }
+    certs::run(certs::CertsCommand::Client { name: "root".to_owned(), common: common() }).map_err(failed)?;
+    let files = TlsFiles {
+        cacert: Some(certs_dir.join("ca.pem")),
+        cert: Some(certs_dir.join("root.pem")),
+        key: Some(certs_dir.join("root-key.pem")),
+    };
+    let client = ClientTls::load(&files)
+        .map_err(|e| DemoError::Certs(e.to_string()))?
+        .ok_or_else(|| DemoError::Certs("no client settings".to_owned()))?;
+    Ok(DemoTls { dir: certs_dir, client })
 }
 
 /// Wraps an I/O error with what was being done.

@@ -1,9 +1,13 @@
-//! `keel`: the command-line client for Keel clusters, over the HTTP/JSON API (`docs/http-api.md`).
+//! `keel`: the command-line client for Keel clusters, over the HTTP/JSON API (`docs/http-api.md`),
+//! in plaintext or TLS.
 //!
 //! # Layout
 //!
 //! - `main.rs`: the command line (clap) and one function per command.
 //! - `client.rs`: endpoints, failover, the wire types and the error a command reports.
+//! - `tls.rs`: `--cacert/--cert/--key` into rustls configs, the connector both clients dial
+//!   through (HTTP/1.1 and gRPC), and what a failed handshake means in words.
+//! - `certs.rs`: `keel certs`, a development CA and the certificates it signs (rcgen).
 //! - `txn.rs`: etcdctl's txn syntax into the `POST /v1/txn` body.
 //! - `output.rs`: text and JSON output.
 //! - `lease.rs`: `keel lease …` and lease ids (hex for people, i64 on the wire).
@@ -24,6 +28,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod bench;
+mod certs;
 mod client;
 mod debug;
 mod demo;
@@ -32,11 +37,13 @@ mod lease;
 mod lock;
 mod output;
 mod session;
+mod tls;
 mod txn;
 
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, BufRead as _, IsTerminal as _, Read as _, Write as _};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -55,7 +62,8 @@ use txn::{Section, TxnError, TxnParser};
 #[derive(Parser, Debug)]
 #[command(name = "keel", version, about = "Command-line client for Keel clusters (HTTP/JSON API)")]
 struct Cli {
-    /// Client addresses to try in order, comma-separated: host:port or http://host:port.
+    /// Client addresses to try in order, comma-separated: host:port, http://host:port or
+    /// https://host:port (host:port is TLS when --cacert is given).
     #[arg(
         long,
         global = true,
@@ -66,6 +74,19 @@ struct Cli {
         default_value = "127.0.0.1:2379"
     )]
     endpoints: Vec<Endpoint>,
+
+    /// Verify servers' certificates with this CA (PEM); turns TLS on.
+    #[arg(long, global = true, env = "KEEL_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
+
+    /// Present this client certificate (PEM), for servers with --client-cert-auth.
+    #[arg(long = "cert", id = "tls_cert", global = true, env = "KEEL_CERT", value_name = "FILE")]
+    cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM).
+    // Not the id `key`: that is the commands' KEY argument.
+    #[arg(long = "key", id = "tls_key", global = true, env = "KEEL_KEY", value_name = "FILE")]
+    key: Option<PathBuf>,
 
     /// Print one JSON object per command (the server's answer) instead of text.
     #[arg(long, global = true)]
@@ -157,6 +178,9 @@ enum Command {
     /// Start a throwaway 3-node cluster of real keeld processes on loopback, kill its leader and
     /// show that no acknowledged write is lost (needs keeld: `cargo build -p keel-kv`).
     Demo(demo::DemoArgs),
+    /// A development CA and certificates for TLS (writes PEM files; keys mode 0600).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Offline inspection (no server needed).
     #[command(subcommand)]
     Debug(DebugCommand),
@@ -321,6 +345,11 @@ enum CliError {
     Demo(demo::DemoError),
     /// `keel debug` could not inspect; exit 1.
     Debug(String),
+    /// The TLS flags cannot be used (a file missing or unreadable, --cert without --key, https://
+    /// without --cacert); exit 2.
+    Tls(tls::TlsError),
+    /// `keel certs` wrote nothing; exit 1.
+    Certs(certs::CertsError),
     /// `keel debug truncate-log` without --yes: nothing was cut; exit 2.
     Unconfirmed(String),
     /// `keel watch` was canceled by the server (its start revision is compacted); exit 1.
@@ -350,6 +379,7 @@ impl CliError {
             | CliError::Stdin(_)
             | CliError::Bench(_)
             | CliError::Debug(_)
+            | CliError::Certs(_)
             | CliError::Watch(_)
             | CliError::Signals(_)
             | CliError::LockLost(_)
@@ -359,9 +389,11 @@ impl CliError {
             CliError::Queue(_, e) if matches!(**e, session::QueueError::Interrupted) => ExitCode::from(130),
             CliError::Queue(..) => ExitCode::from(1),
             CliError::CommandExit(code) => ExitCode::from(*code),
-            CliError::Txn(_) | CliError::EmptyKey | CliError::BenchUsage(_) | CliError::Unconfirmed(_) => {
-                ExitCode::from(2)
-            }
+            CliError::Txn(_)
+            | CliError::EmptyKey
+            | CliError::BenchUsage(_)
+            | CliError::Unconfirmed(_)
+            | CliError::Tls(_) => ExitCode::from(2),
             CliError::Demo(e) => ExitCode::from(e.exit_code()),
         }
     }
@@ -378,6 +410,8 @@ impl fmt::Display for CliError {
             CliError::Bench(e) => write!(f, "{e}"),
             CliError::Demo(e) => write!(f, "{e}"),
             CliError::Debug(e) => write!(f, "{e}"),
+            CliError::Tls(e) => write!(f, "{e}"),
+            CliError::Certs(e) => write!(f, "{e}"),
             CliError::Unconfirmed(e) => write!(f, "{e}"),
             CliError::Watch(e) => write!(f, "{e}"),
             CliError::Signals(e) => write!(f, "cannot catch SIGINT and SIGTERM: {e}"),
@@ -435,7 +469,21 @@ fn main() -> ExitCode {
 /// Runs one command; returns what to print on stdout.
 async fn run(cli: Cli) -> Result<String, CliError> {
     let json = cli.json;
-    let client = &Client::new(cli.endpoints.clone(), cli.timeout);
+    // Commands that dial no endpoint need no TLS files (`keel certs` writes them).
+    match cli.command {
+        Command::Certs(cmd) => return certs::run(cmd).map_err(CliError::Certs),
+        Command::Demo(args) => return demo::run(args).await.map_err(CliError::Demo),
+        _ => {}
+    }
+    let files = tls::TlsFiles { cacert: cli.cacert.clone(), cert: cli.cert.clone(), key: cli.key.clone() };
+    let tls = tls::ClientTls::load(&files).map_err(CliError::Tls)?;
+    let endpoints = cli
+        .endpoints
+        .iter()
+        .map(|e| e.clone().secured(tls.as_ref()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::Tls)?;
+    let client = &Client::new(endpoints.clone(), cli.timeout, tls);
     match cli.command {
         Command::Put { key, value, prev_kv, lease, ignore_lease } => {
             put(client, json, key, value, PutFlags { prev_kv, lease, ignore_lease }).await
@@ -459,7 +507,7 @@ async fn run(cli: Cli) -> Result<String, CliError> {
         Command::Lock(args) => lock::run(client, json, args).await,
         Command::Elect(args) => elect::run(client, json, args).await,
         Command::Cluster(cmd) => cluster(client, json, cmd).await,
-        Command::Demo(args) => demo::run(args).await.map_err(CliError::Demo),
+        Command::Certs(_) | Command::Demo(_) => Ok(String::new()), // run above
         Command::Debug(DebugCommand::DataDir { path }) => {
             debug::data_dir(&path, json).map_err(CliError::Debug)
         }
@@ -478,7 +526,7 @@ async fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::Bench(args) => {
             let plan = args.plan().map_err(CliError::BenchUsage)?;
-            bench::run(&cli.endpoints, cli.timeout, json, plan).await.map_err(CliError::Bench)
+            bench::run(&endpoints, cli.timeout, json, plan).await.map_err(CliError::Bench)
         }
         // Handled in `main`, before a runtime exists.
         Command::RunTied { .. } => Ok(String::new()),
@@ -868,7 +916,7 @@ async fn member_status(client: &Client, addr: &str) -> Result<(Value, StatusAnsw
     if addr.is_empty() {
         return Err("no client address".to_owned());
     }
-    let endpoint = Endpoint::parse(addr).map_err(|e| e.to_string())?;
+    let endpoint = client.endpoint(addr)?;
     let request = ApiRequest::get("/v1/cluster/status".into());
     match client.call_one(&endpoint, &request).await {
         Ok(answer) => {
@@ -909,7 +957,23 @@ mod tests {
         assert_eq!(shown, ["127.0.0.1:2379", "127.0.0.1:22379"]);
         assert!(cli.json);
         assert_eq!(cli.timeout, Duration::from_millis(500));
-        assert!(Cli::try_parse_from(["keel", "--endpoints", "https://a:1", "get", "k"]).is_err());
+        assert!(Cli::try_parse_from(["keel", "--endpoints", "ftp://a:1", "get", "k"]).is_err());
+        let cli = Cli::try_parse_from([
+            "keel",
+            "get",
+            "k",
+            "--endpoints",
+            "https://a:1",
+            "--cacert",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+        ])
+        .expect("parses");
+        assert_eq!(cli.cacert, Some(PathBuf::from("ca.pem")));
+        assert_eq!((cli.cert.is_some(), cli.key.is_some()), (true, true));
         assert!(Cli::try_parse_from(["keel", "--timeout", "0", "get", "k"]).is_err());
         assert!(Cli::try_parse_from(["keel", "--timeout", "-1", "get", "k"]).is_err());
         assert!(Cli::try_parse_from(["keel", "--timeout", "NaN", "get", "k"]).is_err());

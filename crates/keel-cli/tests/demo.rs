@@ -137,3 +137,49 @@ fn ctrl_c_stops_every_node_and_exits_130() {
     assert_eq!(processes_using(&dir), Vec::<String>::new(), "keeld left running");
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+/// `--tls --hold`: the same demo with TLS on both ports; the `keel` command it prints (with
+/// `--cacert`, `--cert`, `--key`) reads the demo's keys while the cluster is held; Ctrl+C then
+/// ends the hold with exit 0, no keeld left and no directory.
+#[test]
+fn with_tls_every_step_runs_over_tls_and_the_printed_command_works() {
+    let child = demo()
+        .args(["--tls", "--hold"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run keel demo");
+    let mut keel = Interrupt(child);
+    let mut stdout = BufReader::new(keel.0.stdout.take().expect("piped stdout"));
+    let mut seen = String::new();
+    while !seen.contains("holding the cluster (--hold)") {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).expect("read keel's stdout") == 0 {
+            panic!("keel demo --tls ended before holding its cluster:\n{seen}");
+        }
+        seen.push_str(&line);
+    }
+    assert!(seen.contains("acknowledged writes in its own state: yes"), "{seen}");
+    let dir = demo_dir(&seen);
+    assert!(seen.contains(&format!("certificates (keel certs) in {}/certs", dir.display())), "{seen}");
+
+    let try_keel = seen
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("try: keel "))
+        .unwrap_or_else(|| panic!("no 'try: keel' line in:\n{seen}"));
+    let args: Vec<&str> = try_keel.split_whitespace().collect();
+    assert!(args.contains(&"--cacert") && args.contains(&"--cert") && args.contains(&"--key"), "{try_keel}");
+    assert!(args[1].starts_with("https://"), "{try_keel}");
+    let read = Command::new(env!("CARGO_BIN_EXE_keel")).args(&args).output().expect("run keel");
+    let listed = String::from_utf8_lossy(&read.stdout);
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    assert!(listed.starts_with("demo/0000\nvalue-0\n"), "{listed}");
+
+    keel.send();
+    stdout.read_to_string(&mut seen).expect("read keel's stdout");
+    let status = keel.0.wait().expect("keel exits");
+    assert_eq!(status.code(), Some(0), "{seen}");
+    assert!(seen.contains("[6/6] stopping the cluster … done"), "{seen}");
+    assert_eq!(processes_using(&dir), Vec::<String>::new(), "keeld left running");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::client::legacy::connect::HttpConnector;
 use keel_kv::etcd::pb::etcdserverpb::kv_client::KvClient;
 use keel_kv::etcd::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use keel_kv::etcd::pb::etcdserverpb::{PutRequest, RangeRequest, StatusRequest};
@@ -23,6 +24,7 @@ use super::{
     Plan, PRELOAD_CLIENTS,
 };
 use crate::client::Endpoint;
+use crate::tls::{self, Alpn, Connector};
 
 /// A client that got an error waits this long before its next request, so that an endpoint that
 /// refuses at once (down, no leader) is not hammered in a tight loop that starves the others.
@@ -283,17 +285,25 @@ async fn preload(channels: &[Channel], plan: &Arc<Plan>) -> ErrorTally {
 }
 
 /// One HTTP/2 connection to `endpoint`, made now so that an unreachable endpoint fails the run
-/// before it starts; `timeout` bounds the connect and, later, every request on it.
+/// before it starts; `timeout` bounds the connect and, later, every request on it. A check
+/// first ([`tls::check_h2`], [`tls::check_h2_plaintext`]): HTTP/2 would hide why a server
+/// refused the handshake, or refused plaintext on a TLS port.
 pub(super) async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, BenchError> {
-    let failed = |source| BenchError::Connect { endpoint: endpoint.to_string(), source };
-    GrpcEndpoint::from_shared(format!("http://{endpoint}"))
-        .map_err(failed)?
+    let failed = |why: String| BenchError::Connect { endpoint: endpoint.to_string(), why };
+    match endpoint.tls() {
+        Some(client_tls) => tls::check_h2(endpoint.authority(), client_tls, timeout).await.map_err(failed)?,
+        None => tls::check_h2_plaintext(endpoint.authority(), timeout).await.map_err(failed)?,
+    }
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    let connector = Connector::new(tcp, endpoint.tls().cloned(), Alpn::H2);
+    GrpcEndpoint::from_shared(endpoint.base_url())
+        .map_err(|e| failed(error_chain(&e)))?
         .connect_timeout(timeout)
         .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
+        .connect_with_connector(connector)
         .await
-        .map_err(failed)
+        .map_err(|e| failed(tls::explain(&e).unwrap_or_else(|| error_chain(&e))))
 }
 
 /// Asks every endpoint (all at once) for its Maintenance.Status and returns the one that leads.
@@ -303,7 +313,7 @@ async fn find_leader(endpoints: &[Endpoint], timeout: Duration) -> Result<Endpoi
         let endpoint = endpoint.clone();
         queries.push(tokio::spawn(async move {
             let channel = connect(&endpoint, timeout).await.map_err(|e| match e {
-                BenchError::Connect { source, .. } => format!("cannot connect: {}", error_chain(&source)),
+                BenchError::Connect { why, .. } => format!("cannot connect: {why}"),
                 other => other.to_string(),
             })?;
             let status = MaintenanceClient::new(channel)

@@ -76,6 +76,16 @@ impl Cluster {
     /// Starts nodes 1-3 as a new cluster and waits until every one is ready and every member's
     /// client address is in the membership (`keel cluster status` needs them).
     pub fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// [`Cluster::start`] with TLS on both ports and client certificates required on both, from
+    /// the certificates [`make_certs`] wrote in `certs` (node `id`'s is `n<id>`).
+    pub fn start_tls(certs: &Path) -> Cluster {
+        Cluster::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&Path>) -> Cluster {
         let keeld = Path::new(env!("CARGO_BIN_EXE_keel")).with_file_name("keeld");
         assert!(
             keeld.is_file(),
@@ -101,29 +111,50 @@ impl Cluster {
         let initial: Vec<String> = (1..=3).map(|id| format!("{id}={}", cluster.node(id).peer)).collect();
         let initial = initial.join(",");
         for id in 1..=3 {
-            cluster.spawn(id, &["--initial-cluster", &initial]);
+            let mut extra = vec!["--initial-cluster".to_owned(), initial.clone()];
+            if let Some(certs) = certs {
+                extra.extend(keeld_tls_flags(certs, id));
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            cluster.spawn(id, &extra);
+        }
+        let clients: Vec<String> = (1..=3).map(|id| cluster.client(id)).collect();
+        if let Some(certs) = certs {
+            // Ready: every node answers over TLS with the whole membership.
+            for id in 1..=3 {
+                wait_until(&format!("keeld {id} answers over TLS with every client address"), || {
+                    cluster.check_running(id);
+                    let mut args = client_tls_flags(certs);
+                    args.extend(["cluster".to_owned(), "members".to_owned(), "--json".to_owned()]);
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let run = keel(&format!("https://{}", cluster.client(id)), &args);
+                    let members: Value =
+                        serde_json::from_str(&run.stdout).map_err(|e| format!("{e}: {}", run.stderr))?;
+                    check_published(&members, &clients)
+                });
+            }
+            return cluster;
         }
         for id in 1..=3 {
             cluster.wait_ready(id);
         }
-        let clients: Vec<String> = (1..=3).map(|id| cluster.client(id)).collect();
         for id in 1..=3 {
             wait_until(&format!("every client address in node {id}'s membership"), || {
-                let members = members_json(&cluster.client(id))?;
-                let published: Vec<&str> = members["members"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|m| m["client_addr"].as_str().unwrap_or_default())
-                    .collect();
-                if published == clients {
-                    Ok(())
-                } else {
-                    Err(members.to_string())
-                }
+                check_published(&members_json(&cluster.client(id))?, &clients)
             });
         }
         cluster
+    }
+
+    /// Fails the test if node `id` has exited.
+    #[track_caller]
+    pub fn check_running(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("nodes 1 to 4 have addresses");
+        if let Some(child) = node.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("keeld {id} exited: {status}");
+            }
+        }
     }
 
     pub fn node(&self, id: u64) -> &Keeld {
@@ -211,6 +242,64 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Whether `members` (`GET /v1/cluster/members`) lists exactly `clients` as client addresses.
+fn check_published(members: &Value, clients: &[String]) -> Result<(), String> {
+    let published: Vec<&str> = members["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| m["client_addr"].as_str().unwrap_or_default())
+        .collect();
+    if published == clients {
+        Ok(())
+    } else {
+        Err(members.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+/// With `keel certs` in `dir`: a CA, `n1`..`n3` for nodes 1-3 (127.0.0.1 and localhost) and
+/// `root`'s client certificate.
+pub fn make_certs(dir: &Path) {
+    let d = dir.to_str().expect("utf-8 path");
+    keel("127.0.0.1:1", &["certs", "init", "--dir", d]).ok();
+    for n in ["n1", "n2", "n3"] {
+        keel("127.0.0.1:1", &["certs", "node", n, "--dir", d, "--host", "127.0.0.1", "--host", "localhost"])
+            .ok();
+    }
+    keel("127.0.0.1:1", &["certs", "client", "root", "--dir", d]).ok();
+}
+
+/// etcd's TLS flags for node `id`: its certificate on both ports, client certificates required.
+pub fn keeld_tls_flags(certs: &Path, id: u64) -> Vec<String> {
+    let file = |name: String| certs.join(name).display().to_string();
+    let (cert, key, ca) = (file(format!("n{id}.pem")), file(format!("n{id}-key.pem")), file("ca.pem".into()));
+    [
+        ("--cert-file", &cert),
+        ("--key-file", &key),
+        ("--trusted-ca-file", &ca),
+        ("--peer-cert-file", &cert),
+        ("--peer-key-file", &key),
+        ("--peer-trusted-ca-file", &ca),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_owned(), value.clone()])
+    .chain(["--client-cert-auth".to_owned(), "--peer-client-cert-auth".to_owned()])
+    .collect()
+}
+
+/// `--cacert ca.pem --cert root.pem --key root-key.pem` from `certs`.
+pub fn client_tls_flags(certs: &Path) -> Vec<String> {
+    let file = |name: &str| certs.join(name).display().to_string();
+    ["--cacert", &file("ca.pem"), "--cert", &file("root.pem"), "--key", &file("root-key.pem")]
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `GET /v1/cluster/members` of one node.
