@@ -193,13 +193,23 @@ pub struct Connector {
     tcp: HttpConnector,
     tls: Option<Arc<ClientTls>>,
     alpn: Alpn,
+    /// Dial with TLS whatever the URI's scheme (see [`Connector::grpc`]).
+    always_tls: bool,
 }
 
 impl Connector {
     pub fn new(mut tcp: HttpConnector, tls: Option<Arc<ClientTls>>, alpn: Alpn) -> Connector {
         // The scheme is this connector's business: `https://` must reach it.
         tcp.enforce_http(false);
-        Connector { tcp, tls, alpn }
+        Connector { tcp, tls, alpn, always_tls: false }
+    }
+
+    /// For tonic: it is handed `http://` URIs and dials with TLS when `tls` is given. tonic
+    /// refuses an `https://` URI itself when its own TLS feature is compiled in (another crate of
+    /// the build may enable it) and no tonic TLS config is set.
+    pub fn grpc(tcp: HttpConnector, tls: Option<Arc<ClientTls>>) -> Connector {
+        let always_tls = tls.is_some();
+        Connector { always_tls, ..Connector::new(tcp, tls, Alpn::H2) }
     }
 }
 
@@ -213,7 +223,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let https = uri.scheme_str() == Some("https");
+        let https = self.always_tls || uri.scheme_str() == Some("https");
         let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
         let tls = self.tls.clone();
         let alpn = self.alpn;

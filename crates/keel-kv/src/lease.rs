@@ -174,9 +174,15 @@ impl Lessor {
         extend: Duration,
         rows: impl FnOnce() -> Result<Vec<(i64, i64)>, StateMachineError>,
     ) -> Result<usize, StateMachineError> {
+        // `rows` reads the state, which waits for an apply in progress; an apply takes this lock
+        // (`load_once`, `applied`) while it holds the state: reading under the lock deadlocked a
+        // node that became leader during its first apply (it never answered again). So read
+        // first, unlocked. An apply that loads or applies meanwhile makes the rows redundant or
+        // re-applies a change they hold (a timer set again to its whole TTL): never one lost.
+        let rows = if self.lock().loaded { None } else { Some(rows()?) };
         let mut inner = self.lock();
-        if !inner.loaded {
-            inner.load(rows()?);
+        if let (false, Some(rows)) = (inner.loaded, rows) {
+            inner.load(rows);
         }
         let now = Instant::now();
         for t in inner.timers.values_mut() {

@@ -24,7 +24,7 @@ use super::{
     Plan, PRELOAD_CLIENTS,
 };
 use crate::client::Endpoint;
-use crate::tls::{self, Alpn, Connector};
+use crate::tls::{self, Connector};
 
 /// A client that got an error waits this long before its next request, so that an endpoint that
 /// refuses at once (down, no leader) is not hammered in a tight loop that starves the others.
@@ -296,8 +296,8 @@ pub(super) async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Ch
     }
     let mut tcp = HttpConnector::new();
     tcp.set_nodelay(true);
-    let connector = Connector::new(tcp, endpoint.tls().cloned(), Alpn::H2);
-    GrpcEndpoint::from_shared(endpoint.base_url())
+    let connector = Connector::grpc(tcp, endpoint.tls().cloned());
+    GrpcEndpoint::from_shared(format!("http://{}", endpoint.authority()))
         .map_err(|e| failed(error_chain(&e)))?
         .connect_timeout(timeout)
         .timeout(timeout)
