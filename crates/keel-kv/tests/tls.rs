@@ -159,6 +159,11 @@ impl Drop for Cluster {
     }
 }
 
+/// etcdctl's flags for a client presenting `who`'s certificate and trusting the cluster CA.
+fn client_flags<'a>(pki: &'a Pki, who: &'a CertFiles) -> [(&'static str, &'a Path); 3] {
+    [("cacert", pki.ca.cert.as_path()), ("cert", who.cert.as_path()), ("key", who.key.as_path())]
+}
+
 /// etcdctl with bounded timeouts and `tls` flags (`--cacert` etc.).
 fn etcdctl(endpoints: &str, tls: &[(&str, &Path)], args: &[&str]) -> Output {
     let mut cmd = Command::new("etcdctl");
@@ -235,8 +240,7 @@ fn etcdctl_over_tls_with_client_certificates_and_mutual_tls_between_members() {
     let pki = Pki::new();
     let c = Cluster::start(&pki, 3, |_| vec![]);
     let root = pki.ca.issue("root", Use::Client);
-    let good =
-        [("cacert", pki.ca.cert.as_path()), ("cert", root.cert.as_path()), ("key", root.key.as_path())];
+    let good = client_flags(&pki, &root);
     let all = c.endpoints();
     wait_until("the TLS cluster answers etcdctl", || ok(etcdctl(&all, &good, &["put", "foo", "bar"])));
     assert_eq!("foo\nbar\n", ok(etcdctl(&all, &good, &["get", "foo"])).expect("get"));
@@ -319,8 +323,7 @@ fn a_node_without_the_cluster_ca_cannot_join() {
     let pki = Pki::new();
     let c = Cluster::start(&pki, 1, |_| vec![]);
     let root = pki.ca.issue("root", Use::Client);
-    let good =
-        [("cacert", pki.ca.cert.as_path()), ("cert", root.cert.as_path()), ("key", root.key.as_path())];
+    let good = client_flags(&pki, &root);
     wait_until("the cluster answers", || ok(etcdctl(&c.endpoints(), &good, &["put", "a", "1"])));
 
     let intruder = pki.other.issue("n2", Use::Member);
@@ -356,8 +359,7 @@ fn replaced_certificates_take_effect_without_a_restart() {
     let pki = Pki::new();
     let c = Cluster::start(&pki, 1, |_| vec![]);
     let root = pki.ca.issue("root", Use::Client);
-    let good =
-        [("cacert", pki.ca.cert.as_path()), ("cert", root.cert.as_path()), ("key", root.key.as_path())];
+    let good = client_flags(&pki, &root);
     wait_until("the cluster answers", || ok(etcdctl(&c.endpoints(), &good, &["put", "a", "1"])));
     let client = c.nodes[0].client;
     assert_eq!("n1", tls_session(client, &pki.ca.cert, Some(&root)).expect("session"));
@@ -392,13 +394,7 @@ fn with_client_certificates_the_cn_is_the_user() {
     let c = Cluster::start(&pki, 1, |_| vec![]);
     let cert = |cn: &str| pki.ca.issue(cn, Use::Client);
     let (root, alice, mallory) = (cert("root"), cert("alice"), cert("mallory"));
-    let as_ = |who: &CertFiles, args: &[&str]| {
-        etcdctl(
-            &c.endpoints(),
-            &[("cacert", pki.ca.cert.as_path()), ("cert", who.cert.as_path()), ("key", who.key.as_path())],
-            args,
-        )
-    };
+    let as_ = |who: &CertFiles, args: &[&str]| etcdctl(&c.endpoints(), &client_flags(&pki, who), args);
     wait_until("the cluster answers", || ok(as_(&root, &["put", "other/x", "0"])));
     for args in [
         &["user", "add", "root:root-pw"][..],
