@@ -195,6 +195,8 @@ impl Connection {
             body_timeout: self.limits.header_timeout,
             cert_name,
         };
+        // etcd clients send `:authority` values h2 would refuse: see `h2_authority`.
+        let io = crate::h2_authority::LenientAuthority::new(io);
         let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let idle = activity.idle(self.limits);

@@ -8,6 +8,7 @@ pub mod client_port;
 pub mod compaction;
 pub mod config;
 pub mod etcd;
+pub mod h2_authority;
 pub mod history;
 pub mod http;
 pub mod lease;

@@ -295,7 +295,11 @@ fn kv_commands() {
 
 /// One line of `endpoint status`: (endpoint, member id, is leader).
 fn endpoint_status(ctl: &Etcdctl, endpoints: &str) -> Vec<(String, u64, bool)> {
-    let out = ctl.ok(endpoints, &["endpoint", "status"]);
+    endpoint_status_with(ctl, endpoints, &[])
+}
+
+fn endpoint_status_with(ctl: &Etcdctl, endpoints: &str, flags: &[&str]) -> Vec<(String, u64, bool)> {
+    let out = ctl.ok(endpoints, &[&["endpoint", "status"], flags].concat());
     out.lines()
         .map(|line| {
             // endpoint, id, version, db size, is leader, is learner, raft term, raft index,
@@ -335,6 +339,23 @@ fn cluster_commands() {
     let expected: Vec<(String, u64)> = c.nodes.iter().map(|n| (n.client.to_string(), n.id)).collect();
     assert_eq!(expected, status.iter().map(|s| (s.0.clone(), s.1)).collect::<Vec<_>>());
     let leader = the_leader(&status);
+    // `--cluster` dials the member list's URLs, and etcdctl 3.4 then sends `http://host:port` as
+    // HTTP/2's `:authority` (see keel-kv's h2_authority); so do `http://` endpoints.
+    let urls: Vec<String> = c.nodes.iter().map(|n| format!("http://{}", n.client)).collect();
+    let mut by_cluster = endpoint_status_with(&ctl, &urls[0], &["--cluster"]);
+    by_cluster.sort();
+    let mut by_url = endpoint_status(&ctl, &urls.join(","));
+    by_url.sort();
+    let mut listed: Vec<(String, u64, bool)> =
+        status.iter().map(|(ep, id, l)| (format!("http://{ep}"), *id, *l)).collect();
+    listed.sort();
+    assert_eq!((&listed, &listed), (&by_cluster, &by_url));
+    let hashes = ctl.ok(&urls[0], &["endpoint", "hashkv", "--cluster"]);
+    assert_eq!(
+        3,
+        hashes.lines().filter(|l| l.starts_with("http://") && l.contains(", ")).count(),
+        "{hashes}"
+    );
 
     let out = ctl.run(&all, &["endpoint", "health"], "");
     assert!(out.status.success(), "endpoint health: {out:?}");
