@@ -17,6 +17,7 @@ use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::get;
 use axum::routing::post;
+use axum::Extension;
 use axum::Router;
 use base64::Engine;
 use keel::NodeId;
@@ -328,7 +329,12 @@ fn parse_json<T: for<'de> Deserialize<'de>>(
 // ---------------------------------------------------------------------------------------------
 // Key-value
 
-async fn put_key(State(api): State<KvApi>, uri: Uri, body: Result<Bytes, BytesRejection>) -> Response {
+async fn put_key(
+    State(api): State<KvApi>,
+    caller: Option<Extension<auth::HttpCaller>>,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let r = async {
         let key = path_key(&uri)?;
         let q = query(&uri);
@@ -345,7 +351,7 @@ async fn put_key(State(api): State<KvApi>, uri: Uri, body: Result<Bytes, BytesRe
             prev_kv: flag(&q, "prev_kv")?,
             ..Default::default()
         };
-        match api.write(KvCommand::Put(put)).await? {
+        match api.write_as(auth::who(&caller), KvCommand::Put(put)).await? {
             (revision, OpResult::Put { prev_kv }) => {
                 // `prev_kv` only when there is one (docs/http-api.md: `"prev_kv": KV?`).
                 let mut body = json!({"revision": revision});
@@ -361,12 +367,12 @@ async fn put_key(State(api): State<KvApi>, uri: Uri, body: Result<Bytes, BytesRe
     counted(&api, r)
 }
 
-async fn get_key(State(api): State<KvApi>, uri: Uri) -> Response {
+async fn get_key(State(api): State<KvApi>, caller: Option<Extension<auth::HttpCaller>>, uri: Uri) -> Response {
     let r = async {
         let key = path_key(&uri)?;
         let q = query(&uri);
         let range = store::Range { key, revision: number(&q, "revision")?, ..Default::default() };
-        let (revision, result) = api.range(&range, serializable(&q)?).await?;
+        let (revision, result) = api.range_as(auth::who(&caller), &range, serializable(&q)?).await?;
         let Some(kv) = result.kvs.first() else {
             return Err(HttpError::new(StatusCode::NOT_FOUND, "key_not_found", "key not found"));
         };
@@ -380,7 +386,7 @@ async fn get_key(State(api): State<KvApi>, uri: Uri) -> Response {
     counted(&api, r)
 }
 
-async fn list(State(api): State<KvApi>, uri: Uri) -> Response {
+async fn list(State(api): State<KvApi>, caller: Option<Extension<auth::HttpCaller>>, uri: Uri) -> Response {
     let r = async {
         let q = query(&uri);
         let (key, range_end) = keys_of(&q)?;
@@ -394,7 +400,7 @@ async fn list(State(api): State<KvApi>, uri: Uri) -> Response {
             revision: number(&q, "revision")?,
             ..Default::default()
         };
-        let (revision, result) = api.range(&range, serializable(&q)?).await?;
+        let (revision, result) = api.range_as(auth::who(&caller), &range, serializable(&q)?).await?;
         api.count(false, false);
         let kvs = KvsJson { kvs: &result.kvs, with_value: !keys_only };
         let body = ListJson { revision, kvs, count: result.count, more: result.more };
@@ -404,13 +410,13 @@ async fn list(State(api): State<KvApi>, uri: Uri) -> Response {
     counted(&api, r)
 }
 
-async fn delete_key(State(api): State<KvApi>, uri: Uri) -> Response {
+async fn delete_key(State(api): State<KvApi>, caller: Option<Extension<auth::HttpCaller>>, uri: Uri) -> Response {
     let r = async {
         let key = path_key(&uri)?;
         let q = query(&uri);
         let range_end = if flag(&q, "prefix")? { store::prefix_range_end(&key) } else { Vec::new() };
         let del = store::DeleteRange { key, range_end, prev_kv: flag(&q, "prev_kv")? };
-        match api.write(KvCommand::DeleteRange(del)).await? {
+        match api.write_as(auth::who(&caller), KvCommand::DeleteRange(del)).await? {
             (revision, OpResult::DeleteRange { deleted, prev_kvs }) => {
                 let prev: Vec<Value> = prev_kvs.iter().map(|kv| kv_json(kv, true)).collect();
                 ok(&api, json!({"revision": revision, "deleted": deleted, "prev_kvs": prev}))
@@ -456,7 +462,7 @@ async fn compact(State(api): State<KvApi>, uri: Uri) -> Response {
 }
 
 /// `GET /v1/watch`: server-sent events, one `data:` line of JSON per message (docs/http-api.md).
-async fn watch(State(api): State<KvApi>, uri: Uri) -> Response {
+async fn watch(State(api): State<KvApi>, caller: Option<Extension<auth::HttpCaller>>, uri: Uri) -> Response {
     use axum::response::sse::Event as SseEvent;
     use axum::response::sse::KeepAlive;
     use axum::response::sse::Sse;
@@ -467,6 +473,8 @@ async fn watch(State(api): State<KvApi>, uri: Uri) -> Response {
     let opened = (|| {
         let (key, range_end) = keys_of(&q)?;
         api.check_key(&key)?;
+        let read = crate::auth::Access::new(&key, &range_end, crate::auth::PermType::Read);
+        api.authorize(auth::who(&caller), &crate::auth::Need::Keys(vec![read]))?;
         let filter = crate::watch::Filter {
             key,
             range_end,
@@ -675,7 +683,11 @@ fn op_result_json(r: &OpResult, revision: i64) -> Value {
     }
 }
 
-async fn txn(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn txn(
+    State(api): State<KvApi>,
+    caller: Option<Extension<auth::HttpCaller>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let r = async {
         let body: TxnBody = parse_json(&api, body)?;
         let t = store::Txn {
@@ -683,7 +695,7 @@ async fn txn(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> R
             success: body.success.into_iter().map(op_of).collect::<Result<_, _>>()?,
             failure: body.failure.into_iter().map(op_of).collect::<Result<_, _>>()?,
         };
-        match api.write(KvCommand::Txn(t)).await? {
+        match api.write_as(auth::who(&caller), KvCommand::Txn(t)).await? {
             (revision, OpResult::Txn(t)) => {
                 let responses: Vec<Value> = t.responses.iter().map(|r| op_result_json(r, revision)).collect();
                 ok(&api, json!({"revision": revision, "succeeded": t.succeeded, "responses": responses}))

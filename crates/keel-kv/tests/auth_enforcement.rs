@@ -241,7 +241,7 @@ async fn watches_and_admin_calls_need_their_permissions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_http_api_takes_bearer_tokens_and_basic_credentials_and_needs_root() {
+async fn the_http_api_takes_bearer_tokens_and_basic_credentials_and_judges_permissions() {
     let c = Cluster::start(1, |_| {}).await;
     set_up(&c).await;
     let base = c.endpoint(1);
@@ -277,7 +277,31 @@ async fn the_http_api_takes_bearer_tokens_and_basic_credentials_and_needs_root()
         .as_str()
         .expect("a token")
         .to_string();
-    assert_eq!(403, http("GET", "/v1/kv/a/1", Some(format!("Bearer {alice}")), "").await.0);
+    // alice (read and write on `a/`) on the key routes: by her permissions, as on gRPC.
+    let bearer = Some(format!("Bearer {alice}"));
+    let (status, body) = http("GET", "/v1/kv/a/1", bearer.clone(), "").await;
+    assert_eq!(200, status, "{body}");
+    assert_eq!(200, http("PUT", "/v1/kv/a/2", bearer.clone(), "w").await.0);
+    let (status, body) = http("GET", "/v1/kv?prefix=a/", bearer.clone(), "").await;
+    assert_eq!(200, status, "{body}");
+    assert_eq!(2, serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["count"], "{body}");
+    let denied = |(status, body): (u16, String)| {
+        assert_eq!(403, status, "{body}");
+        assert!(body.contains("permission denied"), "{body}");
+    };
+    denied(http("GET", "/v1/kv/b", bearer.clone(), "").await);
+    denied(http("PUT", "/v1/kv/b", bearer.clone(), "x").await);
+    denied(http("DELETE", "/v1/kv/b", bearer.clone(), "").await);
+    denied(http("GET", "/v1/kv?prefix=", bearer.clone(), "").await);
+    denied(http("GET", "/v1/watch?prefix=b", bearer.clone(), "").await);
+    // A txn with one op outside her keys is refused whole.
+    let txn = r#"{"success":[{"put":{"key":"a/3","value":"v"}},{"put":{"key":"b","value":"v"}}]}"#;
+    denied(http("POST", "/v1/txn", bearer.clone(), txn).await);
+    assert_eq!(404, http("GET", "/v1/kv/a/3", Some(format!("Bearer {token}")), "").await.0, "the txn's put applied");
+    // Deleting her own keys is hers to do; the admin routes are root's.
+    assert_eq!(200, http("DELETE", "/v1/kv/a/2", bearer.clone(), "").await.0);
+    denied(http("GET", "/v1/alarms", bearer.clone(), "").await);
+    denied(http("POST", "/v1/compact?revision=2", bearer.clone(), "").await);
     assert_eq!(200, http("GET", "/v1/cluster/status", None, "").await.0);
     assert_eq!(200, http("GET", "/health", None, "").await.0);
     c.shutdown().await;

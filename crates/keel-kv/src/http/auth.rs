@@ -3,9 +3,11 @@
 //!
 //! A request names its user with `Authorization: Bearer TOKEN` or `Authorization: Basic
 //! base64(name:password)` (checked with bcrypt on every request: prefer a token for many
-//! requests), or by the verified CN of its TLS client certificate. While auth is on, the HTTP API
-//! serves only users with role `root`: per-key permissions for other users are served on the etcd
-//! gRPC API only (see `docs/http-api.md`). The routes in [`OPEN`] stay open.
+//! requests), or by the verified CN of its TLS client certificate. While auth is on, the key-value
+//! routes ([`KEYED`]: keys, txn, watch, leases) serve every user by its permissions, as etcd's
+//! gRPC API does (the handlers judge, with [`HttpCaller`]); every other route (cluster, alarms,
+//! compaction, locks and elections) serves only users with role `root`. The routes in [`OPEN`]
+//! stay open.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -32,6 +34,21 @@ use crate::client_port::ClientCertName;
 /// status and the member list (etcd leaves `Status` and `MemberList` open too).
 const OPEN: &[&str] =
     &["/health", "/ready", "/metrics", "/v1/auth/authenticate", "/v1/cluster/status", "/v1/cluster/members"];
+
+/// Whether the handler of `path` judges the request by the user's permissions itself: it finds
+/// the user in [`HttpCaller`].
+fn keyed(path: &str) -> bool {
+    path == "/v1/kv" || path.starts_with("/v1/kv/") || path == "/v1/txn" || path == "/v1/watch" || path.starts_with("/v1/lease/")
+}
+
+/// The user a [`keyed`] request comes from (None: auth is off here), put there by [`gate`].
+#[derive(Clone, Debug)]
+pub(crate) struct HttpCaller(pub Option<crate::auth::Caller>);
+
+/// The user of a keyed route's request, for `write_as`/`range_as`/`authorize`.
+pub(super) fn who(caller: &Option<axum::Extension<HttpCaller>>) -> Option<&crate::auth::Caller> {
+    caller.as_ref().and_then(|c| c.0 .0.as_ref())
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,15 +97,20 @@ async fn user_of(
     }
 }
 
-/// Middleware: while auth is on, every request but [`OPEN`] ones must come from a user with role
+/// Middleware: while auth is on, a [`keyed`] request must name a user (its handler judges the
+/// permissions), and every other request but [`OPEN`] ones must come from a user with role
 /// `root` (the keeld-to-keeld `/v1/cluster/join` too: see `docs/http-api.md`).
-pub(super) async fn gate(State(api): State<KvApi>, req: Request, next: Next) -> Response {
+pub(super) async fn gate(State(api): State<KvApi>, mut req: Request, next: Next) -> Response {
     if OPEN.contains(&req.uri().path()) {
         return next.run(req).await;
     }
     let cert = req.extensions().get::<ClientCertName>().map(|c| c.0.clone());
     let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let judged = match user_of(&api, auth.as_deref(), cert.as_deref()).await {
+        Ok(user) if keyed(req.uri().path()) => {
+            req.extensions_mut().insert(HttpCaller(user));
+            Ok(())
+        }
         Ok(user) => api.authorize(user.as_ref(), &Need::Root),
         Err(e) => Err(e),
     };

@@ -70,10 +70,16 @@ struct IdBody {
 }
 
 /// `POST /v1/lease/revoke` `{"id": ID}`.
-pub(super) async fn revoke(State(api): State<KvApi>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(super) async fn revoke(
+    State(api): State<KvApi>,
+    caller: Option<axum::Extension<super::auth::HttpCaller>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let r = async {
         let b: IdBody = parse_json(&api, body)?;
-        let revision = api.lease_revoke(b.id).await?;
+        // With auth on, the user must be allowed to write every key on the lease (etcd).
+        let command = crate::store::KvCommand::LeaseRevoke { id: b.id };
+        let (revision, _) = api.write_as(super::auth::who(&caller), command).await?;
         ok(&api, json!({"revision": revision}))
     }
     .await;
