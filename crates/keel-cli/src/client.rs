@@ -540,6 +540,8 @@ pub struct Client {
     /// How endpoints met along the way (members' client addresses) are dialed.
     tls: Option<Arc<ClientTls>>,
     http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+    /// `Authorization` on every request (--user), marked sensitive.
+    credentials: Option<hyper::header::HeaderValue>,
 }
 
 impl Client {
@@ -557,7 +559,22 @@ impl Client {
         connector.set_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
         let connector = Connector::new(connector, tls.clone(), Alpn::Http1);
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
-        Client { endpoints, timeout, tls, http }
+        Client { endpoints, timeout, tls, http, credentials: None }
+    }
+
+    /// The same client, sending every request as user `name` (HTTP basic credentials, which
+    /// keeld checks on every request; see keel-kv's `docs/http-api.md`, "Auth").
+    pub fn with_user(mut self, name: &str, password: &str) -> Result<Client, String> {
+        use base64::Engine;
+        if name.contains(':') {
+            return Err(format!("a user name with a colon cannot be sent: {name:?}"));
+        }
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{name}:{password}"));
+        let mut value = hyper::header::HeaderValue::from_str(&format!("Basic {basic}"))
+            .map_err(|e| format!("credentials: {e}"))?;
+        value.set_sensitive(true);
+        self.credentials = Some(value);
+        Ok(self)
     }
 
     /// The same client (same endpoints and connections) with another per-request timeout.
@@ -622,9 +639,11 @@ impl Client {
         path: &str,
         mut on_message: impl FnMut(serde_json::Value) -> std::io::Result<()>,
     ) -> Result<(), ClientError> {
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(endpoint.url(path))
+        let mut builder = Request::builder().method(Method::GET).uri(endpoint.url(path));
+        if let Some(credentials) = &self.credentials {
+            builder = builder.header(hyper::header::AUTHORIZATION, credentials.clone());
+        }
+        let request = builder
             .body(Full::new(Bytes::new()))
             .map_err(|reason| ClientError::Request { endpoint: endpoint.clone(), reason })?;
         let unreachable =
@@ -716,6 +735,9 @@ impl Client {
         let mut builder = Request::builder().method(request.method.clone()).uri(endpoint.url(&request.path));
         if let Some(ct) = request.content_type {
             builder = builder.header(hyper::header::CONTENT_TYPE, ct);
+        }
+        if let Some(credentials) = &self.credentials {
+            builder = builder.header(hyper::header::AUTHORIZATION, credentials.clone());
         }
         let http_request = match builder.body(Full::new(request.body.clone())) {
             Ok(r) => r,

@@ -88,6 +88,15 @@ struct Cli {
     #[arg(long = "key", id = "tls_key", global = true, env = "KEEL_KEY", value_name = "FILE")]
     key: Option<PathBuf>,
 
+    /// With auth on: send requests as this user, NAME:PASSWORD or NAME with --password (as
+    /// etcdctl's --user). Checked by the server on every request (HTTP basic credentials).
+    #[arg(long, global = true, env = "KEEL_USER", value_name = "NAME[:PASSWORD]")]
+    user: Option<String>,
+
+    /// The password of --user NAME (prefer the KEEL_PASSWORD variable: a flag shows in `ps`).
+    #[arg(long, global = true, env = "KEEL_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+
     /// Print one JSON object per command (the server's answer) instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -352,6 +361,8 @@ enum CliError {
     Certs(certs::CertsError),
     /// `keel debug truncate-log` without --yes: nothing was cut; exit 2.
     Unconfirmed(String),
+    /// --user and --password do not fit together; exit 2.
+    User(String),
     /// `keel watch` was canceled by the server (its start revision is compacted); exit 1.
     Watch(String),
     /// SIGINT and SIGTERM could not be caught, so a held lock could not be given back; exit 1.
@@ -393,6 +404,7 @@ impl CliError {
             | CliError::EmptyKey
             | CliError::BenchUsage(_)
             | CliError::Unconfirmed(_)
+            | CliError::User(_)
             | CliError::Tls(_) => ExitCode::from(2),
             CliError::Demo(e) => ExitCode::from(e.exit_code()),
         }
@@ -413,6 +425,7 @@ impl fmt::Display for CliError {
             CliError::Tls(e) => write!(f, "{e}"),
             CliError::Certs(e) => write!(f, "{e}"),
             CliError::Unconfirmed(e) => write!(f, "{e}"),
+            CliError::User(e) => write!(f, "{e}"),
             CliError::Watch(e) => write!(f, "{e}"),
             CliError::Signals(e) => write!(f, "cannot catch SIGINT and SIGTERM: {e}"),
             CliError::Queue(what, e) => write!(f, "keel {what}: {e}"),
@@ -467,6 +480,35 @@ fn main() -> ExitCode {
 }
 
 /// Runs one command; returns what to print on stdout.
+/// The user and password of `--user NAME[:PASSWORD]` and `--password` (etcdctl's split: the first
+/// colon ends the name).
+fn credentials(user: Option<&str>, password: Option<&str>) -> Result<Option<(String, String)>, CliError> {
+    let Some(user) = user else {
+        return match password {
+            Some(_) => Err(CliError::User("--password needs --user NAME".into())),
+            None => Ok(None),
+        };
+    };
+    let (name, password) = match (user.split_once(':'), password) {
+        (Some(_), Some(_)) => {
+            return Err(CliError::User(
+                "give the password once: --user NAME:PASSWORD or --user NAME --password".into(),
+            ))
+        }
+        (Some((name, inline)), None) => (name, inline),
+        (None, Some(p)) => (user, p),
+        (None, None) => {
+            return Err(CliError::User(format!(
+                "no password for user {user:?}: --user {user}:PASSWORD, --password or KEEL_PASSWORD"
+            )))
+        }
+    };
+    if name.is_empty() {
+        return Err(CliError::User("--user needs a name".into()));
+    }
+    Ok(Some((name.to_string(), password.to_string())))
+}
+
 async fn run(cli: Cli) -> Result<String, CliError> {
     let json = cli.json;
     // Commands that dial no endpoint need no TLS files (`keel certs` writes them).
@@ -483,7 +525,11 @@ async fn run(cli: Cli) -> Result<String, CliError> {
         .map(|e| e.clone().secured(tls.as_ref()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliError::Tls)?;
-    let client = &Client::new(endpoints.clone(), cli.timeout, tls);
+    let mut client = Client::new(endpoints.clone(), cli.timeout, tls);
+    if let Some((name, password)) = credentials(cli.user.as_deref(), cli.password.as_deref())? {
+        client = client.with_user(&name, &password).map_err(CliError::User)?;
+    }
+    let client = &client;
     match cli.command {
         Command::Put { key, value, prev_kv, lease, ignore_lease } => {
             put(client, json, key, value, PutFlags { prev_kv, lease, ignore_lease }).await

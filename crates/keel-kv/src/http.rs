@@ -367,7 +367,11 @@ async fn put_key(
     counted(&api, r)
 }
 
-async fn get_key(State(api): State<KvApi>, caller: Option<Extension<auth::HttpCaller>>, uri: Uri) -> Response {
+async fn get_key(
+    State(api): State<KvApi>,
+    caller: Option<Extension<auth::HttpCaller>>,
+    uri: Uri,
+) -> Response {
     let r = async {
         let key = path_key(&uri)?;
         let q = query(&uri);
@@ -410,7 +414,11 @@ async fn list(State(api): State<KvApi>, caller: Option<Extension<auth::HttpCalle
     counted(&api, r)
 }
 
-async fn delete_key(State(api): State<KvApi>, caller: Option<Extension<auth::HttpCaller>>, uri: Uri) -> Response {
+async fn delete_key(
+    State(api): State<KvApi>,
+    caller: Option<Extension<auth::HttpCaller>>,
+    uri: Uri,
+) -> Response {
     let r = async {
         let key = path_key(&uri)?;
         let q = query(&uri);

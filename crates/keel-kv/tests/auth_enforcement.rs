@@ -297,7 +297,11 @@ async fn the_http_api_takes_bearer_tokens_and_basic_credentials_and_judges_permi
     // A txn with one op outside her keys is refused whole.
     let txn = r#"{"success":[{"put":{"key":"a/3","value":"v"}},{"put":{"key":"b","value":"v"}}]}"#;
     denied(http("POST", "/v1/txn", bearer.clone(), txn).await);
-    assert_eq!(404, http("GET", "/v1/kv/a/3", Some(format!("Bearer {token}")), "").await.0, "the txn's put applied");
+    assert_eq!(
+        404,
+        http("GET", "/v1/kv/a/3", Some(format!("Bearer {token}")), "").await.0,
+        "the txn's put applied"
+    );
     // Deleting her own keys is hers to do; the admin routes are root's.
     assert_eq!(200, http("DELETE", "/v1/kv/a/2", bearer.clone(), "").await.0);
     denied(http("GET", "/v1/alarms", bearer.clone(), "").await);

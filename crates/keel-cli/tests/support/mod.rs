@@ -346,6 +346,8 @@ pub fn keel_with_input(endpoints: &str, args: &[&str], stdin: &[u8]) -> Run {
         .args(["--endpoints", endpoints])
         .args(args)
         .env_remove("KEEL_ENDPOINTS")
+        .env_remove("KEEL_USER")
+        .env_remove("KEEL_PASSWORD")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

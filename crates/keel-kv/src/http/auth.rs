@@ -38,7 +38,11 @@ const OPEN: &[&str] =
 /// Whether the handler of `path` judges the request by the user's permissions itself: it finds
 /// the user in [`HttpCaller`].
 fn keyed(path: &str) -> bool {
-    path == "/v1/kv" || path.starts_with("/v1/kv/") || path == "/v1/txn" || path == "/v1/watch" || path.starts_with("/v1/lease/")
+    path == "/v1/kv"
+        || path.starts_with("/v1/kv/")
+        || path == "/v1/txn"
+        || path == "/v1/watch"
+        || path.starts_with("/v1/lease/")
 }
 
 /// The user a [`keyed`] request comes from (None: auth is off here), put there by [`gate`].
