@@ -203,6 +203,12 @@ pub struct Counters {
     pub grpc_errors: AtomicU64,
     pub http_requests: AtomicU64,
     pub http_errors: AtomicU64,
+    /// Times this node saw a new leader (etcd's `leader_changes_seen`; see `server::count_leader_changes`).
+    pub leader_changes: AtomicU64,
+    /// Writes proposed and not answered yet.
+    pub proposals_pending: AtomicU64,
+    /// Writes whose proposal failed (not committed, or the outcome unknown).
+    pub proposals_failed: AtomicU64,
 }
 
 /// The client-facing operations of one keeld node.
@@ -221,6 +227,8 @@ pub struct KvApi {
     /// This node's own addresses, as it advertises them to the cluster.
     pub advertise: NodeInfo,
     pub counters: Arc<Counters>,
+    /// The gRPC server's per-method series (served by `/metrics`).
+    pub grpc_metrics: Arc<crate::metrics::GrpcMetrics>,
     /// The client port's connection counters (served by `/metrics`).
     pub port: Arc<crate::client_port::PortCounters>,
     /// How often an idle watch that asked for progress notifications gets one.
@@ -289,6 +297,7 @@ impl KvApi {
             max_response_bytes: crate::config::DEFAULT_MAX_RESPONSE_BYTES,
             advertise,
             counters: Arc::default(),
+            grpc_metrics: Arc::default(),
             port: Arc::default(),
             watch_progress_notify_interval: std::time::Duration::from_secs(600),
             tls: TlsSettings::default(),
@@ -352,7 +361,13 @@ impl KvApi {
         self.limits().check(&cmd)?;
         self.check_running()?;
         self.check_quota(&cmd).await?;
-        let resp = self.node.propose(cmd).await?;
+        self.counters.proposals_pending.fetch_add(1, Ordering::Relaxed);
+        let proposed = self.node.propose(cmd).await;
+        self.counters.proposals_pending.fetch_sub(1, Ordering::Relaxed);
+        if proposed.is_err() {
+            self.counters.proposals_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let resp = proposed?;
         match resp.result {
             Ok(r) => Ok((resp.revision, r)),
             Err(e) => Err(ApiError::Kv(e)),
@@ -721,7 +736,13 @@ impl KvApi {
             Some(u) => KvCommand::AsUser { caller: Some(u.clone()), cmd: Box::new(KvCommand::Auth(cmd)) },
             None => KvCommand::Auth(cmd),
         };
-        let resp = self.node.propose(cmd).await?;
+        self.counters.proposals_pending.fetch_add(1, Ordering::Relaxed);
+        let proposed = self.node.propose(cmd).await;
+        self.counters.proposals_pending.fetch_sub(1, Ordering::Relaxed);
+        if proposed.is_err() {
+            self.counters.proposals_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let resp = proposed?;
         match resp.result {
             Ok(OpResult::Auth { .. }) => Ok(resp.revision),
             Ok(other) => Err(ApiError::Internal(format!("auth change answered {other:?}"))),

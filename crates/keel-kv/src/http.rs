@@ -972,67 +972,9 @@ async fn ready(State(api): State<KvApi>) -> Response {
 }
 
 async fn metrics(State(api): State<KvApi>) -> Response {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    let s = api.status();
-    let keys = api.node.read_local(|_, t| store::key_count(t)).ok().and_then(Result::ok).unwrap_or(0);
-    let c = &api.counters;
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-    };
-    gauge("keel_raft_term", "Current Raft term.", s.term.to_string());
-    gauge(
-        "keel_raft_leader",
-        "Id of the leader this node knows (0: none).",
-        s.leader.unwrap_or(0).to_string(),
-    );
-    gauge(
-        "keel_raft_is_leader",
-        "1 if this node is the leader.",
-        u8::from(s.leader == Some(s.id)).to_string(),
-    );
-    gauge("keel_raft_last_log_index", "Index of the last entry in the log.", s.last_log_index.to_string());
-    gauge("keel_raft_committed_index", "Highest committed index known here.", s.committed_index.to_string());
-    gauge("keel_raft_applied_index", "Highest index applied to the store.", s.applied_index.to_string());
-    gauge("keel_raft_snapshot_index", "Index covered by the latest snapshot.", s.snapshot_index.to_string());
-    gauge("keel_raft_members", "Members in the current membership.", s.members.len().to_string());
-    gauge("keel_log_bytes", "Bytes the Raft log occupies on disk.", api.node.log_bytes().to_string());
-    gauge("keel_kv_revision", "The store's revision.", s.revision.to_string());
-    gauge("keel_kv_keys", "Keys in the store.", keys.to_string());
-    gauge("keel_db_bytes", "Bytes the state machine database file occupies.", api.db_size().to_string());
-    gauge(
-        "keel_quota_backend_bytes",
-        "The space quota on the state machine database (bytes).",
-        api.quota_backend_bytes.to_string(),
-    );
-    // Serializable: /metrics must answer without a leader.
-    let raised = api.alarms(true).await.unwrap_or_default();
-    let nospace = raised.iter().filter(|a| a.alarm == store::AlarmKind::NoSpace).count();
-    let _ = writeln!(
-        out,
-        "# HELP keel_alarms Alarms raised in the cluster, by type.\n# TYPE keel_alarms gauge\nkeel_alarms{{alarm=\"NOSPACE\"}} {nospace}"
-    );
-    let _ = writeln!(
-        out,
-        "# HELP keel_requests_total Client requests served, by API.\n# TYPE keel_requests_total counter"
-    );
-    let _ = writeln!(out, "keel_requests_total{{api=\"grpc\"}} {}", c.grpc_requests.load(Relaxed));
-    let _ = writeln!(out, "keel_requests_total{{api=\"http\"}} {}", c.http_requests.load(Relaxed));
-    let _ = writeln!(out, "# HELP keel_request_errors_total Client requests that failed, by API.\n# TYPE keel_request_errors_total counter");
-    let _ = writeln!(out, "keel_request_errors_total{{api=\"grpc\"}} {}", c.grpc_errors.load(Relaxed));
-    let _ = writeln!(out, "keel_request_errors_total{{api=\"http\"}} {}", c.http_errors.load(Relaxed));
-    let p = &api.port;
-    let _ = writeln!(
-        out,
-        "# HELP keel_client_connections Open client connections.\n# TYPE keel_client_connections gauge"
-    );
-    let _ = writeln!(out, "keel_client_connections {}", p.open.load(Relaxed));
-    let _ = writeln!(out, "# HELP keel_client_connections_total Client connections, by outcome: accepted, refused at the cap, closed by a timeout.\n# TYPE keel_client_connections_total counter");
-    for (outcome, n) in [("accepted", &p.accepted), ("refused", &p.refused), ("timed_out", &p.timed_out)] {
-        let _ = writeln!(out, "keel_client_connections_total{{outcome=\"{outcome}\"}} {}", n.load(Relaxed));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let body = crate::metrics::render(&api).await;
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+        .into_response()
 }
 
 /// What an unknown path answers: a gRPC `UNIMPLEMENTED` status to gRPC clients, JSON 404 otherwise.

@@ -14,6 +14,7 @@ pub mod http;
 pub mod lease;
 pub mod limits;
 pub mod lock;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod watch;

@@ -251,6 +251,7 @@ impl Server {
             tokio::spawn(compaction::compactor(node.clone())),
             tokio::spawn(crate::lease::keep_time(api.clone())),
             tokio::spawn(compaction::auto_compact(node.clone(), auto_compaction)),
+            tokio::spawn(count_leader_changes(node.clone(), api.counters.clone())),
         ];
         background.push(tokio::spawn(publish_client_addr(node.clone(), advertise)));
         if config.joins() {
@@ -362,6 +363,27 @@ fn history_reader(
     }
 }
 
+/// Counts each new leader this node learns of (etcd's `leader_changes_seen`: the first one too),
+/// from openraft's server metrics, until the node stops.
+async fn count_leader_changes(node: Arc<Node<KvStore>>, counters: Arc<crate::api::Counters>) {
+    use keel::openraft::async_runtime::WatchReceiver;
+    // The server metrics change with votes and membership only, not with every append.
+    let mut metrics = node.raft().server_metrics();
+    let mut known = None;
+    loop {
+        let leader = metrics.borrow_watched().current_leader;
+        if leader.is_some() && leader != known {
+            counters.leader_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if leader.is_some() {
+            known = leader;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The client address's router: etcd gRPC services and the HTTP API.
 fn client_router(api: KvApi) -> axum::Router {
     let svc = EtcdService::new(api.clone());
@@ -384,7 +406,13 @@ fn client_router(api: KvApi) -> axum::Router {
     .add_service(rpc::maintenance_server::MaintenanceServer::new(svc));
     // Bodies over the limit are refused by the HTTP handlers with a JSON 413.
     let body_limit = axum::extract::DefaultBodyLimit::max(api.max_request_bytes + 1);
-    routes.into_axum_router().merge(http::router(api).layer(body_limit)).fallback(http::fallback)
+    let grpc_metrics =
+        axum::middleware::from_fn_with_state(api.grpc_metrics.clone(), crate::metrics::grpc_layer);
+    routes
+        .into_axum_router()
+        .layer(grpc_metrics)
+        .merge(http::router(api).layer(body_limit))
+        .fallback(http::fallback)
 }
 
 /// Forms the initial cluster if this node's data dir is empty and it is the founding node that

@@ -88,7 +88,7 @@ fn connections_beyond_the_cap_are_closed_while_the_node_keeps_serving() {
     // Procs::start's own readiness checks used connections that are closed now; wait until the
     // node has counted them out.
     wait_until("readiness connections are closed", DEADLINE, || {
-        match metric(&addr, "keel_client_connections ") {
+        match metric(&addr, "keel_client_connections_open ") {
             1 => Ok(()),
             n => Err(format!("{n} open")),
         }

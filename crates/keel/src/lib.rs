@@ -18,6 +18,7 @@
 //!   transport (tonic) and the in-process transport.
 //! - [`forward`]: how a follower hands writes, read indexes and membership changes to the leader.
 //! - [`inspect`]: offline inspection of a data dir.
+//! - [`metrics`]: the storage's timings as Prometheus histograms, for the embedding program.
 //! - [`error`]: one error enum per operation family.
 //! - [`codec`]: the byte encodings on disk.
 
@@ -27,6 +28,7 @@ pub mod error;
 pub mod faults;
 pub mod forward;
 pub mod inspect;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod state_machine;

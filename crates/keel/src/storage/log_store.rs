@@ -105,8 +105,9 @@ impl raft_log::Types for WalTypes {
 
 /// Who is told when a WAL flush completes.
 pub enum FlushCallback {
-    /// openraft's notifications that appended entries are durable: one group commit.
-    Group(Vec<IOFlushed<KeelTypes>>, Arc<GroupCommit>),
+    /// openraft's notifications that appended entries are durable: one group commit, issued
+    /// at the instant given (timed into [`crate::metrics`]).
+    Group(Vec<IOFlushed<KeelTypes>>, Arc<GroupCommit>, std::time::Instant),
     /// A caller of this module waiting for its own write (vote, truncation) to be durable.
     Wait(tokio::sync::oneshot::Sender<io::Result<()>>),
 }
@@ -114,7 +115,8 @@ pub enum FlushCallback {
 impl raft_log::Callback for FlushCallback {
     fn send(self, res: Result<(), io::Error>) {
         match self {
-            FlushCallback::Group(waiters, group) => {
+            FlushCallback::Group(waiters, group, issued) => {
+                crate::metrics::storage().log_flush_seconds.observe(issued.elapsed().as_secs_f64());
                 for w in waiters {
                     w.io_completed(match &res {
                         Ok(()) => Ok(()),
@@ -258,7 +260,7 @@ impl LogStore {
             }
             let waiters = std::mem::take(&mut w.waiting);
             w.group.state.store(FLUSHING, Ordering::Release);
-            let cb = FlushCallback::Group(waiters, w.group.clone());
+            let cb = FlushCallback::Group(waiters, w.group.clone(), std::time::Instant::now());
             if let Err(e) = w.log.flush(true, Some(cb)) {
                 // The callback was dropped with the failed request; nobody will be told. Stopping
                 // here is what makes openraft see the append as never flushed: it halts.
@@ -385,7 +387,7 @@ impl RaftLogStorage<KeelTypes> for LogStore {
                 IDLE => {
                     if state.compare_exchange(IDLE, FLUSHING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                         let waiters = std::mem::take(&mut w.waiting);
-                        let cb = FlushCallback::Group(waiters, w.group.clone());
+                        let cb = FlushCallback::Group(waiters, w.group.clone(), std::time::Instant::now());
                         return w
                             .log
                             .flush(true, Some(cb))

@@ -467,7 +467,10 @@ fn commit(
     if durable {
         txn.set_durability(redb::Durability::Immediate).map_err(StateMachineError::other)?;
     }
-    if let Err(e) = txn.commit() {
+    let started = std::time::Instant::now();
+    let committed = txn.commit();
+    crate::metrics::storage().state_commit_seconds.observe(started.elapsed().as_secs_f64());
+    if let Err(e) = committed {
         // The batches in it are gone, although openraft counts them as applied.
         sync.applied = None;
         sync.failed = Some(format!("commit failed: {e}"));

@@ -1,0 +1,65 @@
+//! `GET /metrics` on a real keeld: etcd's series under etcd's names (what dashboards written for
+//! etcd read), with gRPC calls from etcdctl counted by method and code.
+
+mod procs;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use procs::Procs;
+
+/// Every sample of the exposition: `name{labels}` → value.
+fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    let (status, body) = procs::http(addr, "GET", "/metrics", b"", Duration::from_secs(5)).expect("metrics");
+    assert_eq!(200, status, "{body}");
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF:\n{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("a sample line: {l:?}"));
+            (name.to_string(), value.parse().unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        })
+        .collect()
+}
+
+fn etcdctl(addr: &str, args: &[&str]) -> bool {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={addr}"))
+        .args(args)
+        .output()
+        .expect("run etcdctl (apt-get install etcd-client)")
+        .status
+        .success()
+}
+
+#[test]
+fn etcd_series_count_what_happened() {
+    let c = Procs::start(1, 0, "");
+    let addr = c.client(1);
+    assert!(etcdctl(&addr, &["put", "k", "v"]));
+    assert!(etcdctl(&addr, &["put", "k", "w"]));
+    assert!(etcdctl(&addr, &["get", "k"]));
+    // Refused by the server: an unknown lease.
+    assert!(!etcdctl(&addr, &["put", "k", "x", "--lease=1234"]));
+
+    let m = scrape(&addr);
+    let get = |name: &str| *m.get(name).unwrap_or_else(|| panic!("no {name} in {m:#?}"));
+    assert_eq!(1.0, get("etcd_server_has_leader"));
+    assert_eq!(1.0, get("etcd_server_is_leader"));
+    assert_eq!(1.0, get("etcd_server_leader_changes_seen_total"));
+    assert_eq!(0.0, get("etcd_server_proposals_pending"));
+    assert!(get("etcd_server_proposals_applied_total") >= 3.0, "two puts and the membership");
+    assert!(get("etcd_server_proposals_committed_total") >= get("etcd_server_proposals_applied_total"));
+    assert!(get("etcd_mvcc_db_total_size_in_bytes") > 0.0);
+    assert!(get("etcd_disk_wal_fsync_duration_seconds_count") >= 2.0, "each put's log flush");
+    assert!(get("etcd_disk_backend_commit_duration_seconds_count") >= 1.0);
+    let put = r#"grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Put""#;
+    assert_eq!(3.0, get(&format!("grpc_server_started_total{{{put}}}")));
+    assert_eq!(2.0, get(&format!(r#"grpc_server_handled_total{{{put},grpc_code="OK"}}"#)));
+    assert_eq!(1.0, get(&format!(r#"grpc_server_handled_total{{{put},grpc_code="NotFound"}}"#)));
+    assert_eq!(3.0, get(&format!("grpc_server_handling_seconds_count{{{put}}}")));
+    let range = r#"grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Range",grpc_code="OK""#;
+    assert_eq!(1.0, get(&format!("grpc_server_handled_total{{{range}}}")));
+}
