@@ -109,6 +109,8 @@ impl From<LimitError> for ApiError {
             e @ (LimitError::EmptyKey
             | LimitError::TooManyOps
             | LimitError::DuplicateKey
+            | LimitError::ValueProvided
+            | LimitError::LeaseProvided
             | LimitError::TooDeep
             | LimitError::BadLease { .. }
             | LimitError::NestedUser) => ApiError::BadRequest(e.to_string()),
