@@ -682,15 +682,16 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
         if let Err(e) = self.admin(&request) {
             return self.done(Err(e));
         }
-        // redb reuses freed pages itself; there is nothing to defragment.
-        self.done(Ok(rpc::DefragmentResponse { header: self.header(self.api.revision()) }))
+        // redb reuses freed pages itself; there is nothing to defragment. etcd answers no header
+        // here (v3rpc's maintenance server returns an empty response).
+        self.done(Ok(rpc::DefragmentResponse { header: None }))
     }
 
     async fn hash(&self, request: Request<rpc::HashRequest>) -> Result<Response<rpc::HashResponse>, Status> {
         if let Err(e) = self.admin(&request) {
             return self.done(Err(e));
         }
-        let r = self.api.hash_kv().map(|(hash, rev)| rpc::HashResponse { header: self.header(rev), hash });
+        let r = self.api.hash_kv().map(|(hash, rev, _)| rpc::HashResponse { header: self.header(rev), hash });
         self.done(r)
     }
 
@@ -702,7 +703,7 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
             return self.done(Err(e));
         }
         let requested = request.into_inner().revision;
-        let r = self.api.hash_kv().and_then(|(hash, rev)| {
+        let r = self.api.hash_kv().and_then(|(hash, rev, compacted)| {
             if requested > 0 && requested != rev {
                 let e = if requested > rev {
                     KvError::FutureRevision { requested, current: rev }
@@ -714,7 +715,8 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
             Ok(rpc::HashKvResponse {
                 header: self.header(rev),
                 hash,
-                compact_revision: rev,
+                // etcd's: the last compaction's revision (the hash covers what is above it).
+                compact_revision: compacted,
                 hash_revision: rev,
             })
         });
@@ -728,7 +730,8 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
         let to: NodeId = request.into_inner().target_id;
         let r = async {
             self.api.transfer_leader(to).await?;
-            Ok(rpc::MoveLeaderResponse { header: self.header(self.api.revision()) })
+            // As etcd's: an empty response, no header.
+            Ok(rpc::MoveLeaderResponse { header: None })
         }
         .await;
         self.done(r)
