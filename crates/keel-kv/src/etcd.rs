@@ -39,6 +39,7 @@ use pb::etcdserverpb as rpc;
 use pb::mvccpb;
 
 mod auth;
+pub mod health;
 mod lease;
 mod lock;
 mod watch;
