@@ -45,6 +45,7 @@ if [ "${1:-}" = "--inside" ]; then
         rm -rf "$data"
     }
     trap stop_server EXIT
+    trap 'exit 1' INT TERM # so that the server is stopped when the job is
     case "$server" in
     etcd)
         # shellcheck disable=SC2046

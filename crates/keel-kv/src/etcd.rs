@@ -639,10 +639,8 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
                     return Err(ApiError::BadRequest(format!("unknown alarm action {}", req.action)))
                 }
             };
-            Ok(rpc::AlarmResponse {
-                header: self.header(self.api.revision()),
-                alarms: alarms.into_iter().map(alarm_member).collect(),
-            })
+            // etcd's maintenance server answers alarms without a header.
+            Ok(rpc::AlarmResponse { header: None, alarms: alarms.into_iter().map(alarm_member).collect() })
         }
         .await;
         self.done(r)
@@ -716,8 +714,9 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
             Ok(rpc::HashKvResponse {
                 header: self.header(rev),
                 hash,
-                // etcd's: the last compaction's revision (the hash covers what is above it).
-                compact_revision: compacted,
+                // etcd's: the last compaction's revision (the hash covers what is above it),
+                // -1 before any compaction.
+                compact_revision: if compacted > 0 { compacted } else { -1 },
                 hash_revision: rev,
             })
         });

@@ -3,8 +3,8 @@
 //! the Rust `etcd-client` crate, unmodified: what is asserted is what etcd answers, checked each
 //! time, and then asserted of keeld. The alarm, compaction and `HashKV` revisions, `Range.count`
 //! under revision filters, txn duplicate-key checks (nested txns, puts under a delete),
-//! `ignore_value`/`ignore_lease` with a value/lease, the empty `Defragment` and `MoveLeader`
-//! answers, and the `grpc.health.v1.Health` service.
+//! `ignore_value`/`ignore_lease` with a value/lease, the header-less `Alarm`, `Defragment` and
+//! `MoveLeader` answers, and the `grpc.health.v1.Health` service.
 
 mod procs;
 
@@ -66,6 +66,7 @@ async fn nospace_alarm_activated_by_hand_refuses_puts_until_deactivated() {
         let raised = c.alarm(AlarmAction::Activate, AlarmType::Nospace, Some(opts)).await.expect("activate");
         let listed: Vec<_> = raised.alarms().iter().map(|a| (a.member_id(), a.alarm())).collect();
         assert_eq!(vec![(me, AlarmType::Nospace)], listed, "{sys}: activate answers the alarm raised");
+        assert!(raised.header().is_none(), "{sys}: an alarm answer has no header");
         assert_eq!(
             (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded".to_string()),
             refusal(c.put("k", "w", None).await),
@@ -85,6 +86,8 @@ async fn nospace_alarm_activated_by_hand_refuses_puts_until_deactivated() {
 async fn compaction_refuses_its_own_revision_again_and_serves_reads_at_it() {
     as_etcd(|ep, sys| async move {
         let mut c = connect(&ep).await;
+        let fresh = c.hash_kv(0).await.expect("hash kv").compact_version();
+        assert_eq!(-1, fresh, "{sys}: HashKV's compact_revision before any compaction");
         for i in 0..5 {
             c.put(format!("a{i}"), "v", None).await.expect("put");
         }
