@@ -109,6 +109,8 @@ impl From<LimitError> for ApiError {
             e @ (LimitError::EmptyKey
             | LimitError::TooManyOps
             | LimitError::DuplicateKey
+            | LimitError::ValueProvided
+            | LimitError::LeaseProvided
             | LimitError::TooDeep
             | LimitError::BadLease { .. }
             | LimitError::NestedUser) => ApiError::BadRequest(e.to_string()),
@@ -651,9 +653,11 @@ impl KvApi {
     }
 
     /// A hash of every key and value here (serializable), to compare replicas.
-    pub fn hash_kv(&self) -> Result<(u32, i64), ApiError> {
+    /// A hash of this member's current keys and values: (hash, its revision, the last
+    /// compaction's revision, 0 if none).
+    pub fn hash_kv(&self) -> Result<(u32, i64, i64), ApiError> {
         // One key at a time: the store may be far larger than memory.
-        let (h, revision) = self.node.read_local(|_, txn| {
+        let (h, revision, compacted) = self.node.read_local(|_, txn| {
             let mut h = crc32fast::Hasher::new();
             let revision = store::for_each_kv(txn, |kv| {
                 for part in [&kv.key, &kv.value] {
@@ -664,9 +668,9 @@ impl KvApi {
                     h.update(&n.to_le_bytes());
                 }
             });
-            (h, revision)
+            (h, revision, store::compact_revision(txn))
         })?;
-        Ok((h.finalize(), revision?))
+        Ok((h.finalize(), revision?, compacted?))
     }
 
     /// Whether this node can serve: it knows a leader and its store is readable.

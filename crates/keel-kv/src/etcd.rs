@@ -39,6 +39,7 @@ use pb::etcdserverpb as rpc;
 use pb::mvccpb;
 
 mod auth;
+pub mod health;
 mod lease;
 mod lock;
 mod watch;
@@ -638,10 +639,8 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
                     return Err(ApiError::BadRequest(format!("unknown alarm action {}", req.action)))
                 }
             };
-            Ok(rpc::AlarmResponse {
-                header: self.header(self.api.revision()),
-                alarms: alarms.into_iter().map(alarm_member).collect(),
-            })
+            // etcd's maintenance server answers alarms without a header.
+            Ok(rpc::AlarmResponse { header: None, alarms: alarms.into_iter().map(alarm_member).collect() })
         }
         .await;
         self.done(r)
@@ -682,15 +681,16 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
         if let Err(e) = self.admin(&request) {
             return self.done(Err(e));
         }
-        // redb reuses freed pages itself; there is nothing to defragment.
-        self.done(Ok(rpc::DefragmentResponse { header: self.header(self.api.revision()) }))
+        // redb reuses freed pages itself; there is nothing to defragment. etcd answers no header
+        // here (v3rpc's maintenance server returns an empty response).
+        self.done(Ok(rpc::DefragmentResponse { header: None }))
     }
 
     async fn hash(&self, request: Request<rpc::HashRequest>) -> Result<Response<rpc::HashResponse>, Status> {
         if let Err(e) = self.admin(&request) {
             return self.done(Err(e));
         }
-        let r = self.api.hash_kv().map(|(hash, rev)| rpc::HashResponse { header: self.header(rev), hash });
+        let r = self.api.hash_kv().map(|(hash, rev, _)| rpc::HashResponse { header: self.header(rev), hash });
         self.done(r)
     }
 
@@ -702,7 +702,7 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
             return self.done(Err(e));
         }
         let requested = request.into_inner().revision;
-        let r = self.api.hash_kv().and_then(|(hash, rev)| {
+        let r = self.api.hash_kv().and_then(|(hash, rev, compacted)| {
             if requested > 0 && requested != rev {
                 let e = if requested > rev {
                     KvError::FutureRevision { requested, current: rev }
@@ -714,7 +714,9 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
             Ok(rpc::HashKvResponse {
                 header: self.header(rev),
                 hash,
-                compact_revision: rev,
+                // etcd's: the last compaction's revision (the hash covers what is above it),
+                // -1 before any compaction.
+                compact_revision: if compacted > 0 { compacted } else { -1 },
                 hash_revision: rev,
             })
         });
@@ -728,7 +730,8 @@ impl rpc::maintenance_server::Maintenance for EtcdService {
         let to: NodeId = request.into_inner().target_id;
         let r = async {
             self.api.transfer_leader(to).await?;
-            Ok(rpc::MoveLeaderResponse { header: self.header(self.api.revision()) })
+            // As etcd's: an empty response, no header.
+            Ok(rpc::MoveLeaderResponse { header: None })
         }
         .await;
         self.done(r)

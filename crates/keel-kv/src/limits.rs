@@ -7,10 +7,14 @@
 //! command at the leader (keeld sets it from `max_request_bytes`).
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::collections::HashSet;
+use std::ops::Bound::Included;
+use std::ops::Bound::Unbounded;
 
 use crate::store::KvCommand;
 use crate::store::Op;
+use crate::store::Put;
 use crate::store::Txn;
 
 /// etcd's limit on operations in one txn (`--max-txn-ops`).
@@ -33,6 +37,12 @@ pub enum LimitError {
     TooManyOps,
     #[error("duplicate key given in txn request")]
     DuplicateKey,
+    /// etcd's `ErrGRPCValueProvided`: `ignore_value` with a value.
+    #[error("value is provided")]
+    ValueProvided,
+    /// etcd's `ErrGRPCLeaseProvided`: `ignore_lease` with a lease.
+    #[error("lease is provided")]
+    LeaseProvided,
     #[error("txns nested more than {MAX_TXN_DEPTH} deep")]
     TooDeep,
     #[error("lease {id} with TTL {ttl} cannot be granted (id 0, or TTL outside 1..=9000000000)")]
@@ -68,7 +78,7 @@ impl Limits {
     /// Checks a write's keys and shape.
     pub fn check(&self, cmd: &KvCommand) -> Result<(), LimitError> {
         match cmd {
-            KvCommand::Put(p) => self.check_key(&p.key),
+            KvCommand::Put(p) => self.check_put(p),
             KvCommand::DeleteRange(d) => self.check_key(&d.key),
             KvCommand::Txn(t) => self.check_txn(t, 1),
             KvCommand::LeaseGrant { id, ttl } => {
@@ -89,6 +99,18 @@ impl Limits {
         }
     }
 
+    /// etcd's `checkPutRequest`: a key, and no value or lease beside the flag that ignores it.
+    fn check_put(&self, p: &Put) -> Result<(), LimitError> {
+        self.check_key(&p.key)?;
+        if p.ignore_value && !p.value.is_empty() {
+            return Err(LimitError::ValueProvided);
+        }
+        if p.ignore_lease && p.lease != 0 {
+            return Err(LimitError::LeaseProvided);
+        }
+        Ok(())
+    }
+
     fn check_txn(&self, t: &Txn, depth: usize) -> Result<(), LimitError> {
         if depth > MAX_TXN_DEPTH {
             return Err(LimitError::TooDeep);
@@ -100,23 +122,111 @@ impl Limits {
             self.check_key(&c.key)?;
         }
         for ops in [&t.success, &t.failure] {
-            let mut put_keys = HashSet::new();
             for op in ops {
                 match op {
                     Op::Range(r) => self.check_key(&r.key)?,
-                    Op::Put(p) => {
-                        self.check_key(&p.key)?;
-                        if !put_keys.insert(p.key.as_slice()) {
-                            return Err(LimitError::DuplicateKey);
-                        }
-                    }
+                    Op::Put(p) => self.check_put(p)?,
                     Op::DeleteRange(d) => self.check_key(&d.key)?,
                     Op::Txn(inner) => self.check_txn(inner, depth + 1)?,
                 }
             }
         }
+        // Each branch on its own: only one of them runs.
+        written_keys(&t.success)?;
+        written_keys(&t.failure)?;
         Ok(())
     }
+}
+
+/// The keys deleted ranges cover, as etcd's duplicate check sees them: `[key, range_end)`
+/// compared as plain byte strings, or `key` alone (`[key, key\0)`). etcd compares the end `\0`
+/// as a string too, so a delete of every key from `key` on covers no put: nor does it here.
+/// Kept as disjoint intervals by start, so a check costs O(log n) however many deletes a large
+/// nested txn holds.
+#[derive(Default)]
+struct Covered(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl Covered {
+    fn delete(&mut self, key: &[u8], range_end: &[u8]) {
+        let end = if range_end.is_empty() { [key, &[0]].concat() } else { range_end.to_vec() };
+        self.insert(key.to_vec(), end);
+    }
+
+    fn insert(&mut self, mut start: Vec<u8>, mut end: Vec<u8>) {
+        if end <= start {
+            return;
+        }
+        if let Some((s, e)) = self.0.range::<[u8], _>((Unbounded, Included(start.as_slice()))).next_back() {
+            if *e >= start {
+                start = s.clone();
+                end = end.max(e.clone());
+            }
+        }
+        let absorbed: Vec<Vec<u8>> = self
+            .0
+            .range::<[u8], _>((Included(start.as_slice()), Included(end.as_slice())))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in absorbed {
+            if let Some(e) = self.0.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.0.insert(start, end);
+    }
+
+    fn covers(&self, k: &[u8]) -> bool {
+        self.0.range::<[u8], _>((Unbounded, Included(k))).next_back().is_some_and(|(_, e)| k < e.as_slice())
+    }
+
+    fn union(&mut self, other: Covered) {
+        for (s, e) in other.0 {
+            self.insert(s, e);
+        }
+    }
+}
+
+/// The keys one branch of a txn puts, and the ranges it deletes, nested txns included; refuses
+/// the branch if it writes a key twice: two puts of one key, or a put of a key a delete of the
+/// same branch covers. etcd's `checkIntervals` (`etcdserver/api/v3rpc/key.go`), rule for rule:
+/// a nested txn counts with both its branches, and the same key put in both branches of one
+/// nested txn is no duplicate (only one of them runs); a delete and a put of the same key at one
+/// level are a duplicate in either order; two deletes never are.
+fn written_keys(ops: &[Op]) -> Result<(HashSet<&[u8]>, Covered), LimitError> {
+    let mut dels = Covered::default();
+    for op in ops {
+        if let Op::DeleteRange(d) = op {
+            dels.delete(&d.key, &d.range_end);
+        }
+    }
+    let mut puts: HashSet<&[u8]> = HashSet::new();
+    for op in ops {
+        let Op::Txn(inner) = op else { continue };
+        let (puts_then, dels_then) = written_keys(&inner.success)?;
+        let (puts_else, dels_else) = written_keys(&inner.failure)?;
+        for &k in &puts_then {
+            if puts.contains(k) || dels.covers(k) {
+                return Err(LimitError::DuplicateKey);
+            }
+            puts.insert(k);
+        }
+        for &k in &puts_else {
+            if (puts.contains(k) && !puts_then.contains(k)) || dels.covers(k) {
+                return Err(LimitError::DuplicateKey);
+            }
+            puts.insert(k);
+        }
+        dels.union(dels_then);
+        dels.union(dels_else);
+    }
+    for op in ops {
+        let Op::Put(p) = op else { continue };
+        let k = p.key.as_slice();
+        if !puts.insert(k) || dels.covers(k) {
+            return Err(LimitError::DuplicateKey);
+        }
+    }
+    Ok((puts, dels))
 }
 
 thread_local! {
@@ -149,7 +259,7 @@ impl Drop for DecodeDepth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Put;
+    use crate::store::DeleteRange;
 
     fn nested(depth: usize) -> Txn {
         let mut t =
@@ -194,5 +304,48 @@ mod tests {
         assert_eq!(Err(LimitError::DuplicateKey), limits.check(&KvCommand::Txn(dup)));
         let many = Txn { failure: (0..=MAX_TXN_OPS).map(|_| put(b"a")).collect(), ..Txn::default() };
         assert_eq!(Err(LimitError::TooManyOps), limits.check(&KvCommand::Txn(many)));
+    }
+
+    #[test]
+    fn deleted_ranges_merge_and_cover_what_etcd_counts_as_covered() {
+        let mut c = Covered::default();
+        c.delete(b"k", b"m");
+        c.delete(b"b", b"d");
+        c.delete(b"c", b"l"); // joins both
+        c.delete(b"x", b"");
+        c.delete(b"p", b"\0"); // etcd compares the end as a string: covers nothing
+        assert_eq!(2, c.0.len(), "{:?}", c.0);
+        for k in [&b"b"[..], b"c", b"k", b"l\xff", b"x"] {
+            assert!(c.covers(k), "{k:?}");
+        }
+        for k in [&b"a"[..], b"m", b"p", b"q", b"x\0", b"w"] {
+            assert!(!c.covers(k), "{k:?}");
+        }
+    }
+
+    #[test]
+    fn puts_and_deletes_of_one_branch_are_checked_as_etcd_checks_them() {
+        let limits = Limits::default();
+        let put = |k: &[u8]| Op::Put(Put { key: k.to_vec(), ..Put::default() });
+        let del = |k: &[u8], e: &[u8]| {
+            Op::DeleteRange(DeleteRange { key: k.to_vec(), range_end: e.to_vec(), prev_kv: false })
+        };
+        let nested = |s: Vec<Op>, f: Vec<Op>| Op::Txn(Txn { success: s, failure: f, ..Txn::default() });
+        let check = |ops: Vec<Op>| limits.check(&KvCommand::Txn(Txn { success: ops, ..Txn::default() }));
+        assert_eq!(Err(LimitError::DuplicateKey), check(vec![put(b"d"), nested(vec![], vec![put(b"d")])]));
+        assert_eq!(Err(LimitError::DuplicateKey), check(vec![del(b"a", b"b"), put(b"a1")]));
+        assert_eq!(
+            Err(LimitError::DuplicateKey),
+            check(vec![nested(vec![del(b"k", b"m")], vec![]), put(b"l")])
+        );
+        assert_eq!(Ok(()), check(vec![nested(vec![put(b"d")], vec![put(b"d")])]));
+        assert_eq!(
+            Ok(()),
+            check(vec![nested(vec![put(b"l")], vec![]), nested(vec![del(b"k", b"m")], vec![])])
+        );
+        let ignored = Put { key: b"k".to_vec(), value: b"v".to_vec(), ignore_value: true, ..Put::default() };
+        assert_eq!(Err(LimitError::ValueProvided), limits.check(&KvCommand::Put(ignored)));
+        let ignored = Put { key: b"k".to_vec(), lease: 7, ignore_lease: true, ..Put::default() };
+        assert_eq!(Err(LimitError::LeaseProvided), check(vec![Op::Put(ignored)]));
     }
 }

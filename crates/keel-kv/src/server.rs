@@ -34,6 +34,7 @@ use crate::compaction::AutoCompaction;
 use crate::config::bare_addr;
 use crate::config::ClusterState;
 use crate::config::KeeldConfig;
+use crate::etcd::health;
 use crate::etcd::pb;
 use crate::etcd::pb::etcdserverpb as rpc;
 use crate::etcd::EtcdService;
@@ -403,7 +404,8 @@ fn client_router(api: KvApi) -> axum::Router {
     .add_service(pb::v3electionpb::election_server::ElectionServer::new(svc.clone()))
     .add_service(rpc::cluster_server::ClusterServer::new(svc.clone()))
     .add_service(rpc::auth_server::AuthServer::new(svc.clone()))
-    .add_service(rpc::maintenance_server::MaintenanceServer::new(svc));
+    .add_service(rpc::maintenance_server::MaintenanceServer::new(svc))
+    .add_service(health::HealthServer::new(health::HealthService::new(api.clone())));
     // Bodies over the limit are refused by the HTTP handlers with a JSON 413.
     let body_limit = axum::extract::DefaultBodyLimit::max(api.max_request_bytes + 1);
     let grpc_metrics =

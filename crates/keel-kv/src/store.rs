@@ -1254,29 +1254,33 @@ where
     };
     let mut held = 0usize;
     let mut over_budget = false;
+    // etcd's `count` is the whole range's, before the revision filters (and `limit`) cut the
+    // answer; `more` says whether the filtered answer went past `limit`, so it is never set
+    // for `count_only`, which answers no keys.
+    let mut matched = 0usize;
     let mut visit = |k: &[u8], row: Row<'_>| {
-        let decode = filtered || !r.count_only;
-        let rec = if decode { Some(row.decode()?) } else { None };
-        if let Some(rec) = rec.as_ref().filter(|_| filtered) {
-            if !keep(rec) {
-                return Ok(true);
-            }
-        }
         result.count += 1;
         if r.count_only {
             return Ok(true);
         }
+        if !filtered && !sorted && limit.is_some_and(|l| result.kvs.len() >= l) {
+            matched += 1; // past the answer: counted, not decoded
+            return Ok(true);
+        }
+        let rec = row.decode()?;
+        if filtered && !keep(&rec) {
+            return Ok(true);
+        }
+        matched += 1;
         // Without sorting, stop collecting at the limit but keep counting.
         if sorted || limit.is_none_or(|l| result.kvs.len() < l) {
-            if let Some(rec) = rec {
-                let kv = rec.into_kv(k.to_vec(), r.keys_only);
-                held = held.saturating_add(answer_bytes(&kv));
-                if held > budget {
-                    over_budget = true;
-                    return Ok(false);
-                }
-                result.kvs.push(kv);
+            let kv = rec.into_kv(k.to_vec(), r.keys_only);
+            held = held.saturating_add(answer_bytes(&kv));
+            if held > budget {
+                over_budget = true;
+                return Ok(false);
             }
+            result.kvs.push(kv);
         }
         Ok(true)
     };
@@ -1307,7 +1311,7 @@ where
             result.kvs.truncate(l);
         }
     }
-    result.more = limit.is_some_and(|l| result.count as usize > l);
+    result.more = limit.is_some_and(|l| matched > l);
     Ok(Ok(OpResult::Range(result)))
 }
 
