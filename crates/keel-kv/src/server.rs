@@ -362,7 +362,7 @@ fn history_reader(
     }
 }
 
-/// The client address's router: etcd gRPC services and the HTTP API.
+/// The client address's router: etcd gRPC services, etcd's JSON gateway on them, and the HTTP API.
 fn client_router(api: KvApi) -> axum::Router {
     let svc = EtcdService::new(api.clone());
     let limit = api.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -384,7 +384,14 @@ fn client_router(api: KvApi) -> axum::Router {
     .add_service(rpc::maintenance_server::MaintenanceServer::new(svc));
     // Bodies over the limit are refused by the HTTP handlers with a JSON 413.
     let body_limit = axum::extract::DefaultBodyLimit::max(api.max_request_bytes + 1);
-    routes.into_axum_router().merge(http::router(api).layer(body_limit)).fallback(http::fallback)
+    // etcd's grpc-gateway routes bound their bodies themselves (a JSON message is larger than
+    // its protobuf form), as gRPC requests are bounded by their decoding limit.
+    let gateway = crate::gateway::router(&api);
+    routes
+        .into_axum_router()
+        .merge(http::router(api).layer(body_limit))
+        .merge(gateway)
+        .fallback(http::fallback)
 }
 
 /// Forms the initial cluster if this node's data dir is empty and it is the founding node that
