@@ -15,7 +15,8 @@
 //! Streams (`/v3/watch`, `/v3/lease/keepalive`): the body is a sequence of JSON request objects,
 //! the answer a sequence of `{"result": …}` lines. The request side is read as it arrives, one
 //! message at a time (each within the body limit), into a bounded channel the service reads; its
-//! end does not end the stream (etcd keeps a watch after the client half-closes). The answer ends
+//! end is the service's end of input, as a gRPC client's half-close (a watch goes on, as etcd's; a
+//! keep-alive stream answers and ends, so a one-message POST gets one answer). The answer ends
 //! when the service ends it, or the client goes (the body is dropped, and with it the session).
 //! Server streams: `/v3/election/observe`, and `/v3/maintenance/snapshot` through the generated
 //! `Maintenance` server, so it answers whatever that server does (today: UNIMPLEMENTED).
@@ -267,8 +268,9 @@ impl Gateway {
 }
 
 /// Feeds the request messages of a stream to the service, encoded as gRPC frames, while the
-/// service reads them. After the last one (or one that does not decode) it holds the channel open
-/// until the service drops it, so the end of the request body does not end the stream.
+/// service reads them. After the last one (or one that does not decode: grpc-gateway closes its
+/// side then too) the service sees the end of its input, as a gRPC client's half-close: etcd's
+/// (and Keel's) watch goes on, a keep-alive stream ends once it has answered.
 async fn feed<Req>(mut reader: JsonStream, first: Option<Req>, tx: mpsc::Sender<Bytes>)
 where
     Req: DeserializeOwned + prost::Message,
@@ -289,7 +291,6 @@ where
             () = tx.closed() => return,
         };
     }
-    tx.closed().await;
 }
 
 /// A message in gRPC's length-prefixed framing (uncompressed).

@@ -327,6 +327,9 @@ async fn script(addr: &str) -> Record {
     r.push("keepalive 1", ka.status, first);
     let second = ka.expect_line().await;
     r.push("keepalive 2", ka.status, second);
+    // The end of the request body ends a keep-alive stream once it has answered.
+    let end = ka.line().await;
+    r.push("keepalive ends with its input", ka.status, json!(end));
     drop(ka);
     step!("lease revoke", "/v3/lease/revoke", json!({"ID": 7000}));
     step!("lease key gone", "/v3/kv/range", json!({"key": b64("leased")}));
