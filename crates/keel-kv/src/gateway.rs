@@ -65,6 +65,15 @@ use crate::etcd::GRPC_OVERHEAD_BYTES;
 /// The path prefixes etcd 3.4's gateway serves (it dropped `/v3alpha`).
 pub const PREFIXES: [&str; 2] = ["/v3", "/v3beta"];
 
+/// The routes (after a prefix) whose request body is a stream of messages.
+const REQUEST_STREAMS: [&str; 2] = ["/watch", "/lease/keepalive"];
+
+/// Whether `path` is a route whose request body is a long-lived stream of messages (the client
+/// port exempts those from its whole-body deadline, as it does the gRPC streams).
+pub fn is_request_stream(path: &str) -> bool {
+    PREFIXES.iter().any(|p| path.strip_prefix(p).is_some_and(|rest| REQUEST_STREAMS.contains(&rest)))
+}
+
 /// Request messages a stream may have queued for its service before the reader waits.
 const STREAM_IN: usize = 8;
 
@@ -182,7 +191,7 @@ impl Gateway {
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, self.max_json).await {
+        let bytes = match read_body(body, self.max_json).await {
             Ok(b) => b,
             Err(e) => return body_error(&e),
         };
@@ -233,7 +242,7 @@ impl Gateway {
     async fn observe(self, req: Request) -> Response {
         use election::election_server::Election;
         let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, self.max_json).await {
+        let bytes = match read_body(body, self.max_json).await {
             Ok(b) => b,
             Err(e) => return body_error(&e),
         };
@@ -252,7 +261,7 @@ impl Gateway {
     /// `Maintenance` implementation answers for it (UNIMPLEMENTED until Keel has one).
     async fn snapshot(self, req: Request) -> Response {
         let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, self.max_json).await {
+        let bytes = match read_body(body, self.max_json).await {
             Ok(b) => b,
             Err(e) => return body_error(&e),
         };
@@ -368,6 +377,30 @@ impl JsonStream {
     }
 }
 
+/// A whole request body, at most `max` bytes. One whose length says it is over is refused at
+/// once, before any of it is read.
+async fn read_body(body: Body, max: usize) -> Result<Bytes, BodyError> {
+    use hyper::body::Body as _;
+    if body.size_hint().lower() > max as u64 {
+        return Err(BodyError::TooLarge);
+    }
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
+        if too_large {
+            BodyError::TooLarge
+        } else {
+            BodyError::Read(e)
+        }
+    })
+}
+
+/// Why a request body was not read.
+enum BodyError {
+    TooLarge,
+    Read(axum::Error),
+}
+
 /// A unary request body: an empty one is the empty message (as grpc-gateway reads it).
 fn decode<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, Status> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -447,15 +480,15 @@ fn error_response(status: &Status) -> Response {
     response
 }
 
-fn body_error(e: &axum::Error) -> Response {
-    let too_large = std::error::Error::source(e)
-        .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
-    if too_large {
-        let mut r = error_response(&Status::invalid_argument("etcdserver: request is too large"));
-        *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-        return r;
+fn body_error(e: &BodyError) -> Response {
+    match e {
+        BodyError::TooLarge => {
+            let mut r = error_response(&Status::invalid_argument("etcdserver: request is too large"));
+            *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            r
+        }
+        BodyError::Read(e) => error_response(&Status::unknown(format!("reading the request body: {e}"))),
     }
-    error_response(&Status::unknown(format!("reading the request body: {e}")))
 }
 
 /// One line of a streamed answer.

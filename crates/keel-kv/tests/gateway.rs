@@ -23,6 +23,9 @@ use serde_json::json;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+/// keeld's `client_header_timeout_ms` in `gateway_beyond_etcd_3_4`.
+const BODY_DEADLINE: Duration = Duration::from_millis(1500);
+
 /// How long one answer, or one line of a stream, may take.
 const ANSWER: Duration = Duration::from_secs(15);
 
@@ -67,6 +70,26 @@ async fn raw(addr: &str, path: &str, token: Option<&str>, body: Body) -> (u16, V
         panic!("{addr}{path}: answer is not JSON ({e}): {}", String::from_utf8_lossy(&bytes))
     });
     (status, json)
+}
+
+/// Announces a body of `len` bytes, sends 1 KiB of it, and reads the answer (which keeld sends
+/// without reading the rest, then closes the connection).
+async fn announce_large_body(addr: &str, path: &str, len: usize) -> (u16, Value) {
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.expect("send the header");
+    s.write_all(&[b' '; 1024]).await.expect("send a little of the body");
+    let mut answer = Vec::new();
+    tokio::time::timeout(ANSWER, s.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{addr}{path}: no answer within {ANSWER:?}"))
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{addr}{path}: {e}: {answer}")))
 }
 
 /// A streamed call: request messages sent as they are written, answer lines read as they come.
@@ -509,7 +532,8 @@ fn version_and_health_have_etcds_shape() {
 #[test]
 fn gateway_beyond_etcd_3_4() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let keel = Procs::start(1, 0, "");
+    // A short whole-body deadline: a stream's request body must outlive it.
+    let keel = Procs::start(1, 0, &format!("client_header_timeout_ms = {}\n", BODY_DEADLINE.as_millis()));
     let a = keel.client(1);
     rt.block_on(async {
         // etcd 3.5's routes.
@@ -571,9 +595,9 @@ fn gateway_beyond_etcd_3_4() {
         let (s, v) = call(&a, "/v3/lock/unlock", None, &json!({"key": l["key"]})).await;
         assert_eq!(200, s, "{v}");
 
-        // A body over the limit is refused before it is decoded.
-        let big = vec![b' '; 8 << 20];
-        let (s, v) = raw(&a, "/v3/kv/put", None, Full::new(Bytes::from(big)).boxed()).await;
+        // A body over the limit is refused before it is read: the answer comes while the client
+        // has sent only the header and a little of the body.
+        let (s, v) = announce_large_body(&a, "/v3/kv/put", 8 << 20).await;
         assert_eq!((413, json!(3)), (s, v["code"].clone()), "{v}");
         // One over the gRPC limit once decoded is refused as gRPC refuses it.
         let value = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 2 << 20]);
@@ -592,6 +616,8 @@ fn gateway_beyond_etcd_3_4() {
         w.send(&json!({"create_request": {"key": b64("k2")}})).await;
         let created = w.expect_line().await;
         assert_eq!(json!("1"), created["result"]["watch_id"], "{created}");
+        // Past the client port's whole-body deadline, the stream's body is still read.
+        tokio::time::sleep(BODY_DEADLINE * 2).await; // time passing is the point, not a sync
         w.send(&json!({"cancel_request": {"watch_id": "1"}})).await;
         let canceled = w.expect_line().await;
         assert_eq!(
