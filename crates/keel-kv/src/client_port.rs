@@ -352,8 +352,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Tracked {
 /// the body deadline (they are bounded by `max_concurrent_streams` and the connection cap).
 const CLIENT_STREAMS: &[&str] = &["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive"];
 
+/// The same methods on etcd's JSON gateway (`/v3/watch`, …), whose bodies are streams too.
 fn is_client_stream(path: &str) -> bool {
-    CLIENT_STREAMS.contains(&path)
+    CLIENT_STREAMS.contains(&path) || crate::gateway::is_request_stream(path)
 }
 
 /// A request body that must arrive in full by a deadline: a client that trickles its body (a

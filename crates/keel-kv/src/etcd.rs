@@ -20,18 +20,23 @@ use crate::store::OpResult;
 pub mod pb {
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
+        include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
     }
     pub mod authpb {
         tonic::include_proto!("authpb");
+        include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
     }
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
+        include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
     }
     pub mod v3lockpb {
         tonic::include_proto!("v3lockpb");
+        include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
     }
     pub mod v3electionpb {
         tonic::include_proto!("v3electionpb");
+        include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
     }
 }
 
@@ -45,7 +50,10 @@ mod lock;
 mod watch;
 pub use watch::MAX_WATCHERS_PER_STREAM;
 
-/// What Maintenance.Status reports as the server version: the etcd API level Keel speaks, tagged.
+/// The etcd API level Keel speaks (`/version`; plain integers, as clients parse them).
+pub const ETCD_VERSION: &str = "3.5.0";
+
+/// What Maintenance.Status reports as the server version: [`ETCD_VERSION`], tagged.
 pub const SERVER_VERSION: &str = concat!("3.5.0-keel.", env!("CARGO_PKG_VERSION"));
 
 /// Room for gRPC framing and the request's own fields beyond a maximal key and value (etcd's).

@@ -72,6 +72,7 @@ pub fn router(api: KvApi) -> Router {
         .route("/v1/alarms/activate", post(activate))
         .route("/v1/alarms/deactivate", post(deactivate))
         .route("/health", get(health))
+        .route("/version", get(version))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/auth/authenticate", post(auth::authenticate))
@@ -951,14 +952,24 @@ async fn disarm(State(api): State<KvApi>) -> Response {
 // ---------------------------------------------------------------------------------------------
 // Operations
 
+/// etcd's `/health`: the answer is a string, `"true"` or `"false"` (etcd's shape, which its
+/// clients and probes parse), with Keel's reason when unhealthy.
 async fn health(State(api): State<KvApi>) -> Response {
     match api.health() {
-        Ok(()) => (StatusCode::OK, axum::Json(json!({"health": true}))).into_response(),
+        Ok(()) => (StatusCode::OK, axum::Json(json!({"health": "true"}))).into_response(),
         Err(reason) => {
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"health": false, "reason": reason})))
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"health": "false", "reason": reason})))
                 .into_response()
         }
     }
+}
+
+/// etcd's `/version`: the etcd API level Keel speaks as both the server and the cluster version,
+/// plain dot-separated integers (Patroni and etcd3gw parse them), and Keel's own version.
+async fn version() -> Response {
+    let etcd = crate::etcd::ETCD_VERSION;
+    axum::Json(json!({"etcdserver": etcd, "etcdcluster": etcd, "keel": env!("CARGO_PKG_VERSION")}))
+        .into_response()
 }
 
 async fn ready(State(api): State<KvApi>) -> Response {

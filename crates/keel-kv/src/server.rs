@@ -385,7 +385,7 @@ async fn count_leader_changes(node: Arc<Node<KvStore>>, counters: Arc<crate::api
     }
 }
 
-/// The client address's router: etcd gRPC services and the HTTP API.
+/// The client address's router: etcd gRPC services, etcd's JSON gateway on them, and the HTTP API.
 fn client_router(api: KvApi) -> axum::Router {
     let svc = EtcdService::new(api.clone());
     let limit = api.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -410,10 +410,14 @@ fn client_router(api: KvApi) -> axum::Router {
     let body_limit = axum::extract::DefaultBodyLimit::max(api.max_request_bytes + 1);
     let grpc_metrics =
         axum::middleware::from_fn_with_state(api.grpc_metrics.clone(), crate::metrics::grpc_layer);
+    // etcd's grpc-gateway routes bound their bodies themselves (a JSON message is larger than
+    // its protobuf form), as gRPC requests are bounded by their decoding limit.
+    let gateway = crate::gateway::router(&api);
     routes
         .into_axum_router()
         .layer(grpc_metrics)
         .merge(http::router(api).layer(body_limit))
+        .merge(gateway)
         .fallback(http::fallback)
 }
 

@@ -993,6 +993,17 @@ impl Writer<'_, '_, '_> {
     }
 
     fn txn(&mut self, t: &Txn) -> Applied {
+        // As etcd: the compares of the txn and of every nested txn on the branches taken are all
+        // judged on the state before the txn, before any op runs (a nested compare does not see
+        // the outer txn's writes).
+        let mut path = Vec::new();
+        self.choose_branches(t, &mut path)?;
+        self.txn_on(t, &mut path.into_iter())
+    }
+
+    /// Whether each txn, `t` and its nested ones on the branches taken, succeeds, in the order
+    /// `txn_on` meets them (depth first).
+    fn choose_branches(&self, t: &Txn, path: &mut Vec<bool>) -> Result<(), StateMachineError> {
         let mut succeeded = true;
         for cmp in &t.compare {
             if !self.compare(cmp)? {
@@ -1000,6 +1011,18 @@ impl Writer<'_, '_, '_> {
                 break;
             }
         }
+        path.push(succeeded);
+        for op in if succeeded { &t.success } else { &t.failure } {
+            if let Op::Txn(inner) = op {
+                self.choose_branches(inner, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn txn_on(&mut self, t: &Txn, path: &mut std::vec::IntoIter<bool>) -> Applied {
+        // choose_branches walked the same txns in the same order.
+        let succeeded = path.next().expect("a branch was chosen for every txn on the path");
         let ops = if succeeded { &t.success } else { &t.failure };
         // Refuse before writing anything: a refused request must change nothing.
         let before = Revisions { current: self.revision - 1, compacted: self.compacted };
@@ -1017,7 +1040,7 @@ impl Writer<'_, '_, '_> {
                 }
                 Op::Put(p) => self.put(p)?,
                 Op::DeleteRange(d) => self.delete(d)?,
-                Op::Txn(inner) => self.txn(inner)?,
+                Op::Txn(inner) => self.txn_on(inner, path)?,
             };
             match r {
                 Ok(r) => responses.push(r),

@@ -274,7 +274,7 @@ async fn admin_status_and_operations_endpoints() {
             .ok();
     }
     let (s, v) = h.get("/health").await;
-    assert_eq!((StatusCode::OK, json!(true)), (s, v["health"].clone()));
+    assert_eq!((StatusCode::OK, json!("true")), (s, v["health"].clone()));
     let (s, text) = h.raw(Method::GET, "/metrics", Bytes::new()).await;
     let text = String::from_utf8(text).expect("utf8");
     assert_eq!(StatusCode::OK, s);

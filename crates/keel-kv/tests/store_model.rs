@@ -300,3 +300,40 @@ fn a_range_over_the_budget_is_refused_and_pages_counts_and_keys_are_not() {
     let (_, keys) = range(&read, &Range { keys_only: true, ..all }, budget).expect("range");
     assert_eq!(100, keys.expect("keys only: 4 + 32 bytes a key").kvs.len());
 }
+
+/// etcd judges the compares of nested txns with the outer txn's, on the state before any op
+/// runs: a nested compare does not see a write earlier in the same txn (found by the grpc-gateway
+/// comparison with etcd 3.4, `tests/gateway.rs`).
+#[test]
+fn nested_txn_compares_are_judged_before_the_outer_txn_writes() {
+    let db = memory_db();
+    let put = |k: &str| Op::Put(Put { key: k.into(), value: b"v".to_vec(), ..Put::default() });
+    let version_is = |k: &str, v: i64| Compare {
+        key: k.into(),
+        range_end: vec![],
+        result: CompareResult::Equal,
+        target: CompareTarget::Version(v),
+    };
+    // t is missing before the txn: the nested compare "version(t) == 1" fails even though the
+    // outer txn puts t first, and the nested txn takes its failure branch.
+    let nested =
+        Txn { compare: vec![version_is("t", 1)], success: vec![put("yes")], failure: vec![put("no")] };
+    let outer =
+        Txn { compare: vec![version_is("t", 0)], success: vec![put("t"), Op::Txn(nested)], failure: vec![] };
+    let txn = db.begin_write().expect("write txn");
+    let got = KvStore::default().apply(&txn, vec![KvCommand::Txn(outer)]).expect("apply");
+    txn.commit().expect("commit");
+    assert_eq!(
+        vec![(
+            2,
+            "txn true,put,Txn(TxnResult { succeeded: false, responses: [Put { prev_kv: None }] })"
+                .to_string()
+        )],
+        got.iter().map(summarize).collect::<Vec<_>>()
+    );
+    let read = db.begin_read().expect("read txn");
+    let all = Range { key: vec![0], range_end: vec![0], keys_only: true, ..Range::default() };
+    let (_, result) = range(&read, &all, usize::MAX).expect("range");
+    let keys: Vec<Vec<u8>> = result.expect("current revision").kvs.into_iter().map(|kv| kv.key).collect();
+    assert_eq!(vec![b"no".to_vec(), b"t".to_vec()], keys);
+}

@@ -103,11 +103,17 @@ impl Session {
         let mut retry = tokio::time::interval(PROGRESS_RETRY);
         let closed = self.svc.api.hub().closed();
         tokio::pin!(closed);
+        // As etcd's: a client that closes its side of the stream keeps its watchers; the session
+        // ends when the client goes (the answers are dropped) or on an error.
+        let mut reading = true;
         loop {
             let step = tokio::select! {
-                msg = inbound.message() => match msg {
+                msg = inbound.message(), if reading => match msg {
                     Ok(Some(req)) => self.request(req).await,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        reading = false;
+                        Ok(())
+                    }
                     // A message that does not decode: the stream fails with its status, as
                     // etcd's does (and as the unary methods answer it).
                     Err(status) => {

@@ -32,8 +32,15 @@ use crate::client_port::ClientCertName;
 
 /// Paths anyone may ask for while auth is on: health and metrics, the way in, and this node's
 /// status and the member list (etcd leaves `Status` and `MemberList` open too).
-const OPEN: &[&str] =
-    &["/health", "/ready", "/metrics", "/v1/auth/authenticate", "/v1/cluster/status", "/v1/cluster/members"];
+const OPEN: &[&str] = &[
+    "/health",
+    "/version",
+    "/ready",
+    "/metrics",
+    "/v1/auth/authenticate",
+    "/v1/cluster/status",
+    "/v1/cluster/members",
+];
 
 /// Whether the handler of `path` judges the request by the user's permissions itself: it finds
 /// the user in [`HttpCaller`].
