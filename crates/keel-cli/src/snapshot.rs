@@ -101,7 +101,9 @@ pub async fn run(
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(f).await.map_err(|e| format!("task failed: {e}"))?
 }
 
@@ -140,7 +142,8 @@ async fn restore(args: RestoreArgs, json: bool) -> Result<String, String> {
     let Some(peer_addr) = members.get(&args.id).cloned() else {
         return Err(format!("--initial-cluster does not list member {} (--id)", args.id));
     };
-    let mut config = KeeldConfig { id: args.id, data_dir: args.data_dir.clone(), peer_addr, ..Default::default() };
+    let mut config =
+        KeeldConfig { id: args.id, data_dir: args.data_dir.clone(), peer_addr, ..Default::default() };
     if let Some(name) = &args.cluster_name {
         config.cluster_name = name.clone();
     }

@@ -164,7 +164,10 @@ fn restored_cluster(file: &Path, ids: &[u64]) -> Cluster {
 fn read_load(endpoint: &str) -> (BTreeMap<String, String>, i64) {
     let v = keel(endpoint, &["get", "load/", "--prefix", "--json"]).json();
     let kvs = v["kvs"].as_array().expect("kvs").iter().map(|kv| {
-        (kv["key"].as_str().expect("utf-8 key").to_owned(), kv["value"].as_str().expect("utf-8 value").to_owned())
+        (
+            kv["key"].as_str().expect("utf-8 key").to_owned(),
+            kv["value"].as_str().expect("utf-8 value").to_owned(),
+        )
     });
     (kvs.collect(), v["revision"].as_i64().expect("revision"))
 }
@@ -214,7 +217,8 @@ fn a_snapshot_saved_under_writes_restores_a_new_cluster_with_every_write_acknowl
         let sha = sha256sum(payload);
         assert_eq!(trailer, &sha[..], "{} does not end in its SHA-256", file.display());
         assert!(payload.starts_with(b"KEELSNAP"));
-        let status = keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]).json();
+        let status =
+            keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]).json();
         assert_eq!(status["hash"], "ok", "{status}");
         assert_eq!(status["totalSize"].as_u64(), Some(bytes.len() as u64), "{status}");
         let last = before.iter().map(|a| a.2).max().unwrap_or(0);
@@ -298,7 +302,8 @@ fn only_root_saves_with_auth_on_and_damaged_files_and_used_data_dirs_are_refused
     keel(&old.client(3), &["snapshot", "save", good.to_str().expect("utf-8")]).ok();
 
     // With auth on, only root may take a snapshot (etcd's answers).
-    for args in [&["user", "add", "root:rootpw"][..], &["user", "add", "alice:alicepw"], &["auth", "enable"]] {
+    for args in [&["user", "add", "root:rootpw"][..], &["user", "add", "alice:alicepw"], &["auth", "enable"]]
+    {
         let run = etcdctl(&old.client(1), args);
         assert_eq!(run.code, Some(0), "{}: {}", run.command, run.stderr);
     }
@@ -365,7 +370,8 @@ fn only_root_saves_with_auth_on_and_damaged_files_and_used_data_dirs_are_refused
     std::fs::create_dir_all(&used).expect("create a data dir");
     std::fs::write(used.join("keep-me"), "precious").expect("write a file");
     assert_refused(restore(&good, &new, 2, &[1, 2], &[]), "is not empty");
-    let left: Vec<_> = std::fs::read_dir(&used).expect("read the dir").map(|e| e.expect("entry").file_name()).collect();
+    let left: Vec<_> =
+        std::fs::read_dir(&used).expect("read the dir").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("keep-me")]);
     assert_eq!(std::fs::read_to_string(used.join("keep-me")).expect("read it"), "precious");
     // So is the member data dir restored above: restore never writes over one.

@@ -312,15 +312,18 @@ pub fn check(path: &Path, skip_hash: bool) -> Result<BackupFile, BackupFileError
             summary,
         });
     }
-    // Unchecked: the frames decide whether the last 32 bytes are a trailer or the END frame's.
-    let (payload, hash, sha) = match read_payload(&mut file, path, payload) {
-        Ok(found) => (Some(found), HashCheck::SkippedWithTrailer, sha),
-        Err(_) => (None, HashCheck::SkippedNoTrailer, sha256_of(&mut file, size).map_err(io_err)?),
-    };
-    let (payload_bytes, (meta, summary, snapshot_bytes)) = match payload {
-        Some(found) => (size - TRAILER_BYTES, found),
-        None => (size, read_payload(&mut file, path, size)?),
-    };
+    // Unchecked: the frames decide whether the last 32 bytes are a trailer or the snapshot's own.
+    // If neither reading verifies, the first (a backup file, the usual case) names the damage.
+    let (payload_bytes, hash, sha, (meta, summary, snapshot_bytes)) =
+        match read_payload(&mut file, path, payload) {
+            Ok(found) => (payload, HashCheck::SkippedWithTrailer, sha, found),
+            Err(first) => match read_payload(&mut file, path, size) {
+                Ok(found) => {
+                    (size, HashCheck::SkippedNoTrailer, sha256_of(&mut file, size).map_err(io_err)?, found)
+                }
+                Err(_) => return Err(first),
+            },
+        };
     Ok(BackupFile {
         path: path.to_path_buf(),
         size,
@@ -344,23 +347,18 @@ fn read_payload(
     let input = io::BufReader::with_capacity(256 * 1024, Read::take(&mut *file, len));
     let (meta, reader) = SnapshotReader::new(input, path)?;
     let mut reader = reader.allow_zero_padding(PAD_TO as usize - 1);
-    let summary = crate::store::snapshot_summary(&mut reader);
-    // Whatever the summary left unread (the auth tables) must verify too.
-    let rest = io::copy(&mut reader, &mut io::sink());
     let contents = |reason: String| BackupFileError::Contents { path: path.to_path_buf(), reason };
-    if let Err(e) = rest {
-        return Err(match e.downcast::<SnapshotFileError>() {
-            Ok(damage) => BackupFileError::Damaged(damage),
-            Err(e) => contents(e.to_string()),
-        });
-    }
-    let summary = summary.map_err(|e| match e {
-        keel::StateMachineError::Io(e) => match e.downcast::<SnapshotFileError>() {
-            Ok(damage) => BackupFileError::Damaged(damage),
-            Err(e) => contents(e.to_string()),
-        },
+    let damage = |e: io::Error| match e.downcast::<SnapshotFileError>() {
+        Ok(damage) => BackupFileError::Damaged(damage),
+        Err(e) => contents(e.to_string()),
+    };
+    // The first failure names the damage: a frame that failed is not read again after it.
+    let summary = crate::store::snapshot_summary(&mut reader).map_err(|e| match e {
+        keel::StateMachineError::Io(e) => damage(e),
         other => contents(other.to_string()),
     })?;
+    // Whatever the summary left unread (the auth tables) must verify too.
+    io::copy(&mut reader, &mut io::sink()).map_err(damage)?;
     Ok((meta, summary, reader.offset()))
 }
 

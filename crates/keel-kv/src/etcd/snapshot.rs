@@ -24,8 +24,13 @@ impl EtcdService {
             chunks.poll_recv(cx).map(|next| {
                 next.map(|chunk| match chunk {
                     Ok(chunk) => {
-                        let header = if std::mem::take(&mut first) { service.header(chunk.revision) } else { None };
-                        Ok(rpc::SnapshotResponse { header, remaining_bytes: chunk.remaining_bytes, blob: chunk.blob })
+                        let header =
+                            if std::mem::take(&mut first) { service.header(chunk.revision) } else { None };
+                        Ok(rpc::SnapshotResponse {
+                            header,
+                            remaining_bytes: chunk.remaining_bytes,
+                            blob: chunk.blob,
+                        })
                     }
                     Err(e) => {
                         tracing::warn!("snapshot stream failed: {e}");

@@ -149,7 +149,6 @@ pub fn seed_data_dir<SM: StateMachine>(
     drop(shared);
 
     let log = LogStore::open(&data_dir.join("log"), &config.log)?;
-    log.purge_blocking(last)
-        .map_err(|source| SeedError::DataDir { path: data_dir.join("log"), source })?;
+    log.purge_blocking(last).map_err(|source| SeedError::DataDir { path: data_dir.join("log"), source })?;
     Ok(Seeded { meta, source })
 }

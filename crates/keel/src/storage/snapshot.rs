@@ -47,7 +47,7 @@ const KIND_DATA: u8 = 2;
 const KIND_END: u8 = 3;
 
 /// A snapshot file that is damaged or not a snapshot file at all.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("snapshot file {path} at offset {offset}: {reason}")]
 pub struct SnapshotFileError {
     pub path: PathBuf,
@@ -159,6 +159,8 @@ pub struct SnapshotReader<R> {
     done: bool,
     /// Zero bytes allowed after END (a backup file pads its snapshot; `docs/formats.md`).
     zero_padding: usize,
+    /// The first failure: every read after it answers it again (the input is past the frame).
+    failed: Option<SnapshotFileError>,
 }
 
 impl SnapshotReader<BufReader<File>> {
@@ -195,6 +197,7 @@ impl<R: Read> SnapshotReader<R> {
             total: 0,
             done: false,
             zero_padding: 0,
+            failed: None,
         };
         let at = reader.offset;
         let (kind, body) = reader.read_frame(META_MAX)?;
@@ -247,8 +250,19 @@ impl<R: Read> SnapshotReader<R> {
         Ok((kind, body))
     }
 
-    /// Loads the next DATA frame; false at a verified END.
+    /// Loads the next DATA frame; false at a verified END. A failure is final.
     fn next_data(&mut self) -> Result<bool, SnapshotFileError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let next = self.read_data();
+        if let Err(e) = &next {
+            self.failed = Some(e.clone());
+        }
+        next
+    }
+
+    fn read_data(&mut self) -> Result<bool, SnapshotFileError> {
         if self.done {
             return Ok(false);
         }
