@@ -105,7 +105,8 @@ pub fn seed_log_id(index: u64) -> LogId {
 /// (all voters), holding the state of the snapshot file read from `input` (`name` names it in
 /// errors). The snapshot is verified frame by frame as it is copied; a damaged one fails the seed.
 ///
-/// Blocking: it writes and fsyncs files. Call it from a thread that may block.
+/// Blocking: it writes and fsyncs files and waits for the log's flush. Call it from a thread that
+/// may block (`spawn_blocking`, `block_in_place`), never on a runtime worker: it would panic there.
 pub fn seed_data_dir<SM: StateMachine>(
     config: &Config,
     sm: SM,
