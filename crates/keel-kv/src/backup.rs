@@ -50,6 +50,10 @@ pub const TRAILER_BYTES: u64 = 32;
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// The payload's size is a multiple of this (see the module docs).
 pub const PAD_TO: u64 = 512;
+/// Snapshots streamed at once by this process; one more is refused ([`StreamError::Busy`]). Each
+/// holds a blocking thread and a read transaction (which keeps the pages it sees from reuse).
+pub const MAX_SNAPSHOTS: usize = 2;
+static SNAPSHOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_SNAPSHOTS);
 /// Chunks in flight between the reading thread and the client's stream.
 const CHANNEL_CHUNKS: usize = 4;
 /// The payload's first bytes: a Keel snapshot file's magic.
@@ -72,13 +76,21 @@ pub enum StreamError {
     Read(String),
     #[error("the snapshot's two reads of one transaction differ ({counted} bytes counted, {sent} sent)")]
     SizeChanged { counted: u64, sent: u64 },
+    #[error("{MAX_SNAPSHOTS} snapshots are being sent by this member already; try again later")]
+    Busy,
 }
 
 /// Starts streaming a snapshot of `node`'s applied state (serializable: what this member has
 /// applied, as etcd's is). The receiver yields the chunks, then the trailer, or an error.
 pub fn stream(node: Arc<Node<KvStore>>) -> mpsc::Receiver<Result<Chunk, StreamError>> {
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let Ok(permit) = SNAPSHOTS.try_acquire() else {
+        // The channel has room for this one message.
+        let _ = tx.try_send(Err(StreamError::Busy));
+        return rx;
+    };
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let result = node.read_local(|sm, txn| {
             let (_, counted) =
                 keel::storage::sm_store::export_snapshot(sm, txn, Counter(0)).map_err(|e| e.to_string())?;

@@ -32,6 +32,7 @@ impl EtcdService {
                             blob: chunk.blob,
                         })
                     }
+                    Err(e @ backup::StreamError::Busy) => Err(Status::resource_exhausted(e.to_string())),
                     Err(e) => {
                         tracing::warn!("snapshot stream failed: {e}");
                         Err(Status::internal(e.to_string()))
