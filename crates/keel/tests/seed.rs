@@ -127,4 +127,10 @@ async fn a_used_data_dir_and_a_list_without_the_member_are_refused() {
     let damaged = dir.path().join("damaged.snap");
     std::fs::write(&damaged, bytes).expect("write");
     assert!(matches!(seed(dir.path(), 2, &damaged, &[2]), Err(SeedError::Snapshot(_))));
+    assert!(!dir.path().join("n2").exists(), "a failed seed left a data dir behind");
+    // An empty data dir is used, and left empty by a failed seed.
+    std::fs::create_dir_all(dir.path().join("n4")).expect("mkdir");
+    assert!(matches!(seed(dir.path(), 4, &damaged, &[4]), Err(SeedError::Snapshot(_))));
+    assert_eq!(std::fs::read_dir(dir.path().join("n4")).expect("the dir is kept").count(), 0);
+    seed(dir.path(), 4, &snapshot, &[4]).expect("an empty data dir is seeded");
 }

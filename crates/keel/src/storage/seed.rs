@@ -51,8 +51,7 @@ use crate::types::NodeInfo;
 use crate::types::SnapshotMeta;
 use crate::types::StoredMembership;
 
-/// Why a data dir could not be seeded. Whatever was written is left for the operator to remove
-/// (the dir was empty before).
+/// Why a data dir could not be seeded. The data dir is left as it was found (absent or empty).
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error("data dir {0} is not empty: restore writes a fresh data dir (choose a new or empty one)")]
@@ -80,19 +79,22 @@ pub struct Seeded {
     pub source: SnapshotMeta,
 }
 
-/// Refuses a data dir that exists and holds anything; creates it otherwise.
-fn fresh_dir(dir: &Path) -> Result<(), SeedError> {
+/// Refuses a data dir that exists and holds anything; creates it otherwise. Answers whether it
+/// existed (empty).
+fn fresh_dir(dir: &Path) -> Result<bool, SeedError> {
     let io_err = |source| SeedError::DataDir { path: dir.to_path_buf(), source };
-    match std::fs::read_dir(dir) {
+    let existed = match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
                 return Err(SeedError::NotEmpty(dir.to_path_buf()));
             }
+            true
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(io_err(e)),
-    }
-    std::fs::create_dir_all(dir).map_err(io_err)
+    };
+    std::fs::create_dir_all(dir).map_err(io_err)?;
+    Ok(existed)
 }
 
 /// The log id a seeded cluster starts from: term 0, node 0, at `index` (see the module docs).
@@ -130,26 +132,46 @@ pub fn seed_data_dir<SM: StateMachine>(
     };
 
     let data_dir = &config.data_dir;
-    fresh_dir(data_dir)?;
+    let existed = fresh_dir(data_dir)?;
+    let seeded = write_seed(config, sm, &mut reader, &meta, last);
+    if seeded.is_err() {
+        // Leave the dir as it was found: nothing half-written for a node to start on.
+        let _ = std::fs::remove_dir_all(data_dir);
+        if existed {
+            let _ = std::fs::create_dir(data_dir);
+        }
+    }
+    seeded?;
+    Ok(Seeded { meta, source })
+}
+
+/// Writes the snapshot, the state and the log of a seeded data dir (see the module docs).
+fn write_seed<SM: StateMachine>(
+    config: &Config,
+    sm: SM,
+    reader: &mut impl Read,
+    meta: &SnapshotMeta,
+    last: LogId,
+) -> Result<(), SeedError> {
+    let data_dir = &config.data_dir;
     // The snapshot first, as an install publishes it: a member with a snapshot and no state loads
     // it at start-up anyway.
     let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
     let temp = snapshots.temp_path();
     let io_err = |source| SeedError::DataDir { path: temp.clone(), source };
-    let mut writer = SnapshotWriter::create(&temp, &meta).map_err(io_err)?;
-    io::copy(&mut reader, &mut writer).map_err(|e| match e.downcast::<SnapshotFileError>() {
+    let mut writer = SnapshotWriter::create(&temp, meta).map_err(io_err)?;
+    io::copy(reader, &mut writer).map_err(|e| match e.downcast::<SnapshotFileError>() {
         Ok(damage) => SeedError::Snapshot(damage),
         Err(e) => io_err(e),
     })?;
     writer.finish().map_err(io_err)?;
-    let (_, path) = snapshots.publish(&temp, &meta).map_err(io_err)?;
+    let (_, path) = snapshots.publish(&temp, meta).map_err(io_err)?;
     drop(snapshots);
 
     let shared = SmShared::open(data_dir, config.id, &config.state_machine, sm)?;
-    shared.restore_from(&path, &meta)?;
+    shared.restore_from(&path, meta)?;
     drop(shared);
 
     let log = LogStore::open(&data_dir.join("log"), &config.log)?;
-    log.purge_blocking(last).map_err(|source| SeedError::DataDir { path: data_dir.join("log"), source })?;
-    Ok(Seeded { meta, source })
+    log.purge_blocking(last).map_err(|source| SeedError::DataDir { path: data_dir.join("log"), source })
 }
