@@ -10,6 +10,8 @@
 
 mod lease;
 mod load;
+/// One gRPC connection to an endpoint (also `keel snapshot save`'s).
+pub(crate) use load::connect;
 mod lock;
 mod report;
 mod restart;

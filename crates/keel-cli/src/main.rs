@@ -37,6 +37,7 @@ mod lease;
 mod lock;
 mod output;
 mod session;
+mod snapshot;
 mod tls;
 mod txn;
 
@@ -190,6 +191,10 @@ enum Command {
     /// A development CA and certificates for TLS (writes PEM files; keys mode 0600).
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Backups: save a snapshot of a cluster, check a snapshot file, restore a new cluster from
+    /// one (status and restore need no server).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Offline inspection (no server needed).
     #[command(subcommand)]
     Debug(DebugCommand),
@@ -354,6 +359,8 @@ enum CliError {
     Demo(demo::DemoError),
     /// `keel debug` could not inspect; exit 1.
     Debug(String),
+    /// `keel snapshot`: the save, check or restore failed.
+    Snapshot(String),
     /// The TLS flags cannot be used (a file missing or unreadable, --cert without --key, https://
     /// without --cacert); exit 2.
     Tls(tls::TlsError),
@@ -390,6 +397,7 @@ impl CliError {
             | CliError::Stdin(_)
             | CliError::Bench(_)
             | CliError::Debug(_)
+            | CliError::Snapshot(_)
             | CliError::Certs(_)
             | CliError::Watch(_)
             | CliError::Signals(_)
@@ -422,6 +430,7 @@ impl fmt::Display for CliError {
             CliError::Bench(e) => write!(f, "{e}"),
             CliError::Demo(e) => write!(f, "{e}"),
             CliError::Debug(e) => write!(f, "{e}"),
+            CliError::Snapshot(e) => write!(f, "{e}"),
             CliError::Tls(e) => write!(f, "{e}"),
             CliError::Certs(e) => write!(f, "{e}"),
             CliError::Unconfirmed(e) => write!(f, "{e}"),
@@ -569,6 +578,9 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                 }
                 Err(e) => Err(CliError::Debug(e)),
             }
+        }
+        Command::Snapshot(cmd) => {
+            snapshot::run(cmd, &endpoints, cli.timeout, json).await.map_err(CliError::Snapshot)
         }
         Command::Bench(args) => {
             let plan = args.plan().map_err(CliError::BenchUsage)?;

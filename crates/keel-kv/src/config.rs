@@ -299,22 +299,7 @@ impl KeeldConfig {
         if self.initial_cluster.trim().is_empty() {
             return Ok([(self.id, self.peer_addr.clone())].into_iter().collect());
         }
-        let mut members = BTreeMap::new();
-        for part in self.initial_cluster.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (id, addr) = part
-                .split_once('=')
-                .ok_or_else(|| invalid("initial_cluster", format!("{part:?} is not ID=HOST:PORT")))?;
-            let id: NodeId = id.trim().parse().ok().filter(|&id| id != 0).ok_or_else(|| {
-                invalid("initial_cluster", format!("{id:?} is not a node id (a positive integer)"))
-            })?;
-            let addr = bare_addr(addr);
-            if addr.is_empty() || !addr.contains(':') {
-                return Err(invalid("initial_cluster", format!("member {id}: {addr:?} is not HOST:PORT")));
-            }
-            if members.insert(id, addr.to_string()).is_some() {
-                return Err(invalid("initial_cluster", format!("member {id} is listed twice")));
-            }
-        }
+        let members = parse_initial_cluster(&self.initial_cluster)?;
         match members.get(&self.id) {
             None => Err(invalid(
                 "initial_cluster",
@@ -489,6 +474,28 @@ impl KeeldConfig {
         }
         Ok(())
     }
+}
+
+/// Parses `ID=HOST:PORT,...` (the `initial_cluster` syntax; `http://` before an address is
+/// dropped) into id → peer address: ids positive, each listed once.
+pub fn parse_initial_cluster(list: &str) -> Result<BTreeMap<NodeId, String>, ConfigError> {
+    let mut members = BTreeMap::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| invalid("initial_cluster", format!("{part:?} is not ID=HOST:PORT")))?;
+        let id: NodeId = id.trim().parse().ok().filter(|&id| id != 0).ok_or_else(|| {
+            invalid("initial_cluster", format!("{id:?} is not a node id (a positive integer)"))
+        })?;
+        let addr = bare_addr(addr);
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(invalid("initial_cluster", format!("member {id}: {addr:?} is not HOST:PORT")));
+        }
+        if members.insert(id, addr.to_string()).is_some() {
+            return Err(invalid("initial_cluster", format!("member {id} is listed twice")));
+        }
+    }
+    Ok(members)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod client_port;
 pub mod compaction;
 pub mod config;

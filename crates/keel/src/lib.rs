@@ -50,6 +50,7 @@ pub use openraft;
 pub use redb;
 pub use state_machine::dump_table;
 pub use state_machine::load_table;
+pub use state_machine::scan_table;
 pub use state_machine::Refusal;
 pub use state_machine::StateMachine;
 pub use state_machine::StateMachineError;

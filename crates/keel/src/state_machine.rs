@@ -157,23 +157,43 @@ pub fn load_table<K: redb::Key + 'static, V: redb::Value + 'static>(
     table: redb::TableDefinition<K, V>,
     input: &mut dyn io::Read,
 ) -> Result<(), StateMachineError> {
-    fn read_u32(input: &mut dyn io::Read) -> io::Result<usize> {
+    let mut table = txn.open_table(table)?;
+    scan_table(input, |k, v| {
+        table.insert(K::from_bytes(k), V::from_bytes(v))?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Reads one table written by [`dump_table`] from `input` without a database, calling `row` with
+/// each key and value in redb's byte form; answers the row count. For tools that summarize a
+/// snapshot (`keel snapshot status`). A part's buffer grows only as its bytes arrive, so a
+/// damaged length cannot make it allocate more than the input holds.
+pub fn scan_table(
+    input: &mut dyn io::Read,
+    mut row: impl FnMut(&[u8], &[u8]) -> Result<(), StateMachineError>,
+) -> Result<u64, StateMachineError> {
+    fn read_u32(input: &mut dyn io::Read) -> io::Result<u64> {
         let mut b = [0u8; 4];
         input.read_exact(&mut b)?;
-        Ok(u32::from_le_bytes(b) as usize)
+        Ok(u64::from(u32::from_le_bytes(b)))
     }
-    fn read_part(input: &mut dyn io::Read) -> io::Result<Vec<u8>> {
+    fn read_part(input: &mut dyn io::Read, buf: &mut Vec<u8>) -> io::Result<()> {
         let len = read_u32(input)?;
-        let mut buf = vec![0u8; len];
-        input.read_exact(&mut buf)?;
-        Ok(buf)
+        buf.clear();
+        if io::Read::read_to_end(&mut io::Read::take(input, len), buf)? as u64 != len {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "table row ends early"));
+        }
+        Ok(())
     }
     let mut count = [0u8; 8];
     input.read_exact(&mut count)?;
-    let mut table = txn.open_table(table)?;
-    for _ in 0..u64::from_le_bytes(count) {
-        let (k, v) = (read_part(input)?, read_part(input)?);
-        table.insert(K::from_bytes(&k), V::from_bytes(&v))?;
+    let count = u64::from_le_bytes(count);
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    for _ in 0..count {
+        read_part(input, &mut k)?;
+        read_part(input, &mut v)?;
+        row(&k, &v)?;
     }
-    Ok(())
+    Ok(count)
 }

@@ -288,7 +288,7 @@ async fn preload(channels: &[Channel], plan: &Arc<Plan>) -> ErrorTally {
 /// before it starts; `timeout` bounds the connect and, later, every request on it. A check
 /// first ([`tls::check_h2`], [`tls::check_h2_plaintext`]): HTTP/2 would hide why a server
 /// refused the handshake, or refused plaintext on a TLS port.
-pub(super) async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, BenchError> {
+pub(crate) async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Channel, BenchError> {
     let failed = |why: String| BenchError::Connect { endpoint: endpoint.to_string(), why };
     match endpoint.tls() {
         Some(client_tls) => tls::check_h2(endpoint.authority(), client_tls, timeout).await.map_err(failed)?,

@@ -85,7 +85,8 @@ impl Cluster {
         Cluster::start_with(Some(certs))
     }
 
-    fn start_with(certs: Option<&Path>) -> Cluster {
+    /// Addresses for nodes 1-4 and a temp dir for their data dirs, no node started.
+    pub fn unstarted() -> Cluster {
         let keeld = Path::new(env!("CARGO_BIN_EXE_keel")).with_file_name("keeld");
         assert!(
             keeld.is_file(),
@@ -107,7 +108,11 @@ impl Cluster {
             })
             .collect();
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut cluster = Cluster { keeld, dir, nodes };
+        Cluster { keeld, dir, nodes }
+    }
+
+    fn start_with(certs: Option<&Path>) -> Cluster {
+        let mut cluster = Cluster::unstarted();
         let initial: Vec<String> = (1..=3).map(|id| format!("{id}={}", cluster.node(id).peer)).collect();
         let initial = initial.join(",");
         for id in 1..=3 {
@@ -138,12 +143,24 @@ impl Cluster {
         for id in 1..=3 {
             cluster.wait_ready(id);
         }
-        for id in 1..=3 {
+        cluster.wait_published(&[1, 2, 3]);
+        cluster
+    }
+
+    /// Waits until each of `ids` has the client addresses of exactly `ids` in its membership.
+    #[track_caller]
+    pub fn wait_published(&self, ids: &[u64]) {
+        let clients: Vec<String> = ids.iter().map(|id| self.client(*id)).collect();
+        for id in ids {
             wait_until(&format!("every client address in node {id}'s membership"), || {
-                check_published(&members_json(&cluster.client(id))?, &clients)
+                check_published(&members_json(&self.client(*id))?, &clients)
             });
         }
-        cluster
+    }
+
+    /// Node `id`'s data dir.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("n{id}"))
     }
 
     /// Fails the test if node `id` has exited.
@@ -176,7 +193,7 @@ impl Cluster {
 
     /// Starts node `id` with its reserved addresses, a data dir of its own and `extra` flags.
     pub fn spawn(&mut self, id: u64, extra: &[&str]) {
-        let data_dir = self.dir.path().join(format!("n{id}"));
+        let data_dir = self.data_dir(id);
         let log = self.dir.path().join(format!("n{id}.log"));
         let out = File::create(&log).expect("create the node's log");
         let err = out.try_clone().expect("clone the log handle");

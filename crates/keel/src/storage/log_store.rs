@@ -284,6 +284,18 @@ impl LogStore {
         rx.await.map_err(|_| io::Error::other("raft log flush worker stopped before reporting"))?
     }
 
+    /// Purges the log up to `log_id` and waits until that is fsync'ed, from a thread that may
+    /// block (not a runtime worker). For seeding a data dir offline ([`super::seed`]).
+    pub(crate) fn purge_blocking(&self, log_id: LogId) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut w = self.lock();
+            w.log.purge(WalLogId(log_id))?;
+            w.log.flush(true, Some(FlushCallback::Wait(tx)))?;
+        }
+        rx.blocking_recv().map_err(|_| io::Error::other("raft log flush worker stopped before reporting"))?
+    }
+
     /// Log boundaries as recorded in the WAL: (vote, purged, last, committed).
     pub fn state(&self) -> (Option<Vote>, Option<LogId>, Option<LogId>, Option<LogId>) {
         let w = self.lock();

@@ -2,6 +2,7 @@
 
 pub mod log_store;
 pub mod mem_log_store;
+pub mod seed;
 pub mod sm_store;
 pub mod snapshot;
 pub mod wal_repair;

@@ -406,7 +406,7 @@ impl<SM: StateMachine> SmShared<SM> {
     }
 
     /// Replaces the whole state with a snapshot file's contents, in one transaction.
-    fn restore_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
+    pub(crate) fn restore_from(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StateMachineError> {
         let (_, mut reader) = SnapshotReader::open(path).map_err(io::Error::from)?;
         self.publish()?;
         self.sync.lock().expect("sync state mutex poisoned by an earlier panic").applied = None;
@@ -626,6 +626,22 @@ impl<SM: StateMachine> RaftSnapshotBuilder<KeelTypes> for SnapshotBuilder<SM> {
         })
         .await
     }
+}
+
+/// Writes the state visible in `txn`, with Keel's record of the log position and membership it
+/// is at, to `out` in the snapshot file format (`docs/formats.md`): the bytes a snapshot built
+/// from `txn` would hold. `txn` is a point-in-time view, so applies go on meanwhile; called twice
+/// on one `txn` it writes the same bytes twice (a backup measures its size first that way).
+pub fn export_snapshot<SM: StateMachine, W: io::Write>(
+    sm: &SM,
+    txn: &redb::ReadTransaction,
+    out: W,
+) -> Result<(SnapshotMeta, W), StateMachineError> {
+    let state = applied_state_in(txn)?;
+    let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership };
+    let mut writer = SnapshotWriter::new(out, &meta)?;
+    sm.snapshot(txn, &mut writer)?;
+    Ok((meta, writer.finish_into()?))
 }
 
 /// The node id recorded in a read transaction of the state machine database.

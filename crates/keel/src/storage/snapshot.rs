@@ -47,7 +47,7 @@ const KIND_DATA: u8 = 2;
 const KIND_END: u8 = 3;
 
 /// A snapshot file that is damaged or not a snapshot file at all.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("snapshot file {path} at offset {offset}: {reason}")]
 pub struct SnapshotFileError {
     pub path: PathBuf,
@@ -69,17 +69,33 @@ fn frame_crc(kind: u8, body: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Writes a snapshot file. Bytes written through `io::Write` become DATA frames.
-pub struct SnapshotWriter {
-    out: BufWriter<File>,
+/// Writes a snapshot in the file format above to `W` (a file by default). Bytes written through
+/// `io::Write` become DATA frames.
+pub struct SnapshotWriter<W: Write = BufWriter<File>> {
+    out: W,
     buf: Vec<u8>,
     total: u64,
 }
 
-impl SnapshotWriter {
+impl SnapshotWriter<BufWriter<File>> {
+    /// Creates the file at `path` (which must not exist) and writes the header and META.
     pub fn create(path: &Path, meta: &SnapshotMeta) -> io::Result<Self> {
         let file = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-        let mut w = Self { out: BufWriter::with_capacity(256 * 1024, file), buf: Vec::new(), total: 0 };
+        Self::new(BufWriter::with_capacity(256 * 1024, file), meta)
+    }
+
+    /// Writes the END frame and fsyncs the file. The file is complete and durable on return.
+    pub fn finish(self) -> io::Result<()> {
+        let out = self.finish_into()?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    }
+}
+
+impl<W: Write> SnapshotWriter<W> {
+    /// Writes the header and META to `out`; DATA follows through `io::Write`.
+    pub fn new(out: W, meta: &SnapshotMeta) -> io::Result<Self> {
+        let mut w = Self { out, buf: Vec::new(), total: 0 };
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8] = VERSION;
@@ -107,17 +123,16 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    /// Writes the END frame and fsyncs the file. The file is complete and durable on return.
-    pub fn finish(mut self) -> io::Result<()> {
+    /// Writes the last DATA frame and END, and hands back the output (not flushed or synced).
+    pub fn finish_into(mut self) -> io::Result<W> {
         self.flush_data()?;
         let total = self.total.to_le_bytes();
         self.write_frame(KIND_END, &total)?;
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
+        Ok(self.out)
     }
 }
 
-impl Write for SnapshotWriter {
+impl<W: Write> Write for SnapshotWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let room = FRAME_DATA_MAX - self.buf.len();
         let n = room.min(data.len());
@@ -142,6 +157,10 @@ pub struct SnapshotReader<R> {
     pos: usize,
     total: u64,
     done: bool,
+    /// Zero bytes allowed after END (a backup file pads its snapshot; `docs/formats.md`).
+    zero_padding: usize,
+    /// The first failure: every read after it answers it again (the input is past the frame).
+    failed: Option<SnapshotFileError>,
 }
 
 impl SnapshotReader<BufReader<File>> {
@@ -177,6 +196,8 @@ impl<R: Read> SnapshotReader<R> {
             pos: 0,
             total: 0,
             done: false,
+            zero_padding: 0,
+            failed: None,
         };
         let at = reader.offset;
         let (kind, body) = reader.read_frame(META_MAX)?;
@@ -186,6 +207,19 @@ impl<R: Read> SnapshotReader<R> {
         let meta =
             codec::from_bytes(&body).map_err(|e| err(at, format!("META frame does not decode: {e}")))?;
         Ok((meta, reader))
+    }
+
+    /// Accepts up to `max` zero bytes after END (and nothing else), as a backup file pads its
+    /// snapshot to a multiple of 512 bytes.
+    pub fn allow_zero_padding(mut self, max: usize) -> Self {
+        self.zero_padding = max;
+        self
+    }
+
+    /// The bytes of the snapshot read so far; after a verified END, its length (padding not
+    /// counted).
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     fn error(&self, offset: u64, reason: String) -> SnapshotFileError {
@@ -216,8 +250,19 @@ impl<R: Read> SnapshotReader<R> {
         Ok((kind, body))
     }
 
-    /// Loads the next DATA frame; false at a verified END.
+    /// Loads the next DATA frame; false at a verified END. A failure is final.
     fn next_data(&mut self) -> Result<bool, SnapshotFileError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let next = self.read_data();
+        if let Err(e) = &next {
+            self.failed = Some(e.clone());
+        }
+        next
+    }
+
+    fn read_data(&mut self) -> Result<bool, SnapshotFileError> {
         if self.done {
             return Ok(false);
         }
@@ -237,11 +282,13 @@ impl<R: Read> SnapshotReader<R> {
                 if total != self.total {
                     return Err(self.error(at, format!("END says {total} data bytes, found {}", self.total)));
                 }
-                let mut extra = [0u8; 1];
-                match self.input.read(&mut extra) {
-                    Ok(0) => {}
-                    Ok(_) => return Err(self.error(self.offset, "bytes after END frame".into())),
-                    Err(e) => return Err(self.error(self.offset, format!("read error: {e}"))),
+                let mut rest = Vec::new();
+                let limit = self.zero_padding as u64 + 1;
+                if let Err(e) = (&mut self.input).take(limit).read_to_end(&mut rest) {
+                    return Err(self.error(self.offset, format!("read error: {e}")));
+                }
+                if rest.len() > self.zero_padding || rest.iter().any(|&b| b != 0) {
+                    return Err(self.error(self.offset, "bytes after END frame".into()));
                 }
                 self.done = true;
                 Ok(false)
