@@ -5,10 +5,12 @@
 #   tests/compat/run.sh SUITE            SUITE: python-etcd3 | rust-etcd-client | npm-etcd3
 #
 # The suite is downloaded at test time with its registry's own client (pip, cargo, npm), never
-# committed; tests/compat/SUITE.sh says what it fetches and how it runs. Each server runs alone in
-# a network namespace of its own (`unshare -n`, loopback only), on the default client port
-# 127.0.0.1:2379, as the suites expect it (etcd-client's tests hard-code localhost:2379): no port
-# is shared with anything else on the machine, and nothing of the namespace outlives the run.
+# committed (npm-etcd3's tests are not in its npm tarball: they come from a checkout of its
+# repository given in ETCD3_SRC, and the suite is skipped without one); tests/compat/SUITE.sh says
+# what it fetches and how it runs. Each server runs alone in a network namespace of its own
+# (`unshare -n`, loopback only), on the default client port 127.0.0.1:2379, as the suites expect
+# it (etcd-client's tests hard-code localhost:2379): no port is shared with anything else on the
+# machine, and nothing of the namespace outlives the run.
 # Both servers are started fresh (empty data dir), single-node, with the setup the suite's own
 # CI gives etcd (tests/compat/SUITE.sh `server_flags` and `setup`).
 #
@@ -35,6 +37,10 @@ if [ "${1:-}" = "--inside" ]; then
     # shellcheck source=/dev/null
     source "$root/tests/compat/$suite.sh"
     ip link set lo up
+    # A suite may have the client port serve TLS (client_scheme=https, the certificates in its
+    # server_flags) and give etcdctl what it needs to reach it (etcdctl_flags).
+    scheme="${client_scheme:-http}"
+    declare -F etcdctl_flags >/dev/null || etcdctl_flags() { :; }
     data="$(mktemp -d)"
     pid=""
     stop_server() {
@@ -50,7 +56,8 @@ if [ "${1:-}" = "--inside" ]; then
     etcd)
         # shellcheck disable=SC2046
         etcd --name default --data-dir "$data/etcd" \
-            --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+            --listen-client-urls "$scheme://127.0.0.1:2379" \
+            --advertise-client-urls "$scheme://127.0.0.1:2379" \
             --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
             --initial-cluster default=http://127.0.0.1:2380 $(server_flags etcd) \
             >"$out/etcd.server.log" 2>&1 &
@@ -68,8 +75,9 @@ if [ "${1:-}" = "--inside" ]; then
     export ETCDCTL_API=3
     healthy=0
     for _ in $(seq 1 150); do
-        if etcdctl --endpoints http://127.0.0.1:2379 --dial-timeout 1s --command-timeout 2s \
-            endpoint health >/dev/null 2>&1; then
+        # shellcheck disable=SC2046
+        if etcdctl --endpoints "$scheme://127.0.0.1:2379" $(etcdctl_flags) --dial-timeout 1s \
+            --command-timeout 2s endpoint health >/dev/null 2>&1; then
             healthy=1
             break
         fi

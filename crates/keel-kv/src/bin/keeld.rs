@@ -211,7 +211,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+                // rustls warns once per TLS connection whose client names an IP address as the
+                // server name (node.js does): a log line per connection, nothing to act on.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,openraft=warn,rustls::msgs::handshake=error")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
