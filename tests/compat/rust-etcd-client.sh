@@ -30,6 +30,9 @@ edition = "2021"
 
 [dependencies]
 etcd-client = "=$rust_etcd_client_version"
+
+# target/ lies inside Keel's workspace: this package is not part of it.
+[workspace]
 TOML
     : >"$fetch/src/lib.rs"
     cargo fetch -q --manifest-path "$fetch/Cargo.toml"
@@ -38,6 +41,8 @@ TOML
     [ -f "$crate" ] || { echo "cargo fetch left no etcd-client-$rust_etcd_client_version.crate" >&2; return 1; }
     tar -xzf "$crate" -C "$out"
     mv "$out/etcd-client-$rust_etcd_client_version" "$out/src"
+    # Nor is the suite's crate (its tests are left as they are).
+    printf '\n[workspace]\n' >>"$out/src/Cargo.toml"
     # Built here, with the network, without debug info (as scripts/test builds); run.sh runs the
     # test binaries themselves inside the namespace, so nothing is rebuilt there.
     (cd "$out/src" && CARGO_TARGET_DIR="$out/target" CARGO_PROFILE_DEV_DEBUG=0 CARGO_INCREMENTAL=0 \
