@@ -44,7 +44,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// refuses decoded header lists above 16 KiB, and HPACK never expands what it encodes by much.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// HPACK's dynamic table size when the server advertises none (RFC 7541 §4.2).
-const HPACK_TABLE_SIZE: usize = 4096;
+const HPACK_TABLE_SIZE: u32 = 4096;
 /// The frame size every HTTP/2 peer accepts (SETTINGS_MAX_FRAME_SIZE's initial value).
 const MAX_FRAME: usize = 16_384;
 
@@ -67,7 +67,7 @@ pub struct LenientAuthority<IO> {
     passing: usize,
     /// The header block being collected, until its END_HEADERS.
     block: Option<Block>,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: httlib_hpack::Decoder<'static>,
     /// Re-encode every block from now on (one has been rewritten).
     reencode: bool,
     eof: bool,
@@ -95,8 +95,7 @@ struct Block {
 
 impl<IO> LenientAuthority<IO> {
     pub fn new(io: IO) -> Self {
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
+        let decoder = httlib_hpack::Decoder::with_dynamic_size(HPACK_TABLE_SIZE);
         LenientAuthority {
             io,
             mode: Mode::Preface,
@@ -227,14 +226,10 @@ impl<IO> LenientAuthority<IO> {
     }
 
     fn finish(&mut self, block: Block) -> io::Result<()> {
-        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut refused = false;
-        let decoded = self.decoder.decode_with_cb(&block.fragments, |name, value| {
-            if &name[..] == b":authority" && !is_authority(&value) {
-                refused = true;
-            }
-            headers.push((name.into_owned(), value.into_owned()));
-        });
+        let mut headers: Vec<(Vec<u8>, Vec<u8>, u8)> = Vec::new();
+        let mut fragments = block.fragments.to_vec();
+        let decoded = self.decoder.decode(&mut fragments, &mut headers);
+        let refused = headers.iter().any(|(name, value, _)| name == b":authority" && !is_authority(value));
         if decoded.is_err() {
             if self.reencode {
                 return Err(protocol("undecodable header block"));
@@ -250,7 +245,7 @@ impl<IO> LenientAuthority<IO> {
             return Ok(());
         }
         let mut encoded = BytesMut::new();
-        for (name, value) in &headers {
+        for (name, value, _) in &headers {
             if name == b":authority" && !is_authority(value) {
                 match authority_in(value) {
                     Some(fixed) => encode_literal(name, fixed, &mut encoded),
@@ -438,7 +433,9 @@ mod tests {
         let long = vec![b'x'; 300];
         encode_literal(b":authority", b"host:1", &mut b);
         encode_literal(b"x-long", &long, &mut b);
-        let decoded = loona_hpack::Decoder::new().decode(&b).expect("decodes");
+        let mut decoded = Vec::new();
+        httlib_hpack::Decoder::default().decode(&mut b.to_vec(), &mut decoded).expect("decodes");
+        let decoded: Vec<(Vec<u8>, Vec<u8>)> = decoded.into_iter().map(|(n, v, _)| (n, v)).collect();
         assert_eq!(decoded, vec![(b":authority".to_vec(), b"host:1".to_vec()), (b"x-long".to_vec(), long)]);
     }
 }
