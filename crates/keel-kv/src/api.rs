@@ -363,17 +363,32 @@ impl KvApi {
         self.limits().check(&cmd)?;
         self.check_running()?;
         self.check_quota(&cmd).await?;
-        self.counters.proposals_pending.fetch_add(1, Ordering::Relaxed);
-        let proposed = self.node.propose(cmd).await;
-        self.counters.proposals_pending.fetch_sub(1, Ordering::Relaxed);
-        if proposed.is_err() {
-            self.counters.proposals_failed.fetch_add(1, Ordering::Relaxed);
-        }
-        let resp = proposed?;
+        let resp = self.propose_counted(cmd).await?;
         match resp.result {
             Ok(r) => Ok((resp.revision, r)),
             Err(e) => Err(ApiError::Kv(e)),
         }
+    }
+
+    /// Proposes `cmd`, counted in etcd's proposal metrics: pending while it waits (also when the
+    /// caller gives up and drops the wait), failed if it was not committed.
+    async fn propose_counted(
+        &self,
+        cmd: KvCommand,
+    ) -> Result<<KvStore as keel::StateMachine>::Response, keel::ProposeError> {
+        struct Pending<'a>(&'a AtomicU64);
+        impl Drop for Pending<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.counters.proposals_pending.fetch_add(1, Ordering::Relaxed);
+        let _pending = Pending(&self.counters.proposals_pending);
+        let proposed = self.node.propose(cmd).await;
+        if proposed.is_err() {
+            self.counters.proposals_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        proposed
     }
 
     /// Refuses a request, before proposing anything, once this node's Raft has stopped: the
@@ -740,13 +755,7 @@ impl KvApi {
             Some(u) => KvCommand::AsUser { caller: Some(u.clone()), cmd: Box::new(KvCommand::Auth(cmd)) },
             None => KvCommand::Auth(cmd),
         };
-        self.counters.proposals_pending.fetch_add(1, Ordering::Relaxed);
-        let proposed = self.node.propose(cmd).await;
-        self.counters.proposals_pending.fetch_sub(1, Ordering::Relaxed);
-        if proposed.is_err() {
-            self.counters.proposals_failed.fetch_add(1, Ordering::Relaxed);
-        }
-        let resp = proposed?;
+        let resp = self.propose_counted(cmd).await?;
         match resp.result {
             Ok(OpResult::Auth { .. }) => Ok(resp.revision),
             Ok(other) => Err(ApiError::Internal(format!("auth change answered {other:?}"))),
