@@ -3,7 +3,7 @@
 # PostgreSQL members under Patroni with the DCS at ENDPOINT, then the primary's Patroni is
 # SIGKILLed and the replica must be promoted (once the leader key's TTL runs out).
 #
-#   tests/patroni/run.sh keel    # a fresh single-node keeld (target/debug/keeld, or $KEELD)
+#   tests/patroni/run.sh keel    # a fresh single-node keeld ($CARGO_TARGET_DIR/debug/keeld, or $KEELD)
 #   tests/patroni/run.sh etcd    # a fresh etcd 3.4, to show the harness is right
 #
 # Installs patroni and postgresql with apt when missing (needs root or sudo). PostgreSQL will not
@@ -60,7 +60,7 @@ wait_for() { # what, seconds, command...
 client=127.0.0.1:31900
 case "$target" in
 keel)
-    keeld=${KEELD:-target/debug/keeld}
+    keeld=${KEELD:-${CARGO_TARGET_DIR:-target}/debug/keeld}
     [ -x "$keeld" ] || { echo "no keeld at $keeld: cargo build --bin keeld" >&2; exit 1; }
     "$keeld" --data-dir "$work/dcs" --client-addr $client --peer-addr 127.0.0.1:31901 >"$work/dcs.log" 2>&1 &
     pids+=($!)
