@@ -130,11 +130,13 @@ keel_to() { # system args...
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Ports: etcd member i: client PORT_BASE+10i, peer +1; Keel node i: PORT_BASE+100+10i, peer +1;
-# Keel in plaintext beside a TLS run (`keel-plain`): PORT_BASE+200+10i, peer +1.
+# Keel in plaintext beside a TLS run (`keel-plain`): PORT_BASE+200+10i, peer +1; a second keeld
+# binary (`keel-b`, compare-etcd's KEELD_B): PORT_BASE+300+10i, peer +1.
 client_port() {
     local offset=0
     [[ $1 == keel ]] && offset=100
     [[ $1 == keel-plain ]] && offset=200
+    [[ $1 == keel-b ]] && offset=300
     echo $((PORT_BASE + offset + 10 * $2))
 }
 peer_port() { echo $(($(client_port "$1" "$2") + 1)); }
@@ -166,15 +168,16 @@ start_etcd() {
     done
 }
 
-start_keel() { # rep [system: keel or keel-plain]
+start_keel() { # rep [system: keel, keel-plain or keel-b]
     local system=${2:-keel}
-    local dir=$work/$system-$1 cluster="" i
+    local dir=$work/$system-$1 cluster="" i keeld=$KEELD
+    [[ $system == keel-b ]] && keeld=$KEELD_B
     for i in $(seq "$size"); do cluster+="${cluster:+,}$i=127.0.0.1:$(peer_port "$system" "$i")"; done
     for i in $(seq "$size"); do
         local tls
         read -ra tls <<<"$(member_tls_flags "$system" "$i")"
         mkdir -p "$dir"
-        "$KEELD" --id "$i" --data-dir "$dir/n$i" "${tls[@]}" \
+        "$keeld" --id "$i" --data-dir "$dir/n$i" "${tls[@]}" \
             --client-addr "127.0.0.1:$(client_port "$system" "$i")" --peer-addr "127.0.0.1:$(peer_port "$system" "$i")" \
             --initial-cluster "$cluster" >>"$dir/n$i.log" 2>&1 &
         pids+=($!)
@@ -189,7 +192,7 @@ start_cluster() { # system rep
         done
     done
     note "$1 rep $2: starting $size member(s)$(tls_on "$1" && echo ", TLS")"
-    if [[ $1 == keel-plain ]]; then start_keel "$2" keel-plain; else "start_$1" "$2"; fi
+    if [[ $1 == keel-* ]]; then start_keel "$2" "$1"; else "start_$1" "$2"; fi
     wait_ready "$1" "$2"
 }
 

@@ -18,6 +18,9 @@
 # --tls: both systems with TLS on both ports and client certificates required (certificates from
 # `keel certs`), and Keel once more in plaintext in the same run (`keel-plain`), for a
 # TLS/PLAIN column: Keel's throughput with TLS over its throughput without.
+#
+# KEELD_B=<another keeld binary>: an A/B of two Keel builds. That binary runs as one more system
+# (`keel-b`) in the same run, and a B/KEEL column gives its throughput over KEELD's.
 
 set -euo pipefail
 
@@ -49,6 +52,7 @@ PORT_BASE=${PORT_BASE:-21000}
 KEEP=${KEEP:-0}
 KEEL=${KEEL:-$root/target/release/keel}
 KEELD=${KEELD:-$root/target/release/keeld}
+KEELD_B=${KEELD_B:-}
 ETCD=${ETCD:-$(command -v etcd || true)}
 BENCH_DIR=${KEEL_BENCH_DIR:-$root/target/tmp}
 
@@ -59,6 +63,7 @@ prog=compare-etcd
 # ---- what is needed, and how to get it -------------------------------------------------------
 
 check_binaries
+[[ -z $KEELD_B || -x $KEELD_B ]] || die "KEELD_B=$KEELD_B is not an executable"
 for knob in DURATION WARMUP; do
     [[ ${!knob} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$knob='${!knob}' is not a number of seconds"
 done
@@ -145,14 +150,38 @@ cluster_init
 
 failed=() # "system rep row" of each run that gave no result
 
+# CPU seconds (user + system) and bytes written to storage so far, summed over the running
+# cluster's members: "ticks bytes" (/proc/PID/stat fields 14 and 15, /proc/PID/io write_bytes).
+server_usage() {
+    local pid ticks=0 bytes=0 stat io
+    for pid in "${pids[@]}"; do
+        stat=$(<"/proc/$pid/stat") || continue
+        stat=${stat##*) } # after the command name, which may hold spaces
+        read -ra f <<<"$stat"
+        ticks=$((ticks + f[11] + f[12]))
+        io=$(grep '^write_bytes:' "/proc/$pid/io") || continue
+        bytes=$((bytes + ${io#write_bytes: }))
+    done
+    echo "$ticks $bytes"
+}
+clk_tck=$(getconf CLK_TCK)
+
 bench() { # system rep row
-    local system=$1 rep=$2 row=$3 line args
+    local system=$1 rep=$2 row=$3 line args before after
     read -ra args <<<"$(row_args "$row")"
     : >"$work/run.log"
+    read -ra before <<<"$(server_usage)"
     if run_child "$work/line.json" "$work/run.log" \
         keel_to "$system" --timeout 5 bench --json --target-leader \
         "${args[@]}" --value-size "$VALUE_SIZE" --duration "$DURATION" --warmup "$WARMUP"; then
+        read -ra after <<<"$(server_usage)"
         line=$(<"$work/line.json")
+        # Per op, over the whole run: the warm-up's ops are counted at the measured rate.
+        local ops cpu_ms disk
+        ops=$(awk -v r="$(field ops_per_s "$line")" -v d="$DURATION" -v w="$WARMUP" 'BEGIN { print r * (d + w) }')
+        cpu_ms=$(awk -v t=$((after[0] - before[0])) -v hz="$clk_tck" -v n="$ops" 'BEGIN { printf "%.3f", (n > 0 ? t / hz * 1e6 / n : 0) }')
+        disk=$(awk -v b=$((after[1] - before[1])) -v n="$ops" 'BEGIN { printf "%.0f", (n > 0 ? b / n : 0) }')
+        line="${line%\}},\"server_cpu_ms_per_kop\":$cpu_ms,\"server_disk_bytes_per_op\":$disk}"
         echo "{\"system\":\"$system\",\"rep\":$rep,\"row\":\"$row\",${line#\{}" >>"$RESULTS"
         if [[ $row == watch-* ]]; then
             note "$system rep $rep $row: $(field events_per_s "$line") events/s, p50 $(field p50_us "$line") µs, p99 $(field p99_us "$line") µs, $(field missed "$line") missed, $(field errors "$line") errors"
@@ -196,6 +225,7 @@ note "matrix: $ROWS; ${DURATION}s each after ${WARMUP}s warm-up, $REPS repetitio
 load_before=$(uptime)
 systems="etcd keel"
 ((TLS)) && systems="etcd keel keel-plain"
+[[ -n $KEELD_B ]] && systems+=" keel-b"
 for rep in $(seq "$REPS"); do
     # Alternate the order, so drift in the machine's speed affects every system alike.
     if ((rep % 2)); then order=$systems; else order=$(tr ' ' '\n' <<<"$systems" | tac | tr '\n' ' '); fi
@@ -224,27 +254,32 @@ done
 
 # With --tls, one more column: Keel's median with TLS over its median in plaintext (same rows,
 # same run), TLS/PLAIN; below 1 is what TLS costs.
+# With KEELD_B, one more: keel-b's median over keel's.
 tls_col="" tls_head=()
 if ((TLS)); then tls_col=" %9s" tls_head=("TLS/PLAIN"); fi
-tls_cell() { # row field keel-tls-median -> the TLS/PLAIN cell, or nothing without --tls
-    ((TLS)) || return 0
-    ratio "$3" "$(med keel-plain "$1" "$2")"
+if [[ -n $KEELD_B ]]; then tls_col+=" %7s" tls_head+=("B/KEEL"); fi
+tls_cell() { # row field keel-median -> the TLS/PLAIN and B/KEEL cells, or nothing
+    if ((TLS)); then ratio "$3" "$(med keel-plain "$1" "$2")"; fi
+    if [[ -n $KEELD_B ]]; then ratio "$(med keel-b "$1" "$2")" "$3"; fi
+    return 0
 }
 
 echo
 echo "Keel vs etcd: medians of $REPS run(s), ${DURATION}s each, 3 members on loopback, leader-targeted, ${VALUE_SIZE}-byte values, $PRELOAD keys$( ((TLS)) && echo ", TLS on both ports (client certificates required)")"
 if [[ -n $kv_rows ]]; then
-    fmt="%-30s %10s %10s %6s %11s %11s %6s %7s${tls_col}\n"
+    fmt="%-30s %10s %10s %6s %11s %11s %6s %9s %9s %8s %8s %7s${tls_col}\n"
     # shellcheck disable=SC2059 # the format is ours
-    printf "$fmt" "ROW (clients)" "ETCD OPS/S" "KEEL OPS/S" "RATIO" "ETCD P99" "KEEL P99" "RATIO" "ERRORS" \
-        "${tls_head[@]}"
+    printf "$fmt" "ROW (clients)" "ETCD OPS/S" "KEEL OPS/S" "RATIO" "ETCD P99" "KEEL P99" "RATIO" \
+        "ETCD CPU" "KEEL CPU" "ETCD B/OP" "KEEL B/OP" "ERRORS" "${tls_head[@]}"
     for row in $kv_rows; do
         eo=$(med etcd "$row" ops_per_s) ko=$(med keel "$row" ops_per_s)
         ep=$(med etcd "$row" p99_us) kp=$(med keel "$row" p99_us)
         # shellcheck disable=SC2059
         printf "$fmt" "$(row_label "$row")" "$(num "$eo" 1 0)" "$(num "$ko" 1 0)" "$(ratio "$ko" "$eo")" \
-            "$(ms "$ep")" "$(ms "$kp")" "$(ratio "$kp" "$ep")" "$(total "$row" errors)" \
-            $(tls_cell "$row" ops_per_s "$ko")
+            "$(ms "$ep")" "$(ms "$kp")" "$(ratio "$kp" "$ep")" \
+            "$(num "$(med etcd "$row" server_cpu_ms_per_kop)" 1 0)" "$(num "$(med keel "$row" server_cpu_ms_per_kop)" 1 0)" \
+            "$(med etcd "$row" server_disk_bytes_per_op)" "$(med keel "$row" server_disk_bytes_per_op)" \
+            "$(total "$row" errors)" $(tls_cell "$row" ops_per_s "$ko")
     done
     if [[ $kv_rows =~ (lease|keepalive|lock) ]]; then
         echo "lease grant+revoke: one op is a LeaseGrant and its LeaseRevoke; keepalive: one op is a keep-alive answered with a TTL (streams in parentheses);"
@@ -270,7 +305,9 @@ if [[ -n $watch_rows ]]; then
     done
 fi
 echo "ratios are Keel/etcd: ops/s and events/s above 1, latencies below 1 favour Keel; missed and errors: every system, all runs"
+[[ -n $kv_rows ]] && echo "CPU: CPU ms (user + system) per 1,000 ops, summed over the 3 server processes; B/OP: bytes they wrote to storage per op (/proc/PID/io)"
 ((TLS)) && echo "TLS/PLAIN is Keel with TLS over Keel in plaintext (keel-plain, same run): ops/s or events/s; 1 means TLS costs nothing"
+[[ -n $KEELD_B ]] && echo "B/KEEL is KEELD_B=$KEELD_B over KEELD=$KEELD (keel-b and keel, same run): ops/s or events/s"
 echo "load before: $load_before"
 echo "load after:  $load_after"
 echo "every run: $RESULTS"
