@@ -315,6 +315,11 @@ pub async fn render(api: &KvApi) -> String {
         "The latency distributions of commit called by backend (Keel: each state machine transaction commit).",
         storage.state_commit_seconds.clone(),
     );
+    r.register(
+        "etcd_network_peer_round_trip_time_seconds",
+        "Round-Trip-Time histogram between peers (Keel: each heartbeat the leader sends, to its answer).",
+        keel::metrics::network().peer_round_trip_seconds.clone(),
+    );
     let grpc = &api.grpc_metrics;
     r.register("grpc_server_started", "Total number of RPCs started on the server.", grpc.started.clone());
     r.register(

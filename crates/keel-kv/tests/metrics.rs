@@ -63,3 +63,43 @@ fn etcd_series_count_what_happened() {
     let range = r#"grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Range",grpc_code="OK""#;
     assert_eq!(1.0, get(&format!("grpc_server_handled_total{{{range}}}")));
 }
+
+/// etcd's peer round-trip histogram: the leader times its heartbeats to each follower, labelled
+/// with the follower's member id in hex as etcd labels it.
+#[test]
+fn the_leader_times_round_trips_to_each_peer() {
+    let mut c = Procs::start(3, 0, "");
+    let leader = c.wait_leader(&[1, 2, 3], Duration::from_secs(30));
+    let addr = c.client(leader);
+    let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != leader).collect();
+    let m = procs::wait_until("heartbeats to both followers timed", Duration::from_secs(30), || {
+        let m = scrape(&addr);
+        let timed = followers.iter().all(|f| {
+            m.get(&format!(r#"etcd_network_peer_round_trip_time_seconds_count{{To="{f:x}"}}"#))
+                .is_some_and(|&n| n >= 1.0)
+        });
+        if timed {
+            Ok(m)
+        } else {
+            Err(format!("{m:#?}"))
+        }
+    });
+    for f in followers {
+        let count = m[&format!(r#"etcd_network_peer_round_trip_time_seconds_count{{To="{f:x}"}}"#)];
+        let sum = m[&format!(r#"etcd_network_peer_round_trip_time_seconds_sum{{To="{f:x}"}}"#)];
+        // On loopback a heartbeat answers in well under its 100 ms interval.
+        assert!(sum > 0.0 && sum / count < 0.05, "mean round trip to {f}: {sum} s / {count}");
+        // etcd's buckets: 100 µs up, doubling.
+        assert!(
+            m.contains_key(&format!(
+                r#"etcd_network_peer_round_trip_time_seconds_bucket{{le="0.0001",To="{f:x}"}}"#
+            )) || m.contains_key(&format!(
+                r#"etcd_network_peer_round_trip_time_seconds_bucket{{To="{f:x}",le="0.0001"}}"#
+            ))
+        );
+    }
+    assert!(
+        !m.keys().any(|k| k.contains(&format!(r#"To="{leader:x}""#))),
+        "no round trips to the leader itself"
+    );
+}

@@ -488,6 +488,7 @@ impl RaftNetworkFactory<KeelTypes> for GrpcNetwork {
             append_timeout: self.append_timeout,
             client,
             peer_lacks_streaming: false,
+            round_trips: crate::metrics::network().peer(target),
         }
     }
 }
@@ -573,6 +574,8 @@ pub struct GrpcConnection {
     /// The peer answered `StreamAppend` with "unimplemented" (a version before it): replicate to
     /// it one AppendEntries call at a time.
     peer_lacks_streaming: bool,
+    /// Heartbeats' round trips to this peer ([`crate::metrics::network`]).
+    round_trips: prometheus_client::metrics::histogram::Histogram,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -927,6 +930,14 @@ impl RaftNetworkV2<KeelTypes> for GrpcConnection {
             option.hard_ttl().max(self.append_timeout)
         };
         let option = RPCOption::new(base + time_for_bytes(bytes));
+        if rpc.entries.is_empty() {
+            let sent = std::time::Instant::now();
+            let answer = self.call(Method::AppendEntries, &rpc, &option).await;
+            if answer.is_ok() {
+                self.round_trips.observe(sent.elapsed().as_secs_f64());
+            }
+            return answer;
+        }
         if keep == rpc.entries.len() {
             return self.call(Method::AppendEntries, &rpc, &option).await;
         }
