@@ -231,7 +231,8 @@ fn a_snapshot_saved_under_writes_restores_a_new_cluster_with_every_write_acknowl
         let text = keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8")]).ok();
         assert!(text.contains("hash:             ok"), "{text}");
         // etcd's own tool reads it: bbolt's consistency check, every bucket, the last revision.
-        let etcd_status = etcdctl_offline(&["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]);
+        let etcd_status =
+            etcdctl_offline(&["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]);
         let etcd_status = etcd_status.json();
         assert_eq!(etcd_status["revision"], status["revision"], "{etcd_status} vs {status}");
         assert_eq!(etcd_status["totalSize"].as_u64(), Some(bytes.len() as u64 - 32), "{etcd_status}");
@@ -467,7 +468,11 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- etcd log {}:\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default());
+            eprintln!(
+                "--- etcd log {}:\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
         }
     }
 }
@@ -505,7 +510,8 @@ fn write_history(endpoint: &str) -> String {
 /// Every key (as JSON: key, revisions, version, value, lease) that `endpoint` serves at `rev`, or
 /// its refusal.
 fn keys_at(endpoint: &str, rev: i64) -> Result<Value, String> {
-    let run = etcdctl(endpoint, &["get", "", "--from-key", "-w", "json", &format!("--rev={rev}"), "--user", ROOT]);
+    let run =
+        etcdctl(endpoint, &["get", "", "--from-key", "-w", "json", &format!("--rev={rev}"), "--user", ROOT]);
     if run.code != Some(0) {
         return Err(run.stderr.lines().last().unwrap_or_default().to_owned());
     }
@@ -584,9 +590,14 @@ fn an_etcd_snapshot_restored_by_keel_serves_the_same_keys_history_leases_and_use
     let file = dir.path().join("from-etcd.db");
     etcdctl_ok(&etcd.client, Some(ROOT), &["snapshot", "save", file.to_str().expect("utf-8")]);
 
-    let status = keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]).json();
+    let status =
+        keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]).json();
     assert_eq!(status["format"], "etcd (bbolt)", "{status}");
-    assert_eq!((status["revision"].as_i64(), status["compactRevision"].as_i64()), (Some(9), Some(4)), "{status}");
+    assert_eq!(
+        (status["revision"].as_i64(), status["compactRevision"].as_i64()),
+        (Some(9), Some(4)),
+        "{status}"
+    );
     assert_eq!((status["totalKey"].as_u64(), status["leases"].as_u64()), (Some(2), Some(1)), "{status}");
 
     let new = restored_cluster(&file, &[1, 2, 3]);

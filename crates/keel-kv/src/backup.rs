@@ -107,9 +107,10 @@ pub fn stream(node: Arc<Node<KvStore>>) -> mpsc::Receiver<Result<Chunk, StreamEr
         });
         let sender = match result.map_err(|e| StreamError::Read(e.to_string())).and_then(|r| {
             r.map_err(|e| match e {
-                crate::etcd_db::ExportError::Write(crate::bbolt::WriteError::LayoutChanged { expected, got }) => {
-                    StreamError::SizeChanged { counted: expected.bytes(), sent: got.bytes() }
-                }
+                crate::etcd_db::ExportError::Write(crate::bbolt::WriteError::LayoutChanged {
+                    expected,
+                    got,
+                }) => StreamError::SizeChanged { counted: expected.bytes(), sent: got.bytes() },
                 e => StreamError::Read(e.to_string()),
             })
         }) {
@@ -193,9 +194,7 @@ pub enum BackupFileError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is {len} bytes, too short for a snapshot (truncated?)")]
     TooShort { path: PathBuf, len: u64 },
-    #[error(
-        "{path} is neither an etcd snapshot (a bbolt database) nor a Keel snapshot (\"KEELSNAP\")"
-    )]
+    #[error("{path} is neither an etcd snapshot (a bbolt database) nor a Keel snapshot (\"KEELSNAP\")")]
     Unknown { path: PathBuf },
     #[error(
         "{path}: SHA-256 mismatch: the file is corrupt or truncated (its last 32 bytes are {stored}, \
@@ -286,7 +285,8 @@ fn sha256_of(file: &mut File, len: u64) -> io::Result<Vec<u8>> {
 /// bbolt's `tx.Check()` does and loaded into a scratch database under the system's temporary
 /// directory (removed before this returns), which is what counts its contents.
 pub fn check(path: &Path, skip_hash: bool) -> Result<BackupFile, BackupFileError> {
-    let scratch = std::env::temp_dir().join(format!("keel-snapshot-status-{}-{}", std::process::id(), nanos()));
+    let scratch =
+        std::env::temp_dir().join(format!("keel-snapshot-status-{}-{}", std::process::id(), nanos()));
     let result = open(path, skip_hash, &scratch).map(|(b, _)| b);
     let _ = std::fs::remove_dir_all(&scratch);
     result
@@ -306,7 +306,9 @@ pub fn restore_input(path: &Path, skip_hash: bool, scratch: &Path) -> Result<Res
     let (backup, converted) = open(path, skip_hash, scratch)?;
     let io_err = |source| BackupFileError::Io { path: path.to_path_buf(), source };
     let input: Box<dyn Read + Send> = match converted {
-        Some(snapshot) => Box::new(io::BufReader::with_capacity(256 * 1024, File::open(snapshot).map_err(io_err)?)),
+        Some(snapshot) => {
+            Box::new(io::BufReader::with_capacity(256 * 1024, File::open(snapshot).map_err(io_err)?))
+        }
         None => {
             let file = File::open(path).map_err(io_err)?;
             Box::new(io::BufReader::with_capacity(256 * 1024, file.take(backup.snapshot_bytes)))
@@ -317,7 +319,11 @@ pub fn restore_input(path: &Path, skip_hash: bool, scratch: &Path) -> Result<Res
 
 /// Opens and verifies `path`; for an etcd database, also answers the Keel snapshot it was
 /// converted into in `scratch`.
-fn open(path: &Path, skip_hash: bool, scratch: &Path) -> Result<(BackupFile, Option<PathBuf>), BackupFileError> {
+fn open(
+    path: &Path,
+    skip_hash: bool,
+    scratch: &Path,
+) -> Result<(BackupFile, Option<PathBuf>), BackupFileError> {
     let io_err = |source| BackupFileError::Io { path: path.to_path_buf(), source };
     let mut file = File::open(path).map_err(io_err)?;
     let size = file.metadata().map_err(io_err)?.len();
@@ -394,7 +400,8 @@ fn convert(
         reason,
     };
     std::fs::create_dir_all(scratch).map_err(|e| fail(e.to_string()))?;
-    let database = keel::redb::Database::create(scratch.join("import.redb")).map_err(|e| fail(e.to_string()))?;
+    let database =
+        keel::redb::Database::create(scratch.join("import.redb")).map_err(|e| fail(e.to_string()))?;
     let txn = database.begin_write().map_err(|e| fail(e.to_string()))?;
     let imported = crate::etcd_db::import(db, &txn)
         .map_err(|source| BackupFileError::Etcd { path: path.to_path_buf(), source })?;
@@ -421,8 +428,8 @@ fn open_keel(path: &Path, mut file: File, size: u64, skip_hash: bool) -> Result<
     }
     let payload = size - TRAILER_BYTES;
     let sha = sha256_of(&mut file, payload).map_err(io_err)?;
-    let keel_backup = |payload_bytes, hash, sha: &[u8], (meta, summary, snapshot_bytes): (SnapshotMeta, _, _)| {
-        BackupFile {
+    let keel_backup =
+        |payload_bytes, hash, sha: &[u8], (meta, summary, snapshot_bytes): (SnapshotMeta, _, _)| BackupFile {
             path: path.to_path_buf(),
             format: Format::Keel,
             size,
@@ -433,8 +440,7 @@ fn open_keel(path: &Path, mut file: File, size: u64, skip_hash: bool) -> Result<
             members: meta.last_membership.membership().voter_ids().collect(),
             summary,
             snapshot_bytes,
-        }
-    };
+        };
     if !skip_hash {
         let mut stored = [0u8; TRAILER_BYTES as usize];
         file.read_exact(&mut stored).map_err(io_err)?;

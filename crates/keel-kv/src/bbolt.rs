@@ -214,7 +214,8 @@ impl<W: Write> DbWriter<W> {
         }
         let size = ELEMENT + element.1.len() + element.2.len();
         let l = &tree.levels[level];
-        if !l.elements.is_empty() && (l.bytes + size > PAGE_SIZE || l.elements.len() == usize::from(u16::MAX)) {
+        if !l.elements.is_empty() && (l.bytes + size > PAGE_SIZE || l.elements.len() == usize::from(u16::MAX))
+        {
             self.flush(tree, level)?;
         }
         let l = &mut tree.levels[level];
@@ -238,7 +239,8 @@ impl<W: Write> DbWriter<W> {
     /// Encodes and writes the page at `level`; answers its pgid.
     fn write_level(&mut self, tree: &Tree, level: usize) -> Result<u64, WriteError> {
         let l = &tree.levels[level];
-        let count = u16::try_from(l.elements.len()).map_err(|_| WriteError::TooManyElements(l.elements.len()))?;
+        let count =
+            u16::try_from(l.elements.len()).map_err(|_| WriteError::TooManyElements(l.elements.len()))?;
         let pages = l.bytes.max(HEADER).div_ceil(PAGE_SIZE);
         let mut page = vec![0u8; pages * PAGE_SIZE];
         let pgid = self.next_pgid;
@@ -348,7 +350,9 @@ pub enum ReadError {
     TooShort(u64),
     #[error("no valid meta page: {0}")]
     NoMeta(String),
-    #[error("the meta says {pages} pages of {page_size} bytes, more than the file's {len} bytes (truncated?)")]
+    #[error(
+        "the meta says {pages} pages of {page_size} bytes, more than the file's {len} bytes (truncated?)"
+    )]
     Truncated { pages: u64, page_size: u64, len: u64 },
     #[error("page {id}: {why}")]
     Page { id: u64, why: String },
@@ -433,7 +437,10 @@ impl Page {
         let b = &self.bytes;
         let at = HEADER + ELEMENT * i;
         if at + ELEMENT > b.len() {
-            return Err(page_err(self.id, format!("{} elements do not fit in {} bytes", self.count, b.len())));
+            return Err(page_err(
+                self.id,
+                format!("{} elements do not fit in {} bytes", self.count, b.len()),
+            ));
         }
         let slice = |pos: u32, len: u32| {
             let start = at.checked_add(pos as usize);
@@ -444,9 +451,13 @@ impl Page {
             }
         };
         if self.flags & LEAF != 0 {
-            let (flags, pos, ksize, vsize) = (u32_at(b, at), u32_at(b, at + 4), u32_at(b, at + 8), u32_at(b, at + 12));
+            let (flags, pos, ksize, vsize) =
+                (u32_at(b, at), u32_at(b, at + 4), u32_at(b, at + 8), u32_at(b, at + 12));
             let key = slice(pos, ksize)?;
-            let value = slice(pos.checked_add(ksize).ok_or_else(|| page_err(self.id, "element size overflows"))?, vsize)?;
+            let value = slice(
+                pos.checked_add(ksize).ok_or_else(|| page_err(self.id, "element size overflows"))?,
+                vsize,
+            )?;
             Ok(Element::Leaf { flags, key, value })
         } else {
             let (pos, ksize, child) = (u32_at(b, at), u32_at(b, at + 4), u64_at(b, at + 8));
@@ -502,7 +513,13 @@ fn parse_meta(page: &[u8]) -> Result<Meta, String> {
     if !page_size.is_power_of_two() || !(512..=65536).contains(&page_size) {
         return Err(format!("page size {page_size}"));
     }
-    Ok(Meta { page_size, root: u64_at(m, 16), freelist: u64_at(m, 32), pages: u64_at(m, 40), txid: u64_at(m, 48) })
+    Ok(Meta {
+        page_size,
+        root: u64_at(m, 16),
+        freelist: u64_at(m, 32),
+        pages: u64_at(m, 40),
+        txid: u64_at(m, 48),
+    })
 }
 
 impl DbReader {
@@ -541,7 +558,10 @@ impl DbReader {
             return Err(ReadError::Truncated { pages: meta.pages, page_size: meta.page_size, len });
         }
         if meta.root < 2 || meta.root >= meta.pages {
-            return Err(page_err(meta.root, format!("the root bucket is outside the file's {} pages", meta.pages)));
+            return Err(page_err(
+                meta.root,
+                format!("the root bucket is outside the file's {} pages", meta.pages),
+            ));
         }
         if meta.freelist != NO_FREELIST && (meta.freelist < 2 || meta.freelist >= meta.pages) {
             return Err(page_err(meta.freelist, "the freelist is outside the file"));
@@ -566,7 +586,10 @@ impl DbReader {
         }
         let overflow = u64::from(u32_at(&header, 12));
         if id + overflow >= self.meta.pages {
-            return Err(page_err(id, format!("{overflow} overflow pages run past the file's {} pages", self.meta.pages)));
+            return Err(page_err(
+                id,
+                format!("{overflow} overflow pages run past the file's {} pages", self.meta.pages),
+            ));
         }
         // Bounded: the pages are in the file (checked at open).
         let mut bytes = vec![0u8; ((overflow + 1) * ps) as usize];
@@ -848,7 +871,8 @@ mod tests {
             let n = [0, 1, 10, 500, 5000][rng.gen_range(0..5)];
             for _ in 0..n {
                 let key: Vec<u8> = (0..rng.gen_range(1..40)).map(|_| rng.gen()).collect();
-                let vlen = if rng.gen_ratio(1, 200) { rng.gen_range(4000..20000) } else { rng.gen_range(0..100) };
+                let vlen =
+                    if rng.gen_ratio(1, 200) { rng.gen_range(4000..20000) } else { rng.gen_range(0..100) };
                 rows.insert(key, vec![rng.gen(); vlen]);
             }
             buckets.insert(format!("bucket{b}").into_bytes(), rows);
@@ -1002,7 +1026,8 @@ mod tests {
             let mut bad = bytes.clone();
             set_header(&mut bad, a, flags, count, overflow);
             if id_shift > 0 {
-                bad[a as usize * PAGE_SIZE..a as usize * PAGE_SIZE + 8].copy_from_slice(&(a + 1).to_le_bytes());
+                bad[a as usize * PAGE_SIZE..a as usize * PAGE_SIZE + 8]
+                    .copy_from_slice(&(a + 1).to_le_bytes());
             }
             assert!(matches!(read_all(&open(&bad).expect("open")), Err(ReadError::Page { .. })));
         }
@@ -1014,7 +1039,10 @@ mod tests {
         // Page 1 (the current meta) damaged: page 0 still opens the same database.
         let mut one = bytes.clone();
         one[PAGE_SIZE + HEADER + 20] ^= 1;
-        assert_eq!(read_all(&open(&bytes).expect("open")).expect("read"), read_all(&open(&one).expect("open")).expect("read"));
+        assert_eq!(
+            read_all(&open(&bytes).expect("open")).expect("read"),
+            read_all(&open(&one).expect("open")).expect("read")
+        );
         let mut both = one.clone();
         both[HEADER + 20] ^= 1;
         assert!(matches!(open(&both), Err(ReadError::NoMeta(_))));

@@ -95,7 +95,11 @@ impl From<keel::redb::TableError> for ImportError {
 }
 
 fn bad(bucket: &'static str, key: &[u8], why: impl Into<String>) -> ImportError {
-    ImportError::Bad { bucket, key: String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned(), why: why.into() }
+    ImportError::Bad {
+        bucket,
+        key: String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned(),
+        why: why.into(),
+    }
 }
 
 /// etcd's revision bytes: main u64 BE, `_`, sub u64 BE, and `t` for a tombstone.
@@ -200,8 +204,11 @@ pub fn write_db<W: Write>(
     let mut alarms: Vec<Vec<u8>> = store::alarms(txn)?
         .into_iter()
         .map(|a| {
-            etcdserverpb::AlarmMember { member_id: a.member_id, alarm: etcdserverpb::AlarmType::Nospace as i32 }
-                .encode_to_vec()
+            etcdserverpb::AlarmMember {
+                member_id: a.member_id,
+                alarm: etcdserverpb::AlarmType::Nospace as i32,
+            }
+            .encode_to_vec()
         })
         .collect();
     alarms.sort();
@@ -244,7 +251,10 @@ pub fn write_db<W: Write>(
                 name: name.value().as_bytes().to_vec(),
                 password: record.password_hash.clone().unwrap_or_default().into_bytes(),
                 roles: record.roles.clone(),
-                options: record.password_hash.is_none().then_some(authpb::UserAddOptions { no_password: true }),
+                options: record
+                    .password_hash
+                    .is_none()
+                    .then_some(authpb::UserAddOptions { no_password: true }),
             };
             db.put(name.value().as_bytes(), &user.encode_to_vec())?;
         }
@@ -312,7 +322,11 @@ fn open<K: keel::redb::Key + 'static, V: keel::redb::Value + 'static>(
 
 /// The `key` bucket: the versions visible at `compacted` that are older than it, at
 /// `(compacted - 1, n)`, then every event from `compacted` on (see the module docs).
-fn write_history<W: Write>(txn: &ReadTransaction, db: &mut DbWriter<W>, compacted: i64) -> Result<(), ExportError> {
+fn write_history<W: Write>(
+    txn: &ReadTransaction,
+    db: &mut DbWriter<W>,
+    compacted: i64,
+) -> Result<(), ExportError> {
     let (Some(kv), Some(old), Some(events)) =
         (open(txn, store::KV)?, open(txn, history::OLD)?, open(txn, history::EVENTS)?)
     else {
@@ -350,7 +364,11 @@ fn write_history<W: Write>(txn: &ReadTransaction, db: &mut DbWriter<W>, compacte
                 db.put(&rev_bytes(main, sub, true), &tombstone.encode_to_vec())?;
             }
             EventKind::Put => {
-                let current = kv.get(key)?.map(|v| Record::decode(v.value())).transpose().map_err(StateMachineError::Io)?;
+                let current = kv
+                    .get(key)?
+                    .map(|v| Record::decode(v.value()))
+                    .transpose()
+                    .map_err(StateMachineError::Io)?;
                 let record = match current {
                     Some(r) if r.mod_revision == main => r,
                     _ => match old.get((key, revision))? {
@@ -445,11 +463,18 @@ pub fn import(db: &DbReader, txn: &WriteTransaction) -> Result<Imported, ImportE
             revision = main;
             let pb = mvccpb::KeyValue::decode(v).map_err(|e| bad("key", k, format!("KeyValue: {e}")))?;
             let sub = u32::try_from(sub).map_err(|_| bad("key", k, "sub-revision out of range"))?;
-            let current = kv.get(pb.key.as_slice())?.map(|r| Record::decode(r.value())).transpose().map_err(StateMachineError::Io)?;
+            let current = kv
+                .get(pb.key.as_slice())?
+                .map(|r| Record::decode(r.value()))
+                .transpose()
+                .map_err(StateMachineError::Io)?;
             let prev_mod = current.as_ref().map_or(0, |r| r.mod_revision);
             // A version replaced at or below the compaction revision is compacted away.
             if let Some(prev) = current.as_ref().filter(|_| main > compacted) {
-                old.insert((pb.key.as_slice(), prev.mod_revision as u64), history::old_row(main, prev).as_slice())?;
+                old.insert(
+                    (pb.key.as_slice(), prev.mod_revision as u64),
+                    history::old_row(main, prev).as_slice(),
+                )?;
             }
             let kind = if tombstone {
                 kv.remove(pb.key.as_slice())?;
@@ -463,7 +488,11 @@ pub fn import(db: &DbReader, txn: &WriteTransaction) -> Result<Imported, ImportE
                     value: pb.value,
                 };
                 if record.mod_revision != main && main >= compacted {
-                    return Err(bad("key", k, format!("mod_revision {} at revision {main}", record.mod_revision)));
+                    return Err(bad(
+                        "key",
+                        k,
+                        format!("mod_revision {} at revision {main}", record.mod_revision),
+                    ));
                 }
                 kv.insert(pb.key.as_slice(), record.encode().as_slice())?;
                 EventKind::Put
@@ -553,7 +582,8 @@ fn import_auth(db: &DbReader, txn: &WriteTransaction) -> Result<(), ImportError>
             let u = authpb::User::decode(v).map_err(|e| bad("authUsers", k, e.to_string()))?;
             let name = std::str::from_utf8(k).map_err(|_| bad("authUsers", k, "the name is not UTF-8"))?;
             let no_password = u.options.is_some_and(|o| o.no_password) || u.password.is_empty();
-            let hash = String::from_utf8(u.password).map_err(|_| bad("authUsers", k, "the hash is not UTF-8"))?;
+            let hash =
+                String::from_utf8(u.password).map_err(|_| bad("authUsers", k, "the hash is not UTF-8"))?;
             let mut roles = u.roles;
             roles.sort();
             roles.dedup();
