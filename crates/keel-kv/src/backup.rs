@@ -493,3 +493,51 @@ fn read_payload(
     io::copy(&mut reader, &mut io::sink()).map_err(damage)?;
     Ok((meta, summary, reader.offset()))
 }
+
+#[cfg(test)]
+mod tests {
+    use keel::redb::ReadableDatabase;
+    use keel::StateMachine;
+
+    use super::*;
+
+    fn with_trailer(mut payload: Vec<u8>) -> Vec<u8> {
+        let sha = ring::digest::digest(&ring::digest::SHA256, &payload);
+        payload.extend_from_slice(sha.as_ref());
+        payload
+    }
+
+    fn empty_state() -> (tempfile::TempDir, keel::redb::Database) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = keel::redb::Database::create(dir.path().join("s.redb")).expect("db");
+        (dir, db)
+    }
+
+    #[test]
+    fn an_etcd_database_and_an_older_keel_backup_both_read() {
+        let (dir, db) = empty_state();
+        let read = db.begin_read().expect("read");
+        // Today's: etcd's database, as the stream writes it.
+        let (layout, _) = crate::etcd_db::write_db(&read, io::sink(), None).expect("size");
+        let (_, bytes) = crate::etcd_db::write_db(&read, Vec::new(), Some(layout)).expect("write");
+        let etcd = dir.path().join("etcd.db");
+        std::fs::write(&etcd, with_trailer(bytes)).expect("write file");
+        let b = check(&etcd, false).expect("check");
+        assert_eq!((b.format, b.hash, b.summary.revision, b.summary.keys), (Format::Etcd, HashCheck::Ok, 1, 0));
+        // Before: a Keel snapshot file, padded to 512 bytes.
+        let meta = SnapshotMeta::default();
+        let mut w = keel::storage::snapshot::SnapshotWriter::new(Vec::new(), &meta).expect("writer");
+        KvStore::default().snapshot(&read, &mut w).expect("snapshot");
+        let mut payload = w.finish_into().expect("finish");
+        let snapshot_len = payload.len();
+        payload.resize(snapshot_len.div_ceil(512) * 512, 0);
+        let old = dir.path().join("old.snap");
+        std::fs::write(&old, with_trailer(payload)).expect("write file");
+        let b = check(&old, false).expect("check");
+        assert_eq!((b.format, b.hash, b.summary.revision), (Format::Keel, HashCheck::Ok, 1));
+        let (_, mut input) = restore_input(&old, false, &dir.path().join("scratch")).expect("input");
+        let mut restored = Vec::new();
+        input.read_to_end(&mut restored).expect("read");
+        assert_eq!(snapshot_len, restored.len(), "the snapshot without padding and trailer");
+    }
+}
