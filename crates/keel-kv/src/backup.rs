@@ -523,7 +523,10 @@ mod tests {
         let etcd = dir.path().join("etcd.db");
         std::fs::write(&etcd, with_trailer(bytes)).expect("write file");
         let b = check(&etcd, false).expect("check");
-        assert_eq!((b.format, b.hash, b.summary.revision, b.summary.keys), (Format::Etcd, HashCheck::Ok, 1, 0));
+        assert_eq!(
+            (b.format, b.hash, b.summary.revision, b.summary.keys),
+            (Format::Etcd, HashCheck::Ok, 1, 0)
+        );
         // Before: a Keel snapshot file, padded to 512 bytes.
         let meta = SnapshotMeta::default();
         let mut w = keel::storage::snapshot::SnapshotWriter::new(Vec::new(), &meta).expect("writer");

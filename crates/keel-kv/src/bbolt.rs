@@ -402,6 +402,9 @@ impl Bucket {
     }
 }
 
+/// What a walk calls for each element: `(key, value, is_bucket)`.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8], bool) -> Result<(), ReadError> + 'a;
+
 /// One element of a page, as slices of the page's bytes.
 enum Element<'p> {
     Leaf { flags: u32, key: &'p [u8], value: &'p [u8] },
@@ -616,11 +619,7 @@ impl DbReader {
 
     /// Calls `visit(key, value, is_bucket)` for every element of `bucket` in key order (keys
     /// checked to ascend), and answers how many there were.
-    pub fn for_each(
-        &self,
-        bucket: &Bucket,
-        visit: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), ReadError>,
-    ) -> Result<u64, ReadError> {
+    pub fn for_each(&self, bucket: &Bucket, visit: &mut Visit<'_>) -> Result<u64, ReadError> {
         let mut visited = Visited::new(self.meta.pages);
         self.walk(bucket, &mut visited, &mut |_| Ok(()), visit)
     }
@@ -632,7 +631,7 @@ impl DbReader {
         bucket: &Bucket,
         visited: &mut Visited,
         on_page: &mut dyn FnMut(u64) -> Result<(), ReadError>,
-        visit: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), ReadError>,
+        visit: &mut Visit<'_>,
     ) -> Result<u64, ReadError> {
         let mut last: Option<Vec<u8>> = None;
         let mut count = 0;
@@ -661,7 +660,7 @@ impl DbReader {
         on_page: &mut dyn FnMut(u64) -> Result<(), ReadError>,
         last: &mut Option<Vec<u8>>,
         count: &mut u64,
-        visit: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), ReadError>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), ReadError> {
         if depth > MAX_DEPTH {
             return Err(ReadError::TooDeep(id));
@@ -694,7 +693,7 @@ impl DbReader {
         page: &Page,
         last: &mut Option<Vec<u8>>,
         count: &mut u64,
-        visit: &mut dyn FnMut(&[u8], &[u8], bool) -> Result<(), ReadError>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), ReadError> {
         for i in 0..page.count {
             let Element::Leaf { flags, key, value } = page.element(i)? else {

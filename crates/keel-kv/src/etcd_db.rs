@@ -399,13 +399,11 @@ pub struct Imported {
     pub members: Vec<u64>,
 }
 
+/// What [`each`] calls for each `(key, value)`.
+type Row<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), ImportError> + 'a;
+
 /// The top-level bucket `name`'s entries, in key order, each handed to `visit`.
-fn each(
-    db: &DbReader,
-    name: &'static str,
-    required: bool,
-    visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), ImportError>,
-) -> Result<(), ImportError> {
+fn each(db: &DbReader, name: &'static str, required: bool, visit: &mut Row<'_>) -> Result<(), ImportError> {
     let Some(bucket) = db.bucket(name.as_bytes())? else {
         return if required { Err(ImportError::Missing(name)) } else { Ok(()) };
     };
