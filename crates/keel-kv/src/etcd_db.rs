@@ -647,4 +647,72 @@ mod tests {
         assert_eq!(None, parse_lease_pb(&[0x0d, 1, 2, 3, 4]));
         assert_eq!(None, parse_lease_pb(&[0x12, 200, 1]));
     }
+
+    /// A small etcd-shaped database: keys with puts and deletes, a lease, a user, the meta.
+    fn etcd_shaped() -> Vec<u8> {
+        let pass = |layout| {
+            let mut db = DbWriter::new(Vec::new(), layout).expect("new");
+            db.begin_bucket(b"auth").expect("bucket");
+            db.put(b"authEnabled", &[1]).expect("put");
+            db.put(b"authRevision", &5u64.to_be_bytes()).expect("put");
+            db.begin_bucket(b"authUsers").expect("bucket");
+            let user = authpb::User {
+                name: b"root".to_vec(),
+                password: b"$2a$10$x".to_vec(),
+                roles: vec!["root".into()],
+                options: None,
+            };
+            db.put(b"root", &user.encode_to_vec()).expect("put");
+            db.begin_bucket(b"key").expect("bucket");
+            for rev in 2..200i64 {
+                let key = format!("k{}", rev % 7).into_bytes();
+                let kv = mvccpb::KeyValue {
+                    key,
+                    create_revision: 2,
+                    mod_revision: rev,
+                    version: 1,
+                    value: vec![b'v'; 30],
+                    lease: 7,
+                };
+                db.put(&rev_bytes(rev, 0, rev % 5 == 0), &kv.encode_to_vec()).expect("put");
+            }
+            db.begin_bucket(b"lease").expect("bucket");
+            db.put(&7i64.to_be_bytes(), &lease_pb(7, 60)).expect("put");
+            db.begin_bucket(b"meta").expect("bucket");
+            db.put(b"consistent_index", &9u64.to_be_bytes()).expect("put");
+            db.put(b"scheduledCompactRev", &rev_bytes(20, 0, false)).expect("put");
+            db.finish().expect("finish")
+        };
+        let (layout, _) = pass(None);
+        pass(Some(layout)).1
+    }
+
+    fn import_bytes(bytes: &[u8]) -> Result<Imported, String> {
+        let mut file = tempfile::tempfile().expect("temp file");
+        file.write_all(bytes).expect("write");
+        let db = DbReader::open(file, bytes.len() as u64).map_err(|e| e.to_string())?;
+        db.check().map_err(|e| e.to_string())?;
+        let state = keel::redb::Database::builder()
+            .create_with_backend(keel::redb::backends::InMemoryBackend::new())
+            .expect("in-memory db");
+        let txn = state.begin_write().expect("write txn");
+        import(&db, &txn).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn damaged_etcd_databases_are_errors_never_panics() {
+        let bytes = etcd_shaped();
+        assert_eq!(Ok(9), import_bytes(&bytes).map(|i| i.consistent_index));
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        for _ in 0..300 {
+            let mut damaged = bytes.clone();
+            for _ in 0..rand::Rng::gen_range(&mut rng, 1..6) {
+                let at = rand::Rng::gen_range(&mut rng, crate::bbolt::PAGE_SIZE * 3..damaged.len());
+                damaged[at] = rand::Rng::gen(&mut rng);
+            }
+            let _ = import_bytes(&damaged);
+        }
+    }
 }
