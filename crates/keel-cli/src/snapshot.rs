@@ -13,6 +13,7 @@ use keel::NodeId;
 use keel::NodeInfo;
 use keel_kv::backup;
 use keel_kv::backup::BackupFile;
+use keel_kv::backup::Format;
 use keel_kv::backup::HashCheck;
 use keel_kv::config::KeeldConfig;
 use keel_kv::etcd::pb::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -32,7 +33,8 @@ pub enum SnapshotCommand {
         /// Where to write the snapshot.
         file: PathBuf,
     },
-    /// Check a snapshot file (its SHA-256 and every frame) and print what it holds.
+    /// Check a snapshot file (its SHA-256 and its structure: an etcd/bbolt database as etcd's
+    /// `tx.Check()` does, or every frame of an older Keel snapshot) and print what it holds.
     Status {
         file: PathBuf,
         /// Output format (etcdutl's -w): simple text or json (`--json` also gives json).
@@ -53,7 +55,9 @@ pub enum WriteOut {
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// The snapshot file (from `keel snapshot save` or `etcdctl snapshot save` against keeld).
+    /// The snapshot file (from `keel snapshot save`, or `etcdctl snapshot save` against keeld or
+    /// etcd: an etcd snapshot is converted, keys with their history since its compaction, leases,
+    /// users and roles).
     file: PathBuf,
     /// The data dir to create for this member; must not exist or be empty.
     #[arg(long, value_name = "DIR")]
@@ -69,8 +73,8 @@ pub struct RestoreArgs {
     /// data dir: shown in the command to start the member).
     #[arg(long, alias = "initial-cluster-token", value_name = "NAME")]
     cluster_name: Option<String>,
-    /// Restore even if the SHA-256 trailer does not match, or the file has none (a snapshot
-    /// copied from a data dir's snapshots/); every frame's CRC is still checked.
+    /// Restore even if the SHA-256 trailer does not match, or the file has none (an etcd member's
+    /// db file, or a snapshot copied from a data dir's snapshots/); the structure is still checked.
     #[arg(long)]
     skip_hash_check: bool,
 }
@@ -112,12 +116,15 @@ fn status(b: &BackupFile, json: bool) -> String {
         HashCheck::Ok => "ok",
         HashCheck::SkippedWithTrailer | HashCheck::SkippedNoTrailer => "not checked",
     };
-    let members: Vec<u64> = b.meta.last_membership.membership().voter_ids().collect();
-    let last_index = b.meta.last_log_id.map_or(0, |l| l.index);
+    let (members, last_index) = (&b.members, b.raft_index);
+    let format = match b.format {
+        Format::Etcd => "etcd (bbolt)",
+        Format::Keel => "keel",
+    };
     let s = &b.summary;
     if json {
         let out = json!({
-            "hash": hash, "sha256": b.sha256, "revision": s.revision, "totalKey": s.keys,
+            "format": format, "hash": hash, "sha256": b.sha256, "revision": s.revision, "totalKey": s.keys,
             "totalSize": b.size, "compactRevision": s.compact_revision,
             "historyEvents": s.history_events, "oldVersions": s.old_versions, "leases": s.leases,
             "raftIndex": last_index, "members": members,
@@ -126,6 +133,7 @@ fn status(b: &BackupFile, json: bool) -> String {
     }
     let mut out = String::new();
     let _ = writeln!(out, "file:             {}", b.path.display());
+    let _ = writeln!(out, "format:           {format}");
     let _ = writeln!(out, "hash:             {hash} (SHA-256 {})", b.sha256);
     let _ = writeln!(out, "revision:         {}", s.revision);
     let _ = writeln!(out, "compact revision: {}", s.compact_revision);
@@ -151,12 +159,22 @@ async fn restore(args: RestoreArgs, json: bool) -> Result<String, String> {
     let nodes = members.iter().map(|(id, peer)| (*id, NodeInfo::new(peer.clone(), ""))).collect();
     let (file, skip) = (args.file.clone(), args.skip_hash_check);
     let sm = config.state_machine();
+    // An etcd snapshot is converted into a Keel one beside the data dir first; removed after.
+    let scratch = {
+        let mut name = args.data_dir.as_os_str().to_owned();
+        name.push(format!(".keel-import-{}", std::process::id()));
+        PathBuf::from(name)
+    };
     let (checked, seeded) = blocking(move || {
-        let checked = backup::check(&file, skip).map_err(|e| e.to_string())?;
-        let input = backup::payload(&checked).map_err(|e| e.to_string())?;
-        let seeded = keel::storage::seed::seed_data_dir(&node_config, sm, input, &file, nodes)
-            .map_err(|e| format!("restore into {}: {e}", node_config.data_dir.display()))?;
-        Ok((checked, seeded))
+        let seeded = backup::restore_input(&file, skip, &scratch).map_err(|e| e.to_string()).and_then(
+            |(checked, input)| {
+                keel::storage::seed::seed_data_dir(&node_config, sm, input, &file, nodes)
+                    .map(|seeded| (checked, seeded))
+                    .map_err(|e| format!("restore into {}: {e}", node_config.data_dir.display()))
+            },
+        );
+        let _ = std::fs::remove_dir_all(&scratch);
+        seeded
     })
     .await?;
     let index = seeded.meta.last_log_id.map_or(0, |l| l.index);

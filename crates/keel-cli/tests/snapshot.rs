@@ -1,8 +1,11 @@
 //! Backup and restore with real processes: `etcdctl snapshot save` and `keel snapshot save` from a
 //! three-node keeld cluster under writes, `keel snapshot restore` into a NEW cluster that serves
-//! every write acknowledged before the save began; damaged files and used data dirs refused.
+//! every write acknowledged before the save began; damaged files and used data dirs refused. The
+//! file is etcd's (a bbolt database): `etcdctl snapshot status|restore` read Keel's, and a real
+//! etcd restored from it serves the same keys, history, leases and users; `keel snapshot restore`
+//! reads a real etcd's.
 //!
-//! Needs `etcdctl` (3.4, `apt-get install etcd-client`) on PATH.
+//! Needs `etcd` and `etcdctl` (3.4, `apt-get install etcd-server etcd-client`) on PATH.
 
 mod support;
 
@@ -216,7 +219,7 @@ fn a_snapshot_saved_under_writes_restores_a_new_cluster_with_every_write_acknowl
         let (payload, trailer) = bytes.split_at(bytes.len() - 32);
         let sha = sha256sum(payload);
         assert_eq!(trailer, &sha[..], "{} does not end in its SHA-256", file.display());
-        assert!(payload.starts_with(b"KEELSNAP"));
+        assert_eq!(payload[16..20], 0xED0C_DAEDu32.to_le_bytes(), "not a bbolt database");
         let status =
             keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]).json();
         assert_eq!(status["hash"], "ok", "{status}");
@@ -227,6 +230,12 @@ fn a_snapshot_saved_under_writes_restores_a_new_cluster_with_every_write_acknowl
         assert!(status["totalKey"].as_u64() <= Some(all.len() as u64), "{status}");
         let text = keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8")]).ok();
         assert!(text.contains("hash:             ok"), "{text}");
+        // etcd's own tool reads it: bbolt's consistency check, every bucket, the last revision.
+        let etcd_status =
+            etcdctl_offline(&["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]);
+        let etcd_status = etcd_status.json();
+        assert_eq!(etcd_status["revision"], status["revision"], "{etcd_status} vs {status}");
+        assert_eq!(etcd_status["totalSize"].as_u64(), Some(bytes.len() as u64 - 32), "{etcd_status}");
     }
     drop(old);
 
@@ -328,14 +337,19 @@ fn only_root_saves_with_auth_on_and_damaged_files_and_used_data_dirs_are_refused
     let status = |path: &Path| keel("127.0.0.1:1", &["snapshot", "status", path.to_str().expect("utf-8")]);
     let mismatch = "SHA-256 mismatch: the file is corrupt or truncated";
 
-    // Truncated: anywhere, even by one byte, or down to less than a header.
-    for cut in [1, 32, 33, bytes.len() / 2] {
+    // Truncated: anywhere, even by one byte, or down to less than a header. etcd's rule: a file
+    // has a trailer if its size is a multiple of 512 plus 32.
+    let no_trailer = "has no SHA-256 trailer";
+    for cut in [1, 32, 33, bytes.len() / 2, bytes.len() - 20] {
         let path = variant(&format!("cut{cut}.snap"), &bytes[..bytes.len() - cut]);
-        assert_refused(status(&path), mismatch);
-        assert_refused(restore(&path, &new, 1, &[1], &[]), mismatch);
+        assert_refused(status(&path), no_trailer);
+        assert_refused(restore(&path, &new, 1, &[1], &[]), no_trailer);
         assert!(!new.data_dir(1).exists(), "a refused restore created the data dir");
     }
-    assert_refused(status(&variant("tiny.snap", &bytes[..20])), "too short for a Keel snapshot");
+    // Cut by a page, trailer and all: still refused with --skip-hash-check (pages are missing).
+    let path = variant("cut-page.snap", &bytes[..bytes.len() - 32 - 4096]);
+    assert_refused(restore(&path, &new, 1, &[1], &["--skip-hash-check"]), "truncated");
+    assert_refused(status(&variant("short.snap", &bytes[..100])), no_trailer);
 
     // One flipped byte, in the payload or in the trailer.
     for at in [bytes.len() / 2, bytes.len() - 1] {
@@ -346,11 +360,13 @@ fn only_root_saves_with_auth_on_and_damaged_files_and_used_data_dirs_are_refused
         assert_refused(restore(&path, &new, 1, &[1], &[]), mismatch);
         assert!(!new.data_dir(1).exists(), "a refused restore created the data dir");
     }
-    // --skip-hash-check still checks every frame: a flipped payload byte is refused...
+    // --skip-hash-check still checks the structure: damaged meta pages are refused...
     let mut flipped = bytes.clone();
-    flipped[bytes.len() / 2] ^= 0x01;
-    let path = variant("flip-payload.snap", &flipped);
-    assert_refused(restore(&path, &new, 1, &[1], &["--skip-hash-check"]), "checksum mismatch");
+    for meta in [0, 4096] {
+        flipped[meta + 16 + 60] ^= 0x01; // each meta page's checksum
+    }
+    let path = variant("flip-meta.snap", &flipped);
+    assert_refused(restore(&path, &new, 1, &[1], &["--skip-hash-check"]), "no valid meta page");
     assert!(!new.data_dir(1).exists(), "a refused restore created the data dir");
     // ...a flipped trailer byte is restored, with a warning.
     let mut flipped = bytes.clone();
@@ -359,11 +375,13 @@ fn only_root_saves_with_auth_on_and_damaged_files_and_used_data_dirs_are_refused
     let out = restore(&path, &new, 1, &[1], &["--skip-hash-check"]).ok();
     assert!(out.contains("the SHA-256 was not checked"), "{out}");
 
-    // Not a Keel snapshot at all.
-    assert_refused(status(&variant("text.snap", &[b'x'; 100])), "is not a Keel snapshot");
-    let mut bolt = vec![0u8; 4096];
+    // Not a snapshot at all, or only the first bytes of a bbolt one.
+    assert_refused(status(&variant("text.snap", &[b'x'; 100])), "is neither an etcd snapshot");
+    let mut bolt = vec![0u8; 4096 + 32];
     bolt[16..20].copy_from_slice(&0xED0C_DAEDu32.to_le_bytes());
-    assert_refused(status(&variant("bolt.db", &bolt)), "is an etcd snapshot");
+    let sha = sha256sum(&bolt[..4096]);
+    bolt[4096..].copy_from_slice(&sha);
+    assert_refused(status(&variant("bolt.db", &bolt)), "is not a sound bbolt database");
 
     // A data dir that holds anything is refused, and left as it was.
     let used = new.data_dir(2);
@@ -378,4 +396,217 @@ fn only_root_saves_with_auth_on_and_damaged_files_and_used_data_dirs_are_refused
     assert_refused(restore(&good, &new, 1, &[1], &[]), "is not empty");
     // A member that --initial-cluster does not list is refused.
     assert_refused(restore(&good, &new, 3, &[1, 2], &[]), "does not list member 3");
+}
+
+/// Runs `etcdctl` (API v3) with no endpoint: `snapshot status|restore`.
+fn etcdctl_offline(args: &[&str]) -> Run {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(args)
+        .output()
+        .expect("run etcdctl (apt-get install etcd-client)");
+    Run {
+        command: format!("etcdctl {}", args.join(" ")),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// [`etcdctl`] as `user:password`, which must succeed; answers its stdout.
+#[track_caller]
+fn etcdctl_ok(endpoint: &str, user: Option<&str>, args: &[&str]) -> String {
+    let mut all: Vec<&str> = args.to_vec();
+    if let Some(u) = user {
+        all.extend(["--user", u]);
+    }
+    let run = etcdctl(endpoint, &all);
+    assert_eq!(run.code, Some(0), "{}: {}{}", run.command, run.stdout, run.stderr);
+    run.stdout
+}
+
+/// A real etcd 3.4 member on loopback ports, SIGKILLed on drop (its log printed if the test is
+/// failing).
+struct Etcd {
+    child: std::process::Child,
+    client: String,
+    log: PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd `name` on `data_dir` (fresh, or restored with the same name and peer URL).
+    fn start(name: &str, data_dir: &Path, client: u16, peer: u16) -> Etcd {
+        let log = data_dir.with_extension("log");
+        let out = std::fs::File::create(&log).expect("etcd log");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let client_url = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .args(["--name", name, "--data-dir", data_dir.to_str().expect("utf-8")])
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("{name}={peer_url}")])
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("run etcd (apt-get install etcd-server)");
+        let etcd = Etcd { child, client: format!("127.0.0.1:{client}"), log };
+        wait_until("etcd serves", || {
+            let run = etcdctl(&etcd.client, &["endpoint", "health"]);
+            // With auth on (a restored member), health's read is refused: it answered, it serves.
+            if run.code == Some(0) || run.stderr.contains("user name is empty") {
+                Ok(())
+            } else {
+                Err(run.stderr)
+            }
+        });
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- etcd log {}:\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The writes both directions replay, through etcdctl (etcd's client), at revisions 2..=9:
+/// puts and deletes, a key on a lease, a compaction at 4 (so one version older than it survives
+/// at it: `b` put at 3), users and a role, auth on. Answers the lease's id (hex).
+const ROOT: &str = "root:rootpw";
+fn write_history(endpoint: &str) -> String {
+    let run = |args: &[&str]| etcdctl_ok(endpoint, None, args);
+    run(&["put", "a", "1"]); // 2
+    run(&["put", "b", "2"]); // 3
+    run(&["put", "a", "3"]); // 4
+    run(&["del", "b"]); // 5
+    let grant = run(&["lease", "grant", "600"]);
+    let lease = grant.split_whitespace().nth(1).expect("lease <id> granted").to_owned();
+    run(&["put", "c", "4", "--lease", &lease]); // 6
+    run(&["compact", "4"]);
+    run(&["put", "d", "5"]); // 7
+    run(&["put", "a", "6"]); // 8
+    run(&["del", "d"]); // 9
+    for args in [
+        &["user", "add", ROOT][..],
+        &["user", "add", "alice:alicepw"],
+        &["role", "add", "reader"],
+        &["role", "grant-permission", "reader", "read", "a"],
+        &["user", "grant-role", "alice", "reader"],
+        &["auth", "enable"],
+    ] {
+        run(args);
+    }
+    lease
+}
+
+/// Every key (as JSON: key, revisions, version, value, lease) that `endpoint` serves at `rev`, or
+/// its refusal.
+fn keys_at(endpoint: &str, rev: i64) -> Result<Value, String> {
+    let run =
+        etcdctl(endpoint, &["get", "", "--from-key", "-w", "json", &format!("--rev={rev}"), "--user", ROOT]);
+    if run.code != Some(0) {
+        return Err(run.stderr.lines().last().unwrap_or_default().to_owned());
+    }
+    let v: Value = serde_json::from_str(&run.stdout).map_err(|e| e.to_string())?;
+    Ok(v["kvs"].clone())
+}
+
+/// Asserts that `a` and `b` serve the same keys at every revision 1..=9 (compacted below 4 on
+/// both), the same lease, and the same users: alice reads `a` and may not write it.
+#[track_caller]
+fn assert_same_state(a: &str, b: &str, lease: &str) {
+    for rev in 1..=9 {
+        let (x, y) = (keys_at(a, rev), keys_at(b, rev));
+        assert_eq!(x, y, "at revision {rev}");
+        if rev < 4 {
+            assert!(x.is_err_and(|e| e.contains("compacted")), "revision {rev} is compacted");
+        }
+    }
+    let now = keys_at(b, 9).expect("read");
+    assert_eq!(now.as_array().map(Vec::len), Some(2), "a and c: {now}");
+    for endpoint in [a, b] {
+        let leases = etcdctl_ok(endpoint, Some(ROOT), &["lease", "list"]);
+        assert!(leases.contains(lease), "{endpoint}: {leases} lacks {lease}");
+        assert_eq!(etcdctl_ok(endpoint, Some("alice:alicepw"), &["get", "a", "--print-value-only"]), "6\n");
+        let denied = etcdctl(endpoint, &["put", "a", "7", "--user", "alice:alicepw"]);
+        assert!(denied.stderr.contains("permission denied"), "{endpoint}: {}", denied.stderr);
+        let wrong = etcdctl(endpoint, &["get", "a", "--user", "alice:wrong"]);
+        assert!(wrong.stderr.contains("authentication failed"), "{endpoint}: {}", wrong.stderr);
+    }
+}
+
+#[test]
+fn a_keel_snapshot_restored_by_etcdctl_serves_the_same_keys_history_leases_and_users_on_etcd() {
+    let keel_cluster = Cluster::start();
+    let endpoint = keel_cluster.client(1);
+    let lease = write_history(&endpoint);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("from-keel.db");
+    etcdctl_ok(&endpoint, Some(ROOT), &["snapshot", "save", file.to_str().expect("utf-8")]);
+
+    let status = etcdctl_offline(&["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]).json();
+    assert_eq!(status["revision"], 9, "{status}");
+
+    let ports = keel_testkit::free_ports(2);
+    let data_dir = dir.path().join("etcd");
+    let peer_url = format!("http://127.0.0.1:{}", ports[1]);
+    let restored = etcdctl_offline(&[
+        "snapshot",
+        "restore",
+        file.to_str().expect("utf-8"),
+        "--data-dir",
+        data_dir.to_str().expect("utf-8"),
+        "--name",
+        "restored",
+        "--initial-cluster",
+        &format!("restored={peer_url}"),
+        "--initial-advertise-peer-urls",
+        &peer_url,
+    ]);
+    assert_eq!(restored.code, Some(0), "{}{}", restored.stdout, restored.stderr);
+    let etcd = Etcd::start("restored", &data_dir, ports[0], ports[1]);
+    assert_same_state(&endpoint, &etcd.client, &lease);
+    // The restored etcd goes on from Keel's revision.
+    etcdctl_ok(&etcd.client, Some(ROOT), &["put", "e", "7"]);
+    let e = etcdctl_ok(&etcd.client, Some(ROOT), &["get", "e", "-w", "json"]);
+    let e: Value = serde_json::from_str(&e).expect("json");
+    assert_eq!(e["kvs"][0]["mod_revision"], 10, "{e}");
+}
+
+#[test]
+fn an_etcd_snapshot_restored_by_keel_serves_the_same_keys_history_leases_and_users_on_keeld() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports = keel_testkit::free_ports(2);
+    let etcd = Etcd::start("source", &dir.path().join("etcd"), ports[0], ports[1]);
+    let lease = write_history(&etcd.client);
+    let file = dir.path().join("from-etcd.db");
+    etcdctl_ok(&etcd.client, Some(ROOT), &["snapshot", "save", file.to_str().expect("utf-8")]);
+
+    let status =
+        keel("127.0.0.1:1", &["snapshot", "status", file.to_str().expect("utf-8"), "-w", "json"]).json();
+    assert_eq!(status["format"], "etcd (bbolt)", "{status}");
+    assert_eq!(
+        (status["revision"].as_i64(), status["compactRevision"].as_i64()),
+        (Some(9), Some(4)),
+        "{status}"
+    );
+    assert_eq!((status["totalKey"].as_u64(), status["leases"].as_u64()), (Some(2), Some(1)), "{status}");
+
+    let new = restored_cluster(&file, &[1, 2, 3]);
+    for id in 1..=3 {
+        assert_same_state(&etcd.client, &new.client(id), &lease);
+    }
+    // Keel goes on from etcd's revision.
+    etcdctl_ok(&new.client(2), Some(ROOT), &["put", "e", "7"]);
+    let e = etcdctl_ok(&new.client(3), Some(ROOT), &["get", "e", "-w", "json"]);
+    let e: Value = serde_json::from_str(&e).expect("json");
+    assert_eq!(e["kvs"][0]["mod_revision"], 10, "{e}");
 }

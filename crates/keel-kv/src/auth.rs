@@ -39,10 +39,10 @@ pub(crate) const AUTH_USERS: TableDefinition<&str, &[u8]> = TableDefinition::new
 pub(crate) const AUTH_ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("auth_roles");
 pub(crate) const AUTH_META: TableDefinition<&str, &[u8]> = TableDefinition::new("auth_meta");
 
-const ENABLED: &str = "enabled";
-const REVISION: &str = "revision";
-const ENABLED_REVISION: &str = "enabled_revision";
-const SECRET: &str = "secret";
+pub(crate) const ENABLED: &str = "enabled";
+pub(crate) const REVISION: &str = "revision";
+pub(crate) const ENABLED_REVISION: &str = "enabled_revision";
+pub(crate) const SECRET: &str = "secret";
 /// The auth revision of a store no auth change has touched (etcd's: it commits revision 1 at start).
 const FIRST_REVISION: u64 = 1;
 /// The version byte before each user and role record.
@@ -218,14 +218,14 @@ fn corrupt(what: String) -> StateMachineError {
     StateMachineError::Io(io::Error::new(io::ErrorKind::InvalidData, what))
 }
 
-fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
+pub(crate) fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
     let mut out = vec![RECORD_VERSION];
     // Serializing plain structs of strings, bytes and integers into a Vec cannot fail.
     out.extend(postcard::to_allocvec(record).expect("auth records always serialize"));
     out
 }
 
-fn decode_record<T: for<'de> Deserialize<'de>>(
+pub(crate) fn decode_record<T: for<'de> Deserialize<'de>>(
     table: &str,
     name: &str,
     bytes: &[u8],

@@ -4,27 +4,27 @@
 //! # The backup file (`docs/formats.md`, Backup files)
 //!
 //! ```text
-//! payload: a Keel snapshot file (magic "KEELSNAP", version 1, META, DATA frames, END)
-//!          then zero bytes up to a multiple of 512 bytes
+//! payload: a bbolt database in etcd 3.4's layout (crate::bbolt, crate::etcd_db)
 //! trailer: SHA-256 of the payload                                             32 bytes
 //! ```
 //!
-//! The padding is etcdctl's due: `etcdctl snapshot save` refuses a file whose size is not a
-//! multiple of 512 plus 32 ("sha256 checksum not found"), as a bbolt file always is.
+//! This is the file etcd streams, so etcd's tools read Keel's backups (`etcdctl snapshot status`,
+//! `etcdctl snapshot restore`: a way from Keel to etcd) and Keel restores etcd's (a way from etcd
+//! to Keel). The stream carries the payload in chunks whose `remaining_bytes` counts down to 0,
+//! then one more chunk holding the SHA-256 (with `remaining_bytes` 0), so that a client that
+//! writes every blob in order writes the file above.
 //!
-//! The payload is exactly what a snapshot built at that point would hold: Keel's log position and
-//! membership in META, then [`KvStore`]'s tables (keys with their history, leases, users and
-//! roles). As etcd does, the stream carries the payload in chunks whose `remaining_bytes` counts
-//! down to 0, then one more chunk holding the SHA-256 (with `remaining_bytes` 0), so that a client
-//! that writes every blob in order writes the file above.
+//! Keel's own snapshot format (magic `KEELSNAP`, padded to 512 bytes, then the SHA-256), which
+//! `Maintenance.Snapshot` streamed before, is still read: [`check`] tells the two apart by their
+//! first bytes.
 //!
 //! # Point in time, bounded memory
 //!
-//! The snapshot is read from one redb read transaction (applies go on meanwhile) on a blocking
-//! thread, twice: once to count its bytes (etcd announces the total in the first chunk, and a
-//! Keel snapshot is not stored with its size), once to send it. Chunks go through a channel of
-//! [`CHANNEL_CHUNKS`]: a slow client holds the thread, never more memory. A client that goes
-//! away ends the read.
+//! The database is written from one redb read transaction (applies go on meanwhile) on a blocking
+//! thread, twice: once into nothing, to learn its layout (its meta pages come first and name its
+//! root page and page count; etcd announces the total in the first chunk), once to send it.
+//! Chunks go through a channel of [`CHANNEL_CHUNKS`]: a slow client holds the thread, never more
+//! memory. A client that goes away ends the read.
 
 use std::fs::File;
 use std::io;
@@ -91,29 +91,34 @@ pub fn stream(node: Arc<Node<KvStore>>) -> mpsc::Receiver<Result<Chunk, StreamEr
     };
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let result = node.read_local(|sm, txn| {
-            let (_, counted) =
-                keel::storage::sm_store::export_snapshot(sm, txn, Counter(0)).map_err(|e| e.to_string())?;
-            let revision = crate::store::revision(txn).map_err(|e| e.to_string())?;
+        let result = node.read_local(|_, txn| {
+            let (layout, _) = crate::etcd_db::write_db(txn, io::sink(), None)?;
+            let revision = crate::store::revision(txn)?;
             let sender = ChunkSender {
                 tx: tx.clone(),
                 revision,
                 hash: ring::digest::Context::new(&ring::digest::SHA256),
                 buf: Vec::with_capacity(CHUNK_BYTES),
-                padding: padding(counted.0),
-                total: counted.0 + padding(counted.0),
+                total: layout.bytes(),
                 sent: 0,
             };
-            let (_, sender) =
-                keel::storage::sm_store::export_snapshot(sm, txn, sender).map_err(|e| e.to_string())?;
-            Ok::<_, String>(sender)
+            let (_, sender) = crate::etcd_db::write_db(txn, sender, Some(layout))?;
+            Ok::<_, crate::etcd_db::ExportError>(sender)
         });
-        let sender = match result.map_err(|e| e.to_string()).and_then(|r| r) {
+        let sender = match result.map_err(|e| StreamError::Read(e.to_string())).and_then(|r| {
+            r.map_err(|e| match e {
+                crate::etcd_db::ExportError::Write(crate::bbolt::WriteError::LayoutChanged {
+                    expected,
+                    got,
+                }) => StreamError::SizeChanged { counted: expected.bytes(), sent: got.bytes() },
+                e => StreamError::Read(e.to_string()),
+            })
+        }) {
             Ok(sender) => sender,
             // The client went away: nobody to tell.
             Err(_) if tx.is_closed() => return,
             Err(e) => {
-                let _ = tx.blocking_send(Err(StreamError::Read(e)));
+                let _ = tx.blocking_send(Err(e));
                 return;
             }
         };
@@ -124,25 +129,6 @@ pub fn stream(node: Arc<Node<KvStore>>) -> mpsc::Receiver<Result<Chunk, StreamEr
     rx
 }
 
-/// Zero bytes after a snapshot of `len` bytes, up to a multiple of [`PAD_TO`].
-fn padding(len: u64) -> u64 {
-    (PAD_TO - len % PAD_TO) % PAD_TO
-}
-
-/// Counts what is written to it.
-struct Counter(u64);
-
-impl Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Cuts what is written to it into chunks, hashes them and sends them (blocking while the
 /// channel is full).
 struct ChunkSender {
@@ -150,9 +136,7 @@ struct ChunkSender {
     revision: i64,
     hash: ring::digest::Context,
     buf: Vec<u8>,
-    /// Zero bytes to send after the snapshot.
-    padding: u64,
-    /// The payload's size: the snapshot's and the padding.
+    /// The payload's size, counted by the first pass.
     total: u64,
     sent: u64,
 }
@@ -170,12 +154,8 @@ impl ChunkSender {
         self.tx.blocking_send(Ok(chunk)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))
     }
 
-    /// Sends what is left, the padding, and then the SHA-256 trailer.
+    /// Sends what is left, then the SHA-256 trailer.
     fn finish(mut self) -> Result<(), StreamError> {
-        let zeros = vec![0u8; self.padding as usize];
-        if self.write_all(&zeros).is_err() {
-            return Ok(()); // the client went away, or more than counted (reported below)
-        }
         let unsent = self.buf.len() as u64;
         if self.sent + unsent != self.total {
             return Err(StreamError::SizeChanged { counted: self.total, sent: self.sent + unsent });
@@ -212,24 +192,39 @@ impl Write for ChunkSender {
 pub enum BackupFileError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path} is {len} bytes, too short for a Keel snapshot (truncated?)")]
+    #[error("{path} is {len} bytes, too short for a snapshot (truncated?)")]
     TooShort { path: PathBuf, len: u64 },
-    #[error(
-        "{path} is an etcd snapshot (a bbolt database): Keel cannot read it; restore it with etcdutl \
-         into etcd, or take the snapshot from keeld (`etcdctl snapshot save`, `keel snapshot save`)"
-    )]
-    Etcd { path: PathBuf },
-    #[error("{path} is not a Keel snapshot (it does not start with \"KEELSNAP\")")]
-    NotKeel { path: PathBuf },
+    #[error("{path} is neither an etcd snapshot (a bbolt database) nor a Keel snapshot (\"KEELSNAP\")")]
+    Unknown { path: PathBuf },
     #[error(
         "{path}: SHA-256 mismatch: the file is corrupt or truncated (its last 32 bytes are {stored}, \
          the bytes before them hash to {computed}); restoring it anyway: --skip-hash-check"
     )]
     HashMismatch { path: PathBuf, stored: String, computed: String },
+    #[error(
+        "{path} has no SHA-256 trailer (a database file copied from a data dir, or truncated); \
+         restoring it anyway: --skip-hash-check"
+    )]
+    NoTrailer { path: PathBuf },
+    #[error("{path} is not a sound bbolt database: {source}")]
+    Bbolt { path: PathBuf, source: crate::bbolt::ReadError },
+    #[error("{path}: etcd's data does not load: {source}")]
+    Etcd { path: PathBuf, source: crate::etcd_db::ImportError },
+    #[error("{path}: loading it into a scratch database {scratch}: {reason}")]
+    Scratch { path: PathBuf, scratch: PathBuf, reason: String },
     #[error("{0}")]
     Damaged(#[from] SnapshotFileError),
     #[error("{path}: the state machine data does not read back: {reason}")]
     Contents { path: PathBuf, reason: String },
+}
+
+/// What a backup file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// etcd's: a bbolt database (what Keel and etcd stream).
+    Etcd,
+    /// Keel's own snapshot file (what Keel streamed before it streamed etcd's).
+    Keel,
 }
 
 /// How a backup file's hash was found.
@@ -239,27 +234,30 @@ pub enum HashCheck {
     Ok,
     /// Not checked (`--skip-hash-check`); the file has a 32-byte trailer after its payload.
     SkippedWithTrailer,
-    /// Not checked (`--skip-hash-check`); the file is a bare snapshot (e.g. copied from a data
-    /// dir's `snapshots/`), with no trailer.
+    /// Not checked (`--skip-hash-check`); the file is a bare database or snapshot (e.g. copied
+    /// from a data dir), with no trailer.
     SkippedNoTrailer,
 }
 
-/// A backup file whose hash (unless skipped) and every frame verified.
+/// A backup file whose hash (unless skipped) and structure verified.
 #[derive(Debug, Clone)]
 pub struct BackupFile {
     pub path: PathBuf,
+    pub format: Format,
     /// The whole file's size.
     pub size: u64,
-    /// Bytes of the payload (the snapshot and its padding; without the trailer).
+    /// Bytes of the payload (without the trailer).
     pub payload_bytes: u64,
-    /// Bytes of the snapshot in it (without padding and trailer).
-    pub snapshot_bytes: u64,
     pub hash: HashCheck,
     /// SHA-256 of the payload, hex.
     pub sha256: String,
-    /// The source cluster's log position and membership.
-    pub meta: SnapshotMeta,
+    /// The source cluster's Raft index (etcd's `consistent_index`).
+    pub raft_index: u64,
+    /// The source cluster's member ids.
+    pub members: Vec<u64>,
     pub summary: SnapshotSummary,
+    /// A Keel snapshot: bytes of the snapshot in it (without padding and trailer).
+    snapshot_bytes: u64,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -282,26 +280,167 @@ fn sha256_of(file: &mut File, len: u64) -> io::Result<Vec<u8>> {
     Ok(ctx.finish().as_ref().to_vec())
 }
 
-/// Opens `path` as a backup file: checks its magic, its SHA-256 trailer (unless `skip_hash`), and
-/// every frame of the snapshot in it; reads its summary.
+/// Opens `path` as a backup file: tells its format by its first bytes, checks its SHA-256 trailer
+/// (unless `skip_hash`) and its structure, and reads what it holds. An etcd database is checked as
+/// bbolt's `tx.Check()` does and loaded into a scratch database under the system's temporary
+/// directory (removed before this returns), which is what counts its contents.
 pub fn check(path: &Path, skip_hash: bool) -> Result<BackupFile, BackupFileError> {
+    let scratch =
+        std::env::temp_dir().join(format!("keel-snapshot-status-{}-{}", std::process::id(), nanos()));
+    let result = open(path, skip_hash, &scratch).map(|(b, _)| b);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// What [`restore_input`] hands the restore: the backup and a Keel snapshot file's bytes.
+pub type RestoreInput = (BackupFile, Box<dyn Read + Send>);
+
+/// Opens `path` for restoring: [`check`]s it, and answers the Keel snapshot to seed a data dir
+/// from (`keel::storage::seed`). An etcd database is converted into one in `scratch` (a directory
+/// this creates; the caller removes it once the input is read).
+pub fn restore_input(path: &Path, skip_hash: bool, scratch: &Path) -> Result<RestoreInput, BackupFileError> {
+    let (backup, converted) = open(path, skip_hash, scratch)?;
+    let io_err = |source| BackupFileError::Io { path: path.to_path_buf(), source };
+    let input: Box<dyn Read + Send> = match converted {
+        Some(snapshot) => {
+            Box::new(io::BufReader::with_capacity(256 * 1024, File::open(snapshot).map_err(io_err)?))
+        }
+        None => {
+            let file = File::open(path).map_err(io_err)?;
+            Box::new(io::BufReader::with_capacity(256 * 1024, file.take(backup.snapshot_bytes)))
+        }
+    };
+    Ok((backup, input))
+}
+
+/// Opens and verifies `path`; for an etcd database, also answers the Keel snapshot it was
+/// converted into in `scratch`.
+fn open(
+    path: &Path,
+    skip_hash: bool,
+    scratch: &Path,
+) -> Result<(BackupFile, Option<PathBuf>), BackupFileError> {
     let io_err = |source| BackupFileError::Io { path: path.to_path_buf(), source };
     let mut file = File::open(path).map_err(io_err)?;
     let size = file.metadata().map_err(io_err)?.len();
     let mut head = Vec::with_capacity(20);
     Read::take(&mut file, 20).read_to_end(&mut head).map_err(io_err)?;
-    // bbolt's first page: a 16-byte page header, then the meta page's magic 0xED0CDAED.
-    if head.len() == 20 && head[16..20] == 0xED0C_DAEDu32.to_le_bytes() {
-        return Err(BackupFileError::Etcd { path: path.to_path_buf() });
+    // bbolt's first page: a 16-byte page header, then the meta page's magic.
+    if head.len() == 20 && head[16..20] == crate::bbolt::MAGIC.to_le_bytes() {
+        return open_etcd(path, file, size, skip_hash, scratch);
     }
     if !head.starts_with(MAGIC) {
-        return Err(BackupFileError::NotKeel { path: path.to_path_buf() });
+        return Err(BackupFileError::Unknown { path: path.to_path_buf() });
     }
+    open_keel(path, file, size, skip_hash).map(|b| (b, None))
+}
+
+/// An etcd database: a trailer when its size is a multiple of 512 plus 32 (etcd's own rule).
+fn open_etcd(
+    path: &Path,
+    mut file: File,
+    size: u64,
+    skip_hash: bool,
+    scratch: &Path,
+) -> Result<(BackupFile, Option<PathBuf>), BackupFileError> {
+    let io_err = |source| BackupFileError::Io { path: path.to_path_buf(), source };
+    let has_trailer = size % PAD_TO == TRAILER_BYTES;
+    let payload = if has_trailer { size - TRAILER_BYTES } else { size };
+    let sha = sha256_of(&mut file, payload).map_err(io_err)?;
+    let hash = match (has_trailer, skip_hash) {
+        (true, false) => {
+            let mut stored = [0u8; TRAILER_BYTES as usize];
+            file.read_exact(&mut stored).map_err(io_err)?;
+            if stored[..] != sha[..] {
+                return Err(BackupFileError::HashMismatch {
+                    path: path.to_path_buf(),
+                    stored: hex(&stored),
+                    computed: hex(&sha),
+                });
+            }
+            HashCheck::Ok
+        }
+        (false, false) => return Err(BackupFileError::NoTrailer { path: path.to_path_buf() }),
+        (true, true) => HashCheck::SkippedWithTrailer,
+        (false, true) => HashCheck::SkippedNoTrailer,
+    };
+    let bbolt_err = |source| BackupFileError::Bbolt { path: path.to_path_buf(), source };
+    let db = crate::bbolt::DbReader::open(file, payload).map_err(bbolt_err)?;
+    db.check().map_err(bbolt_err)?;
+    let (summary, imported, snapshot) = convert(path, &db, scratch)?;
+    let backup = BackupFile {
+        path: path.to_path_buf(),
+        format: Format::Etcd,
+        size,
+        payload_bytes: payload,
+        hash,
+        sha256: hex(&sha),
+        raft_index: imported.consistent_index,
+        members: imported.members,
+        summary,
+        snapshot_bytes: 0,
+    };
+    Ok((backup, Some(snapshot)))
+}
+
+/// Loads `db` into a fresh redb database in `scratch`, and writes it out as a Keel snapshot
+/// there: the summary, what the import found, and the snapshot's path.
+fn convert(
+    path: &Path,
+    db: &crate::bbolt::DbReader,
+    scratch: &Path,
+) -> Result<(SnapshotSummary, crate::etcd_db::Imported, PathBuf), BackupFileError> {
+    let fail = |reason: String| BackupFileError::Scratch {
+        path: path.to_path_buf(),
+        scratch: scratch.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(scratch).map_err(|e| fail(e.to_string()))?;
+    let database =
+        keel::redb::Database::create(scratch.join("import.redb")).map_err(|e| fail(e.to_string()))?;
+    let txn = database.begin_write().map_err(|e| fail(e.to_string()))?;
+    let imported = crate::etcd_db::import(db, &txn)
+        .map_err(|source| BackupFileError::Etcd { path: path.to_path_buf(), source })?;
+    txn.commit().map_err(|e| fail(e.to_string()))?;
+    let read = keel::redb::ReadableDatabase::begin_read(&database).map_err(|e| fail(e.to_string()))?;
+    let summary = crate::store::summary(&read).map_err(|e| fail(e.to_string()))?;
+    // The source's position: etcd's applied index (at least 1, below any a new cluster writes).
+    let index = imported.consistent_index.max(1);
+    let last = keel::storage::seed::seed_log_id(index);
+    let meta = SnapshotMeta { last_log_id: Some(last), last_membership: Default::default() };
+    let snapshot = scratch.join("import.snap");
+    let mut writer =
+        keel::storage::snapshot::SnapshotWriter::create(&snapshot, &meta).map_err(|e| fail(e.to_string()))?;
+    keel::StateMachine::snapshot(&KvStore::default(), &read, &mut writer).map_err(|e| fail(e.to_string()))?;
+    writer.finish().map_err(|e| fail(e.to_string()))?;
+    Ok((summary, imported, snapshot))
+}
+
+/// A Keel snapshot file with its padding and trailer.
+fn open_keel(path: &Path, mut file: File, size: u64, skip_hash: bool) -> Result<BackupFile, BackupFileError> {
+    let io_err = |source| BackupFileError::Io { path: path.to_path_buf(), source };
     if size < 16 + TRAILER_BYTES {
         return Err(BackupFileError::TooShort { path: path.to_path_buf(), len: size });
     }
     let payload = size - TRAILER_BYTES;
     let sha = sha256_of(&mut file, payload).map_err(io_err)?;
+    let keel_backup =
+        |payload_bytes, hash, sha: &[u8], (meta, summary, snapshot_bytes): (SnapshotMeta, _, _)| BackupFile {
+            path: path.to_path_buf(),
+            format: Format::Keel,
+            size,
+            payload_bytes,
+            hash,
+            sha256: hex(sha),
+            raft_index: meta.last_log_id.map_or(0, |l| l.index),
+            members: meta.last_membership.membership().voter_ids().collect(),
+            summary,
+            snapshot_bytes,
+        };
     if !skip_hash {
         let mut stored = [0u8; TRAILER_BYTES as usize];
         file.read_exact(&mut stored).map_err(io_err)?;
@@ -312,40 +451,21 @@ pub fn check(path: &Path, skip_hash: bool) -> Result<BackupFile, BackupFileError
                 computed: hex(&sha),
             });
         }
-        let (meta, summary, snapshot_bytes) = read_payload(&mut file, path, payload)?;
-        return Ok(BackupFile {
-            path: path.to_path_buf(),
-            size,
-            payload_bytes: payload,
-            snapshot_bytes,
-            hash: HashCheck::Ok,
-            sha256: hex(&sha),
-            meta,
-            summary,
-        });
+        let found = read_payload(&mut file, path, payload)?;
+        return Ok(keel_backup(payload, HashCheck::Ok, &sha, found));
     }
     // Unchecked: the frames decide whether the last 32 bytes are a trailer or the snapshot's own.
     // If neither reading verifies, the first (a backup file, the usual case) names the damage.
-    let (payload_bytes, hash, sha, (meta, summary, snapshot_bytes)) =
-        match read_payload(&mut file, path, payload) {
-            Ok(found) => (payload, HashCheck::SkippedWithTrailer, sha, found),
-            Err(first) => match read_payload(&mut file, path, size) {
-                Ok(found) => {
-                    (size, HashCheck::SkippedNoTrailer, sha256_of(&mut file, size).map_err(io_err)?, found)
-                }
-                Err(_) => return Err(first),
-            },
-        };
-    Ok(BackupFile {
-        path: path.to_path_buf(),
-        size,
-        payload_bytes,
-        snapshot_bytes,
-        hash,
-        sha256: hex(&sha),
-        meta,
-        summary,
-    })
+    match read_payload(&mut file, path, payload) {
+        Ok(found) => Ok(keel_backup(payload, HashCheck::SkippedWithTrailer, &sha, found)),
+        Err(first) => match read_payload(&mut file, path, size) {
+            Ok(found) => {
+                let sha = sha256_of(&mut file, size).map_err(io_err)?;
+                Ok(keel_backup(size, HashCheck::SkippedNoTrailer, &sha, found))
+            }
+            Err(_) => Err(first),
+        },
+    }
 }
 
 /// Verifies the snapshot (and its padding) in the first `len` bytes of `file` and summarizes its
@@ -374,9 +494,53 @@ fn read_payload(
     Ok((meta, summary, reader.offset()))
 }
 
-/// The snapshot's bytes in a checked backup file, for restoring (without padding and trailer).
-pub fn payload(backup: &BackupFile) -> Result<impl Read, BackupFileError> {
-    let file = File::open(&backup.path)
-        .map_err(|source| BackupFileError::Io { path: backup.path.clone(), source })?;
-    Ok(io::BufReader::with_capacity(256 * 1024, file.take(backup.snapshot_bytes)))
+#[cfg(test)]
+mod tests {
+    use keel::redb::ReadableDatabase;
+    use keel::StateMachine;
+
+    use super::*;
+
+    fn with_trailer(mut payload: Vec<u8>) -> Vec<u8> {
+        let sha = ring::digest::digest(&ring::digest::SHA256, &payload);
+        payload.extend_from_slice(sha.as_ref());
+        payload
+    }
+
+    fn empty_state() -> (tempfile::TempDir, keel::redb::Database) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = keel::redb::Database::create(dir.path().join("s.redb")).expect("db");
+        (dir, db)
+    }
+
+    #[test]
+    fn an_etcd_database_and_an_older_keel_backup_both_read() {
+        let (dir, db) = empty_state();
+        let read = db.begin_read().expect("read");
+        // Today's: etcd's database, as the stream writes it.
+        let (layout, _) = crate::etcd_db::write_db(&read, io::sink(), None).expect("size");
+        let (_, bytes) = crate::etcd_db::write_db(&read, Vec::new(), Some(layout)).expect("write");
+        let etcd = dir.path().join("etcd.db");
+        std::fs::write(&etcd, with_trailer(bytes)).expect("write file");
+        let b = check(&etcd, false).expect("check");
+        assert_eq!(
+            (b.format, b.hash, b.summary.revision, b.summary.keys),
+            (Format::Etcd, HashCheck::Ok, 1, 0)
+        );
+        // Before: a Keel snapshot file, padded to 512 bytes.
+        let meta = SnapshotMeta::default();
+        let mut w = keel::storage::snapshot::SnapshotWriter::new(Vec::new(), &meta).expect("writer");
+        KvStore::default().snapshot(&read, &mut w).expect("snapshot");
+        let mut payload = w.finish_into().expect("finish");
+        let snapshot_len = payload.len();
+        payload.resize(snapshot_len.div_ceil(512) * 512, 0);
+        let old = dir.path().join("old.snap");
+        std::fs::write(&old, with_trailer(payload)).expect("write file");
+        let b = check(&old, false).expect("check");
+        assert_eq!((b.format, b.hash, b.summary.revision), (Format::Keel, HashCheck::Ok, 1));
+        let (_, mut input) = restore_input(&old, false, &dir.path().join("scratch")).expect("input");
+        let mut restored = Vec::new();
+        input.read_to_end(&mut restored).expect("read");
+        assert_eq!(snapshot_len, restored.len(), "the snapshot without padding and trailer");
+    }
 }

@@ -84,7 +84,7 @@ fn corrupt(what: String) -> StateMachineError {
     StateMachineError::Io(io::Error::new(io::ErrorKind::InvalidData, what))
 }
 
-fn event_row(kind: EventKind, prev_mod: i64, key: &[u8]) -> Vec<u8> {
+pub(crate) fn event_row(kind: EventKind, prev_mod: i64, key: &[u8]) -> Vec<u8> {
     let mut row = Vec::with_capacity(9 + key.len());
     row.push(kind.code());
     row.extend_from_slice(&prev_mod.to_le_bytes());
@@ -93,7 +93,7 @@ fn event_row(kind: EventKind, prev_mod: i64, key: &[u8]) -> Vec<u8> {
 }
 
 /// `(kind, prev_mod, key)` of an event row.
-fn parse_event(row: &[u8]) -> Result<(EventKind, i64, &[u8]), StateMachineError> {
+pub(crate) fn parse_event(row: &[u8]) -> Result<(EventKind, i64, &[u8]), StateMachineError> {
     let kind = row.first().and_then(|&c| EventKind::from_code(c));
     let prev = row.get(1..9).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes);
     match (kind, prev) {
@@ -102,7 +102,7 @@ fn parse_event(row: &[u8]) -> Result<(EventKind, i64, &[u8]), StateMachineError>
     }
 }
 
-fn old_row(end: i64, record: &Record) -> Vec<u8> {
+pub(crate) fn old_row(end: i64, record: &Record) -> Vec<u8> {
     let mut row = end.to_le_bytes().to_vec();
     row.extend_from_slice(&record.encode());
     row

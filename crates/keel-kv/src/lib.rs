@@ -6,10 +6,12 @@
 pub mod api;
 pub mod auth;
 pub mod backup;
+pub mod bbolt;
 pub mod client_port;
 pub mod compaction;
 pub mod config;
 pub mod etcd;
+pub mod etcd_db;
 pub mod gateway;
 pub mod h2_authority;
 pub mod history;

@@ -54,7 +54,7 @@ use crate::watch::WatchHub;
 
 pub(crate) const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 pub(crate) const META: TableDefinition<&str, i64> = TableDefinition::new("kv_meta");
-const REVISION: &str = "revision";
+pub(crate) const REVISION: &str = "revision";
 pub(crate) const COMPACT_REVISION: &str = "compact_revision";
 pub(crate) const COMPACT_PHYSICAL: &str = "compact_physical";
 pub(crate) const COMPACT_CURSOR: &str = "compact_cursor";
@@ -719,6 +719,29 @@ pub struct SnapshotSummary {
     pub leases: u64,
 }
 
+/// What the state in `txn` holds, as [`snapshot_summary`] counts it in a snapshot.
+pub fn summary(txn: &ReadTransaction) -> Result<SnapshotSummary, StateMachineError> {
+    use keel::redb::ReadableTableMetadata;
+    fn rows<K: keel::redb::Key + 'static, V: keel::redb::Value + 'static>(
+        txn: &ReadTransaction,
+        def: TableDefinition<K, V>,
+    ) -> Result<u64, StateMachineError> {
+        match txn.open_table(def) {
+            Ok(t) => Ok(t.len()?),
+            Err(keel::redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+    Ok(SnapshotSummary {
+        revision: revision(txn)?,
+        compact_revision: compact_revision(txn)?,
+        keys: rows(txn, KV)?,
+        history_events: rows(txn, EVENTS)?,
+        old_versions: rows(txn, OLD)?,
+        leases: rows(txn, LEASES)?,
+    })
+}
+
 /// Reads the tables [`KvStore`]'s `snapshot` writes, in its order, and counts them; the auth
 /// tables after them are left unread.
 pub fn snapshot_summary(input: &mut dyn io::Read) -> Result<SnapshotSummary, StateMachineError> {
@@ -746,11 +769,11 @@ pub fn snapshot_summary(input: &mut dyn io::Read) -> Result<SnapshotSummary, Sta
 // ---------------------------------------------------------------------------------------------
 // Leases
 
-fn lease_row(ttl: i64) -> [u8; 8] {
+pub(crate) fn lease_row(ttl: i64) -> [u8; 8] {
     ttl.to_le_bytes()
 }
 
-fn parse_lease_row(id: i64, row: &[u8]) -> Result<i64, StateMachineError> {
+pub(crate) fn parse_lease_row(id: i64, row: &[u8]) -> Result<i64, StateMachineError> {
     row.get(..8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).ok_or_else(|| {
         corrupt(io::Error::new(io::ErrorKind::InvalidData, format!("leases row {id} of {} bytes", row.len())))
     })
@@ -825,7 +848,7 @@ pub fn leases(txn: &ReadTransaction) -> Result<Vec<(i64, i64)>, StateMachineErro
 
 const ALARM_PREFIX: &str = "alarm/";
 
-fn alarm_row_key(a: AlarmMember) -> String {
+pub(crate) fn alarm_row_key(a: AlarmMember) -> String {
     format!("{ALARM_PREFIX}{}/{:020}", a.alarm.name(), a.member_id)
 }
 

@@ -145,7 +145,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(
 }
 
 /// Reads Keel's bookkeeping from any read transaction.
-pub(crate) fn applied_state_in(txn: &redb::ReadTransaction) -> io::Result<AppliedState> {
+pub fn applied_state_in(txn: &redb::ReadTransaction) -> io::Result<AppliedState> {
     let table = match txn.open_table(META) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(AppliedState::default()),
