@@ -167,7 +167,7 @@ impl Default for StateMachineConfig {
             verify_on_start: true,
             cache_bytes: 256 << 20,
             sync_every_entries: 100_000,
-            sync_interval_ms: 5_000,
+            sync_interval_ms: 60_000,
         }
     }
 }
