@@ -73,18 +73,5 @@ run_suite() {
     (cd "$out/src" && ETCD_ADDR=127.0.0.1:2379 ETCD_VERSION="$etcd_version" \
         timeout 1200 node_modules/.bin/mocha --reporter xunit \
             --reporter-option "output=$out/$server.xml") >"$out/$server.log" 2>&1 || true
-    python3 - "$out/$server.xml" >"$out/$server.results" <<'PY'
-import sys
-import xml.etree.ElementTree as ET
-
-for case in ET.parse(sys.argv[1]).iter("testcase"):
-    name = f"{case.get('classname')} :: {case.get('name')}"
-    tags = {child.tag for child in case}
-    if tags & {"failure", "error"}:
-        print("FAIL", name)
-    elif "skipped" in tags:
-        print("SKIP", name)
-    else:
-        print("PASS", name)
-PY
+    junit_results "$out/$server.xml" " :: " >"$out/$server.results"
 }

@@ -40,18 +40,5 @@ run_suite() {
         PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python \
         timeout 1200 "$out/venv/bin/python" -m pytest tests/test_etcd3.py -p no:cacheprovider \
         --timeout 60 -q --junitxml "$out/$server.xml") >"$out/$server.log" 2>&1 || true
-    "$out/venv/bin/python" - "$out/$server.xml" >"$out/$server.results" <<'PY'
-import sys
-import xml.etree.ElementTree as ET
-
-for case in ET.parse(sys.argv[1]).iter("testcase"):
-    name = f"{case.get('classname')}::{case.get('name')}"
-    tags = {child.tag for child in case}
-    if tags & {"failure", "error"}:
-        print("FAIL", name)
-    elif "skipped" in tags:
-        print("SKIP", name)
-    else:
-        print("PASS", name)
-PY
+    junit_results "$out/$server.xml" "::" >"$out/$server.results"
 }

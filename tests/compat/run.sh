@@ -31,6 +31,25 @@ export CARGO_TARGET_DIR="$target"
 
 usage() { echo "usage: $0 python-etcd3|rust-etcd-client|npm-etcd3" >&2; exit 2; }
 
+# For the suites' scripts: a JUnit XML report (FILE) as results lines, `PASS|FAIL|SKIP name`, a
+# test named by its class and name joined with SEP.
+junit_results() { # file sep
+    python3 - "$1" "$2" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+
+for case in ET.parse(sys.argv[1]).iter("testcase"):
+    name = f"{case.get('classname')}{sys.argv[2]}{case.get('name')}"
+    tags = {child.tag for child in case}
+    if tags & {"failure", "error"}:
+        print("FAIL", name)
+    elif "skipped" in tags:
+        print("SKIP", name)
+    else:
+        print("PASS", name)
+PY
+}
+
 # --- Inside the namespace: one server, the suite, the server stopped. ---------------------------
 if [ "${1:-}" = "--inside" ]; then
     server="$2" suite="$3" out="$4"

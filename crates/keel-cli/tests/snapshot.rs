@@ -108,19 +108,10 @@ impl Writer {
 
 /// Runs `etcdctl` (API v3) against `endpoint`.
 fn etcdctl(endpoint: &str, args: &[&str]) -> Run {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints=http://{endpoint}"))
-        .arg("--command-timeout=30s")
-        .args(args)
-        .output()
-        .expect("run etcdctl (apt-get install etcd-client)");
-    Run {
-        command: format!("etcdctl {}", args.join(" ")),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let endpoint = format!("--endpoints=http://{endpoint}");
+    let mut full = vec![endpoint.as_str(), "--command-timeout=30s"];
+    full.extend_from_slice(args);
+    etcdctl_offline(&full)
 }
 
 /// `keel snapshot restore FILE` for member `id` of `new` (its data dir, all of `ids` as members).
@@ -398,7 +389,7 @@ fn only_root_saves_with_auth_on_and_damaged_files_and_used_data_dirs_are_refused
     assert_refused(restore(&good, &new, 3, &[1, 2], &[]), "does not list member 3");
 }
 
-/// Runs `etcdctl` (API v3) with no endpoint: `snapshot status|restore`.
+/// Runs `etcdctl` (API v3) with `args` alone: `snapshot status|restore` need no endpoint.
 fn etcdctl_offline(args: &[&str]) -> Run {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")

@@ -339,6 +339,21 @@ fn open(
     open_keel(path, file, size, skip_hash).map(|b| (b, None))
 }
 
+/// Reads the SHA-256 trailer that follows the payload and compares it with `sha`, the payload's.
+fn check_trailer(file: &mut File, path: &Path, sha: &[u8]) -> Result<(), BackupFileError> {
+    let mut stored = [0u8; TRAILER_BYTES as usize];
+    file.read_exact(&mut stored)
+        .map_err(|source| BackupFileError::Io { path: path.to_path_buf(), source })?;
+    if stored[..] != sha[..] {
+        return Err(BackupFileError::HashMismatch {
+            path: path.to_path_buf(),
+            stored: hex(&stored),
+            computed: hex(sha),
+        });
+    }
+    Ok(())
+}
+
 /// An etcd database: a trailer when its size is a multiple of 512 plus 32 (etcd's own rule).
 fn open_etcd(
     path: &Path,
@@ -353,15 +368,7 @@ fn open_etcd(
     let sha = sha256_of(&mut file, payload).map_err(io_err)?;
     let hash = match (has_trailer, skip_hash) {
         (true, false) => {
-            let mut stored = [0u8; TRAILER_BYTES as usize];
-            file.read_exact(&mut stored).map_err(io_err)?;
-            if stored[..] != sha[..] {
-                return Err(BackupFileError::HashMismatch {
-                    path: path.to_path_buf(),
-                    stored: hex(&stored),
-                    computed: hex(&sha),
-                });
-            }
+            check_trailer(&mut file, path, &sha)?;
             HashCheck::Ok
         }
         (false, false) => return Err(BackupFileError::NoTrailer { path: path.to_path_buf() }),
@@ -442,15 +449,7 @@ fn open_keel(path: &Path, mut file: File, size: u64, skip_hash: bool) -> Result<
             snapshot_bytes,
         };
     if !skip_hash {
-        let mut stored = [0u8; TRAILER_BYTES as usize];
-        file.read_exact(&mut stored).map_err(io_err)?;
-        if stored[..] != sha[..] {
-            return Err(BackupFileError::HashMismatch {
-                path: path.to_path_buf(),
-                stored: hex(&stored),
-                computed: hex(&sha),
-            });
-        }
+        check_trailer(&mut file, path, &sha)?;
         let found = read_payload(&mut file, path, payload)?;
         return Ok(keel_backup(payload, HashCheck::Ok, &sha, found));
     }

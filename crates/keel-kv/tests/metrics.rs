@@ -4,7 +4,6 @@
 mod procs;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use procs::Procs;
@@ -24,14 +23,7 @@ fn scrape(addr: &str) -> BTreeMap<String, f64> {
 }
 
 fn etcdctl(addr: &str, args: &[&str]) -> bool {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={addr}"))
-        .args(args)
-        .output()
-        .expect("run etcdctl (apt-get install etcd-client)")
-        .status
-        .success()
+    procs::etcdctl(addr, args).status.success()
 }
 
 #[test]

@@ -5,7 +5,6 @@ mod procs;
 
 use std::process::Child;
 use std::process::Command;
-use std::process::Output;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -13,17 +12,8 @@ use procs::wait_until;
 use procs::Etcd;
 use procs::Procs;
 
-fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .args(args)
-        .output()
-        .expect("run etcdctl (apt-get install etcd-client)")
-}
-
 fn ok(endpoint: &str, args: &[&str]) -> String {
-    let out = etcdctl(endpoint, args);
+    let out = procs::etcdctl(endpoint, args);
     assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -29,6 +29,16 @@ use serde_json::Value;
 
 pub const KEELD: &str = env!("CARGO_BIN_EXE_keeld");
 
+/// Runs etcdctl 3.4 (API v3) against `endpoint` (a URL, or `host:port`).
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .output()
+        .expect("run etcdctl (apt-get install etcd-client)")
+}
+
 /// How long a node may take to start, a cluster to elect, a node to catch up.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 /// The polling interval of condition waits.

@@ -106,6 +106,16 @@ struct SyncState {
     failed: Option<String>,
 }
 
+impl SyncState {
+    /// Whether the open transaction, once it holds `entries` entries and `bytes` bytes of
+    /// commands with `unsynced` entries applied since the last fsync, is committed now: `None` if
+    /// it stays open, else whether that commit is fsync'ed.
+    fn commit_due(&self, unsynced: u64, entries: u64, bytes: usize) -> Option<bool> {
+        let durable = unsynced >= self.every_entries || self.last_sync.elapsed() >= self.interval;
+        (durable || entries >= OPEN_MAX_ENTRIES || bytes >= OPEN_MAX_BYTES).then_some(durable)
+    }
+}
+
 /// A write transaction that holds applied batches, kept open so that the next batch need not
 /// begin and commit its own (together over half of an apply's cost for a single put).
 struct OpenBatches {
@@ -307,10 +317,7 @@ impl<SM: StateMachine> SmShared<SM> {
     fn would_commit(&self, n_entries: u64, n_bytes: usize) -> bool {
         let sync = self.sync.lock().expect("sync state mutex poisoned by an earlier panic");
         let (open_entries, open_bytes) = sync.open.as_ref().map_or((0, 0), |o| (o.entries, o.bytes));
-        sync.unsynced + n_entries >= sync.every_entries
-            || sync.last_sync.elapsed() >= sync.interval
-            || open_entries + n_entries >= OPEN_MAX_ENTRIES
-            || open_bytes + n_bytes >= OPEN_MAX_BYTES
+        sync.commit_due(sync.unsynced + n_entries, open_entries + n_entries, open_bytes + n_bytes).is_some()
     }
 
     /// Applies one batch of committed entries in one transaction; returns the replies in order.
@@ -398,11 +405,9 @@ impl<SM: StateMachine> SmShared<SM> {
         sync.applied = Some(state);
         sync.unsynced += n_entries;
         let open = OpenBatches { entries: open.entries + n_entries, bytes: open.bytes + n_bytes, ..open };
-        let durable = sync.unsynced >= sync.every_entries || sync.last_sync.elapsed() >= sync.interval;
-        if durable || open.entries >= OPEN_MAX_ENTRIES || open.bytes >= OPEN_MAX_BYTES {
-            commit(sync, open.txn, durable)?;
-        } else {
-            sync.open = Some(open);
+        match sync.commit_due(sync.unsynced, open.entries, open.bytes) {
+            Some(durable) => commit(sync, open.txn, durable)?,
+            None => sync.open = Some(open),
         }
 
         let mut responses = responses.into_iter();
