@@ -185,6 +185,9 @@ pub struct Status {
     pub committed_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
+    /// The last index removed from this node's log (0: none): a member behind it catches up
+    /// by a snapshot.
+    pub purged_index: u64,
     pub revision: i64,
     pub members: Vec<Member>,
     /// On the leader: each other member's matched log index and lag behind the leader.
@@ -661,6 +664,7 @@ impl KvApi {
             committed_index: m.local_committed.as_ref().map_or(0, |l| l.index),
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
             snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+            purged_index: m.purged.as_ref().map_or(0, |l| l.index),
             revision: self.revision(),
             members,
             replication,
